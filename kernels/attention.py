@@ -1,0 +1,133 @@
+"""Public entry point for block-sparse attention: validation, backend choice, head-dim padding."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .layout import num_blocks, validate_layout
+from .reference import reference_block_sparse_attention
+
+BACKENDS = ("auto", "triton", "reference")
+SUPPORTED_BLOCK_SIZES = (64, 128)
+MAX_TRITON_HEAD_DIM = 128
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def triton_available(device: torch.device | str) -> bool:
+    """True when the Triton kernel can run on tensors of this device (CUDA, or the CPU interpreter)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return os.environ.get("TRITON_INTERPRET") == "1" and _import_triton()
+    return device.type == "cuda" and _import_triton()
+
+
+def _import_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """'auto' is Triton on CUDA for fp16/bf16 and the torch reference everywhere else."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and dtype in _KERNEL_DTYPES and triton_available(device) else "reference"
+    if backend == "triton":
+        if not triton_available(device):
+            raise ValueError(f"backend='triton' needs a CUDA device with Triton installed (tensors are on {device}); "
+                             "use backend='auto' or 'reference'")
+        if dtype not in _KERNEL_DTYPES:
+            raise ValueError(f"backend='triton' takes float16 or bfloat16 q/k/v, got {dtype}; cast the inputs "
+                             "or use backend='reference'")
+    return backend
+
+
+def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, scale=None, kv_length=None,
+                           return_lse=False, out=None, backend="auto"):
+    """Attention of q over k/v restricted to key blocks listed per (batch, head, query block).
+
+    Args:
+        q: (B, H, LQ, D); k, v: (B, H, LK, D). float16 / bfloat16 (float32 on the reference backend).
+            Any strides with a contiguous last dimension; L need not be a multiple of the block.
+        kv_indices: (B or 1, H or 1, ceil(LQ / block_size), max_kept) int32 key-block indices; the first
+            ``kv_counts`` entries of each row are used and must be distinct.
+        kv_counts: (B or 1, H or 1, ceil(LQ / block_size)) int32.
+        block_size: query and key block size of the layout, 64 or 128.
+        scale: softmax scale, default 1 / sqrt(D).
+        kv_length: optional (B,) int: keys at positions >= kv_length[b] are ignored (padding).
+        return_lse: also return the natural-log log-sum-exp of each query row, (B, H, LQ) float32.
+        out: optional (B, H, LQ, D) output buffer (any strides, contiguous last dimension), e.g. a transposed
+            view of a (B, LQ, H, D) tensor so the caller needs no copy.
+        backend: 'auto' (Triton on CUDA, reference elsewhere), 'triton' or 'reference'.
+
+    Rows whose list is empty (or whose keys are all masked) give 0 and an LSE of -inf, never NaN.
+    """
+    B, H, LQ, D, LK = _validate_inputs(q, k, v, block_size, out)
+    if kv_length is not None:
+        if not isinstance(kv_length, torch.Tensor) or kv_length.shape != (B,):
+            raise ValueError(f"kv_length must be a ({B},) integer tensor, got "
+                             f"{tuple(kv_length.shape) if isinstance(kv_length, torch.Tensor) else type(kv_length)}")
+    validate_layout(kv_indices, kv_counts, num_kv_blocks=num_blocks(LK, block_size),
+                    num_q_blocks=num_blocks(LQ, block_size), batch=B, heads=H)
+    for name, t in (("kv_indices", kv_indices), ("kv_counts", kv_counts)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; move the layout to the queries' device")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    kind = resolve_backend(backend, q.device, q.dtype)
+    if kind == "reference":
+        return reference_block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size=block_size, scale=scale,
+                                                kv_length=kv_length, return_lse=return_lse, out=out)
+    if D > MAX_TRITON_HEAD_DIM:
+        raise ValueError(f"head_dim {D} is not supported by the Triton kernel (accepted: up to "
+                         f"{MAX_TRITON_HEAD_DIM}); use backend='reference'")
+    from .block_sparse_triton import triton_block_sparse_attention
+    padded = max(16, 1 << (D - 1).bit_length())
+    if padded == D:
+        return triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size=block_size, scale=scale,
+                                             kv_length=kv_length, return_lse=return_lse, out=out)
+    # Zero-padding the head dimension leaves q.k and the first D output columns unchanged.
+    pad = (0, padded - D)
+    result = triton_block_sparse_attention(*(torch.nn.functional.pad(t, pad) for t in (q, k, v)), kv_indices,
+                                           kv_counts, block_size=block_size, scale=scale, kv_length=kv_length,
+                                           return_lse=return_lse)
+    o, lse = result if return_lse else (result, None)
+    if out is None:
+        out = o[..., :D].contiguous()
+    else:
+        out.copy_(o[..., :D])
+    return (out, lse) if return_lse else out
+
+
+def _validate_inputs(q, k, v, block_size, out):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != 4:
+            raise ValueError(f"{name} must have 4 dims (batch, heads, length, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in (*_KERNEL_DTYPES, torch.float32):
+            raise ValueError(f"{name} has dtype {t.dtype}; accepted: float16, bfloat16 (float32 on the reference backend)")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last (head_dim) dimension; call .contiguous() first")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, H, LQ, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+        raise ValueError(f"k and v must have shape ({B}, {H}, LK, {D}) to match q {tuple(q.shape)}; "
+                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
+    if LQ == 0 or k.shape[2] == 0 or D == 0:
+        raise ValueError(f"q and k must be non-empty, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
+                            or out.stride(-1) != 1):
+        raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device} with a contiguous last "
+                         f"dimension, got {tuple(out.shape)} {out.dtype} on {out.device}")
+    return B, H, LQ, D, k.shape[2]

@@ -1,0 +1,159 @@
+"""Triton forward kernel for block-sparse attention over (batch, head, query block) key-block lists.
+
+One program owns one query block of one (batch, head): it loads the query tile once, walks the key blocks of
+its list with a flash-attention online softmax (exp2 with the scale folded into log2(e)), and writes the output
+tile and, on request, the natural-log LSE of every row. Key blocks wider than the compute tile are walked as
+sub-tiles, so the layout block (128) and the tile shape (picked per GPU) are independent.
+
+Programs of the same (batch, head) are adjacent in launch order, so the K/V blocks they share stay in L2.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+# A finite "minus infinity" for the running max: a tile whose keys are all masked then gives exp2(-inf) = 0
+# instead of exp2(-inf - -inf) = NaN.
+_NEG_BIG = -1.0e30
+
+
+@triton.jit
+def _block_sparse_fwd(
+    Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_LEN,
+    qk_scale,
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_ob, stride_oh, stride_ol,
+    stride_ib, stride_ih, stride_iq,
+    stride_cb, stride_ch,
+    H, LQ, LK,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
+    HAS_KV_LEN: tl.constexpr, MASK_KEYS: tl.constexpr, EVEN_Q: tl.constexpr, RETURN_LSE: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :]
+    if EVEN_Q:
+        q = tl.load(q_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=offs_m[:, None] < LQ, other=0.0)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    idx_base = KV_IDX + b * stride_ib + h * stride_ih + qb * stride_iq
+    count = tl.load(KV_CNT + b * stride_cb + h * stride_ch + qb)
+    key_limit = LK
+    if HAS_KV_LEN:
+        key_limit = tl.minimum(tl.load(KV_LEN + b), LK)
+
+    m_i = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    SUB_TILES: tl.constexpr = KV_BLOCK // BLOCK_N
+    for it in range(0, count * SUB_TILES):
+        kb = tl.load(idx_base + it // SUB_TILES)
+        cols = kb * KV_BLOCK + (it % SUB_TILES) * BLOCK_N + offs_n
+        k_ptrs = k_base + cols[None, :] * stride_kl + offs_d[:, None]
+        v_ptrs = v_base + cols[:, None] * stride_vl + offs_d[None, :]
+        if MASK_KEYS:
+            k = tl.load(k_ptrs, mask=cols[None, :] < LK, other=0.0)
+            v = tl.load(v_ptrs, mask=cols[:, None] < LK, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        if UPCAST_DOT:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, k) * qk_scale
+        if MASK_KEYS:
+            s = tl.where(cols[None, :] < key_limit, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+
+    # Rows with no key (empty list, or every key masked) have l_i == 0: output 0, LSE -inf.
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
+    if EVEN_Q:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty))
+    else:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < LQ)
+    if RETURN_LSE:
+        lse = (m_i + tl.math.log2(l_i)) * _LN2
+        lse_ptrs = LSE + bh * LQ + offs_m
+        if EVEN_Q:
+            tl.store(lse_ptrs, lse)
+        else:
+            tl.store(lse_ptrs, lse, mask=offs_m < LQ)
+
+
+def _tile_config(head_dim: int, block_size: int, device: torch.device) -> dict:
+    """Tile shape and pipelining per GPU generation (measured: benchmarks/RESULTS.md)."""
+    if device.type != "cuda":  # Triton's CPU interpreter (tests): any valid shape will do
+        return dict(BLOCK_N=min(block_size, 64), num_warps=4, num_stages=1)
+    major, _ = torch.cuda.get_device_capability(device)
+    block_n = min(block_size, 128 if major >= 9 else 64)
+    if head_dim <= 64:
+        return dict(BLOCK_N=block_n, num_warps=4, num_stages=3)
+    return dict(BLOCK_N=block_n, num_warps=8, num_stages=3 if major >= 9 else 2)
+
+
+def triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size, scale, kv_length=None,
+                                  return_lse=False, out=None, config=None):
+    """Launch the kernel. Inputs are assumed validated; head_dim must be a power of two in [16, 128]."""
+    B, H, LQ, D = q.shape
+    LK = k.shape[2]
+    nqb = (LQ + block_size - 1) // block_size
+    if out is None:
+        out = torch.empty(B, H, LQ, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, H, LQ, device=q.device, dtype=torch.float32) if return_lse else out  # dummy when unused
+    kv_indices = kv_indices.to(torch.int32)
+    kv_counts = kv_counts.to(torch.int32)
+    if kv_indices.stride(-1) != 1:
+        kv_indices = kv_indices.contiguous()
+    if kv_counts.stride(-1) != 1:
+        kv_counts = kv_counts.contiguous()
+    has_len = kv_length is not None
+    kv_len = kv_length.to(device=q.device, dtype=torch.int32).contiguous() if has_len else kv_counts
+    cfg = dict(config) if config is not None else _tile_config(D, block_size, q.device)
+
+    def bstride(t, dim):  # a layout dimension of size 1 is shared: stride 0
+        return 0 if t.shape[dim] == 1 else t.stride(dim)
+
+    _block_sparse_fwd[(nqb, B * H)](
+        q, k, v, out, lse, kv_indices, kv_counts, kv_len,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        bstride(kv_indices, 0), bstride(kv_indices, 1), kv_indices.stride(2),
+        bstride(kv_counts, 0), bstride(kv_counts, 1),
+        H, LQ, LK,
+        HEAD_DIM=D, BLOCK_M=block_size, KV_BLOCK=block_size,
+        HAS_KV_LEN=has_len, MASK_KEYS=has_len or LK % block_size != 0,
+        EVEN_Q=LQ % block_size == 0, RETURN_LSE=return_lse,
+        # Triton's CPU interpreter computes bfloat16 tl.dot wrongly (3.6 and 3.8): give it float32 tiles.
+        UPCAST_DOT=q.device.type == "cpu",
+        **cfg,
+    )
+    return (out, lse) if return_lse else out
