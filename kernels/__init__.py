@@ -1,11 +1,12 @@
 """Triton kernels with a torch reference for each. Never imports ComfyUI."""
 
-from .attention import BACKENDS, SUPPORTED_BLOCK_SIZES, block_sparse_attention, resolve_backend, triton_available
+from .attention import (BACKENDS, MAX_TRITON_HEAD_DIM, SUPPORTED_BLOCK_SIZES, block_sparse_attention, resolve_backend,
+                        triton_available)
 from .layout import block_mask_to_indices, indices_to_block_mask, layout_density, num_blocks, validate_layout
 from .reference import reference_block_sparse_attention
 
 __all__ = [
-    "BACKENDS", "SUPPORTED_BLOCK_SIZES", "block_sparse_attention", "resolve_backend", "triton_available",
+    "BACKENDS", "MAX_TRITON_HEAD_DIM", "SUPPORTED_BLOCK_SIZES", "block_sparse_attention", "resolve_backend", "triton_available",
     "block_mask_to_indices", "indices_to_block_mask", "layout_density", "num_blocks", "validate_layout",
     "reference_block_sparse_attention",
 ]

@@ -1,0 +1,17 @@
+"""Pure-torch core of the pack: token grid, planners, schedule, per-run session, attention dispatcher.
+
+Never imports ComfyUI: nodes/ adapts ComfyUI's objects to this package.
+"""
+
+from .dispatcher import CONTEXT_KEY, attention_override
+from .grid import VideoGrid, latent_grid
+from .plan import BlockPlan
+from .radial import RadialPlanner, RadialSettings, radial_block_mask
+from .schedule import SparseSchedule, step_index
+from .session import ForwardContext, RunStats, SparseAttentionSession
+
+__all__ = [
+    "CONTEXT_KEY", "attention_override", "VideoGrid", "latent_grid", "BlockPlan", "RadialPlanner",
+    "RadialSettings", "radial_block_mask", "SparseSchedule", "step_index", "ForwardContext", "RunStats",
+    "SparseAttentionSession",
+]

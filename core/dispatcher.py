@@ -1,0 +1,122 @@
+"""Routes every attention call of a patched model: video self-attention to the sparse path, the rest untouched.
+
+ComfyUI calls ``override(func, q, k, v, heads, mask=..., skip_reshape=..., skip_output_reshape=...,
+transformer_options=...)`` where ``func`` is its own attention function (SDPA, Sage, Flash... as the user chose).
+Wan passes (B, L, H*D); HunyuanVideo (B, H, L, D) with ``skip_reshape`` and an additive key-padding mask over
+its trailing text tokens. The result goes back in exactly the layout that was asked for.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels import MAX_TRITON_HEAD_DIM
+from .session import ForwardContext, SparseAttentionSession
+
+CONTEXT_KEY = "sparse_video_attention"
+_COMPUTE_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class Unsupported(Exception):
+    """A video self-attention call the sparse path cannot take; it runs dense with one warning."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def attention_override(session: SparseAttentionSession, previous=None):
+    """The ``optimized_attention_override`` callable. ``previous``: an override already installed, kept for
+    every call that stays dense, so the two compose."""
+
+    def dense(func, args, kwargs):
+        return previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
+
+    def override(func, *args, **kwargs):
+        ctx = (kwargs.get("transformer_options") or {}).get(CONTEXT_KEY)
+        if not isinstance(ctx, ForwardContext) or not _is_video_self_attention(ctx, args, kwargs):
+            return dense(func, args, kwargs)
+        layer = ctx.next_layer()
+        if not session.wants_sparse(ctx, layer):
+            session.record_dense(ctx, layer)
+            return dense(func, args, kwargs)
+        try:
+            return _sparse_call(session, ctx, layer, args, kwargs)
+        except Unsupported as why:
+            session.warn_once(why.key, f"{why}; this attention runs dense")
+        except ValueError as why:  # the kernel's input checks: never crash a render over them
+            session.warn_once("kernel-rejected", f"the sparse kernel rejected a call ({why}); it runs dense")
+        session.record_dense(ctx, layer)
+        return dense(func, args, kwargs)
+
+    return override
+
+
+def _call_parts(args, kwargs):
+    q, k, v = args[:3]
+    heads = args[3] if len(args) > 3 else kwargs.get("heads")
+    mask = args[4] if len(args) > 4 else kwargs.get("mask")
+    return q, k, v, heads, mask
+
+
+def _is_video_self_attention(ctx: ForwardContext, args, kwargs) -> bool:
+    if len(args) < 3 or len(args) > 5:
+        return False
+    q, k, v, heads, _ = _call_parts(args, kwargs)
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or not isinstance(heads, int):
+        return False
+    if q.shape != k.shape or k.shape != v.shape:
+        return False
+    skip_reshape = kwargs.get("skip_reshape", False)
+    if q.ndim != (4 if skip_reshape else 3):
+        return False
+    return ctx.grid_for(q.shape[2] if skip_reshape else q.shape[1]) is not None
+
+
+def _sparse_call(session, ctx, layer, args, kwargs):
+    q, k, v, heads, mask = _call_parts(args, kwargs)
+    if kwargs.get("skip_reshape", False):
+        B, H, L, D = q.shape
+        q4, k4, v4 = q, k, v
+    else:
+        B, L, HD = q.shape
+        H, D = heads, HD // heads
+        q4, k4, v4 = (t.reshape(B, L, H, D).transpose(1, 2) for t in (q, k, v))
+    if D > MAX_TRITON_HEAD_DIM:
+        raise Unsupported("head-dim", f"head_dim {D} is larger than the kernel's {MAX_TRITON_HEAD_DIM}")
+    kv_length = _key_padding_lengths(mask, B, L)
+    compute_dtype = q.dtype if q.dtype in _COMPUTE_DTYPES or q.device.type == "cpu" else torch.bfloat16
+    q4, k4, v4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4))
+
+    skip_output_reshape = kwargs.get("skip_output_reshape", False)
+    # Write straight into the layout the caller wants: (B, L, H, D) memory for (B, L, H*D) output.
+    buffer = torch.empty((B, H, L, D) if skip_output_reshape else (B, L, H, D), device=q.device, dtype=q.dtype)
+    out_view = buffer if skip_output_reshape else buffer.transpose(1, 2)
+    if compute_dtype != q.dtype:  # float32 on a GPU: the kernel takes 16-bit floats; the result goes back
+        result = session.attend(ctx, layer, *(t.to(compute_dtype) for t in (q4, k4, v4)), kv_length=kv_length)
+        out_view.copy_(result)
+    else:
+        session.attend(ctx, layer, q4, k4, v4, kv_length=kv_length, out=out_view)
+    return buffer if skip_output_reshape else buffer.view(B, L, H * D)
+
+
+def _key_padding_lengths(mask, batch: int, length: int):
+    """A mask that only hides a suffix of the keys (text padding) becomes per-batch key lengths."""
+    if mask is None:
+        return None
+    # ComfyUI reads a 2D mask as (Lq, Lk), 3D as (B, Lq, Lk), 4D as (B, H, Lq, Lk): only Lq = H = 1 is a key mask.
+    per_query = mask.shape[:-1] if mask.ndim == 2 else mask.shape[1:-1]
+    if mask.shape[-1] != length or any(s != 1 for s in per_query) or (mask.ndim > 2 and mask.shape[0] not in (1, batch)):
+        raise Unsupported("mask-shape", f"an attention mask of shape {tuple(mask.shape)} is not a key-padding mask")
+    rows = mask.reshape(-1, length)
+    if rows.dtype == torch.bool:
+        keep = rows
+    else:
+        keep = rows == 0
+        if not bool((keep | (rows <= -1e4)).all()):
+            raise Unsupported("mask-values", "an additive attention mask holds soft biases, not only 0 / -inf")
+    lengths = keep.sum(dim=-1)
+    prefix = torch.arange(length, device=mask.device)[None, :] < lengths[:, None]
+    if not torch.equal(prefix, keep):
+        raise Unsupported("mask-order", "an attention mask hides keys that are not a suffix of the sequence")
+    return lengths.expand(batch).to(torch.int32).contiguous()

@@ -1,0 +1,126 @@
+"""The per-patched-model state: method planner, schedule, per-run statistics and one-time warnings."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..kernels import BACKENDS, block_sparse_attention
+from .grid import VideoGrid
+from .radial import RadialPlanner, RadialSettings
+from .schedule import SparseSchedule, step_index
+
+log = logging.getLogger("sparse_video_attention")
+
+
+@dataclass
+class ForwardContext:
+    """One call of the diffusion model: its video grid, denoising step, and a counter of attention layers.
+
+    ``text_after_video``: the model appends text tokens to the video tokens in self-attention (HunyuanVideo).
+    """
+
+    video: VideoGrid
+    step: int | None
+    total_steps: int | None
+    text_after_video: bool = False
+    layer: int = 0
+
+    def grid_for(self, length: int) -> VideoGrid | None:
+        """The grid of a self-attention call over ``length`` tokens, or None if it is not over this video."""
+        if length == self.video.video_tokens:
+            return self.video
+        if self.text_after_video and length > self.video.video_tokens:
+            return replace(self.video, text_tokens=length - self.video.video_tokens)
+        return None
+
+    def next_layer(self) -> int:
+        self.layer += 1
+        return self.layer - 1
+
+
+@dataclass
+class RunStats:
+    """What one sampling run did: per (step, layer) the density used (1.0 for a dense call)."""
+
+    calls: dict = field(default_factory=dict)
+    fallbacks: dict = field(default_factory=dict)
+
+    def record(self, step, layer: int, density: float) -> None:
+        self.calls[(step, layer)] = density
+
+    @property
+    def sparse_calls(self) -> int:
+        return sum(1 for d in self.calls.values() if d < 1.0)
+
+    @property
+    def dense_calls(self) -> int:
+        return sum(1 for d in self.calls.values() if d >= 1.0)
+
+    @property
+    def mean_density(self) -> float:
+        """Attention work done over the dense work, across every video self-attention call of the run."""
+        return sum(self.calls.values()) / len(self.calls) if self.calls else 1.0
+
+
+def make_planner(method):
+    if isinstance(method, RadialSettings):
+        return RadialPlanner(method)
+    raise ValueError(f"unknown sparse attention method settings {type(method).__name__}")
+
+
+class SparseAttentionSession:
+    """Everything one patched model needs between attention calls. Pure torch; ComfyUI stays in nodes/."""
+
+    def __init__(self, method, schedule: SparseSchedule, backend: str = "auto", verbose: bool = False):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.method = method
+        self.schedule = schedule
+        self.backend = backend
+        self.verbose = verbose
+        self.planner = make_planner(method)
+        self.stats = RunStats()
+        self._warned: set[str] = set()
+
+    def begin_run(self) -> None:
+        """A new sampling run: per-run state and statistics start afresh."""
+        self.stats = RunStats()
+        self.planner.reset()
+
+    def end_run(self) -> None:
+        if self.verbose and self.stats.calls:
+            log.info("sparse attention: %d sparse and %d dense attention calls, mean density %.3f",
+                     self.stats.sparse_calls, self.stats.dense_calls, self.stats.mean_density)
+
+    def forward_context(self, video: VideoGrid, sigma: float | None, sample_sigmas,
+                        text_after_video: bool = False) -> ForwardContext:
+        step = total = None
+        if sigma is not None and sample_sigmas is not None and len(sample_sigmas) > 1:
+            step, total = step_index(sigma, sample_sigmas), len(sample_sigmas) - 1
+        if step is None:
+            self.warn_once("no-step", "the denoising step is unknown (no sampler sigmas reached the model): "
+                           "attention stays dense for these calls")
+        return ForwardContext(video=video, step=step, total_steps=total, text_after_video=text_after_video)
+
+    def wants_sparse(self, ctx: ForwardContext, layer: int) -> bool:
+        return ctx.step is not None and self.schedule.is_sparse(ctx.step, ctx.total_steps, layer)
+
+    def record_dense(self, ctx: ForwardContext, layer: int) -> None:
+        self.stats.record(ctx.step, layer, 1.0)
+
+    def attend(self, ctx: ForwardContext, layer: int, q, k, v, kv_length=None, out=None) -> torch.Tensor:
+        """Sparse attention of (B, H, L, D) q/k/v over the video of ``ctx``; ValueError for what it cannot run."""
+        plan = self.planner.plan(ctx.grid_for(q.shape[2]), q, k)
+        result = block_sparse_attention(q, k, v, plan.kv_indices, plan.kv_counts, block_size=plan.block_size,
+                                        kv_length=kv_length, out=out, backend=self.backend)
+        self.stats.record(ctx.step, layer, plan.density)
+        return result
+
+    def warn_once(self, key: str, message: str) -> None:
+        self.stats.fallbacks[key] = self.stats.fallbacks.get(key, 0) + 1
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("sparse attention: %s", message)

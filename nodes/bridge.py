@@ -1,0 +1,105 @@
+"""The only place that knows ComfyUI's model objects: detects the model, installs wrappers and the override.
+
+* an OUTER_SAMPLE wrapper marks the start and end of each sampling run (per-run state is reset there);
+* a DIFFUSION_MODEL wrapper sees the latent before patchify and the current sigma, and hands the attention
+  calls of that forward a ForwardContext (token grid, step, layer counter) through transformer_options;
+* ``optimized_attention_override`` receives every attention call (core.dispatcher routes it).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.patcher_extension as patcher_extension
+from comfy.ldm.hunyuan_video.model import HunyuanVideo
+from comfy.ldm.wan.model import WanModel
+
+from ..core import CONTEXT_KEY, SparseAttentionSession, attention_override, latent_grid
+
+log = logging.getLogger("sparse_video_attention")
+
+WRAPPER_KEY = "sparse_video_attention"
+OVERRIDE_KEY = "optimized_attention_override"
+MIN_COMFYUI = "0.3.60"
+# Positional index of the optional extra inputs in each model's forward(x, timestep, context, ...).
+_WAN_TIME_DIM_CONCAT = 4
+_HUNYUAN_REF_LATENT = 8
+
+
+def check_comfyui_supports_override() -> None:
+    if not hasattr(comfy_attention, "wrap_attn"):
+        raise RuntimeError(f"Sparse Attention Patch needs ComfyUI {MIN_COMFYUI} or newer (this ComfyUI has no "
+                           "attention override); update ComfyUI")
+
+
+def model_family(diffusion_model) -> str | None:
+    """'wan' or 'hunyuan' for the video DiTs the pack knows, None for anything else."""
+    if isinstance(diffusion_model, WanModel):
+        return "wan"
+    if isinstance(diffusion_model, HunyuanVideo) and len(diffusion_model.patch_size) == 3:
+        return "hunyuan"
+    return None
+
+
+def _video_grid(family: str, diffusion_model, args, kwargs):
+    """Token grid of one forward call: the latent frames plus frames the model adds in front or behind."""
+    x = args[0]
+    if x.ndim != 5:
+        return None
+    extra = 0
+    if family == "wan":
+        concat = args[_WAN_TIME_DIM_CONCAT] if len(args) > _WAN_TIME_DIM_CONCAT else None
+        extra += 0 if concat is None else -(-concat.shape[2] // diffusion_model.patch_size[0])
+        if diffusion_model.ref_conv is not None and kwargs.get("reference_latent") is not None:
+            extra += 1
+    else:
+        ref = args[_HUNYUAN_REF_LATENT] if len(args) > _HUNYUAN_REF_LATENT else None
+        extra += 0 if ref is None else -(-ref.shape[2] // diffusion_model.patch_size[0])
+    return latent_grid(x.shape, diffusion_model.patch_size, extra_frames=extra)
+
+
+def install(model, session: SparseAttentionSession):
+    """Clone the ModelPatcher and install the sparse path on the clone; the original is never changed."""
+    diffusion_model = model.get_model_object("diffusion_model")
+    family = model_family(diffusion_model)
+    if family is None:
+        log.warning("sparse attention: %s is not a video model this pack knows (Wan 2.1/2.2, HunyuanVideo); "
+                    "the model passes through unchanged with dense attention", type(diffusion_model).__name__)
+        return model
+    check_comfyui_supports_override()
+    patched = model.clone()
+    options = patched.model_options.setdefault("transformer_options", {})
+    previous = options.get(OVERRIDE_KEY)
+    if previous is not None:
+        log.info("sparse attention: composing with an attention override already on this model; its path "
+                 "serves every call that stays dense")
+    options[OVERRIDE_KEY] = attention_override(session, previous=previous)
+
+    def outer_sample(executor, *args, **kwargs):
+        session.begin_run()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            session.end_run()
+
+    def diffusion_model_call(executor, *args, **kwargs):
+        grid = _video_grid(family, diffusion_model, args, kwargs)
+        in_args = isinstance(args[-1], dict) and "transformer_options" not in kwargs
+        transformer_options = args[-1] if in_args else kwargs.get("transformer_options", {})
+        if grid is None:
+            return executor(*args, **kwargs)
+        sigmas = transformer_options.get("sigmas")
+        sigma = float(sigmas.flatten()[0]) if sigmas is not None else None
+        ctx = session.forward_context(grid, sigma, transformer_options.get("sample_sigmas"),
+                                      text_after_video=family == "hunyuan")
+        with_ctx = {**transformer_options, CONTEXT_KEY: ctx}
+        if in_args:
+            args = (*args[:-1], with_ctx)
+        else:
+            kwargs["transformer_options"] = with_ctx
+        return executor(*args, **kwargs)
+
+    patched.add_wrapper_with_key(patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample)
+    patched.add_wrapper_with_key(patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, diffusion_model_call)
+    return patched
