@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import MAX_TRITON_HEAD_DIM
+from ..kernels import MAX_TRITON_HEAD_DIM, resolve_backend
 from .session import ForwardContext, SparseAttentionSession
 
 CONTEXT_KEY = "sparse_video_attention"
@@ -86,6 +86,10 @@ def _sparse_call(session, ctx, layer, args, kwargs):
         raise Unsupported("head-dim", f"head_dim {D} is larger than the kernel's {MAX_TRITON_HEAD_DIM}")
     kv_length = _key_padding_lengths(mask, B, L)
     compute_dtype = q.dtype if q.dtype in _COMPUTE_DTYPES or q.device.type == "cpu" else torch.bfloat16
+    if session.backend == "auto" and resolve_backend("auto", q.device, compute_dtype) != "triton":
+        raise Unsupported("no-triton", f"sparse attention is only faster with the Triton kernel on an NVIDIA GPU "
+                                       f"(these tensors are on {q.device}); set backend to 'reference' to force the "
+                                       "slow torch path")
     q4, k4, v4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4))
 
     skip_output_reshape = kwargs.get("skip_output_reshape", False)

@@ -28,7 +28,7 @@ class SparseSchedule:
             raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
 
     def sparse_step_range(self, total_steps: int) -> range:
-        first = round(self.dense_steps * total_steps) if self.dense_steps < 1 else int(self.dense_steps)
+        first = math.floor(self.dense_steps * total_steps + 0.5) if self.dense_steps < 1 else int(self.dense_steps)
         return range(first, math.ceil(self.sparse_end * total_steps - 1e-9))
 
     def is_sparse(self, step: int, total_steps: int, layer: int) -> bool:

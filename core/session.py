@@ -29,10 +29,14 @@ class ForwardContext:
     layer: int = 0
 
     def grid_for(self, length: int) -> VideoGrid | None:
-        """The grid of a self-attention call over ``length`` tokens, or None if it is not over this video."""
-        if length == self.video.video_tokens:
+        """The grid of a self-attention call over ``length`` tokens, or None if it is not over this video.
+
+        When ``video.text_tokens`` is known (> 0) only exactly video + text tokens match; otherwise, with
+        ``text_after_video``, any longer call is taken as video followed by text.
+        """
+        if length == self.video.total_tokens:
             return self.video
-        if self.text_after_video and length > self.video.video_tokens:
+        if self.text_after_video and not self.video.text_tokens and length > self.video.video_tokens:
             return replace(self.video, text_tokens=length - self.video.video_tokens)
         return None
 

@@ -15,10 +15,47 @@ import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
+_LN2 = tl.constexpr(0.6931471805599453)  # globals read inside @triton.jit must be constexpr
 # A finite "minus infinity" for the running max: a tile whose keys are all masked then gives exp2(-inf) = 0
 # instead of exp2(-inf - -inf) = NaN.
-_NEG_BIG = -1.0e30
+_NEG_BIG = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _softmax_step(q, k_t, v, cols, key_limit, qk_scale, m_i, l_i, acc, MASK_KEYS: tl.constexpr):
+    """One key tile of the flash-attention online softmax; k_t is (HEAD_DIM, BLOCK_N)."""
+    s = tl.dot(q, k_t) * qk_scale
+    if MASK_KEYS:
+        s = tl.where(cols[None, :] < key_limit, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _row_results(acc, m_i, l_i):
+    """Normalised output and natural-log LSE; rows with no key (l_i == 0) give 0 and -inf."""
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    return out, (m_i + tl.math.log2(l_i)) * _LN2
+
+
+@triton.jit
+def _program_layout(KV_IDX, KV_CNT, KV_LEN, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, H, LK,
+                    HAS_KV_LEN: tl.constexpr):
+    """(batch, head, query block, index-list base, count, key limit) of this program."""
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    idx_base = KV_IDX + b * stride_ib + h * stride_ih + qb * stride_iq
+    count = tl.load(KV_CNT + b * stride_cb + h * stride_ch + qb)
+    key_limit = LK
+    if HAS_KV_LEN:
+        key_limit = tl.minimum(tl.load(KV_LEN + b), LK)
+    return b, h, qb, idx_base, count, key_limit
 
 
 @triton.jit
@@ -36,11 +73,10 @@ def _block_sparse_fwd(
     HAS_KV_LEN: tl.constexpr, MASK_KEYS: tl.constexpr, EVEN_Q: tl.constexpr, RETURN_LSE: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
-    qb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-
+    """Portable variant (any GPU Triton supports): pointer loads, boundary masks where lengths are ragged."""
+    b, h, qb, idx_base, count, key_limit = _program_layout(
+        KV_IDX, KV_CNT, KV_LEN, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, H, LK, HAS_KV_LEN)
+    b = b.to(tl.int64)  # b * stride_qb passes 2**31 elements at large batches of 720p video: int32 would wrap
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
@@ -51,19 +87,12 @@ def _block_sparse_fwd(
         q = tl.load(q_ptrs, mask=offs_m[:, None] < LQ, other=0.0)
     if UPCAST_DOT:
         q = q.to(tl.float32)
-
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    idx_base = KV_IDX + b * stride_ib + h * stride_ih + qb * stride_iq
-    count = tl.load(KV_CNT + b * stride_cb + h * stride_ch + qb)
-    key_limit = LK
-    if HAS_KV_LEN:
-        key_limit = tl.minimum(tl.load(KV_LEN + b), LK)
 
     m_i = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-
     SUB_TILES: tl.constexpr = KV_BLOCK // BLOCK_N
     for it in range(0, count * SUB_TILES):
         kb = tl.load(idx_base + it // SUB_TILES)
@@ -79,47 +108,95 @@ def _block_sparse_fwd(
         if UPCAST_DOT:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, k) * qk_scale
-        if MASK_KEYS:
-            s = tl.where(cols[None, :] < key_limit, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(q, k, v, cols, key_limit, qk_scale, m_i, l_i, acc, MASK_KEYS)
 
-    # Rows with no key (empty list, or every key masked) have l_i == 0: output 0, LSE -inf.
-    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    out, lse = _row_results(acc, m_i, l_i)
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
     if EVEN_Q:
         tl.store(o_ptrs, out.to(O.dtype.element_ty))
     else:
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < LQ)
     if RETURN_LSE:
-        lse = (m_i + tl.math.log2(l_i)) * _LN2
-        lse_ptrs = LSE + bh * LQ + offs_m
+        lse_ptrs = LSE + (b * H + h) * LQ + offs_m
         if EVEN_Q:
             tl.store(lse_ptrs, lse)
         else:
             tl.store(lse_ptrs, lse, mask=offs_m < LQ)
 
 
+@triton.jit
+def _block_sparse_fwd_tma(
+    q_desc, k_desc, v_desc, o_desc, LSE, KV_IDX, KV_CNT, KV_LEN,
+    qk_scale,
+    stride_ib, stride_ih, stride_iq,
+    stride_cb, stride_ch,
+    H, LQ, LK,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
+    HAS_KV_LEN: tl.constexpr, MASK_KEYS: tl.constexpr, RETURN_LSE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """Hopper+ variant: 4D tensor descriptors (B, H, L, D) feed tiles through the TMA copy engine, which
+    zero-fills rows past the end on loads and clips them on stores, so no boundary masks on the loads."""
+    b, h, qb, idx_base, count, key_limit = _program_layout(
+        KV_IDX, KV_CNT, KV_LEN, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, H, LK, HAS_KV_LEN)
+    q = q_desc.load([b, h, qb * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    SUB_TILES: tl.constexpr = KV_BLOCK // BLOCK_N
+    for it in range(0, count * SUB_TILES):
+        kb = tl.load(idx_base + it // SUB_TILES)
+        start = kb * KV_BLOCK + (it % SUB_TILES) * BLOCK_N
+        k = k_desc.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+        v = v_desc.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+        if UPCAST_DOT:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        m_i, l_i, acc = _softmax_step(q, tl.trans(k), v, start + offs_n, key_limit, qk_scale, m_i, l_i, acc,
+                                      MASK_KEYS)
+
+    out, lse = _row_results(acc, m_i, l_i)
+    o_desc.store([b, h, qb * BLOCK_M, 0], out.to(o_desc.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
+    if RETURN_LSE:
+        offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+        tl.store(LSE + (b * H + h) * LQ + offs_m, lse, mask=offs_m < LQ)
+
+
 def _tile_config(head_dim: int, block_size: int, device: torch.device) -> dict:
-    """Tile shape and pipelining per GPU generation (measured: benchmarks/RESULTS.md)."""
+    """Tile shape, pipelining and load path per GPU generation (measured: benchmarks/RESULTS.md)."""
     if device.type != "cuda":  # Triton's CPU interpreter (tests): any valid shape will do
-        return dict(BLOCK_N=min(block_size, 64), num_warps=4, num_stages=1)
+        return dict(BLOCK_N=min(block_size, 64), num_warps=4, num_stages=1, tma=False)
     major, _ = torch.cuda.get_device_capability(device)
-    block_n = min(block_size, 128 if major >= 9 else 64)
+    hopper = major >= 9
+    block_n = min(block_size, 128 if hopper else 64)
     if head_dim <= 64:
-        return dict(BLOCK_N=block_n, num_warps=4, num_stages=3)
-    return dict(BLOCK_N=block_n, num_warps=8, num_stages=3 if major >= 9 else 2)
+        return dict(BLOCK_N=block_n, num_warps=4, num_stages=3, tma=hopper)
+    return dict(BLOCK_N=block_n, num_warps=8, num_stages=3 if hopper else 2, tma=hopper)
+
+
+def _tensor_descriptor_class():
+    try:  # Triton >= 3.4; older Triton keeps the pointer kernel
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    return TensorDescriptor
+
+
+def _tma_compatible(*tensors) -> bool:
+    """TMA needs 16-byte aligned base addresses and strides (all but the innermost)."""
+    return all(t.data_ptr() % 16 == 0 and all((st * t.element_size()) % 16 == 0 for st in t.stride()[:-1])
+               for t in tensors)
 
 
 def triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size, scale, kv_length=None,
                                   return_lse=False, out=None, config=None):
-    """Launch the kernel. Inputs are assumed validated; head_dim must be a power of two in [16, 128]."""
+    """Launch the kernel. Inputs are assumed validated; head_dim must be a power of two in [16, 128].
+
+    ``config``: BLOCK_N, num_warps, num_stages and tma (use the TMA variant), default per GPU.
+    """
     B, H, LQ, D = q.shape
     LK = k.shape[2]
     nqb = (LQ + block_size - 1) // block_size
@@ -135,25 +212,31 @@ def triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size,
     has_len = kv_length is not None
     kv_len = kv_length.to(device=q.device, dtype=torch.int32).contiguous() if has_len else kv_counts
     cfg = dict(config) if config is not None else _tile_config(D, block_size, q.device)
+    descriptor = _tensor_descriptor_class() if cfg.pop("tma", False) else None
+    if descriptor is not None and not _tma_compatible(q, k, v, out):
+        descriptor = None
 
     def bstride(t, dim):  # a layout dimension of size 1 is shared: stride 0
         return 0 if t.shape[dim] == 1 else t.stride(dim)
 
-    _block_sparse_fwd[(nqb, B * H)](
-        q, k, v, out, lse, kv_indices, kv_counts, kv_len,
-        scale * _LOG2E,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        bstride(kv_indices, 0), bstride(kv_indices, 1), kv_indices.stride(2),
-        bstride(kv_counts, 0), bstride(kv_counts, 1),
-        H, LQ, LK,
-        HEAD_DIM=D, BLOCK_M=block_size, KV_BLOCK=block_size,
-        HAS_KV_LEN=has_len, MASK_KEYS=has_len or LK % block_size != 0,
-        EVEN_Q=LQ % block_size == 0, RETURN_LSE=return_lse,
-        # Triton's CPU interpreter computes bfloat16 tl.dot wrongly (3.6 and 3.8): give it float32 tiles.
-        UPCAST_DOT=q.device.type == "cpu",
-        **cfg,
-    )
+    layout_strides = (bstride(kv_indices, 0), bstride(kv_indices, 1), kv_indices.stride(2),
+                      bstride(kv_counts, 0), bstride(kv_counts, 1))
+    common = dict(HEAD_DIM=D, BLOCK_M=block_size, KV_BLOCK=block_size, HAS_KV_LEN=has_len,
+                  MASK_KEYS=has_len or LK % block_size != 0, RETURN_LSE=return_lse,
+                  # Triton's CPU interpreter computes bfloat16 tl.dot wrongly (3.6 and 3.8): float32 tiles there.
+                  UPCAST_DOT=q.device.type == "cpu", **cfg)
+    if descriptor is not None:
+        q_desc, o_desc = (descriptor.from_tensor(t, [1, 1, block_size, D]) for t in (q, out))
+        k_desc, v_desc = (descriptor.from_tensor(t, [1, 1, cfg["BLOCK_N"], D]) for t in (k, v))
+        _block_sparse_fwd_tma[(nqb, B * H)](
+            q_desc, k_desc, v_desc, o_desc, lse, kv_indices, kv_counts, kv_len, scale * _LOG2E,
+            *layout_strides, H, LQ, LK, **common)
+    else:
+        _block_sparse_fwd[(nqb, B * H)](
+            q, k, v, out, lse, kv_indices, kv_counts, kv_len, scale * _LOG2E,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            *layout_strides, H, LQ, LK, EVEN_Q=LQ % block_size == 0, **common)
     return (out, lse) if return_lse else out

@@ -23,6 +23,8 @@ def reference_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_si
     nkb = (LK + block_size - 1) // block_size
     nqb = (LQ + block_size - 1) // block_size
     pad_k = nkb * block_size - LK
+    if kv_indices.shape[-1] == 0:  # all lists empty (counts are 0): one unused slot keeps the reductions non-empty
+        kv_indices = kv_indices.new_zeros(*kv_indices.shape[:-1], 1)
     kf = torch.nn.functional.pad(k.float(), (0, 0, 0, pad_k)).view(B, H, nkb, block_size, D)
     vf = torch.nn.functional.pad(v.float(), (0, 0, 0, pad_k)).view(B, H, nkb, block_size, D)
     key_limit = torch.full((B,), LK, device=q.device, dtype=torch.long) if kv_length is None \

@@ -1,5 +1,6 @@
 """ComfyUI nodes of the pack. The only package that imports ComfyUI."""
 
+from .bridge import session_of
 from .patch_nodes import RadialMask, SparseAttentionPatch
 
 NODE_CLASS_MAPPINGS = {

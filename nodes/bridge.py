@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.patcher_extension as patcher_extension
 from comfy.ldm.hunyuan_video.model import HunyuanVideo
@@ -24,6 +26,7 @@ OVERRIDE_KEY = "optimized_attention_override"
 MIN_COMFYUI = "0.3.60"
 # Positional index of the optional extra inputs in each model's forward(x, timestep, context, ...).
 _WAN_TIME_DIM_CONCAT = 4
+_HUNYUAN_BYT5 = 4
 _HUNYUAN_REF_LATENT = 8
 
 
@@ -31,6 +34,11 @@ def check_comfyui_supports_override() -> None:
     if not hasattr(comfy_attention, "wrap_attn"):
         raise RuntimeError(f"Sparse Attention Patch needs ComfyUI {MIN_COMFYUI} or newer (this ComfyUI has no "
                            "attention override); update ComfyUI")
+
+
+def session_of(model) -> SparseAttentionSession | None:
+    """The session a Sparse Attention Patch installed on this model (or a clone of it), None if unpatched."""
+    return model.get_attachment(WRAPPER_KEY)
 
 
 def model_family(diffusion_model) -> str | None:
@@ -43,7 +51,9 @@ def model_family(diffusion_model) -> str | None:
 
 
 def _video_grid(family: str, diffusion_model, args, kwargs):
-    """Token grid of one forward call: the latent frames plus frames the model adds in front or behind."""
+    """Token grid of one forward call: the latent frames plus frames the model adds in front or behind, and for
+    HunyuanVideo the exact number of text tokens appended to them (its text refiner attends over the text alone,
+    which must not pass for video self-attention even when the text is longer than the video)."""
     x = args[0]
     if x.ndim != 5:
         return None
@@ -53,10 +63,26 @@ def _video_grid(family: str, diffusion_model, args, kwargs):
         extra += 0 if concat is None else -(-concat.shape[2] // diffusion_model.patch_size[0])
         if diffusion_model.ref_conv is not None and kwargs.get("reference_latent") is not None:
             extra += 1
-    else:
+    text = 0
+    if family == "hunyuan":
         ref = args[_HUNYUAN_REF_LATENT] if len(args) > _HUNYUAN_REF_LATENT else None
         extra += 0 if ref is None else -(-ref.shape[2] // diffusion_model.patch_size[0])
-    return latent_grid(x.shape, diffusion_model.patch_size, extra_frames=extra)
+        byt5 = args[_HUNYUAN_BYT5] if len(args) > _HUNYUAN_BYT5 else None
+        text = _length(args[2]) + (_length(byt5) if diffusion_model.byt5_in is not None else 0)
+    return latent_grid(x.shape, diffusion_model.patch_size, extra_frames=extra, text_tokens=text)
+
+
+def _length(tokens) -> int:
+    return tokens.shape[1] if isinstance(tokens, torch.Tensor) and tokens.ndim == 3 else 0
+
+
+def _wan_cross_attention_lengths(diffusion_model, args) -> set[int]:
+    """Key lengths of Wan's cross-attention calls: the text, and the CLIP image tokens (I2V)."""
+    lengths = {_length(args[2])}
+    clip_fea = args[3] if len(args) > 3 else None
+    if diffusion_model.img_emb is not None:
+        lengths.add(_length(clip_fea))
+    return lengths - {0}
 
 
 def install(model, session: SparseAttentionSession):
@@ -89,6 +115,13 @@ def install(model, session: SparseAttentionSession):
         transformer_options = args[-1] if in_args else kwargs.get("transformer_options", {})
         if grid is None:
             return executor(*args, **kwargs)
+        if family == "wan" and grid.video_tokens in _wan_cross_attention_lengths(diffusion_model, args):
+            # Self- and cross-attention calls then have the same shapes and cannot be told apart (Wan pads its
+            # text to 512 tokens): a sparse mask on cross-attention would be wrong, so this call stays dense.
+            session.warn_once("cross-length", f"the video has {grid.video_tokens} tokens, as many as the text or "
+                              "image tokens of cross-attention; attention stays dense for it (change the size or "
+                              "frame count by a little to get sparse attention)")
+            return executor(*args, **kwargs)
         sigmas = transformer_options.get("sigmas")
         sigma = float(sigmas.flatten()[0]) if sigmas is not None else None
         ctx = session.forward_context(grid, sigma, transformer_options.get("sample_sigmas"),
@@ -100,6 +133,7 @@ def install(model, session: SparseAttentionSession):
             kwargs["transformer_options"] = with_ctx
         return executor(*args, **kwargs)
 
+    patched.set_attachments(WRAPPER_KEY, session)
     patched.add_wrapper_with_key(patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample)
     patched.add_wrapper_with_key(patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, diffusion_model_call)
     return patched

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of the pack in one go; logs and JSON go to OUT_DIR.
+#   benchmarks/gpu_suite.sh OUT_DIR [tests] [sweep] [kernels] [demo] [e2e]     (default: all)
+# COMFYUI_PATH points the end-to-end benchmark and the ComfyUI tests at a ComfyUI source tree.
+set -uo pipefail
+out=${1:?usage: gpu_suite.sh OUT_DIR [steps...]}; shift
+steps=${*:-tests sweep kernels demo e2e}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+status=0
+want() { [[ " $steps " == *" $1 "* ]]; }
+run() { local name=$1; shift; echo "== $name: $*"; "$@" 2>&1 | tee "$out/$name.log"; local rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { echo "== $name FAILED ($rc)"; status=1; }; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$out/device.log"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/device.log"
+want tests && run gpu_tests python3 -m pytest tests -m gpu -q -p no:cacheprovider
+want sweep && run sweep python3 benchmarks/kernels.py --shapes wan14b-720p --densities 1.0 0.25 --layouts random --configs --json "$out/sweep.json"
+want kernels && run kernels python3 benchmarks/kernels.py --json "$out/kernels.json"
+want demo && run demo python3 benchmarks/demo.py --gpu
+want e2e && run e2e python3 benchmarks/e2e.py --json "$out/e2e.json"
+exit $status
