@@ -22,13 +22,18 @@ _NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
-def _softmax_step(q, k_t, v, cols, key_limit, qk_scale, m_i, l_i, acc, MASK_KEYS: tl.constexpr):
-    """One key tile of the flash-attention online softmax; k_t is (HEAD_DIM, BLOCK_N)."""
-    s = tl.dot(q, k_t) * qk_scale
+def _softmax_step(q, k_t, v, start, offs_n, key_limit, qk_scale, m_i, l_i, acc, BLOCK_N: tl.constexpr,
+                  MASK_KEYS: tl.constexpr):
+    """One key tile (keys start + offs_n) of the flash-attention online softmax; k_t is (HEAD_DIM, BLOCK_N).
+
+    The running max is in scaled log2 units, so the scale folds into the exp2 argument: one FMA per score and
+    no separate scaling pass over the tile."""
+    s = tl.dot(q, k_t)
     if MASK_KEYS:
-        s = tl.where(cols[None, :] < key_limit, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.math.exp2(s - m_new[:, None])
+        if start + BLOCK_N > key_limit:  # only the tile holding the end of the keys pays for masking
+            s = tl.where((start + offs_n)[None, :] < key_limit, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
@@ -96,7 +101,8 @@ def _block_sparse_fwd(
     SUB_TILES: tl.constexpr = KV_BLOCK // BLOCK_N
     for it in range(0, count * SUB_TILES):
         kb = tl.load(idx_base + it // SUB_TILES)
-        cols = kb * KV_BLOCK + (it % SUB_TILES) * BLOCK_N + offs_n
+        start = kb * KV_BLOCK + (it % SUB_TILES) * BLOCK_N
+        cols = start + offs_n
         k_ptrs = k_base + cols[None, :] * stride_kl + offs_d[:, None]
         v_ptrs = v_base + cols[:, None] * stride_vl + offs_d[None, :]
         if MASK_KEYS:
@@ -108,7 +114,7 @@ def _block_sparse_fwd(
         if UPCAST_DOT:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        m_i, l_i, acc = _softmax_step(q, k, v, cols, key_limit, qk_scale, m_i, l_i, acc, MASK_KEYS)
+        m_i, l_i, acc = _softmax_step(q, k, v, start, offs_n, key_limit, qk_scale, m_i, l_i, acc, BLOCK_N, MASK_KEYS)
 
     out, lse = _row_results(acc, m_i, l_i)
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
@@ -155,8 +161,8 @@ def _block_sparse_fwd_tma(
         if UPCAST_DOT:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        m_i, l_i, acc = _softmax_step(q, tl.trans(k), v, start + offs_n, key_limit, qk_scale, m_i, l_i, acc,
-                                      MASK_KEYS)
+        m_i, l_i, acc = _softmax_step(q, tl.trans(k), v, start, offs_n, key_limit, qk_scale, m_i, l_i, acc,
+                                      BLOCK_N, MASK_KEYS)
 
     out, lse = _row_results(acc, m_i, l_i)
     o_desc.store([b, h, qb * BLOCK_M, 0], out.to(o_desc.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
@@ -171,10 +177,9 @@ def _tile_config(head_dim: int, block_size: int, device: torch.device) -> dict:
         return dict(BLOCK_N=min(block_size, 64), num_warps=4, num_stages=1, tma=False)
     major, _ = torch.cuda.get_device_capability(device)
     hopper = major >= 9
-    block_n = min(block_size, 128 if hopper else 64)
-    if head_dim <= 64:
-        return dict(BLOCK_N=block_n, num_warps=4, num_stages=3, tma=hopper)
-    return dict(BLOCK_N=block_n, num_warps=8, num_stages=3 if hopper else 2, tma=hopper)
+    if hopper:  # H100 sweep (benchmarks/RESULTS.md): 64-wide key tiles, one warpgroup, TMA loads
+        return dict(BLOCK_N=64, num_warps=4, num_stages=2, tma=True)
+    return dict(BLOCK_N=64, num_warps=4, num_stages=3 if head_dim <= 64 else 2, tma=False)
 
 
 def _tensor_descriptor_class():
@@ -212,6 +217,8 @@ def triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size,
     has_len = kv_length is not None
     kv_len = kv_length.to(device=q.device, dtype=torch.int32).contiguous() if has_len else kv_counts
     cfg = dict(config) if config is not None else _tile_config(D, block_size, q.device)
+    if block_size % cfg["BLOCK_N"]:
+        raise ValueError(f"config BLOCK_N={cfg['BLOCK_N']} must divide the layout block size {block_size}")
     descriptor = _tensor_descriptor_class() if cfg.pop("tma", False) else None
     if descriptor is not None and not _tma_compatible(q, k, v, out):
         descriptor = None
