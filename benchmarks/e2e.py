@@ -113,6 +113,9 @@ def main(argv=None):
     if not torch.cuda.is_available():
         parser.error("this benchmark needs a CUDA GPU")
     sys.path.insert(0, args.comfyui)
+    import comfy.cli_args
+
+    comfy.cli_args.args.highvram = True  # keep the whole model on the GPU: time attention, not weight streaming
     from pack import import_pack
 
     nodes = import_pack("nodes")

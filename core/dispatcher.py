@@ -84,7 +84,7 @@ def _sparse_call(session, ctx, layer, args, kwargs):
         q4, k4, v4 = (t.reshape(B, L, H, D).transpose(1, 2) for t in (q, k, v))
     if D > MAX_TRITON_HEAD_DIM:
         raise Unsupported("head-dim", f"head_dim {D} is larger than the kernel's {MAX_TRITON_HEAD_DIM}")
-    kv_length = _key_padding_lengths(mask, B, L)
+    kv_length = _memo_key_padding_lengths(ctx, mask, B, L)
     compute_dtype = q.dtype if q.dtype in _COMPUTE_DTYPES or q.device.type == "cpu" else torch.bfloat16
     if session.backend == "auto" and resolve_backend("auto", q.device, compute_dtype) != "triton":
         raise Unsupported("no-triton", f"sparse attention is only faster with the Triton kernel on an NVIDIA GPU "
@@ -102,6 +102,15 @@ def _sparse_call(session, ctx, layer, args, kwargs):
     else:
         session.attend(ctx, layer, q4, k4, v4, kv_length=kv_length, out=out_view)
     return buffer if skip_output_reshape else buffer.view(B, L, H * D)
+
+
+def _memo_key_padding_lengths(ctx: ForwardContext, mask, batch: int, length: int):
+    """Every block of one forward passes the same mask object: convert it once (the checks sync the device)."""
+    key = ("kv_length", id(mask), batch, length)
+    cached = ctx.memo.get(key)
+    if cached is None or cached[0] is not mask:
+        ctx.memo[key] = cached = (mask, _key_padding_lengths(mask, batch, length))
+    return cached[1]
 
 
 def _key_padding_lengths(mask, batch: int, length: int):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import block_mask_to_indices
+from ..kernels import block_mask_to_indices, validate_layout
 from .grid import VideoGrid
 from .plan import BlockPlan
 
@@ -133,6 +133,7 @@ class RadialPlanner:
                 self._plans.pop(next(iter(self._plans)))
             mask = radial_block_mask(grid, self.settings)
             indices, counts = block_mask_to_indices(mask.to(q.device)[None, None])
+            validate_layout(indices, counts, num_kv_blocks=mask.shape[1])  # once; calls then skip the device sync
             self._plans[key] = BlockPlan(indices, counts, self.block_size, float(mask.float().mean()))
         return self._plans[key]
 

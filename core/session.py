@@ -27,6 +27,7 @@ class ForwardContext:
     total_steps: int | None
     text_after_video: bool = False
     layer: int = 0
+    memo: dict = field(default_factory=dict)  # per-forward results every layer shares (e.g. the text mask)
 
     def grid_for(self, length: int) -> VideoGrid | None:
         """The grid of a self-attention call over ``length`` tokens, or None if it is not over this video.
@@ -119,7 +120,7 @@ class SparseAttentionSession:
         """Sparse attention of (B, H, L, D) q/k/v over the video of ``ctx``; ValueError for what it cannot run."""
         plan = self.planner.plan(ctx.grid_for(q.shape[2]), q, k)
         result = block_sparse_attention(q, k, v, plan.kv_indices, plan.kv_counts, block_size=plan.block_size,
-                                        kv_length=kv_length, out=out, backend=self.backend)
+                                        kv_length=kv_length, out=out, backend=self.backend, check_layout=False)
         self.stats.record(ctx.step, layer, plan.density)
         return result
 

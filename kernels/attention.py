@@ -49,7 +49,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
 
 
 def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, scale=None, kv_length=None,
-                           return_lse=False, out=None, backend="auto"):
+                           return_lse=False, out=None, backend="auto", check_layout=True):
     """Attention of q over k/v restricted to key blocks listed per (batch, head, query block).
 
     Args:
@@ -65,6 +65,8 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, sc
         out: optional (B, H, LQ, D) output buffer (any strides, contiguous last dimension), e.g. a transposed
             view of a (B, LQ, H, D) tensor so the caller needs no copy.
         backend: 'auto' (Triton on CUDA, reference elsewhere), 'triton' or 'reference'.
+        check_layout: verify that counts and indices are in range (reads them back: a device sync). Planners
+            that validated a cached layout once pass False.
 
     Rows whose list is empty (or whose keys are all masked) give 0 and an LSE of -inf, never NaN.
     """
@@ -74,7 +76,7 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, sc
             raise ValueError(f"kv_length must be a ({B},) integer tensor, got "
                              f"{tuple(kv_length.shape) if isinstance(kv_length, torch.Tensor) else type(kv_length)}")
     validate_layout(kv_indices, kv_counts, num_kv_blocks=num_blocks(LK, block_size),
-                    num_q_blocks=num_blocks(LQ, block_size), batch=B, heads=H)
+                    num_q_blocks=num_blocks(LQ, block_size), batch=B, heads=H, check_values=check_layout)
     for name, t in (("kv_indices", kv_indices), ("kv_counts", kv_counts)):
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}; move the layout to the queries' device")

@@ -50,8 +50,13 @@ def indices_to_block_mask(kv_indices: torch.Tensor, kv_counts: torch.Tensor, num
 
 
 def validate_layout(kv_indices: torch.Tensor, kv_counts: torch.Tensor, *, num_kv_blocks: int,
-                    num_q_blocks: int | None = None, batch: int | None = None, heads: int | None = None) -> None:
-    """Raise ValueError naming the argument when a layout cannot be run as given."""
+                    num_q_blocks: int | None = None, batch: int | None = None, heads: int | None = None,
+                    check_values: bool = True) -> None:
+    """Raise ValueError naming the argument when a layout cannot be run as given.
+
+    ``check_values=False`` checks dtypes and shapes only: reading the index range back from a GPU waits for
+    the device, which planners whose layouts were checked once when built need not pay on every call.
+    """
     if kv_indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"kv_indices must be int32 or int64, got {kv_indices.dtype}")
     if kv_counts.dtype not in (torch.int32, torch.int64):
@@ -69,9 +74,11 @@ def validate_layout(kv_indices: torch.Tensor, kv_counts: torch.Tensor, *, num_kv
         if nqb != num_q_blocks:
             raise ValueError(f"kv_counts has {nqb} query blocks but the queries need {num_q_blocks}")
         if lb not in (1, batch):
-            raise ValueError(f"layout batch dimension is {lb}; accepted: 1 (shared) or the batch size {batch}")
+            raise ValueError(f"kv_indices / kv_counts batch dimension is {lb}; accepted: 1 (shared) or the batch size {batch}")
         if lh not in (1, heads):
-            raise ValueError(f"layout head dimension is {lh}; accepted: 1 (shared) or the number of heads {heads}")
+            raise ValueError(f"kv_indices / kv_counts head dimension is {lh}; accepted: 1 (shared) or the number of heads {heads}")
+    if not check_values:
+        return
     if kv_counts.numel():
         cmin, cmax = int(kv_counts.min()), int(kv_counts.max())
         if cmin < 0 or cmax > kv_indices.shape[-1]:
