@@ -9,9 +9,11 @@ from .plan import BlockPlan
 from .radial import RadialPlanner, RadialSettings, radial_block_mask
 from .schedule import SparseSchedule, step_index
 from .session import ForwardContext, RunStats, SparseAttentionSession
+from .summary import run_summary
+from .timing import CallTimer, timed_override
 
 __all__ = [
     "CONTEXT_KEY", "attention_override", "VideoGrid", "latent_grid", "BlockPlan", "RadialPlanner",
     "RadialSettings", "radial_block_mask", "SparseSchedule", "step_index", "ForwardContext", "RunStats",
-    "SparseAttentionSession",
+    "SparseAttentionSession", "run_summary", "CallTimer", "timed_override",
 ]

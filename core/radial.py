@@ -26,6 +26,7 @@ from .grid import VideoGrid
 from .plan import BlockPlan
 
 KEEP_COVERAGE = 0.25
+MAX_PLANS = 4  # cached layouts per planner: a few resolutions at most are alive at once
 BLOCK_SIZES = (64, 128)
 
 
@@ -129,13 +130,21 @@ class RadialPlanner:
     def plan(self, grid: VideoGrid, q: torch.Tensor, k: torch.Tensor) -> BlockPlan:
         key = (grid, q.device)
         if key not in self._plans:
-            if len(self._plans) >= 4:  # a few resolutions at most are alive at once
+            if len(self._plans) >= MAX_PLANS:
                 self._plans.pop(next(iter(self._plans)))
             mask = radial_block_mask(grid, self.settings)
             indices, counts = block_mask_to_indices(mask.to(q.device)[None, None])
             validate_layout(indices, counts, num_kv_blocks=mask.shape[1])  # once; calls then skip the device sync
             self._plans[key] = BlockPlan(indices, counts, self.block_size, float(mask.float().mean()))
         return self._plans[key]
+
+    def block_mask(self, grid: VideoGrid) -> torch.Tensor:
+        """The CPU bool (NQB, NKB) block mask of ``grid`` (cached), what the Inspector draws."""
+        return radial_block_mask(grid, self.settings)
+
+    def cache_bytes(self) -> dict:
+        """{(grid, device): bytes of its cached layout (kv_indices + kv_counts)}; at most MAX_PLANS entries."""
+        return {key: plan.kv_indices.nbytes + plan.kv_counts.nbytes for key, plan in self._plans.items()}
 
     def reset(self) -> None:
         """Radial layouts depend only on the grid, so they survive runs; nothing per-run to drop."""

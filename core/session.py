@@ -11,6 +11,8 @@ from ..kernels import BACKENDS, block_sparse_attention
 from .grid import VideoGrid
 from .radial import RadialPlanner, RadialSettings
 from .schedule import SparseSchedule, step_index
+from .summary import run_summary
+from .timing import CallTimer
 
 log = logging.getLogger("sparse_video_attention")
 
@@ -20,6 +22,8 @@ class ForwardContext:
     """One call of the diffusion model: its video grid, denoising step, and a counter of attention layers.
 
     ``text_after_video``: the model appends text tokens to the video tokens in self-attention (HunyuanVideo).
+    ``owner``: the session that made it; only that session's override acts on it (None: any, a context built by
+    hand). A model patched twice then has one session at work, never two counting the same layers.
     """
 
     video: VideoGrid
@@ -28,6 +32,7 @@ class ForwardContext:
     text_after_video: bool = False
     layer: int = 0
     memo: dict = field(default_factory=dict)  # per-forward results every layer shares (e.g. the text mask)
+    owner: object = field(default=None, repr=False, compare=False)
 
     def grid_for(self, length: int) -> VideoGrid | None:
         """The grid of a self-attention call over ``length`` tokens, or None if it is not over this video.
@@ -48,13 +53,27 @@ class ForwardContext:
 
 @dataclass
 class RunStats:
-    """What one sampling run did: per (step, layer) the density used (1.0 for a dense call)."""
+    """What one sampling run did, kept after it for the run summary and the Inspector (small: no tensors).
+
+    calls: per (step, layer) the density used (1.0 for a dense call). fallbacks: per reason (key) how many times
+    attention fell back to dense, with the first message of each in fallback_messages. layouts: per layer the
+    video grid of its last sparse call (the planner rebuilds that call's block mask from it). timings: per timed
+    call (verbose only) (step, layer, density, milliseconds), filled when the run ends.
+    """
 
     calls: dict = field(default_factory=dict)
     fallbacks: dict = field(default_factory=dict)
+    fallback_messages: dict = field(default_factory=dict)
+    layouts: dict = field(default_factory=dict)
+    grid: VideoGrid | None = None
+    total_steps: int | None = None
+    timings: list = field(default_factory=list)
+    last_call: tuple | None = None
+    finished: bool = False
 
     def record(self, step, layer: int, density: float) -> None:
         self.calls[(step, layer)] = density
+        self.last_call = (step, layer, density)
 
     @property
     def sparse_calls(self) -> int:
@@ -69,11 +88,23 @@ class RunStats:
         """Attention work done over the dense work, across every video self-attention call of the run."""
         return sum(self.calls.values()) / len(self.calls) if self.calls else 1.0
 
+    @property
+    def sparse_density(self) -> float:
+        """Mean density of the sparse calls alone (1.0 when there were none)."""
+        sparse = [d for d in self.calls.values() if d < 1.0]
+        return sum(sparse) / len(sparse) if sparse else 1.0
+
+    @property
+    def num_layers(self) -> int:
+        """Video self-attention layers seen in the run (the highest layer index + 1)."""
+        return 1 + max((layer for _, layer in self.calls), default=-1)
+
 
 def make_planner(method):
     if isinstance(method, RadialSettings):
         return RadialPlanner(method)
-    raise ValueError(f"unknown sparse attention method settings {type(method).__name__}")
+    raise ValueError(f"method must be the output of a sparse attention settings node (Radial Mask), got "
+                     f"{type(method).__name__}")
 
 
 class SparseAttentionSession:
@@ -88,27 +119,49 @@ class SparseAttentionSession:
         self.verbose = verbose
         self.planner = make_planner(method)
         self.stats = RunStats()
+        self.runs = 0  # sampling runs begun (0: the model never sampled)
+        self.timer = CallTimer() if verbose else None  # per-call attention times, only when verbose
         self._warned: set[str] = set()
 
     def begin_run(self) -> None:
         """A new sampling run: per-run state and statistics start afresh."""
         self.stats = RunStats()
+        self.runs += 1
         self.planner.reset()
+        if self.timer is not None:
+            self.timer.reset()
 
     def end_run(self) -> None:
-        if self.verbose and self.stats.calls:
-            log.info("sparse attention: %d sparse and %d dense attention calls, mean density %.3f",
-                     self.stats.sparse_calls, self.stats.dense_calls, self.stats.mean_density)
+        """The run is over: resolve the measured times and log the run summary (always, a few lines)."""
+        self.stats.finished = True
+        try:  # a report must never break a render
+            if self.timer is not None:
+                self.stats.timings = self.timer.resolve()
+            log.info("%s", run_summary(self))
+        except Exception as why:
+            log.warning("sparse attention: the run summary failed (%s: %s)", type(why).__name__, why)
+
+    def block_mask(self, layer: int) -> torch.Tensor | None:
+        """CPU bool (NQB, NKB) block mask of ``layer``'s last sparse call in the last run; None if it had none."""
+        grid = self.stats.layouts.get(layer)
+        return None if grid is None else self.planner.block_mask(grid)
 
     def forward_context(self, video: VideoGrid, sigma: float | None, sample_sigmas,
                         text_after_video: bool = False) -> ForwardContext:
         step = total = None
         if sigma is not None and sample_sigmas is not None and len(sample_sigmas) > 1:
             step, total = step_index(sigma, sample_sigmas), len(sample_sigmas) - 1
+            self.stats.total_steps = total
+        self.stats.grid = video
         if step is None:
             self.warn_once("no-step", "the denoising step is unknown (no sampler sigmas reached the model): "
                            "attention stays dense for these calls")
-        return ForwardContext(video=video, step=step, total_steps=total, text_after_video=text_after_video)
+        return ForwardContext(video=video, step=step, total_steps=total, text_after_video=text_after_video, owner=self)
+
+    def cache_bytes(self) -> dict:
+        """Device bytes the session keeps between attention calls, per cache entry: for Radial, per (grid, device)
+        the cached layout (kv_indices + kv_counts). Bounded: the planner keeps at most ``MAX_PLANS`` of them."""
+        return self.planner.cache_bytes()
 
     def wants_sparse(self, ctx: ForwardContext, layer: int) -> bool:
         return ctx.step is not None and self.schedule.is_sparse(ctx.step, ctx.total_steps, layer)
@@ -118,14 +171,17 @@ class SparseAttentionSession:
 
     def attend(self, ctx: ForwardContext, layer: int, q, k, v, kv_length=None, out=None) -> torch.Tensor:
         """Sparse attention of (B, H, L, D) q/k/v over the video of ``ctx``; ValueError for what it cannot run."""
-        plan = self.planner.plan(ctx.grid_for(q.shape[2]), q, k)
+        grid = ctx.grid_for(q.shape[2])
+        plan = self.planner.plan(grid, q, k)
         result = block_sparse_attention(q, k, v, plan.kv_indices, plan.kv_counts, block_size=plan.block_size,
                                         kv_length=kv_length, out=out, backend=self.backend, check_layout=False)
         self.stats.record(ctx.step, layer, plan.density)
+        self.stats.layouts[layer] = grid
         return result
 
     def warn_once(self, key: str, message: str) -> None:
         self.stats.fallbacks[key] = self.stats.fallbacks.get(key, 0) + 1
+        self.stats.fallback_messages.setdefault(key, message)
         if key not in self._warned:
             self._warned.add(key)
             log.warning("sparse attention: %s", message)

@@ -17,7 +17,7 @@ import comfy.patcher_extension as patcher_extension
 from comfy.ldm.hunyuan_video.model import HunyuanVideo
 from comfy.ldm.wan.model import WanModel
 
-from ..core import CONTEXT_KEY, SparseAttentionSession, attention_override, latent_grid
+from ..core import CONTEXT_KEY, SparseAttentionSession, attention_override, latent_grid, timed_override
 
 log = logging.getLogger("sparse_video_attention")
 
@@ -95,12 +95,20 @@ def install(model, session: SparseAttentionSession):
         return model
     check_comfyui_supports_override()
     patched = model.clone()
+    if session_of(model) is not None:
+        # A second patch on the same model replaces the first: its wrappers go, and the first override, still in the
+        # chain below the new one, passes every call through (a context answers to the session that made it).
+        log.warning("sparse attention: this model already has a Sparse Attention Patch; the new one replaces it")
+        for kind in (patcher_extension.WrappersMP.OUTER_SAMPLE, patcher_extension.WrappersMP.DIFFUSION_MODEL):
+            patched.remove_wrappers_with_key(kind, WRAPPER_KEY)
     options = patched.model_options.setdefault("transformer_options", {})
     previous = options.get(OVERRIDE_KEY)
     if previous is not None:
         log.info("sparse attention: composing with an attention override already on this model; its path "
                  "serves every call that stays dense")
-    options[OVERRIDE_KEY] = attention_override(session, previous=previous)
+    override = attention_override(session, previous=previous)
+    # verbose: time every video self-attention call for the run summary and the Inspector (no cost otherwise)
+    options[OVERRIDE_KEY] = override if session.timer is None else timed_override(session, override)
 
     def outer_sample(executor, *args, **kwargs):
         session.begin_run()
@@ -109,23 +117,31 @@ def install(model, session: SparseAttentionSession):
         finally:
             session.end_run()
 
-    def diffusion_model_call(executor, *args, **kwargs):
+    # Under torch.compile (TorchCompileModel) this runs eagerly: it reads the sigma off the device and builds Python
+    # state, which traced would break the graph and recompile the whole model at every new sigma (every step).
+    @torch.compiler.disable
+    def forward_context(args, kwargs, transformer_options):
         grid = _video_grid(family, diffusion_model, args, kwargs)
-        in_args = isinstance(args[-1], dict) and "transformer_options" not in kwargs
-        transformer_options = args[-1] if in_args else kwargs.get("transformer_options", {})
         if grid is None:
-            return executor(*args, **kwargs)
+            return None
         if family == "wan" and grid.video_tokens in _wan_cross_attention_lengths(diffusion_model, args):
             # Self- and cross-attention calls then have the same shapes and cannot be told apart (Wan pads its
             # text to 512 tokens): a sparse mask on cross-attention would be wrong, so this call stays dense.
             session.warn_once("cross-length", f"the video has {grid.video_tokens} tokens, as many as the text or "
                               "image tokens of cross-attention; attention stays dense for it (change the size or "
                               "frame count by a little to get sparse attention)")
-            return executor(*args, **kwargs)
+            return None
         sigmas = transformer_options.get("sigmas")
         sigma = float(sigmas.flatten()[0]) if sigmas is not None else None
-        ctx = session.forward_context(grid, sigma, transformer_options.get("sample_sigmas"),
-                                      text_after_video=family == "hunyuan")
+        return session.forward_context(grid, sigma, transformer_options.get("sample_sigmas"),
+                                       text_after_video=family == "hunyuan")
+
+    def diffusion_model_call(executor, *args, **kwargs):
+        in_args = isinstance(args[-1], dict) and "transformer_options" not in kwargs
+        transformer_options = args[-1] if in_args else kwargs.get("transformer_options", {})
+        ctx = forward_context(args, kwargs, transformer_options)
+        if ctx is None:
+            return executor(*args, **kwargs)
         with_ctx = {**transformer_options, CONTEXT_KEY: ctx}
         if in_args:
             args = (*args[:-1], with_ctx)

@@ -36,7 +36,9 @@ class SparseAttentionPatch:
                     "tooltip": "auto: the Triton kernel on NVIDIA GPUs, the torch reference elsewhere. triton / "
                                "reference force one (reference is slow: for checking)."}),
                 "verbose": ("BOOLEAN", {"default": False,
-                                        "tooltip": "Log a summary of each run: sparse and dense calls, density."}),
+                                        "tooltip": "Time every video attention call (sparse against dense) for the "
+                                                   "run summary in the log and the Sparse Attention Inspector. "
+                                                   "Small overhead; off: nothing is timed."}),
             },
             "optional": {
                 "method": (METHOD_TYPE, {"tooltip": "Method settings from a settings node (Radial Mask...). "

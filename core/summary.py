@@ -1,0 +1,135 @@
+"""The run summary logged after every sampling run, and the small text helpers the Inspector shares. Plain text."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+
+TITLE = "sparse attention run summary"
+
+
+def method_name(method) -> str:
+    name = type(method).__name__
+    return name[: -len("Settings")] if name.endswith("Settings") and len(name) > len("Settings") else name
+
+
+def _value(v) -> str:
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def method_settings(method) -> str:
+    """'decay_factor 0.2, block_size 128, attention_sink on, ...' for a settings dataclass."""
+    if not dataclasses.is_dataclass(method):
+        return ""
+    return ", ".join(f"{f.name} {_value(getattr(method, f.name))}" for f in dataclasses.fields(method))
+
+
+def method_text(method) -> str:
+    settings = method_settings(method)
+    return f"{method_name(method)} ({settings})" if settings else method_name(method)
+
+
+def ranges(values) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'; 'none' when empty."""
+    values = sorted(set(values))
+    if not values:
+        return "none"
+    parts, start, prev = [], values[0], values[0]
+    for v in values[1:] + [None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if v is not None:
+            start = prev = v
+    return ", ".join(parts)
+
+
+def dense_steps(schedule, total_steps: int | None) -> list[int] | None:
+    """The steps the schedule keeps dense in a run of ``total_steps`` (None when the step count is unknown)."""
+    if not total_steps:
+        return None
+    sparse = schedule.sparse_step_range(total_steps)
+    return [s for s in range(total_steps) if s not in sparse]
+
+
+def schedule_text(schedule, total_steps: int | None, num_layers: int) -> str:
+    steps = dense_steps(schedule, total_steps)
+    if steps is None:
+        step_part = f"dense_steps {schedule.dense_steps:g} (the step count was unknown)"
+    else:
+        step_part = f"dense steps {ranges(steps)} ({len(steps)} of {total_steps})"
+    layers = list(range(min(schedule.dense_layers, num_layers))) if num_layers else []
+    layer_part = f"dense layers {ranges(layers)} ({len(layers)} of {num_layers})" if num_layers else \
+        f"dense layers below {schedule.dense_layers}"
+    return f"{step_part}, {layer_part}"
+
+
+def timing_medians(timings) -> tuple[float | None, float | None]:
+    """Median milliseconds per (sparse, dense) video self-attention call of [(step, layer, density, ms)]."""
+    sparse = [t[3] for t in timings if t[2] < 1.0]
+    dense = [t[3] for t in timings if t[2] >= 1.0]
+    return (statistics.median(sparse) if sparse else None, statistics.median(dense) if dense else None)
+
+
+def timing_text(timings) -> str | None:
+    if not timings:
+        return None
+    sparse, dense = timing_medians(timings)
+    parts = []
+    if sparse is not None:
+        parts.append(f"sparse {sparse:.3g} ms")
+    if dense is not None:
+        parts.append(f"dense {dense:.3g} ms")
+    text = "attention time per call (median, measured): " + ", ".join(parts)
+    if sparse is not None and dense is not None and sparse > 0:
+        text += f": speed-up {dense / sparse:.2f}x"
+    elif dense is None:
+        text += " (no dense call to compare with)"
+    return text
+
+
+def fallback_lines(stats) -> list[str]:
+    lines = []
+    for key, count in stats.fallbacks.items():
+        message = stats.fallback_messages.get(key, "")
+        lines.append(f"WARNING: fell back to dense attention: {key} (x{count}){': ' + message if message else ''}")
+    return lines
+
+
+def grid_text(grid) -> str:
+    if grid is None:
+        return "video grid unknown"
+    text = f"video {grid.frames}x{grid.height}x{grid.width} = {grid.video_tokens} tokens"
+    return text + (f" + {grid.text_tokens} text" if grid.text_tokens else "")
+
+
+def density_text(stats) -> str:
+    sparse = f"density {stats.sparse_density:.3f} in sparse calls" if stats.sparse_calls else "no sparse call"
+    return f"{sparse}, {stats.mean_density:.3f} overall: attention FLOPs saved {100 * (1 - stats.mean_density):.1f}%"
+
+
+def run_summary(session) -> str:
+    """A few lines: method and settings, calls, schedule, density and FLOPs saved, time (if measured), fallbacks."""
+    stats = session.stats
+    head = f"{TITLE}: {method_text(session.method)}, backend {session.backend}"
+    if not stats.calls:
+        lines = [head, "  no video self-attention call reached the patch in this run"]
+        return "\n".join(lines + ["  " + line for line in fallback_lines(stats)])
+    steps = len({s for s, _ in stats.calls if s is not None})
+    lines = [
+        head,
+        f"  {grid_text(stats.grid)}; {steps} steps x {stats.num_layers} layers: {stats.sparse_calls} sparse and "
+        f"{stats.dense_calls} dense attention calls",
+        "  schedule: " + schedule_text(session.schedule, stats.total_steps, stats.num_layers),
+        "  " + density_text(stats),
+    ]
+    timing = timing_text(stats.timings)
+    if timing:
+        lines.append("  " + timing)
+    lines += ["  " + line for line in fallback_lines(stats)]
+    return "\n".join(lines)
