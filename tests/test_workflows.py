@@ -6,27 +6,76 @@ the order of INPUT_TYPES and accepted (combos, min / max, booleans), and ComfyUI
 the prompt the frontend would queue. Model-file names are free (they depend on the local models folders) but must
 be named, with their folder, in the workflow's notes.
 
+The set of workflows is checked too: one per supported model family (recognised by the diffusion model files its
+loaders name), each with the reference Radial settings of its family, exactly one dense-vs-sparse comparison that
+is fair (same model, prompt, latent, seed and sampler settings on both sides), every file named in README.md, and
+ComfyUI's template browser lists and serves every file of workflows/ (app/custom_node_manager.py, with the pack in a
+temporary custom_nodes folder).
+
 Needs ComfyUI (found as DESIGN.md says); without it the ComfyUI tests are skipped loudly (conftest.py). ComfyUI's
 node classes are loaded once per session (about 10-15 s, most of it importing ComfyUI).
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
+import logging
+import os
+import re
 import warnings
+from dataclasses import dataclass
 
 import pytest
 
 import workflow_check as wc
+from pack import REPO_ROOT
 
 comfyui = pytest.mark.comfyui  # skipped, loudly, without ComfyUI (conftest.py)
 
-SHIPPED = ("wan2.1_t2v_radial.json", "wan2.2_a14b_t2v_radial.json", "hunyuanvideo_t2v_radial.json")
+SHIPPED = ("wan2.1_t2v_1.3b_radial.json", "wan2.1_t2v_14b_radial.json", "wan2.1_i2v_14b_radial.json",
+           "wan2.2_a14b_t2v_radial.json", "wan2.2_ti2v_5b_radial.json", "hunyuanvideo_t2v_radial.json",
+           "wan2.1_t2v_1.3b_dense_vs_radial.json")
+MUTATION_SOURCE = "wan2.1_t2v_14b_radial.json"  # the broken copies below start from it
 FILES = wc.workflow_files()
 IDS = [p.name for p in FILES]
 SAMPLER_MODEL_INPUTS = {"KSampler", "KSamplerAdvanced", "BasicGuider", "CFGGuider", "DualCFGGuider", "SamplerCustom"}
 LOADERS = {"UNETLoader", "CheckpointLoaderSimple", "UnetLoaderGGUF"}
+COMPARISON_MARK = "_dense_vs_"  # the comparison workflow's file name holds it; every other workflow is all sparse
+JOIN_NODES = {"ImageStitch", "ImageBatch"}
+VIDEO_OUTPUTS = {"SaveVideo", "SaveAnimatedWEBP", "SaveAnimatedPNG", "SaveWEBM"}
+LATENT_SIZE_NODES = {"EmptyHunyuanLatentVideo", "WanImageToVideo", "Wan22ImageToVideoLatent"}
+
+WAN_RADIAL = {"decay_factor": 0.2, "attention_sink": True}       # the Radial reference settings for Wan
+HUNYUAN_RADIAL = {"decay_factor": 0.95, "attention_sink": False}  # and for HunyuanVideo
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family the pack supports, as a workflow shows it: the diffusion model files its UNETLoaders name (one
+    pattern per model it loads, all of them patched), other model files it needs, node types it needs, the video
+    height it renders, and the Radial reference settings."""
+    unets: tuple
+    radial: dict
+    height: int
+    files: tuple = ()
+    nodes: frozenset = frozenset()
+
+
+FAMILIES = {
+    "Wan 2.1 T2V 1.3B": Family((r"wan2\.1_t2v_1\.3b",), WAN_RADIAL, 480, nodes=frozenset({"EmptyHunyuanLatentVideo"})),
+    "Wan 2.1 T2V 14B": Family((r"wan2\.1_t2v_14b",), WAN_RADIAL, 720, nodes=frozenset({"EmptyHunyuanLatentVideo"})),
+    "Wan 2.1 I2V 14B": Family((r"wan2\.1_i2v_720p_14b",), WAN_RADIAL, 720, files=(r"clip_vision_h",),
+                              nodes=frozenset({"CLIPVisionLoader", "CLIPVisionEncode", "LoadImage",
+                                               "WanImageToVideo"})),
+    "Wan 2.2 A14B T2V": Family((r"wan2\.2_t2v_high_noise_14b", r"wan2\.2_t2v_low_noise_14b"), WAN_RADIAL, 720,
+                               nodes=frozenset({"KSamplerAdvanced"})),
+    "Wan 2.2 TI2V 5B": Family((r"wan2\.2_ti2v_5b",), WAN_RADIAL, 704, files=(r"wan2\.2_vae",),
+                              nodes=frozenset({"Wan22ImageToVideoLatent", "LoadImage"})),
+    "HunyuanVideo T2V": Family((r"hunyuan_video_t2v",), HUNYUAN_RADIAL, 720, files=(r"llava_llama3",),
+                               nodes=frozenset({"DualCLIPLoader"})),
+}
 
 
 class WorkflowCheckUnavailable(pytest.PytestWarning):
@@ -59,6 +108,72 @@ def upstream(wf, n, input_name):
     return node(wf, link[1])
 
 
+def downstream_ids(wf, n) -> set:
+    """Ids of every node reached from node ``n``'s outputs."""
+    seen, todo = set(), [n["id"]]
+    while todo:
+        cur = todo.pop()
+        for link in wf["links"]:
+            if link[1] == cur and link[3] not in seen:
+                seen.add(link[3])
+                todo.append(link[3])
+    return seen
+
+
+def active(n) -> bool:
+    return n.get("mode", 0) == 0
+
+
+def active_samplers(wf):
+    return [n for n in wf["nodes"] if n["type"] in SAMPLER_MODEL_INPUTS and active(n)]
+
+
+def model_path(wf, sampler):
+    """(the nodes between the sampler's model input and the loader, nearest first; the loader or None)."""
+    seen, cur = [], upstream(wf, sampler, "model")
+    while cur is not None and cur["type"] not in LOADERS:
+        seen.append(cur)
+        cur = upstream(wf, cur, "model")
+    return seen, cur
+
+
+def is_sparse(path_nodes) -> bool:
+    return any(n["type"] == "SparseAttentionPatch" and active(n) for n in path_nodes)
+
+
+def is_comparison(path) -> bool:
+    return COMPARISON_MARK in path.name
+
+
+def unet_files(wf) -> list[str]:
+    return [n["widgets_values"][0] for n in nodes_of(wf, "UNETLoader") if active(n)]  # widget 0: unet_name
+
+
+def model_files(wf) -> list[str]:
+    """Every model file name a loader of the workflow names (any widget value with a model-file extension)."""
+    loaders = {t for t, _ in wc.MODEL_FILE_INPUTS if t != "LoadImage"}
+    return [v for n in wf["nodes"] if n["type"] in loaders for v in n.get("widgets_values", [])
+            if isinstance(v, str) and v.lower().endswith(wc.MODEL_FILE_EXTENSIONS)]
+
+
+def families_of(wf) -> list[str]:
+    """The families whose diffusion-model patterns the workflow's UNETLoaders match, one file each, and nothing else."""
+    files = unet_files(wf)
+    found = []
+    for name, fam in FAMILIES.items():
+        per_pattern = [[f for f in files if re.search(p, f, re.IGNORECASE)] for p in fam.unets]
+        covered = {f for hits in per_pattern for f in hits}
+        if all(len(hits) == 1 for hits in per_pattern) and covered == set(files) and len(files) == len(fam.unets):
+            found.append(name)
+    return found
+
+
+def widget(catalog, n, input_name):
+    slots = catalog.get(n["type"]).widget_slots()
+    index = next(i for i, (inp, role) in enumerate(slots) if inp.name == input_name and role == "value")
+    return n["widgets_values"][index]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Without ComfyUI
 
@@ -81,29 +196,68 @@ def test_workflow_is_ui_format_json(path):
 
 @pytest.mark.parametrize("path", FILES, ids=IDS)
 def test_every_sampler_model_goes_through_sparse_attention(path):
-    """Each model a sampler uses comes from a loader through a Sparse Attention Patch, whose method input is
-    connected to a settings node: the workflow actually runs sparse attention."""
+    """Each model a sampler uses comes from a loader through an active Sparse Attention Patch, whose method input is
+    connected to a settings node: the workflow actually runs sparse attention. The one exception is the comparison
+    workflow (``*_dense_vs_*``): exactly one of its samplers runs the loader's model dense, the others sparse."""
     wf = wc.load_workflow(path)
-    problems, samplers = [], 0
-    for n in wf["nodes"]:
-        if n["type"] not in SAMPLER_MODEL_INPUTS or n.get("mode", 0) != 0:
-            continue
-        samplers += 1
-        seen, cur = [], upstream(wf, n, "model")
-        while cur is not None and cur["type"] not in LOADERS:
-            seen.append(cur["type"])
-            cur = upstream(wf, cur, "model")
-        if cur is None:
+    problems, dense = [], []
+    samplers = active_samplers(wf)
+    for n in samplers:
+        seen, loader = model_path(wf, n)
+        if loader is None:
             problems.append(f"node {n['id']} ({n['type']}) input 'model': no model loader upstream")
-        elif "SparseAttentionPatch" not in seen:
-            problems.append(f"node {n['id']} ({n['type']}) input 'model': comes from node {cur['id']} "
-                            f"({cur['type']}) without a SparseAttentionPatch (path: {seen})")
+        elif not is_sparse(seen):
+            dense.append(f"node {n['id']} ({n['type']}) input 'model': comes from node {loader['id']} "
+                         f"({loader['type']}) without an active SparseAttentionPatch "
+                         f"(path: {[s['type'] for s in seen]})")
     assert samplers, f"{path.name}: no sampler node"
+    if is_comparison(path):
+        if len(dense) != 1 or len(samplers) < 2:
+            problems.append(f"a comparison workflow has exactly one dense sampler and at least one sparse one; "
+                            f"here {len(dense)} dense of {len(samplers)}: {dense}")
+    else:
+        problems += dense
     for p in nodes_of(wf, "SparseAttentionPatch"):
         if upstream(wf, p, "method") is None:
             problems.append(f"node {p['id']} (SparseAttentionPatch) input 'method': not connected (runs Radial "
                             "with defaults; connect a settings node)")
     assert not problems, f"{path.name}:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("path", FILES, ids=IDS)
+def test_workflow_is_one_supported_model_family(path):
+    """Its UNETLoaders name the diffusion model files of exactly one family the pack supports (by file name)."""
+    wf = wc.load_workflow(path)
+    found = families_of(wf)
+    assert len(found) == 1, (f"{path.name}: diffusion models {unet_files(wf)} match {found or 'no'} family of "
+                             f"{list(FAMILIES)}")
+    fam = FAMILIES[found[0]]
+    files = model_files(wf)
+    missing = [p for p in fam.files if not any(re.search(p, f, re.IGNORECASE) for f in files)]
+    assert not missing, f"{path.name} ({found[0]}): no model file matching {missing} in {files}"
+    types = {n["type"] for n in wf["nodes"]}
+    assert fam.nodes <= types, f"{path.name} ({found[0]}): node types {sorted(fam.nodes - types)} missing"
+
+
+def test_workflows_cover_every_supported_model_and_one_comparison():
+    """One sparse workflow per supported model family, and exactly one dense-vs-sparse comparison."""
+    covered: dict[str, list[str]] = {name: [] for name in FAMILIES}
+    comparisons = []
+    for path in FILES:
+        if is_comparison(path):
+            comparisons.append(path.name)
+            continue
+        for name in families_of(wc.load_workflow(path)):
+            covered[name].append(path.name)
+    missing = [name for name, files in covered.items() if not files]
+    assert not missing, f"no workflow in {wc.WORKFLOWS_DIR} for {missing} (covered: {covered})"
+    assert len(comparisons) == 1, f"expected exactly one comparison workflow (*{COMPARISON_MARK}*), got {comparisons}"
+
+
+def test_readme_names_every_workflow():
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    missing = [p.name for p in FILES if p.name not in readme]
+    assert not missing, f"README.md's workflow table does not name {missing}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -183,6 +337,142 @@ def test_notes_name_every_model_file_and_folder(path, catalog):
                 problems.append(f"{where}: properties.models offers {offered}, expected {value!r} in {folder!r}")
     assert files, f"{path.name}: no model loader"
     assert not problems, f"{path.name}:\n" + "\n".join(problems)
+
+
+@comfyui
+@pytest.mark.parametrize("path", FILES, ids=IDS)
+def test_reference_settings_and_video_size_of_the_family(path, catalog):
+    """Every Radial Mask has the reference settings of the workflow's family (Wan: decay 0.2, sink on; HunyuanVideo:
+    decay 0.95, sink off) and the video has the family's height (the resolution README's table gives)."""
+    wf = wc.load_workflow(path)
+    found = families_of(wf)
+    assert len(found) == 1, f"{path.name}: not one family: {found}"
+    fam = FAMILIES[found[0]]
+    problems = []
+    masks = [n for n in nodes_of(wf, "RadialAttentionMask") if active(n)]
+    if not masks:
+        problems.append("no active RadialAttentionMask")
+    for n in masks:
+        for name, expected in fam.radial.items():
+            if widget(catalog, n, name) != expected:
+                problems.append(f"node {n['id']} (RadialAttentionMask) input '{name}': "
+                                f"{widget(catalog, n, name)!r}, the {found[0]} reference is {expected!r}")
+    sizes = [n for n in wf["nodes"] if n["type"] in LATENT_SIZE_NODES and active(n)]
+    if not sizes:
+        problems.append(f"no node setting the video size ({sorted(LATENT_SIZE_NODES)})")
+    for n in sizes:
+        if widget(catalog, n, "height") != fam.height:
+            problems.append(f"node {n['id']} ({n['type']}) input 'height': {widget(catalog, n, 'height')}, "
+                            f"expected {fam.height} for {found[0]}")
+    assert not problems, f"{path.name} ({found[0]}):\n" + "\n".join(problems)
+
+
+@comfyui
+def test_comparison_renders_dense_and_sparse_from_the_same_inputs(catalog):
+    """The comparison workflow's two samplers differ only by the Sparse Attention Patch: same loader and model
+    chain, same prompt and latent nodes, same widget values (seed included) with the seed control 'fixed'; their
+    decoded videos are joined (dense on the left) into one saved video."""
+    path = next(p for p in FILES if is_comparison(p))
+    wf = wc.load_workflow(path)
+    samplers = active_samplers(wf)
+    assert len(samplers) == 2, f"{path.name}: {len(samplers)} samplers, expected 2 (dense and sparse)"
+    paths = {n["id"]: model_path(wf, n) for n in samplers}
+    dense = [n for n in samplers if not is_sparse(paths[n["id"]][0])]
+    sparse = [n for n in samplers if is_sparse(paths[n["id"]][0])]
+    assert len(dense) == 1 and len(sparse) == 1, f"{path.name}: not one dense and one sparse sampler"
+    d, sp = dense[0], sparse[0]
+    (d_chain, d_loader), (s_chain, s_loader) = paths[d["id"]], paths[sp["id"]]
+    problems = []
+    if d_loader is None or s_loader is None or d_loader["id"] != s_loader["id"]:
+        problems.append(f"the samplers' models come from different loaders ({d_loader and d_loader['id']}, "
+                        f"{s_loader and s_loader['id']})")
+    if [n["id"] for n in d_chain] != [n["id"] for n in s_chain if n["type"] != "SparseAttentionPatch"]:
+        problems.append(f"the model chains differ apart from the patch: dense {[n['type'] for n in d_chain]}, "
+                        f"sparse {[n['type'] for n in s_chain]}")
+    if d["type"] != sp["type"]:
+        problems.append(f"different sampler types: {d['type']} / {sp['type']}")
+    for inp in d.get("inputs", []):
+        if inp["name"] == "model":
+            continue
+        a, b = upstream(wf, d, inp["name"]), upstream(wf, sp, inp["name"])
+        if (a and a["id"]) != (b and b["id"]):
+            problems.append(f"input '{inp['name']}': dense from node {a and a['id']}, sparse from node {b and b['id']}")
+    if d["widgets_values"] != sp["widgets_values"]:
+        problems.append(f"sampler settings differ: dense {d['widgets_values']}, sparse {sp['widgets_values']}")
+    for n in (d, sp):
+        for (inp, role), value in zip(catalog.get(n["type"]).widget_slots(), n["widgets_values"]):
+            if role == "control" and value != "fixed":
+                problems.append(f"node {n['id']} ({n['type']}) input '{inp.name}': control_after_generate "
+                                f"{value!r}, expected 'fixed' (the two renders must keep the same seed)")
+    shared = downstream_ids(wf, d) & downstream_ids(wf, sp)
+    joins = [node(wf, i) for i in shared if node(wf, i)["type"] in JOIN_NODES]
+    saves = [node(wf, i) for i in shared if node(wf, i)["type"] in VIDEO_OUTPUTS]
+    if not joins or not saves:
+        problems.append(f"the two renders are not joined ({sorted(JOIN_NODES)}) into one saved video "
+                        f"({sorted(VIDEO_OUTPUTS)}): shared downstream nodes {[node(wf, i)['type'] for i in shared]}")
+    for j in joins:
+        if j["type"] == "ImageStitch":
+            first = upstream(wf, j, "image1")
+            if first is None or first["id"] not in downstream_ids(wf, d) or first["id"] in downstream_ids(wf, sp):
+                problems.append(f"node {j['id']} (ImageStitch) input 'image1' is not the dense render")
+            if widget(catalog, j, "direction") != "right":
+                problems.append(f"node {j['id']} (ImageStitch) input 'direction': dense must stay on the left")
+    assert not problems, f"{path.name}:\n" + "\n".join(problems)
+
+
+@comfyui
+def test_comfyui_template_browser_lists_and_serves_every_workflow(catalog, tmp_path, monkeypatch, caplog):
+    """ComfyUI (app/custom_node_manager.py) serves a pack's example workflows from a folder named one of
+    example_workflows / example / examples / workflow / workflows. With the pack in a custom_nodes folder (a
+    symlink to this repository), its routes, registered as server.py does, list every JSON of workflows/ under the
+    pack's folder name and serve each file where the frontend fetches it. "workflows" is accepted: ComfyUI only logs,
+    at DEBUG level, that "example_workflows" is the preferred name, so nothing shows at its default INFO level."""
+    import folder_paths
+    import nodes as comfy_nodes
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+    from app.custom_node_manager import CustomNodeManager
+
+    custom = tmp_path / "custom_nodes"
+    custom.mkdir()
+    pack_dir = custom / "comfyui-sparse-video-attention"
+    pack_dir.symlink_to(REPO_ROOT, target_is_directory=True)
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "custom_nodes", ([str(custom)], set()))
+    module_name = comfy_nodes.get_module_name(str(pack_dir))  # what nodes.load_custom_node records ...
+    loaded = [(module_name, os.path.abspath(pack_dir))]         # ... in LOADED_MODULE_DIRS
+
+    app, routes = web.Application(), web.RouteTableDef()
+    with caplog.at_level(logging.DEBUG):
+        CustomNodeManager().add_routes(routes, app, loaded)
+    api_routes = web.RouteTableDef()  # server.py: every non-static route is also served under /api
+    for route in routes:
+        if isinstance(route, web.RouteDef):
+            api_routes.route(route.method, "/api" + route.path)(route.handler, **route.kwargs)
+    app.add_routes(api_routes)
+    app.add_routes(routes)
+
+    async def fetch_all():
+        async with TestClient(TestServer(app)) as client:
+            resp = await client.get("/api/workflow_templates")  # the frontend's api.getWorkflowTemplates()
+            assert resp.status == 200, await resp.text()
+            listing = await resp.json()
+            served = {}
+            for name in listing.get(module_name, []):  # the frontend's fetchTemplateJson(name, module)
+                r = await client.get(f"/api/workflow_templates/{module_name}/{name}.json")
+                served[name] = (r.status, await r.text())
+            return listing, served
+
+    listing, served = asyncio.run(fetch_all())
+    expected = sorted(p.stem for p in FILES)
+    assert sorted(listing.get(module_name, [])) == expected, f"ComfyUI lists {listing}, expected {expected}"
+    for p in FILES:
+        status, text = served[p.stem]
+        assert status == 200, f"{p.name}: served with status {status}"
+        assert json.loads(text) == wc.load_workflow(p), f"{p.name}: ComfyUI serves other content"
+
+    ours = [r for r in caplog.records if module_name in r.getMessage()]
+    loud = [f"{r.levelname}: {r.getMessage()}" for r in ours if r.levelno >= logging.INFO]
+    assert not loud, f"ComfyUI logs about the pack's workflow folder at INFO or above (at every start): {loud}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -284,7 +574,7 @@ MUTATIONS = [rename_type, cfg_above_max, decay_below_min, dense_layers_not_int, 
 @comfyui
 @pytest.mark.parametrize("mutate", MUTATIONS, ids=[m.__name__ for m in MUTATIONS])
 def test_broken_copy_fails_naming_file_node_and_input(mutate, catalog, tmp_path):
-    source = wc.WORKFLOWS_DIR / "wan2.1_t2v_radial.json"
+    source = wc.WORKFLOWS_DIR / MUTATION_SOURCE
     wf = copy.deepcopy(wc.load_workflow(source))
     assert not wc.check_workflow(wf, source.name, catalog), "the shipped workflow must pass before it is broken"
     n, input_name, fragments = mutate(catalog, wf)
@@ -306,7 +596,7 @@ def test_broken_copy_fails_naming_file_node_and_input(mutate, catalog, tmp_path)
                          ids=lambda m: m.__name__)
 def test_comfyui_validation_rejects_broken_values(mutate, catalog):
     """The second layer on its own: ComfyUI's server-side validation of the prompt rejects what the first does."""
-    source = wc.WORKFLOWS_DIR / "wan2.1_t2v_radial.json"
+    source = wc.WORKFLOWS_DIR / MUTATION_SOURCE
     wf = copy.deepcopy(wc.load_workflow(source))
     n, input_name, _ = mutate(catalog, wf)
     errors = wc.comfyui_validation_errors(wf, source.name, catalog)
