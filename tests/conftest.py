@@ -46,3 +46,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_sep("!", "ComfyUI NOT FOUND: integration tests skipped", red=True, bold=True)
         terminalreporter.write_line(f"{_comfy_skipped['count']} ComfyUI tests did not run. {_comfy_skipped['reason']}",
                                     red=True)
+
+from server_fixture import comfy_server  # noqa: E402,F401  (a real ComfyUI server, shared by test_server / test_browser)

@@ -1,0 +1,305 @@
+"""What artists see: the ComfyUI web page (headless Chromium) of the real server of tests/server_fixture.py opens every
+workflow of workflows/ the way the Templates menu does, and nothing is missing or wrong.
+
+For each workflow file:
+* ComfyUI serves it as a template of the pack (``/api/workflow_templates/<pack folder>/<file>``), byte for byte;
+* the frontend loads it (``app.loadGraphData``) with no missing node type (its own missing-node list, caught by a probe
+  extension, and its "Some Nodes Are Missing" dialog), no node in error, no dialog or error toast, no uncaught
+  exception or console error, and every node's widget values read back exactly as the file has them;
+* the prompt the frontend builds from it (``app.graphToPrompt``, what the Run button queues) passes ComfyUI's
+  server-side validation except for the model files, which a test server does not have.
+
+A control workflow with an unknown node type must be caught by the same checks (so they can fail). One loaded
+workflow is screenshotted; ``SVA_UPDATE_SCREENSHOT=1`` writes it to docs/workflow_screenshot.png for the README
+(install a CJK font first, e.g. Debian's fonts-wqy-microhei: Wan's usual negative prompt is Chinese).
+
+Needs Chromium (Debian: ``apt-get install chromium``; .ci/run installs it) and ComfyUI; skipped with the reason
+otherwise. The browser is driven over the DevTools protocol (tests/headless_browser.py): no extra Python package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from headless_browser import Browser, find_chromium
+from pack import REPO_ROOT
+from server_fixture import PACK_FOLDER
+
+pytestmark = pytest.mark.comfyui  # skipped, loudly, without ComfyUI (conftest.py)
+
+WORKFLOWS_DIR = REPO_ROOT / "workflows"
+WORKFLOWS = sorted(p.name for p in WORKFLOWS_DIR.glob("*.json"))
+SCREENSHOT = REPO_ROOT / "docs" / "workflow_screenshot.png"
+SCREENSHOT_WORKFLOWS = ("wan2.1_t2v_1.3b_radial.json", "wan2.1_t2v_radial.json")  # first present wins
+SCREENSHOT_MAX_BYTES = 500_000
+UPDATE_SCREENSHOT = "SVA_UPDATE_SCREENSHOT"
+MODEL_FILE_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pt2", ".pth", ".bin", ".gguf")
+PAGE_TIMEOUT_S = 90
+# The frontend (1.27) maps model folders to these loader nodes; if one of them is not on the server (a ComfyUI whose
+# comfy_extras/nodes_upscale_model.py failed to import because the optional package spandrel is missing), creating
+# ANY node with a model-file combo throws and the node shows as missing: UNETLoader, VAELoader, CheckpointLoader...
+FRONTEND_MODEL_LOADERS = ("CheckpointLoaderSimple", "ImageOnlyCheckpointLoader", "LoraLoader", "LoraLoaderModelOnly",
+                          "VAELoader", "ControlNetLoader", "UNETLoader", "UpscaleModelLoader", "StyleModelLoader",
+                          "GLIGENLoader")
+# A frontend that registered fewer node types than this has not finished reading /object_info.
+MIN_NODE_TYPES = 100
+
+READY_JS = f"""(() => {{
+  const ok = window.app && app.graph && app.canvas && window.LiteGraph &&
+             Object.keys(LiteGraph.registered_node_types).length >= {MIN_NODE_TYPES} &&
+             LiteGraph.registered_node_types["SparseAttentionPatch"] !== undefined;
+  return ok ? Object.keys(LiteGraph.registered_node_types).length : 0;
+}})()"""
+
+# A frontend extension that records the missing node types the frontend finds when it configures a graph.
+PROBE_JS = """(() => {
+  window.__svaMissing = null;
+  if (!window.__svaProbe) {
+    window.__svaProbe = true;
+    app.registerExtension({name: "SparseVideoAttention.TestProbe",
+                           afterConfigureGraph(missing) { window.__svaMissing = JSON.parse(JSON.stringify(missing)); }});
+  }
+  return true;
+})()"""
+
+LOAD_TEMPLATE_JS = """(async () => {
+  const response = await fetch("api/workflow_templates/" + encodeURIComponent(%(folder)s) + "/" +
+                               encodeURIComponent(%(name)s));
+  if (!response.ok) throw new Error("GET workflow template: HTTP " + response.status);
+  const text = await response.text();
+  window.__svaMissing = null;
+  await app.loadGraphData(JSON.parse(text), true, true, %(name)s);
+  return text;
+})()"""
+
+LOAD_DATA_JS = """(async () => {
+  window.__svaMissing = null;
+  await app.loadGraphData(%(data)s, true, true, %(name)s);
+  return true;
+})()"""
+
+# What the page shows after a load: the graph's nodes as the frontend holds them, dialogs, toasts, the prompt.
+STATE_JS = """(async () => {
+  const visible = (el) => !!(el.offsetWidth || el.offsetHeight || el.getClientRects().length);
+  const nodes = app.graph.nodes.map((n) => ({
+    id: n.id, type: n.type, registered: LiteGraph.registered_node_types[n.type] !== undefined,
+    has_errors: !!n.has_errors, widgets_values: n.serialize().widgets_values ?? null,
+  }));
+  const dialogs = Array.from(document.querySelectorAll(".p-dialog")).filter(visible).map((d) => ({
+    key: d.getAttribute("aria-labelledby"), text: d.innerText.slice(0, 600)}));
+  const toasts = Array.from(document.querySelectorAll(".p-toast-message")).filter(visible).map((t) => ({
+    severity: (t.className.match(/p-toast-message-(\\w+)/) || [])[1], text: t.innerText.slice(0, 600)}));
+  let prompt = null, promptError = null;
+  try { prompt = (await app.graphToPrompt()).output; } catch (e) { promptError = String(e && e.stack || e); }
+  return {missing: window.__svaMissing, nodes, dialogs, toasts, prompt, promptError};
+})()"""
+
+# The README screenshot: the whole graph in view at full detail, no source badge on the pack's nodes (it would show
+# this test's arbitrary folder name instead of the one a user cloned into).
+SCREENSHOT_VIEW_JS = """(async () => {
+  await app.extensionManager.setting.set("Comfy.NodeBadge.NodeSourceBadgeMode", "None");
+  await app.extensionManager.setting.set("LiteGraph.Canvas.MinFontSizeForLOD", 0);  // full detail when zoomed out
+  const canvas = app.canvas.canvas.getBoundingClientRect();
+  const boxes = app.graph.nodes.map((n) => [n.pos[0], n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT, n.size[0],
+                                             n.size[1] + LiteGraph.NODE_TITLE_HEIGHT]);
+  for (const g of app.graph.groups || []) boxes.push([g.pos[0], g.pos[1], g.size[0], g.size[1]]);
+  const x0 = Math.min(...boxes.map((b) => b[0])), y0 = Math.min(...boxes.map((b) => b[1]));
+  const x1 = Math.max(...boxes.map((b) => b[0] + b[2])), y1 = Math.max(...boxes.map((b) => b[1] + b[3]));
+  const left = 90 - canvas.left, top = 100 - canvas.top;  // clear of the side bar and the menu bar
+  const width = canvas.width - left - 30, height = canvas.height - top - 40;
+  const scale = Math.min(width / (x1 - x0), height / (y1 - y0), 1.0);
+  app.canvas.ds.scale = scale;
+  app.canvas.ds.offset = [(left + (width - (x1 - x0) * scale) / 2) / scale - x0,
+                          (top + (height - (y1 - y0) * scale) / 2) / scale - y0];
+  app.graph.setDirtyCanvas(true, true);
+  return scale;
+})()"""
+
+CLOSE_DIALOGS_JS = """(() => {
+  const buttons = document.querySelectorAll(".p-dialog .p-dialog-close-button, .p-dialog [aria-label='Close']," +
+                                            " .p-toast-close-button");
+  buttons.forEach((b) => b.click());
+  return buttons.length;
+})()"""
+
+
+def fail_message(name: str, what: str, detail) -> str:
+    return f"{name}: {what}:\n{json.dumps(detail, indent=1, default=str)[:6000]}"
+
+
+@pytest.fixture(scope="module")
+def page(comfy_server, tmp_path_factory):
+    """The ComfyUI page in headless Chromium, node definitions loaded, the probe extension registered."""
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("needs Chromium for the browser test: apt-get install chromium (Debian), or put chromium on PATH")
+    info = comfy_server.get("/object_info")
+    absent = [n for n in FRONTEND_MODEL_LOADERS if n not in info]
+    assert not absent, (f"the server lacks {absent}: this ComfyUI frontend then fails to create every loader node "
+                        "(they show as missing). Install ComfyUI's optional requirements (spandrel: "
+                        "tests/requirements.txt has it)\n" + comfy_server.log_tail())
+    browser = Browser(chromium, tmp_path_factory.mktemp("chromium") / "profile", width=1920, height=1080)
+    try:
+        browser.navigate(comfy_server.url + "/")
+        try:
+            browser.wait_for(READY_JS, timeout=PAGE_TIMEOUT_S, what="the ComfyUI page with the pack's nodes")
+        except Exception as why:
+            raise AssertionError(f"{why}\npage errors: {browser.errors()}\n{comfy_server.log_tail()}") from why
+        browser.evaluate(PROBE_JS)
+        browser.drain(0.5)
+        browser.startup_events = len(browser.events)
+        yield browser
+    finally:
+        browser.close()
+
+
+def settle(page, seconds: float = 0.4) -> None:
+    """Let the page render dialogs / toasts after a load and collect its console events."""
+    page.drain(seconds)
+
+
+def load_template(page, name: str) -> str:
+    return page.evaluate(LOAD_TEMPLATE_JS % {"folder": json.dumps(PACK_FOLDER), "name": json.dumps(name)})
+
+
+def validation_problems(comfy_server, prompt: dict) -> list:
+    """POST the frontend's prompt as the Run button does; every validation error except model files not on this server.
+    A prompt that validates would be queued and run; none of the shipped workflows can (their models are absent)."""
+    import requests
+    response = requests.post(comfy_server.url + "/prompt", json={"prompt": prompt, "client_id": "sva-browser-test"},
+                             timeout=30)
+    if response.status_code == 200:
+        return [f"the workflow was queued (prompt {response.json().get('prompt_id')}): it needs no model file?"]
+    body = response.json()
+    problems = []
+    if body.get("error", {}).get("type") != "prompt_outputs_failed_validation":
+        problems.append(body.get("error"))
+    for node_id, node in body.get("node_errors", {}).items():
+        for error in node.get("errors", []):
+            value = error.get("extra_info", {}).get("received_value")
+            model_file = (error.get("type") == "value_not_in_list" and isinstance(value, str)
+                          and value.lower().endswith(MODEL_FILE_EXTENSIONS))
+            if not model_file:
+                problems.append({"node": node_id, "class_type": node.get("class_type"), **error})
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_page_opens_with_the_pack(page, comfy_server):
+    from pack import import_pack
+    nodes = import_pack("nodes")
+    registered = page.evaluate(
+        "Object.fromEntries(Object.entries(LiteGraph.registered_node_types).map(([k, v]) => [k, v.title || k]))")
+    for name in nodes.NODE_CLASS_MAPPINGS:
+        assert name in registered, f"the frontend did not register {name}"
+        assert registered[name] == nodes.NODE_DISPLAY_NAME_MAPPINGS.get(name, name)
+    state = page.evaluate(STATE_JS)
+    assert not state["dialogs"], fail_message("start page", "dialogs shown", state["dialogs"])
+    errors = [t for t in state["toasts"] if t["severity"] == "error"]
+    assert not errors, fail_message("start page", "error toasts", errors)
+    # The page's own start-up console noise (this frontend version logs a settings TypeError on every start) is not
+    # the pack's business; anything naming the pack is.
+    ours = [e for e in page.errors(0, page.startup_events)
+            if PACK_FOLDER in e or "SparseAttention" in e or "RadialAttention" in e]
+    assert not ours, fail_message("start page", "errors naming the pack", ours)
+
+    templates = comfy_server.get("/workflow_templates")
+    assert sorted(templates.get(PACK_FOLDER, [])) == sorted(Path(w).stem for w in WORKFLOWS), (
+        f"ComfyUI's template list for {PACK_FOLDER}: {templates.get(PACK_FOLDER)}")
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_workflow_loads_in_the_page(page, comfy_server, name):
+    page.evaluate(CLOSE_DIALOGS_JS)
+    settle(page, 0.2)
+    events = len(page.events)
+    log_start = comfy_server.log_offset()
+
+    served = load_template(page, name)
+    settle(page)
+    state = page.evaluate(STATE_JS)
+    data = json.loads((WORKFLOWS_DIR / name).read_text())
+    assert json.loads(served) == data, f"{name}: ComfyUI served a different file than workflows/{name}"
+
+    assert state["missing"] == [], fail_message(name, "node types the frontend reports missing", state["missing"])
+    assert not state["dialogs"], fail_message(name, "dialogs shown", state["dialogs"])
+    errors = [t for t in state["toasts"] if t["severity"] in ("error", "warn")]
+    assert not errors, fail_message(name, "error / warning toasts", errors)
+    bad = [n for n in state["nodes"] if not n["registered"] or n["has_errors"]]
+    assert not bad, fail_message(name, "nodes unknown to the frontend or in error", bad)
+    page_errors = page.errors(events)
+    assert not page_errors, fail_message(name, "page errors while loading", page_errors)
+
+    want = {n["id"]: n.get("widgets_values") for n in data["nodes"]}
+    got = {n["id"]: n["widgets_values"] for n in state["nodes"]}
+    assert sorted(got) == sorted(want), fail_message(name, "node ids after loading", {"file": sorted(want),
+                                                                                     "page": sorted(got)})
+    changed = {i: {"file": want[i], "page": got[i]} for i in want if want[i] is not None and got[i] != want[i]}
+    assert not changed, fail_message(name, "widget values the frontend read differently", changed)
+
+    assert state["prompt"], fail_message(name, "the frontend could not build a prompt", state["promptError"])
+    types = sorted(n["class_type"] for n in state["prompt"].values())
+    ours = [t for t in types if t in ("SparseAttentionPatch", "RadialAttentionMask")]
+    assert "SparseAttentionPatch" in ours, fail_message(name, "prompt without Sparse Attention Patch", types)
+    problems = validation_problems(comfy_server, state["prompt"])
+    assert not problems, fail_message(name, "ComfyUI rejects the prompt for more than missing model files", problems)
+
+    log = comfy_server.problems(since=log_start, allow=(r"^Failed to validate prompt for output",
+                                                        r"^invalid prompt: \{'type': 'prompt_outputs_failed_validation'"))
+    assert not log, f"{name}: server log problems:\n\n" + "\n\n".join(log)
+
+
+def test_unknown_node_type_is_caught(page):
+    """Control: the checks above see a missing node (else a frontend change could make them pass vacuously)."""
+    page.evaluate(CLOSE_DIALOGS_JS)
+    data = json.loads((WORKFLOWS_DIR / WORKFLOWS[0]).read_text())
+    victim = next(n for n in data["nodes"] if n["type"] == "SparseAttentionPatch")
+    victim["type"] = "SVANoSuchNodeType"
+    page.evaluate(LOAD_DATA_JS % {"data": json.dumps(data), "name": json.dumps("control.json")})
+    settle(page, 0.8)
+    state = page.evaluate(STATE_JS)
+    page.evaluate(CLOSE_DIALOGS_JS)
+    assert state["missing"] == ["SVANoSuchNodeType"], state["missing"]
+    assert any(d["key"] == "global-load-workflow-warning" and "SVANoSuchNodeType" in d["text"]
+               for d in state["dialogs"]), state["dialogs"]
+    assert [n for n in state["nodes"] if n["type"] == "SVANoSuchNodeType" and not n["registered"] and n["has_errors"]]
+
+
+def test_screenshot_of_a_loaded_workflow(page, tmp_path):
+    name = next((w for w in SCREENSHOT_WORKFLOWS if w in WORKFLOWS), None) or next(
+        w for w in WORKFLOWS if "SparseAttentionPatch" in (WORKFLOWS_DIR / w).read_text())
+    page.evaluate(CLOSE_DIALOGS_JS)
+    load_template(page, name)
+    settle(page, 0.3)
+    state = page.evaluate(STATE_JS)
+    assert state["missing"] == [] and not state["dialogs"], state
+    scale = page.evaluate(SCREENSHOT_VIEW_JS)
+    assert scale > 0.3, f"the graph would be drawn at {scale:.2f}x: unreadable"
+    time.sleep(0.8)  # the canvas redraws on the next animation frames
+    shot = tmp_path / "workflow_screenshot.png"
+    size = page.screenshot(shot)
+    size = shrink_png(shot) if size > SCREENSHOT_MAX_BYTES else size
+    assert size <= SCREENSHOT_MAX_BYTES, f"screenshot is {size} bytes"
+    from PIL import Image
+    with Image.open(shot) as image:
+        assert image.size[0] >= 1200, image.size
+        colors = image.convert("RGB").getcolors(maxcolors=1 << 16)
+        assert colors is None or len(colors) > 50, "the screenshot is (nearly) blank"
+    if os.environ.get(UPDATE_SCREENSHOT):
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        SCREENSHOT.write_bytes(shot.read_bytes())
+
+
+def shrink_png(path: Path) -> int:
+    """Re-encode as a 256-colour palette PNG (UI screenshots barely change); the new size."""
+    from PIL import Image
+    with Image.open(path) as image:
+        small = image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    small.save(path, optimize=True)
+    return path.stat().st_size
