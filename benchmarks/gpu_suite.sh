@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of the pack in one go; logs and JSON go to OUT_DIR.
-#   benchmarks/gpu_suite.sh OUT_DIR [tests] [sweep] [kernels] [demo] [e2e]     (default: all)
+#   benchmarks/gpu_suite.sh OUT_DIR [tests] [sweep] [kernels] [demo] [e2e] [memory] [sanitize] [comfy]
+#   (default: all)
 # COMFYUI_PATH points the end-to-end benchmark and the ComfyUI tests at a ComfyUI source tree.
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUT_DIR [steps...]}; shift
-steps=${*:-tests sweep kernels demo e2e}
+steps=${*:-tests sweep kernels demo e2e memory sanitize comfy}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 status=0
@@ -18,4 +19,8 @@ want sweep && run sweep python3 benchmarks/kernels.py --shapes wan14b-720p --den
 want kernels && run kernels python3 benchmarks/kernels.py --json "$out/kernels.json"
 want demo && run demo python3 benchmarks/demo.py --gpu
 want e2e && run e2e python3 benchmarks/e2e.py --json "$out/e2e.json"
+want memory && run memory python3 benchmarks/memory.py
+want sanitize && run sanitize bash benchmarks/sanitize.sh "$out/sanitize_full.log"
+want comfy && run comfy_tests python3 -m pytest -q -p no:cacheprovider tests/test_comfy_integration.py \
+    tests/test_reliability.py tests/test_inspector.py
 exit $status

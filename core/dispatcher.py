@@ -15,6 +15,9 @@ from .session import ForwardContext, SparseAttentionSession
 
 CONTEXT_KEY = "sparse_video_attention"
 _COMPUTE_DTYPES = (torch.float16, torch.bfloat16)
+# float32 on a GPU: q, k, v are cast to bf16 for the kernel this many bytes (of one bf16 copy) at a time, a few heads
+# per launch, so the copies add at most ~4x this to the call's peak memory instead of twice the float32 inputs.
+CAST_CHUNK_BYTES = 64 << 20
 
 
 class Unsupported(Exception):
@@ -34,7 +37,8 @@ def attention_override(session: SparseAttentionSession, previous=None):
 
     def override(func, *args, **kwargs):
         ctx = (kwargs.get("transformer_options") or {}).get(CONTEXT_KEY)
-        if not isinstance(ctx, ForwardContext) or not _is_video_self_attention(ctx, args, kwargs):
+        if not isinstance(ctx, ForwardContext) or ctx.owner not in (None, session) \
+                or not _is_video_self_attention(ctx, args, kwargs):
             return dense(func, args, kwargs)
         layer = ctx.next_layer()
         if not session.wants_sparse(ctx, layer):
@@ -49,7 +53,10 @@ def attention_override(session: SparseAttentionSession, previous=None):
         session.record_dense(ctx, layer)
         return dense(func, args, kwargs)
 
-    return override
+    # torch.compile (ComfyUI's TorchCompileModel) traces the diffusion model, this override included: the routing
+    # (step and layer counters, plan caches, one-time warnings) is Python state Dynamo cannot trace, so attention
+    # calls run eagerly and the graph breaks around them; the rest of the model still compiles.
+    return torch.compiler.disable(override)
 
 
 def _call_parts(args, kwargs):
@@ -85,7 +92,9 @@ def _sparse_call(session, ctx, layer, args, kwargs):
     if D > MAX_TRITON_HEAD_DIM:
         raise Unsupported("head-dim", f"head_dim {D} is larger than the kernel's {MAX_TRITON_HEAD_DIM}")
     kv_length = _memo_key_padding_lengths(ctx, mask, B, L)
-    compute_dtype = q.dtype if q.dtype in _COMPUTE_DTYPES or q.device.type == "cpu" else torch.bfloat16
+    # The Triton kernel takes 16-bit floats: float32 on a GPU is cast to bf16 for it (the reference keeps float32).
+    keep = q.dtype in _COMPUTE_DTYPES or q.device.type == "cpu" or session.backend == "reference"
+    compute_dtype = q.dtype if keep else torch.bfloat16
     if session.backend == "auto" and resolve_backend("auto", q.device, compute_dtype) != "triton":
         raise Unsupported("no-triton", f"sparse attention is only faster with the Triton kernel on an NVIDIA GPU "
                                        f"(these tensors are on {q.device}); set backend to 'reference' to force the "
@@ -96,9 +105,14 @@ def _sparse_call(session, ctx, layer, args, kwargs):
     # Write straight into the layout the caller wants: (B, L, H, D) memory for (B, L, H*D) output.
     buffer = torch.empty((B, H, L, D) if skip_output_reshape else (B, L, H, D), device=q.device, dtype=q.dtype)
     out_view = buffer if skip_output_reshape else buffer.transpose(1, 2)
-    if compute_dtype != q.dtype:  # float32 on a GPU: the kernel takes 16-bit floats; the result goes back
-        result = session.attend(ctx, layer, *(t.to(compute_dtype) for t in (q4, k4, v4)), kv_length=kv_length)
-        out_view.copy_(result)
+    if compute_dtype != q.dtype:  # float32 on a GPU: bf16 copies of a few heads at a time (the layout is per token)
+        step = max(1, CAST_CHUNK_BYTES // (B * L * D * torch.finfo(compute_dtype).bits // 8))
+        for h0 in range(0, H, step):
+            part = slice(h0, h0 + step)
+            result = session.attend(ctx, layer, *(t[:, part].to(compute_dtype) for t in (q4, k4, v4)),
+                                    kv_length=kv_length)
+            out_view[:, part].copy_(result)
+            del result
     else:
         session.attend(ctx, layer, q4, k4, v4, kv_length=kv_length, out=out_view)
     return buffer if skip_output_reshape else buffer.view(B, L, H * D)

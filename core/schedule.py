@@ -20,11 +20,13 @@ class SparseSchedule:
     dense_layers: int = 1
 
     def __post_init__(self):
-        if self.dense_steps < 0 or (self.dense_steps >= 1 and self.dense_steps != int(self.dense_steps)):
+        # Written so that NaN and infinity (which an API prompt can send past the UI's min/max) are rejected too.
+        steps = self.dense_steps
+        if not 0 <= steps < math.inf or (steps >= 1 and steps != int(steps)):
             raise ValueError(f"dense_steps must be a fraction in [0, 1) or a whole step count, got {self.dense_steps}")
         if not 0.0 <= self.sparse_end <= 1.0:
             raise ValueError(f"sparse_end must be in [0, 1], got {self.sparse_end}")
-        if self.dense_layers < 0:
+        if not 0 <= self.dense_layers < math.inf:
             raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
 
     def sparse_step_range(self, total_steps: int) -> range:
