@@ -88,7 +88,19 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, sc
     if D > MAX_TRITON_HEAD_DIM:
         raise ValueError(f"head_dim {D} is not supported by the Triton kernel (accepted: up to "
                          f"{MAX_TRITON_HEAD_DIM}); use backend='reference'")
+    from triton.runtime.errors import OutOfResources
+
     from .block_sparse_triton import triton_block_sparse_attention
+    try:
+        return _run_triton(triton_block_sparse_attention, q, k, v, kv_indices, kv_counts, block_size, scale,
+                           kv_length, return_lse, out, D)
+    except OutOfResources as why:  # e.g. a GPU with less shared memory per block than the tile needs
+        raise ValueError(f"the Triton kernel needs more GPU shared memory than this GPU offers ({why}); use "
+                         "block_size 64 or backend 'reference'") from why
+
+
+def _run_triton(triton_block_sparse_attention, q, k, v, kv_indices, kv_counts, block_size, scale, kv_length,
+                return_lse, out, D):
     padded = max(16, 1 << (D - 1).bit_length())
     if padded == D:
         return triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size=block_size, scale=scale,

@@ -430,3 +430,21 @@ def test_valid_args_run():
     args = _valid_args()
     out = K.block_sparse_attention(**args)
     assert out.shape == args["q"].shape
+
+
+def test_out_of_shared_memory_becomes_a_value_error(monkeypatch):
+    """A GPU with too little shared memory for the tile must give a ValueError (the dispatcher then runs dense
+    with one warning), never an exception that stops the render."""
+    from triton.runtime.errors import OutOfResources
+
+    triton_module = import_pack("kernels.block_sparse_triton")
+
+    def no_room(*args, **kwargs):
+        raise OutOfResources(300000, 232448, "shared memory")
+
+    monkeypatch.setattr(triton_module, "triton_block_sparse_attention", no_room)
+    monkeypatch.setattr(import_pack("kernels.attention"), "resolve_backend", lambda *a: "triton")
+    q = torch.randn(1, 1, 64, 64, dtype=torch.float16)
+    idx, cnt = K.block_mask_to_indices(torch.ones(1, 1, 1, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="shared memory"):
+        K.block_sparse_attention(q, q, q, idx, cnt, block_size=64, backend="triton")
