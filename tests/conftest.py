@@ -48,3 +48,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                                     red=True)
 
 from server_fixture import comfy_server  # noqa: E402,F401  (a real ComfyUI server, shared by test_server / test_browser)
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    """The pack's nodes package (imports ComfyUI: only for tests marked comfyui)."""
+    return comfy_env.pack_nodes()
+
+
+@pytest.fixture(scope="module")
+def bridge(nodes):
+    from pack import import_pack
+
+    return import_pack("nodes.bridge")

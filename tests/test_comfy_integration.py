@@ -28,16 +28,6 @@ WAN_TEXT = 16
 
 
 @pytest.fixture(scope="module")
-def nodes():
-    return comfy_env.pack_nodes()
-
-
-@pytest.fixture(scope="module")
-def bridge(nodes):
-    return import_pack("nodes.bridge")
-
-
-@pytest.fixture(scope="module")
 def core():
     return import_pack("core")
 

@@ -263,16 +263,6 @@ def test_example_picture_script(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------------------------
 # Part 2: through ComfyUI's sampler and the Inspector node.
 
-@pytest.fixture(scope="module")
-def nodes():
-    return comfy_env.pack_nodes()
-
-
-@pytest.fixture(scope="module")
-def bridge(nodes):
-    return import_pack("nodes.bridge")
-
-
 def patched_wan(nodes, backend="reference", verbose=False, seed=50):
     method = nodes.RadialMask().settings(0.2, 64, True, True)[0]
     model = comfy_env.tiny_wan_t2v(seed=seed)

@@ -379,16 +379,6 @@ def test_node_ranges_agree_with_the_core(nodes):
 # ------------------------------------------------------------------------------------------------------------------
 # Tiny ComfyUI Wan: inputs through a real model.
 
-@pytest.fixture(scope="module")
-def nodes():
-    return comfy_env.pack_nodes()
-
-
-@pytest.fixture(scope="module")
-def bridge(nodes):
-    return import_pack("nodes.bridge")
-
-
 def tiny_wan(dim=comfy_env.WAN_DIM, heads=comfy_env.WAN_HEADS, seed=0, dtype=torch.float32, manual_cast=None):
     """A tiny Wan 2.1 T2V of any head size (dim / heads), optionally with weights stored in ``dtype`` and cast to
     ``manual_cast`` per layer (ComfyUI's manual_cast ops, as for fp8 checkpoints)."""
