@@ -24,9 +24,10 @@ GRID = core.VideoGrid(frames=21, height=45, width=80)  # Wan 720p, 81 frames: la
 LAYERS, STEPS = 40, 30
 
 
-def simulated_session(grid=GRID, layers=LAYERS, steps=STEPS):
+def simulated_session(grid=GRID, layers=LAYERS, steps=STEPS, settings=None, schedule=None, backend="auto"):
     """A session whose last run is a full sampling run's bookkeeping (densities, layouts), no attention computed."""
-    session = core.SparseAttentionSession(core.RadialSettings(), core.SparseSchedule(), backend="auto")
+    session = core.SparseAttentionSession(settings or core.RadialSettings(), schedule or core.SparseSchedule(),
+                                          backend=backend)
     sigmas = [1.0 - i / steps for i in range(steps + 1)]
     session.begin_run()
     density = float(session.planner.block_mask(grid).float().mean())
@@ -35,11 +36,9 @@ def simulated_session(grid=GRID, layers=LAYERS, steps=STEPS):
         for _ in range(layers):
             layer = ctx.next_layer()
             if session.wants_sparse(ctx, layer):
-                session.stats.record(ctx.step, layer, density)  # what session.attend records
-                session.stats.layouts[layer] = grid
+                session.record_sparse(ctx, layer, grid, density)
             else:
                 session.record_dense(ctx, layer)
-    session.stats.finished = True
     return session
 
 

@@ -40,13 +40,18 @@ MIB = 1 << 20
 
 def comfy_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False,
                     **kwargs):
-    """ComfyUI's attention_pytorch (comfy/ldm/modules/attention.py) for the calls Wan makes: (B, L, H*D) in and out."""
+    """ComfyUI's attention_pytorch (comfy/ldm/modules/attention.py), condensed: what ``func`` is for an override,
+    reproduced so the benchmark (and the tests that use it) need no ComfyUI."""
     if skip_reshape:
         b, _, _, dim_head = q.shape
     else:
         b, _, dim_head = q.shape
         dim_head //= heads
         q, k, v = (t.view(b, -1, heads, dim_head).transpose(1, 2) for t in (q, k, v))
+    if mask is not None and mask.ndim == 2:  # ComfyUI: (Lq, Lk) -> batch dim, then (B, Lq, Lk) -> heads dim
+        mask = mask.unsqueeze(0)
+    if mask is not None and mask.ndim == 3:
+        mask = mask.unsqueeze(1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
     if not skip_output_reshape:
         out = out.transpose(1, 2).reshape(b, -1, heads * dim_head)

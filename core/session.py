@@ -175,9 +175,13 @@ class SparseAttentionSession:
         plan = self.planner.plan(grid, q, k)
         result = block_sparse_attention(q, k, v, plan.kv_indices, plan.kv_counts, block_size=plan.block_size,
                                         kv_length=kv_length, out=out, backend=self.backend, check_layout=False)
-        self.stats.record(ctx.step, layer, plan.density)
-        self.stats.layouts[layer] = grid
+        self.record_sparse(ctx, layer, grid, plan.density)
         return result
+
+    def record_sparse(self, ctx: ForwardContext, layer: int, grid: VideoGrid, density: float) -> None:
+        """Book a sparse call: its density, and its grid so the Inspector can rebuild the layer's layout."""
+        self.stats.record(ctx.step, layer, density)
+        self.stats.layouts[layer] = grid
 
     def warn_once(self, key: str, message: str) -> None:
         self.stats.fallbacks[key] = self.stats.fallbacks.get(key, 0) + 1

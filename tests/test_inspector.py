@@ -9,6 +9,7 @@ the Inspector node as ComfyUI would.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 import comfy_env
-from pack import import_pack
+from pack import REPO_ROOT, import_pack
 
 core = import_pack("core")
 report = import_pack("core.report")
@@ -38,23 +39,21 @@ def tile_centre(image, i, j):
     return x0 + (j + 0.5) * px, y0 + (i + 0.5) * py
 
 
+def _load_example():
+    path = REPO_ROOT / "benchmarks" / "inspector_example.py"
+    spec = importlib.util.spec_from_file_location("inspector_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+example = _load_example()  # benchmarks/inspector_example.py: the README picture and the run simulator
+
+
 def simulated_session(grid=GRID, settings=RADIAL, steps=4, layers=3, schedule=None, backend="reference"):
-    """A session after a run whose calls were recorded as session.attend / record_dense do (no attention run)."""
-    session = core.SparseAttentionSession(settings, schedule or core.SparseSchedule(dense_steps=0.25, dense_layers=1),
-                                          backend=backend)
-    sigmas = [1.0 - i / steps for i in range(steps + 1)]
-    session.begin_run()
-    density = float(session.planner.block_mask(grid).float().mean())
-    for step in range(steps):
-        ctx = session.forward_context(grid, sigmas[step], sigmas)
-        for _ in range(layers):
-            layer = ctx.next_layer()
-            if session.wants_sparse(ctx, layer):
-                session.stats.record(ctx.step, layer, density)
-                session.stats.layouts[layer] = grid
-            else:
-                session.record_dense(ctx, layer)
-    return session
+    """A session after a run whose calls were booked as session.attend / record_dense book them (no attention)."""
+    return example.simulated_session(grid=grid, layers=layers, steps=steps, settings=settings, backend=backend,
+                                     schedule=schedule or core.SparseSchedule(dense_steps=0.25, dense_layers=1))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -245,12 +244,6 @@ def test_run_stats_hold_no_tensors():
 
 def test_example_picture_script(tmp_path, monkeypatch):
     """benchmarks/inspector_example.py (the README picture) runs on a CPU and writes a small PNG."""
-    import importlib.util
-    from pack import REPO_ROOT
-    path = REPO_ROOT / "benchmarks" / "inspector_example.py"
-    spec = importlib.util.spec_from_file_location("inspector_example", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
     session = example.simulated_session(grid=core.VideoGrid(9, 16, 16), layers=6, steps=8)  # small: fast
     layout, density, _ = report.inspect(session, layer=1, max_size=300)
     out = tmp_path / "example.png"

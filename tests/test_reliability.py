@@ -18,7 +18,6 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import comfy_env
 from pack import REPO_ROOT, import_pack
@@ -42,19 +41,14 @@ pytestmark = [pytest.mark.filterwarnings("ignore:divide by zero encountered:Runt
 # ------------------------------------------------------------------------------------------------------------------
 # Helpers: ComfyUI's attention function, a session, one call through the override.
 
-def comfy_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False,
-                    **kwargs):
-    """ComfyUI's attention_pytorch (comfy/ldm/modules/attention.py), condensed: what ``func`` is for an override."""
-    if skip_reshape:
-        b, _, _, dim_head = q.shape
-    else:
-        b, _, dim_head = q.shape
-        dim_head //= heads
-        q, k, v = (t.view(b, -1, heads, dim_head).transpose(1, 2) for t in (q, k, v))
-    if mask is not None and mask.ndim == 3:
-        mask = mask.unsqueeze(1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out if skip_output_reshape else out.transpose(1, 2).reshape(b, -1, heads * dim_head)
+def _load_benchmark(name):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+comfy_attention = _load_benchmark("memory").comfy_attention  # ComfyUI's attention_pytorch, condensed
 
 
 def make_session(backend="reference", block=BLOCK, sink=True, decay=0.2):
@@ -289,13 +283,6 @@ def test_cache_bytes_reported_and_bounded():
     assert set(session.cache_bytes()) == {(g, torch.device("cpu")) for g in grids[-radial_mod.MAX_PLANS:]}
     session.begin_run()  # a new run keeps the static layouts (and their bound)
     assert len(session.cache_bytes()) == radial_mod.MAX_PLANS
-
-
-def _load_benchmark(name):
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", REPO_ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_memory_benchmark_smoke(capsys):
