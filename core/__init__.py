@@ -5,6 +5,7 @@ Never imports ComfyUI: nodes/ adapts ComfyUI's objects to this package.
 
 from .dispatcher import CONTEXT_KEY, attention_override
 from .grid import VideoGrid, latent_grid
+from .method import AttentionCall, run_block_plan
 from .plan import BlockPlan
 from .radial import RadialPlanner, RadialSettings, radial_block_mask
 from .schedule import SparseSchedule, step_index
@@ -13,7 +14,7 @@ from .summary import run_summary
 from .timing import CallTimer, timed_override
 
 __all__ = [
-    "CONTEXT_KEY", "attention_override", "VideoGrid", "latent_grid", "BlockPlan", "RadialPlanner",
+    "CONTEXT_KEY", "attention_override", "VideoGrid", "latent_grid", "AttentionCall", "run_block_plan", "BlockPlan", "RadialPlanner",
     "RadialSettings", "radial_block_mask", "SparseSchedule", "step_index", "ForwardContext", "RunStats",
     "SparseAttentionSession", "run_summary", "CallTimer", "timed_override",
 ]

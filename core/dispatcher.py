@@ -105,16 +105,21 @@ def _sparse_call(session, ctx, layer, args, kwargs):
     # Write straight into the layout the caller wants: (B, L, H, D) memory for (B, L, H*D) output.
     buffer = torch.empty((B, H, L, D) if skip_output_reshape else (B, L, H, D), device=q.device, dtype=q.dtype)
     out_view = buffer if skip_output_reshape else buffer.transpose(1, 2)
-    if compute_dtype != q.dtype:  # float32 on a GPU: bf16 copies of a few heads at a time (the layout is per token)
+    grid = ctx.grid_for(L)
+    if compute_dtype != q.dtype:  # float32 on a GPU: bf16 copies of a few heads at a time
         step = max(1, CAST_CHUNK_BYTES // (B * L * D * torch.finfo(compute_dtype).bits // 8))
+        work = 0.0
         for h0 in range(0, H, step):
             part = slice(h0, h0 + step)
-            result = session.attend(ctx, layer, *(t[:, part].to(compute_dtype) for t in (q4, k4, v4)),
-                                    kv_length=kv_length)
+            result, density = session.attend(ctx, layer, *(t[:, part].to(compute_dtype) for t in (q4, k4, v4)),
+                                             kv_length=kv_length, head_offset=h0)
             out_view[:, part].copy_(result)
+            work += density * result.shape[1]
             del result
+        session.record_sparse(ctx, layer, grid, work / H)
     else:
-        session.attend(ctx, layer, q4, k4, v4, kv_length=kv_length, out=out_view)
+        _, density = session.attend(ctx, layer, q4, k4, v4, kv_length=kv_length, out=out_view)
+        session.record_sparse(ctx, layer, grid, density)
     return buffer if skip_output_reshape else buffer.view(B, L, H * D)
 
 

@@ -23,6 +23,7 @@ import torch
 
 from ..kernels import block_mask_to_indices, validate_layout
 from .grid import VideoGrid
+from .method import AttentionCall, run_block_plan
 from .plan import BlockPlan
 
 KEEP_COVERAGE = 0.25
@@ -43,6 +44,9 @@ class RadialSettings:
                              "(the reference uses 0.2 for Wan and 0.95 for HunyuanVideo)")
         if self.block_size not in BLOCK_SIZES:
             raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {self.block_size}")
+
+    def make_planner(self) -> "RadialPlanner":
+        return RadialPlanner(self)
 
 
 def _frame_pair_rules(frames: int, tokens_per_frame: int, settings: RadialSettings):
@@ -138,8 +142,11 @@ class RadialPlanner:
             self._plans[key] = BlockPlan(indices, counts, self.block_size, float(mask.float().mean()))
         return self._plans[key]
 
-    def block_mask(self, grid: VideoGrid) -> torch.Tensor:
-        """The CPU bool (NQB, NKB) block mask of ``grid`` (cached), what the Inspector draws."""
+    def attend(self, call: AttentionCall) -> tuple[torch.Tensor, float]:
+        return run_block_plan(call, self.plan(call.grid, call.q, call.k))
+
+    def block_mask(self, grid: VideoGrid, layer: int | None = None) -> torch.Tensor:
+        """The CPU bool (NQB, NKB) block mask of ``grid`` (cached; the same for every layer and head)."""
         return radial_block_mask(grid, self.settings)
 
     def cache_bytes(self) -> dict:

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..kernels import BACKENDS, block_sparse_attention
+from ..kernels import BACKENDS
 from .grid import VideoGrid
-from .radial import RadialPlanner, RadialSettings
+from .method import AttentionCall
+from .radial import RadialSettings
 from .schedule import SparseSchedule, step_index
 from .summary import run_summary
 from .timing import CallTimer
@@ -101,10 +102,11 @@ class RunStats:
 
 
 def make_planner(method):
-    if isinstance(method, RadialSettings):
-        return RadialPlanner(method)
-    raise ValueError(f"method must be the output of a sparse attention settings node (Radial Mask), got "
-                     f"{type(method).__name__}")
+    """The planner of a method's settings (see core.method); ValueError for anything that is not a method."""
+    if not callable(getattr(method, "make_planner", None)):
+        raise ValueError(f"method must be the output of a sparse attention settings node (Radial Mask, SVG Settings, "
+                         f"SVG2 K-Means Settings, AdaSpa Search), got {type(method).__name__}")
+    return method.make_planner()
 
 
 class SparseAttentionSession:
@@ -144,7 +146,7 @@ class SparseAttentionSession:
     def block_mask(self, layer: int) -> torch.Tensor | None:
         """CPU bool (NQB, NKB) block mask of ``layer``'s last sparse call in the last run; None if it had none."""
         grid = self.stats.layouts.get(layer)
-        return None if grid is None else self.planner.block_mask(grid)
+        return None if grid is None else self.planner.block_mask(grid, layer)
 
     def forward_context(self, video: VideoGrid, sigma: float | None, sample_sigmas,
                         text_after_video: bool = False) -> ForwardContext:
@@ -159,8 +161,8 @@ class SparseAttentionSession:
         return ForwardContext(video=video, step=step, total_steps=total, text_after_video=text_after_video, owner=self)
 
     def cache_bytes(self) -> dict:
-        """Device bytes the session keeps between attention calls, per cache entry: for Radial, per (grid, device)
-        the cached layout (kv_indices + kv_counts). Bounded: the planner keeps at most ``MAX_PLANS`` of them."""
+        """Device bytes the session keeps between attention calls, per cache entry of its planner (for Radial, per
+        (grid, device) the cached layout; at most ``MAX_PLANS`` of them)."""
         return self.planner.cache_bytes()
 
     def wants_sparse(self, ctx: ForwardContext, layer: int) -> bool:
@@ -169,14 +171,14 @@ class SparseAttentionSession:
     def record_dense(self, ctx: ForwardContext, layer: int) -> None:
         self.stats.record(ctx.step, layer, 1.0)
 
-    def attend(self, ctx: ForwardContext, layer: int, q, k, v, kv_length=None, out=None) -> torch.Tensor:
-        """Sparse attention of (B, H, L, D) q/k/v over the video of ``ctx``; ValueError for what it cannot run."""
-        grid = ctx.grid_for(q.shape[2])
-        plan = self.planner.plan(grid, q, k)
-        result = block_sparse_attention(q, k, v, plan.kv_indices, plan.kv_counts, block_size=plan.block_size,
-                                        kv_length=kv_length, out=out, backend=self.backend, check_layout=False)
-        self.record_sparse(ctx, layer, grid, plan.density)
-        return result
+    def attend(self, ctx: ForwardContext, layer: int, q, k, v, kv_length=None, out=None,
+               head_offset: int = 0) -> tuple[torch.Tensor, float]:
+        """Sparse attention of (B, H, L, D) q/k/v over the video of ``ctx``: (output, density computed).
+        ValueError for what it cannot run. The caller books the call (record_sparse) once per layer."""
+        call = AttentionCall(grid=ctx.grid_for(q.shape[2]), layer=layer, step=ctx.step, total_steps=ctx.total_steps,
+                             q=q, k=k, v=v, kv_length=kv_length, out=out, backend=self.backend,
+                             head_offset=head_offset)
+        return self.planner.attend(call)
 
     def record_sparse(self, ctx: ForwardContext, layer: int, grid: VideoGrid, density: float) -> None:
         """Book a sparse call: its density, and its grid so the Inspector can rebuild the layer's layout."""

@@ -1,0 +1,58 @@
+"""What every sparse attention method implements, and the call it receives.
+
+A method is a settings object (frozen dataclass, built by its ComfyUI settings node) with ``make_planner()``.
+The planner is per patched model and holds the method's state across attention calls (cached layouts,
+centroids, LSE, head classes). It implements:
+
+  * ``attend(call) -> (output, density)``: sparse attention of one video self-attention call. ``output`` is
+    (B, H, L, D), written into ``call.out`` when given. ``density`` is the fraction of the dense attention work
+    computed (kept query-key pairs over all pairs), for the run's statistics. A ValueError makes the call run
+    dense with one warning (the dispatcher's fallback), never a broken render.
+  * ``reset()``: a new sampling run begins; per-run state (anything learned from the last run's q/k) is dropped.
+  * ``block_mask(grid, layer)``: CPU bool (NQB, NKB) or per-head (H, NQB, NKB) mask over ``block_size`` tiles, in
+    the original token order, of ``layer``'s last sparse call (what the Inspector draws); None if there is none.
+  * ``cache_bytes()``: {description: bytes} of device memory the planner keeps between calls.
+  * ``block_size``: the tile size ``block_mask`` uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels import block_sparse_attention
+from .grid import VideoGrid
+from .plan import BlockPlan
+
+
+@dataclass
+class AttentionCall:
+    """One video self-attention call on the sparse path: (B, H, L, D) q, k, v with a contiguous last dimension.
+
+    ``grid``: the video (and trailing text) tokens of the sequence. ``layer``: the attention layer's index in the
+    forward (0-based). ``step`` / ``total_steps``: the denoising step of the run. ``kv_length``: optional (B,) int32,
+    keys at positions >= kv_length[b] are padding. ``out``: optional (B, H, L, D) view to write into. ``backend``:
+    'auto', 'triton' or 'reference' (kernels.BACKENDS). ``head_offset``: q holds heads head_offset..head_offset+H-1
+    of the layer (float32 calls on a GPU arrive a few heads at a time); per-head state is keyed by the true head.
+    """
+
+    grid: VideoGrid
+    layer: int
+    step: int
+    total_steps: int | None
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    kv_length: torch.Tensor | None = None
+    out: torch.Tensor | None = None
+    backend: str = "auto"
+    head_offset: int = 0
+
+
+def run_block_plan(call: AttentionCall, plan: BlockPlan) -> tuple[torch.Tensor, float]:
+    """Run a fixed-block layout (validated once when it was built) on the block-sparse kernel."""
+    result = block_sparse_attention(call.q, call.k, call.v, plan.kv_indices, plan.kv_counts,
+                                    block_size=plan.block_size, kv_length=call.kv_length, out=call.out,
+                                    backend=call.backend, check_layout=False)
+    return result, plan.density
