@@ -2,6 +2,7 @@
 
     python benchmarks/demo.py            # CPU: small problem, torch reference kernel
     python benchmarks/demo.py --gpu      # CUDA: Wan 2.1 1.3B 480p shape, Triton kernel
+    python benchmarks/demo.py --proxy [--gpu]   # the trained proxy video model, dense against sparse
 
 No model download: the inputs come from benchmarks/synthetic.py (moving objects on a smooth field, RoPE).
 Prints per method: density, relative error against dense, attention recall, time and speedup.
@@ -55,6 +56,20 @@ def random_layout_like(mask, generator):
     return ranks < keep
 
 
+def demo_methods(args, block):
+    """(name, settings) of every method the demo compares, at its settings for about a quarter of the work."""
+    return [("radial", core.RadialSettings(decay_factor=args.decay_factor, block_size=block))]
+
+
+def run_method(settings, grid, q, k, v, backend):
+    """One attention call through the method's planner, as the patched model makes it: (output, density, LSE)."""
+    planner = settings.make_planner()
+    call = core.AttentionCall(grid=grid, layer=1, step=1, total_steps=2, q=q, k=k, v=v, backend=backend,
+                              want_lse=True)
+    out, density = planner.attend(call)
+    return planner, out, density, call.lse
+
+
 def run(args):
     device = torch.device("cuda" if args.gpu else "cpu")
     shape = dict(GPU_SHAPE if args.gpu else CPU_SHAPE)
@@ -65,32 +80,68 @@ def run(args):
     grid = core.VideoGrid(shape["frames"], shape["height"], shape["width"])
     q, k, v = video_qkv(**shape, seed=args.seed, device=device, dtype=dtype)
     block = args.block_size
+    backend = kernels.resolve_backend("auto", device, dtype)
     print(f"video grid {grid.frames}x{grid.height}x{grid.width} = {grid.total_tokens} tokens, {shape['heads']} heads "
           f"x {shape['head_dim']}, {dtype}, {device}, block {block}")
 
     dense_out = F.scaled_dot_product_attention(q, k, v)
-    mass = metrics.block_attention_mass(q, k, block)
+    dense_lse = metrics.dense_lse(q, k)
     dense_ms = timed(lambda: F.scaled_dot_product_attention(q, k, v), device, args.repeats)
 
-    radial = core.radial_block_mask(grid, core.RadialSettings(decay_factor=args.decay_factor, block_size=block))
-    layouts = {
-        "radial": radial,
-        "random (same density)": random_layout_like(radial, torch.Generator().manual_seed(args.seed)),
-    }
     rows = [("dense (SDPA)", 1.0, 0.0, 1.0, dense_ms)]
-    for name, mask in layouts.items():
-        idx, cnt = kernels.block_mask_to_indices(mask.to(device)[None, None])
-        run_layout = lambda: kernels.block_sparse_attention(q, k, v, idx, cnt, block_size=block)  # noqa: E731
-        out = run_layout()
-        rows.append((name, float(mask.float().mean()), metrics.relative_error(out, dense_out),
-                     metrics.attention_recall(mass, mask.to(device)), timed(run_layout, device, args.repeats)))
+    for name, settings in demo_methods(args, block):
+        planner, out, density, lse = run_method(settings, grid, q, k, v, backend)
+        recall = float(metrics.recall_from_lse(lse, dense_lse).mean())
+        call = core.AttentionCall(grid=grid, layer=1, step=1, total_steps=2, q=q, k=k, v=v, backend=backend)
+        ms = timed(lambda: planner.attend(call), device, args.repeats)  # later steps: cached state reused
+        rows.append((name, density, metrics.relative_error(out, dense_out), recall, ms))
+        if name == "radial":  # the same number of tiles per row, placed at random: what the structure buys
+            mask = planner.block_mask(grid)
+            rand = random_layout_like(mask, torch.Generator().manual_seed(args.seed))
+            idx, cnt = kernels.block_mask_to_indices(rand.to(device)[None, None])
+            run_layout = lambda: kernels.block_sparse_attention(q, k, v, idx, cnt, block_size=block,  # noqa: E731
+                                                                return_lse=True)
+            out, lse = run_layout()
+            rows.append(("random (same density)", float(rand.float().mean()), metrics.relative_error(out, dense_out),
+                         float(metrics.recall_from_lse(lse, dense_lse).mean()), timed(run_layout, device, args.repeats)))
 
-    backend = kernels.resolve_backend("auto", device, dtype)
     print(f"sparse kernel backend: {backend}" + ("" if backend == "triton" else
           " (the torch reference: correct but not fast; run with --gpu on an NVIDIA GPU for speed)"))
     print(f"\n{'method':<24}{'density':>9}{'rel. error':>12}{'recall':>9}{'time ms':>10}{'speedup':>9}")
     for name, density, error, recall, ms in rows:
         print(f"{name:<24}{density:>9.3f}{error:>12.4f}{recall:>9.3f}{ms:>10.2f}{dense_ms / ms:>8.2f}x")
+
+
+def run_proxy(args):
+    """Sample the trained proxy model (ComfyUI's WanModel) dense and sparse; picture, speed and PSNR."""
+    import proxy_model
+    from quality import picture
+
+    proxy_model.use_comfyui(args.comfyui)
+    nodes, bridge = import_pack("nodes"), import_pack("nodes.bridge")
+    device = torch.device("cuda" if args.gpu else "cpu")
+    # On the CPU a smaller video keeps the demo to a minute; the sparse path there is the (slow) torch reference.
+    frames, size, steps = (proxy_model.FRAMES, proxy_model.SIZE, 20) if args.gpu else (8, 32, 8)
+    proxy = proxy_model.load(args.weights, device=device, dtype=proxy_model.inference_dtype(device))
+    method = demo_methods(args, args.block_size)[0][1]
+    patched = nodes.SparseAttentionPatch().patch(proxy.model, dense_steps=0.2, sparse_end=1.0, dense_layers=1,
+                                                 backend="auto" if args.gpu else "reference", verbose=False,
+                                                 method=method)[0]
+    videos, seconds = [], []
+    for model in (proxy.model, patched):
+        proxy_model.sample(proxy, model, proxy_model.PROCEDURAL_CLASS, args.seed, steps=2, frames=frames, size=size)
+        start = time.perf_counter()
+        videos.append(proxy_model.sample(proxy, model, proxy_model.PROCEDURAL_CLASS, args.seed, steps=steps,
+                                         frames=frames, size=size))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    density = bridge.session_of(patched).stats.sparse_density
+    score = metrics.psnr(videos[1], videos[0])
+    picture([("dense", videos[0]), (f"radial\ndensity {density:.2f}\nPSNR {score:.1f} dB", videos[1])], args.picture)
+    print(f"proxy model: {frames} frames of {size}x{size}, {steps} steps, {device}")
+    print(f"dense  {seconds[0]:.2f} s   radial (density {density:.3f})  {seconds[1]:.2f} s  "
+          f"({seconds[0] / seconds[1]:.2f}x)   PSNR {score:.2f} dB against dense   picture: {args.picture}")
 
 
 def main(argv=None):
@@ -102,10 +153,21 @@ def main(argv=None):
     parser.add_argument("--decay-factor", type=float, default=0.2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--proxy", action="store_true",
+                        help="sample the trained proxy video model dense and sparse (needs a ComfyUI source tree)")
+    parser.add_argument("--comfyui", default=None, help="with --proxy: ComfyUI folder (else $COMFYUI_PATH, "
+                                                        "~/comfy/ComfyUI)")
+    parser.add_argument("--weights", default=None, help="with --proxy: the proxy weights (default: the shipped ones)")
+    parser.add_argument("--picture", default="proxy_dense_vs_sparse.png", help="with --proxy: where the picture goes")
     args = parser.parse_args(argv)
     if args.gpu and not torch.cuda.is_available():
         parser.error("--gpu needs a CUDA device; run without it on the CPU")
-    run(args)
+    if args.proxy:
+        import proxy_model
+        args.weights = args.weights or str(proxy_model.WEIGHTS)
+        run_proxy(args)
+    else:
+        run(args)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ centroids, LSE, head classes). It implements:
     the original token order, of ``layer``'s last sparse call (what the Inspector draws); None if there is none.
   * ``cache_bytes()``: {description: bytes} of device memory the planner keeps between calls.
   * ``block_size``: the tile size ``block_mask`` uses.
+
+When ``call.want_lse`` is set (quality measurements), ``attend`` also stores in ``call.lse`` the natural-log LSE
+(B, H, L) float32 of every query row over the keys the method attended to, in the original token order:
+exp(that - the dense LSE) is the attention mass the method kept (core.metrics.recall_from_lse).
 """
 
 from __future__ import annotations
@@ -48,11 +52,15 @@ class AttentionCall:
     out: torch.Tensor | None = None
     backend: str = "auto"
     head_offset: int = 0
+    want_lse: bool = False
+    lse: torch.Tensor | None = None
 
 
 def run_block_plan(call: AttentionCall, plan: BlockPlan) -> tuple[torch.Tensor, float]:
     """Run a fixed-block layout (validated once when it was built) on the block-sparse kernel."""
     result = block_sparse_attention(call.q, call.k, call.v, plan.kv_indices, plan.kv_counts,
                                     block_size=plan.block_size, kv_length=call.kv_length, out=call.out,
-                                    backend=call.backend, check_layout=False)
+                                    backend=call.backend, check_layout=False, return_lse=call.want_lse)
+    if call.want_lse:
+        result, call.lse = result
     return result, plan.density

@@ -1,0 +1,206 @@
+"""Quality of every sparse attention method on the trained proxy video model, against dense, same seeds (GPU).
+
+    python benchmarks/quality.py --comfyui PATH [--seeds 4] [--steps 20] [--densities 0.25 0.12] \
+        [--methods radial svg svg2 adaspa] [--json out.json] [--picture out.png]
+
+The proxy (benchmarks/proxy_model.py: ComfyUI's WanModel, 16 frames of 64 x 64 = 16,384 tokens) samples K seeds
+through ComfyUI's sampler, once unpatched (dense) and once per method through the pack's own nodes (Sparse
+Attention Patch + the method's settings node). Each method's knob is calibrated per target density (bisection on
+its mean density over the sparse calls of a run), and every method runs the same schedule (the first 20% of
+steps and the first block dense: the papers keep 10-25% of steps and ~3% of layers dense). Per method and
+density: achieved density, PSNR / SSIM / relative L2 of the video against the dense video of the same seed,
+attention recall per layer (the attention mass kept, exp(LSE over kept keys - dense LSE), at the middle step),
+and the sampling time. A picture shows frames of the dense video and of each method, side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+import proxy_model  # noqa: E402
+from pack import import_pack  # noqa: E402
+
+DENSE_STEPS, DENSE_LAYERS = 0.2, 1
+
+
+@dataclass(frozen=True)
+class Method:
+    """How to build one method's settings from its density knob, and the knob's range (density rises with it)."""
+    knob: str
+    low: float
+    high: float
+    build: object  # (nodes, value) -> the method settings
+
+
+# Radial at block 64: the proxy's frames are 1,024 tokens, and Radial's narrowest band is one block wide, so at
+# block 128 it cannot go below about half density on this grid.
+METHODS = {
+    "radial": Method("decay_factor", 0.01, 4.0, lambda nodes, x: nodes.RadialMask().settings(
+        decay_factor=x, block_size=64, attention_sink=True, text_dense=True)[0]),
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class RecallProbe:
+    """Wraps a patched model's planner: at one step, every sparse call also reports its LSE, and the kept
+    attention mass per layer is measured against the dense LSE of the same q, k."""
+
+    def __init__(self, session, step: int):
+        metrics = import_pack("core.metrics")
+        self.per_layer: dict[int, list[float]] = {}
+        planner, attend = session.planner, session.planner.attend
+
+        def probe(call):
+            call.want_lse = call.step == step
+            result = attend(call)
+            if call.want_lse and call.lse is not None:
+                video = call.grid.video_tokens
+                dense = metrics.dense_lse(call.q[:, :, :video], call.k)
+                kept = metrics.recall_from_lse(call.lse[:, :, :video], dense)
+                self.per_layer.setdefault(call.layer, []).append(float(kept.mean()))
+            return result
+
+        planner.attend = probe
+
+    def layers(self) -> list[float]:
+        return [statistics.mean(v) for _, v in sorted(self.per_layer.items())]
+
+
+def run_method(nodes, bridge, proxy, settings, seeds, args, probe_step=None):
+    """(videos, mean sparse density, seconds per video, recall per layer) of one settings object."""
+    patched = nodes.SparseAttentionPatch().patch(proxy.model, dense_steps=DENSE_STEPS, sparse_end=1.0,
+                                                 dense_layers=DENSE_LAYERS, backend="auto", verbose=False,
+                                                 method=settings)[0]
+    session = bridge.session_of(patched)
+    probe = RecallProbe(session, probe_step) if probe_step is not None else None
+    videos, seconds, densities = [], [], []
+    for seed, cls in seeds:
+        sync(proxy.class_context.device)
+        start = time.perf_counter()
+        videos.append(proxy_model.sample(proxy, patched, cls, seed, steps=args.steps, cfg=args.cfg))
+        sync(proxy.class_context.device)
+        seconds.append(time.perf_counter() - start)
+        densities.append(session.stats.sparse_density)
+    return videos, statistics.mean(densities), statistics.median(seconds), probe.layers() if probe else []
+
+
+def calibrate(nodes, bridge, proxy, method: Method, target: float, args, iterations: int = 7):
+    """The knob value whose run reaches ``target`` mean density (bisection; ends at the closest value tried)."""
+    low, high, best = method.low, method.high, None
+    seed = [(args.seed, proxy_model.PROCEDURAL_CLASS)]
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        _, density, _, _ = run_method(nodes, bridge, proxy, method.build(nodes, mid), seed, args)
+        if best is None or abs(density - target) < abs(best[1] - target):
+            best = (mid, density)
+        low, high = (mid, high) if density < target else (low, mid)
+    return best
+
+
+def picture(rows, path, frames_every=3):
+    """Rows of (label, video (1, 3, F, S, S)): every ``frames_every``-th frame, labelled on the left."""
+    from PIL import Image, ImageDraw
+
+    label_w, scale = 150, 2
+    strips = []
+    for label, video in rows:
+        frames = ((video[0] + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu()[::frames_every]
+        strip = Image.fromarray(torch.cat(list(frames), dim=1).numpy())
+        strip = strip.resize((strip.width * scale, strip.height * scale), Image.NEAREST)
+        canvas = Image.new("RGB", (label_w + strip.width, strip.height), "white")
+        canvas.paste(strip, (label_w, 0))
+        ImageDraw.Draw(canvas).multiline_text((6, 8), label, fill="black")
+        strips.append(canvas)
+    out = Image.new("RGB", (strips[0].width, sum(s.height for s in strips)), "white")
+    y = 0
+    for s in strips:
+        out.paste(s, (0, y))
+        y += s.height
+    out.save(path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--comfyui", default=None)
+    parser.add_argument("--weights", default=str(proxy_model.WEIGHTS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--densities", nargs="+", type=float, default=[0.25, 0.12])
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cfg", type=float, default=4.0)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--picture", default=None)
+    args = parser.parse_args(argv)
+
+    proxy_model.use_comfyui(args.comfyui)
+    nodes, bridge = import_pack("nodes"), import_pack("nodes.bridge")
+    metrics = import_pack("core.metrics")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    proxy = proxy_model.load(args.weights, device=device, dtype=proxy_model.inference_dtype(device))
+    classes = [proxy_model.PROCEDURAL_CLASS] + list(range(2, len(proxy.class_names), 7))
+    seeds = [(args.seed + i, classes[i % len(classes)]) for i in range(args.seeds)]
+
+    dense_videos, dense_s = [], []
+    for seed, cls in seeds:
+        sync(device)
+        start = time.perf_counter()
+        dense_videos.append(proxy_model.sample(proxy, proxy.model, cls, seed, steps=args.steps, cfg=args.cfg))
+        sync(device)
+        dense_s.append(time.perf_counter() - start)
+    dense_time = statistics.median(dense_s)
+    probe_step = args.steps // 2
+    results, rows = [], [("dense", dense_videos[0])]
+    for name in args.methods:
+        method = METHODS[name]
+        for target in args.densities:
+            knob, _ = calibrate(nodes, bridge, proxy, method, target, args)
+            videos, density, seconds, recall = run_method(nodes, bridge, proxy, method.build(nodes, knob), seeds,
+                                                          args, probe_step=probe_step)
+            scores = [(metrics.psnr(v, d), metrics.ssim(v, d), metrics.relative_error(v, d))
+                      for v, d in zip(videos, dense_videos)]
+            results.append(dict(method=name, target_density=target, knob={method.knob: knob}, density=density,
+                                psnr=statistics.mean(s[0] for s in scores), ssim=statistics.mean(s[1] for s in scores),
+                                rel_l2=statistics.mean(s[2] for s in scores), per_seed=scores,
+                                recall_per_layer=recall, recall=statistics.mean(recall) if recall else None,
+                                seconds=seconds, speedup=dense_time / seconds))
+            if target == args.densities[0]:
+                rows.append((f"{name}\ndensity {density:.3f}\nPSNR {results[-1]['psnr']:.1f}", videos[0]))
+            print(f"{name:8s} target {target:.2f} ({method.knob} {knob:.3g}): density {density:.3f}  "
+                  f"PSNR {results[-1]['psnr']:.2f}  SSIM {results[-1]['ssim']:.3f}", flush=True)
+
+    summary = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                   torch=torch.__version__, steps=args.steps, cfg=args.cfg, seeds=seeds, dense_steps=DENSE_STEPS,
+                   dense_layers=DENSE_LAYERS, dense_seconds=dense_time, results=results,
+                   date=time.strftime("%Y-%m-%d"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1))
+    if args.picture:
+        picture(rows, args.picture)
+    print(f"\nproxy quality: {len(seeds)} seeds, {args.steps} steps, cfg {args.cfg}, dense first {DENSE_STEPS:.0%} "
+          f"of steps and {DENSE_LAYERS} block; dense {dense_time:.2f} s/video on {summary['device']}")
+    print(f"{'method':8s} {'target':>6s} {'density':>7s} {'PSNR':>6s} {'SSIM':>6s} {'relL2':>6s} {'recall':>6s} "
+          f"{'s/video':>7s} {'speed':>6s}")
+    for r in results:
+        recall = f"{r['recall']:.3f}" if r["recall"] is not None else "-"
+        print(f"{r['method']:8s} {r['target_density']:6.2f} {r['density']:7.3f} {r['psnr']:6.2f} {r['ssim']:6.3f} "
+              f"{r['rel_l2']:6.3f} {recall:>6s} {r['seconds']:7.2f} {r['speedup']:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
