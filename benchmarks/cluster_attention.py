@@ -35,8 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 SHAPE = dict(B=1, H=40, L=75600, D=128, query_cluster=75600 / 300, key_cluster=75600 / 1000)
 SMOKE_SHAPE = dict(B=1, H=2, L=600, D=64, query_cluster=50, key_cluster=15)
 KEPT_FRACTIONS = (0.25, 0.12)
-SWEEP = [dict(BLOCK_M=m, BLOCK_N=n, CHUNK=c, num_warps=w, num_stages=s)
-         for m, w in ((64, 4), (128, 8)) for n in (64, 128) for c in (8, 32) for s in (2, 3)]
+# Tile configs worth timing on a new GPU: (BLOCK_M, BLOCK_N, CHUNK, num_warps, num_stages).
+SWEEP = [dict(zip(("BLOCK_M", "BLOCK_N", "CHUNK", "num_warps", "num_stages"), c)) for c in (
+    (64, 64, 16, 4, 2), (64, 64, 16, 4, 3), (64, 64, 8, 4, 2), (64, 64, 32, 4, 2), (64, 32, 16, 4, 2),
+    (64, 32, 32, 4, 3), (64, 128, 16, 4, 2), (64, 64, 16, 8, 2), (128, 64, 16, 8, 2), (128, 64, 16, 8, 3),
+    (128, 64, 32, 8, 2), (128, 64, 16, 4, 2), (128, 128, 16, 8, 2))]
 CHECK_TOL = 1e-2
 
 

@@ -5,10 +5,12 @@ Skipped without CUDA; rerun a failure with BSA_SEED=<seed> (the seed is in the m
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
-from pack import import_pack
+from pack import REPO_ROOT, import_pack
 from test_block_sparse_kernel import assert_matches, new_generator
 from test_cluster_attention import all_kept, dense_oracle, oracle_token_mask, random_lists, random_offsets
 
@@ -66,11 +68,14 @@ def test_svg2_sizes(gen):
     check(q, k, v, clusters, gen, "svg2 proportions")
 
 
-CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, CHUNK=c, num_warps=w, num_stages=s)
-           for m, w in ((64, 4), (128, 8)) for n in (32, 64, 128) for c in (8, 32) for s in (2, 3)]
+def _benchmark_sweep():
+    spec = importlib.util.spec_from_file_location("cluster_benchmark", REPO_ROOT / "benchmarks" / "cluster_attention.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SWEEP
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("config", _benchmark_sweep(), ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_tile_configs(config, gen):
     """Every config the benchmark sweeps computes the right thing (D=128, key padding, cross lengths)."""
     LQ, LK = 3000 + 11, 2500 + 3
