@@ -2,6 +2,8 @@
 
 from .attention import (BACKENDS, MAX_TRITON_HEAD_DIM, SUPPORTED_BLOCK_SIZES, block_sparse_attention, resolve_backend,
                         triton_available)
+from .cluster_attention import cluster_block_attention, cluster_pair_count
+from .cluster_reference import reference_cluster_block_attention
 from .layout import block_mask_to_indices, indices_to_block_mask, layout_density, num_blocks, validate_layout
 from .reference import reference_block_sparse_attention
 
@@ -9,4 +11,5 @@ __all__ = [
     "BACKENDS", "MAX_TRITON_HEAD_DIM", "SUPPORTED_BLOCK_SIZES", "block_sparse_attention", "resolve_backend", "triton_available",
     "block_mask_to_indices", "indices_to_block_mask", "layout_density", "num_blocks", "validate_layout",
     "reference_block_sparse_attention",
+    "cluster_block_attention", "cluster_pair_count", "reference_cluster_block_attention",
 ]

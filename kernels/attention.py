@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -70,7 +71,9 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, sc
 
     Rows whose list is empty (or whose keys are all masked) give 0 and an LSE of -inf, never NaN.
     """
-    B, H, LQ, D, LK = _validate_inputs(q, k, v, block_size, out)
+    B, H, LQ, D, LK = validate_qkv(q, k, v, out)
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
     if kv_length is not None:
         if not isinstance(kv_length, torch.Tensor) or kv_length.shape != (B,):
             raise ValueError(f"kv_length must be a ({B},) integer tensor, got "
@@ -85,31 +88,45 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, sc
     if kind == "reference":
         return reference_block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size=block_size, scale=scale,
                                                 kv_length=kv_length, return_lse=return_lse, out=out)
+    check_triton_head_dim(D)
+    from .block_sparse_triton import triton_block_sparse_attention
+
+    def launch(q, k, v, out):
+        return triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size=block_size, scale=scale,
+                                             kv_length=kv_length, return_lse=return_lse, out=out)
+
+    with shared_memory_guard("use block_size 64 or backend 'reference'"):
+        return run_padded_head_dim(launch, q, k, v, out, return_lse)
+
+
+def check_triton_head_dim(D: int) -> None:
     if D > MAX_TRITON_HEAD_DIM:
         raise ValueError(f"head_dim {D} is not supported by the Triton kernel (accepted: up to "
                          f"{MAX_TRITON_HEAD_DIM}); use backend='reference'")
+
+
+@contextlib.contextmanager
+def shared_memory_guard(fix: str):
+    """Turn Triton's OutOfResources (a GPU with less shared memory per block than the tile needs) into a
+    ValueError, which the dispatcher answers with a dense fallback instead of a stopped render."""
     from triton.runtime.errors import OutOfResources
 
-    from .block_sparse_triton import triton_block_sparse_attention
     try:
-        return _run_triton(triton_block_sparse_attention, q, k, v, kv_indices, kv_counts, block_size, scale,
-                           kv_length, return_lse, out, D)
-    except OutOfResources as why:  # e.g. a GPU with less shared memory per block than the tile needs
-        raise ValueError(f"the Triton kernel needs more GPU shared memory than this GPU offers ({why}); use "
-                         "block_size 64 or backend 'reference'") from why
+        yield
+    except OutOfResources as why:
+        raise ValueError(f"the Triton kernel needs more GPU shared memory than this GPU offers ({why}); {fix}") from why
 
 
-def _run_triton(triton_block_sparse_attention, q, k, v, kv_indices, kv_counts, block_size, scale, kv_length,
-                return_lse, out, D):
+def run_padded_head_dim(launch, q, k, v, out, return_lse):
+    """Run ``launch(q, k, v, out)`` (a Triton kernel taking power-of-two head dims of at least 16) on any head_dim.
+
+    Zero-padding the head dimension leaves q.k and the first D output columns unchanged."""
+    D = q.shape[-1]
     padded = max(16, 1 << (D - 1).bit_length())
     if padded == D:
-        return triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size=block_size, scale=scale,
-                                             kv_length=kv_length, return_lse=return_lse, out=out)
-    # Zero-padding the head dimension leaves q.k and the first D output columns unchanged.
+        return launch(q, k, v, out)
     pad = (0, padded - D)
-    result = triton_block_sparse_attention(*(torch.nn.functional.pad(t, pad) for t in (q, k, v)), kv_indices,
-                                           kv_counts, block_size=block_size, scale=scale, kv_length=kv_length,
-                                           return_lse=return_lse)
+    result = launch(*(torch.nn.functional.pad(t, pad) for t in (q, k, v)), None)
     o, lse = result if return_lse else (result, None)
     if out is None:
         out = o[..., :D].contiguous()
@@ -118,7 +135,8 @@ def _run_triton(triton_block_sparse_attention, q, k, v, kv_indices, kv_counts, b
     return (out, lse) if return_lse else out
 
 
-def _validate_inputs(q, k, v, block_size, out):
+def validate_qkv(q, k, v, out):
+    """Check q (B, H, LQ, D), k, v (B, H, LK, D) and the optional out buffer; return (B, H, LQ, D, LK)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -136,8 +154,6 @@ def _validate_inputs(q, k, v, block_size, out):
     if k.shape != v.shape or k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
         raise ValueError(f"k and v must have shape ({B}, {H}, LK, {D}) to match q {tuple(q.shape)}; "
                          f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if block_size not in SUPPORTED_BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
     if LQ == 0 or k.shape[2] == 0 or D == 0:
         raise ValueError(f"q and k must be non-empty, got q {tuple(q.shape)}, k {tuple(k.shape)}")
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device

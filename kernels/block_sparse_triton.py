@@ -24,14 +24,21 @@ _NEG_BIG = tl.constexpr(-1.0e30)
 @triton.jit
 def _softmax_step(q, k_t, v, start, offs_n, key_limit, qk_scale, m_i, l_i, acc, BLOCK_N: tl.constexpr,
                   MASK_KEYS: tl.constexpr):
-    """One key tile (keys start + offs_n) of the flash-attention online softmax; k_t is (HEAD_DIM, BLOCK_N).
-
-    The running max is in scaled log2 units, so the scale folds into the exp2 argument: one FMA per score and
-    no separate scaling pass over the tile."""
+    """One key tile (keys start + offs_n) of the flash-attention online softmax; k_t is (HEAD_DIM, BLOCK_N)."""
     s = tl.dot(q, k_t)
     if MASK_KEYS:
         if start + BLOCK_N > key_limit:  # only the tile holding the end of the keys pays for masking
             s = tl.where((start + offs_n)[None, :] < key_limit, s, float("-inf"))
+    return _softmax_update(s, v, qk_scale, m_i, l_i, acc)
+
+
+@triton.jit
+def _softmax_update(s, v, qk_scale, m_i, l_i, acc):
+    """Fold a tile of raw scores s (BLOCK_M, BLOCK_N; masked keys -inf) and its values into the running max,
+    sum and output accumulator.
+
+    The running max is in scaled log2 units, so the scale folds into the exp2 argument: one FMA per score and
+    no separate scaling pass over the tile."""
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     p = tl.math.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)

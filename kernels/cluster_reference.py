@@ -1,0 +1,78 @@
+"""Torch reference for cluster (variable-size block) attention: the CPU path and the twin of the Triton kernel.
+
+Each query row looks up its query cluster, each key its key cluster (keys past ``k_offsets[..., -1]`` belong to
+none), and a (query cluster, key cluster) keep table decides which scores survive. Attention is then dense and
+masked, in float32, a chunk of query rows at a time, so memory stays O(chunk x LK) whatever the cluster sizes.
+This costs the dense work; it is the path for CPUs, float32 and checking, not for speed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Upper bound on the float32 score buffer of one chunk of rows (elements).
+_CHUNK_ELEMENTS = 1 << 25
+
+
+def token_clusters(offsets: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, H, length) int64 cluster of every token for (B, H, C + 1) offsets; tokens at or past the last
+    offset get C (no cluster). Empty clusters own no token."""
+    positions = torch.arange(length, device=offsets.device).expand(*offsets.shape[:-1], length).contiguous()
+    # The last offset <= the position, counted from the right: an empty cluster's start equals the next one's.
+    return torch.searchsorted(offsets.long().contiguous(), positions, right=True) - 1
+
+
+def keep_table(kv_clusters: torch.Tensor, kv_cluster_counts: torch.Tensor, num_key_clusters: int) -> torch.Tensor:
+    """(B, H, CQ, CK + 1) bool: query cluster c keeps key cluster j; the extra last column (keys in no
+    cluster) is always False. Entries of kv_clusters past the count are ignored, whatever their value."""
+    used = torch.arange(kv_clusters.shape[-1], device=kv_clusters.device) < kv_cluster_counts[..., None].long()
+    ids = torch.where(used, kv_clusters.long(), num_key_clusters)
+    table = torch.zeros(*kv_clusters.shape[:-1], num_key_clusters + 1, dtype=torch.bool, device=kv_clusters.device)
+    table.scatter_(-1, ids, True)
+    table[..., num_key_clusters] = False
+    return table
+
+
+def reference_cluster_pair_count(q_offsets, k_offsets, kv_clusters, kv_cluster_counts) -> torch.Tensor:
+    """(B, H) int64 number of query-key pairs the kept cluster pairs cover; inputs are assumed validated."""
+    q_sizes = (q_offsets[..., 1:] - q_offsets[..., :-1]).long()                     # (B, H, CQ)
+    k_sizes = (k_offsets[..., 1:] - k_offsets[..., :-1]).long()                     # (B, H, CK)
+    used = torch.arange(kv_clusters.shape[-1], device=kv_clusters.device) < kv_cluster_counts[..., None].long()
+    if k_sizes.shape[-1] == 0:
+        return torch.zeros(q_sizes.shape[:2], dtype=torch.int64, device=q_sizes.device)
+    ids = torch.where(used, kv_clusters.long(), 0)
+    kept = torch.gather(k_sizes, 2, ids.flatten(2)).view(ids.shape)                 # (B, H, CQ, MAXK)
+    return (q_sizes * torch.where(used, kept, 0).sum(-1)).sum(-1)
+
+
+def reference_cluster_block_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_cluster_counts, *, scale=None,
+                                      out=None, return_lse=False):
+    """Same contract as :func:`kernels.cluster_block_attention`; inputs are assumed validated."""
+    B, H, LQ, D = q.shape
+    LK = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    num_key_clusters = k_offsets.shape[-1] - 1
+    table = keep_table(kv_clusters, kv_cluster_counts, num_key_clusters)            # (B, H, CQ, CK + 1)
+    row_cluster = token_clusters(q_offsets, LQ)                                     # (B, H, LQ)
+    key_cluster = token_clusters(k_offsets, LK)                                     # (B, H, LK)
+    kf, vf = k.float(), v.float()
+
+    result = torch.empty(B, H, LQ, D, device=q.device, dtype=q.dtype) if out is None else out
+    lse = torch.empty(B, H, LQ, device=q.device, dtype=torch.float32) if return_lse else None
+    chunk = max(1, _CHUNK_ELEMENTS // (B * H * LK))
+    for r0 in range(0, LQ, chunk):
+        r1 = min(LQ, r0 + chunk)
+        rows_table = torch.gather(table, 2, row_cluster[:, :, r0:r1, None].expand(-1, -1, -1, num_key_clusters + 1))
+        allowed = torch.gather(rows_table, 3, key_cluster[:, :, None, :].expand(-1, -1, r1 - r0, -1))
+        s = torch.matmul(q[:, :, r0:r1].float(), kf.transpose(-1, -2)) * scale
+        s = s.masked_fill(~allowed, float("-inf"))
+        m = s.amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(s - m)
+        l = p.sum(dim=-1, keepdim=True)
+        result[:, :, r0:r1] = (torch.matmul(p, vf) / torch.where(l > 0, l, torch.ones_like(l))).to(result.dtype)
+        if lse is not None:
+            lse[:, :, r0:r1] = (m + torch.log(l)).squeeze(-1)
+    return (result, lse) if return_lse else result
