@@ -37,12 +37,13 @@ def reference_update(x, order, offsets, centroids, seeds):
     B, H, N, D = x.shape
     K = centroids.shape[2]
     counts = (offsets[..., 1:] - offsets[..., :-1]).long()                     # (B, H, K)
-    labels_sorted = torch.repeat_interleave(torch.arange(K, device=x.device).expand(B, H, K).reshape(-1),
-                                            counts.reshape(-1)).view(B, H, N)
-    rows = torch.gather(x.float(), 2, order.long()[..., None].expand(B, H, N, D))
-    sums = torch.zeros(B, H, K, D, device=x.device, dtype=torch.float32)
-    sums.scatter_add_(2, labels_sorted[..., None].expand(B, H, N, D), rows)
-    means = sums / counts.clamp_min(1)[..., None].float()
+    # Members are contiguous in sorted order: segment sums as differences of a float64 running sum (deterministic
+    # on every device, unlike scatter-adds).
+    rows = torch.gather(x.double(), 2, order.long()[..., None].expand(B, H, N, D))
+    running = torch.nn.functional.pad(rows.cumsum(2), (0, 0, 1, 0))              # (B, H, N + 1, D)
+    bound = offsets.long()[..., None].expand(B, H, K + 1, D)
+    sums = torch.gather(running, 2, bound[:, :, 1:]) - torch.gather(running, 2, bound[:, :, :-1])
+    means = (sums / counts.clamp_min(1)[..., None]).float()
     seed_rows = torch.gather(x.float(), 2, seeds.long().clamp_min(0)[..., None].expand(B, H, K, D))
     empty = (counts == 0)[..., None]
     fallback = torch.where((seeds >= 0)[..., None], seed_rows, centroids.float())
