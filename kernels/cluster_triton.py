@@ -19,6 +19,10 @@ Why this shape (SVG2 at Wan 720p: 75,600 tokens, ~300 query clusters of ~250 row
   folded in, a finite running max so fully masked tiles give 0, not NaN).
 * Programs of one (batch, head) are adjacent in launch order, so the K/V rows their key lists share stay in L2.
 
+Work computed over useful pairs: about (1 + (BLOCK_M / 2) / mean query-cluster size) x (1 + (BLOCK_N / 2) /
+(CHUNK x mean key-cluster size)); at SVG2's 720p sizes with 64 x 64 tiles and CHUNK 16, 1.13 x 1.03. The query
+term dominates; 128-row tiles would double it, so they are used only for long query clusters.
+
 No Hopper-only feature is used: Hopper's TMA copies boxes of consecutive rows, and the virtual key stream is
 not consecutive across cluster boundaries.
 """
@@ -105,15 +109,16 @@ def _cluster_fwd(
 
 
 def tile_config(head_dim: int, q_length: int, q_clusters: int, device: torch.device) -> dict:
-    """Tile shapes and pipelining per GPU generation and mean query-cluster size."""
+    """Tile shapes and pipelining per GPU and mean query-cluster size (benchmarks/cluster_attention.py sweeps
+    the candidates)."""
     if device.type != "cuda":  # Triton's CPU interpreter (tests): small tiles, so small inputs cross every edge
         return dict(BLOCK_M=16, BLOCK_N=16, CHUNK=4, num_warps=4, num_stages=1)
-    # The last tile of each query cluster is partial (about BLOCK_M / 2 idle rows): 64-row tiles unless the
-    # clusters are long enough for 128-row tiles to waste little.
-    block_m = 128 if q_length >= 8 * 128 * q_clusters else 64
-    major, _ = torch.cuda.get_device_capability(device)
-    stages = 3 if head_dim <= 64 or major >= 9 else 2
-    return dict(BLOCK_M=block_m, BLOCK_N=64, CHUNK=16, num_warps=4 if block_m == 64 else 8, num_stages=stages)
+    # The last tile of each query cluster is partial (BLOCK_M / 2 idle rows on average): 64-row tiles (one
+    # Hopper warpgroup) unless the clusters are long enough for 128-row tiles to waste under ~6%.
+    if q_length >= 8 * 128 * q_clusters:
+        return dict(BLOCK_M=128, BLOCK_N=64, CHUNK=16, num_warps=8, num_stages=2)
+    # 64-wide key tiles: 128-wide ones spill registers at head_dim 128 (ptxas, sm_80 and sm_90).
+    return dict(BLOCK_M=64, BLOCK_N=64, CHUNK=16, num_warps=4, num_stages=3 if head_dim <= 64 else 2)
 
 
 def query_tiles(q_offsets: torch.Tensor, block_m: int, q_length: int):
