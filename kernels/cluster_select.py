@@ -52,6 +52,7 @@ def select_key_clusters(q_centroids, k_centroids, k_sizes, *, top_p: float, min_
         # decrease, so the kept clusters are the prefix up to the first one whose sum passes top_p.
         passed = (torch.cumsum(sorted_probs, dim=-1) <= top_p).sum(dim=-1, dtype=torch.int32)
         counts = (passed + 1).clamp(min=min(max(1, min_clusters), CK), max=CK)
-    sorted_sizes = torch.gather(k_sizes.long()[:, :, None, :].expand(B, H, CQ, CK), -1, order)
-    kept_keys = torch.gather(sorted_sizes.cumsum(-1), -1, (counts.long() - 1)[..., None]).squeeze(-1)
+    sorted_sizes = torch.gather(k_sizes.to(torch.int32)[:, :, None, :].expand(B, H, CQ, CK), -1, order)
+    kept = torch.gather(sorted_sizes.cumsum(-1, dtype=torch.int32), -1, (counts.long() - 1)[..., None])
+    kept_keys = kept.squeeze(-1).long()
     return ClusterSelection(order=order.to(torch.int32), counts=counts, kept_keys=kept_keys)

@@ -7,8 +7,10 @@ Inputs are random on every run; each test prints its seed (rerun with SVG2_SEED=
 
 from __future__ import annotations
 
+import gc
 import math
 import os
+import weakref
 from dataclasses import replace
 
 import pytest
@@ -323,6 +325,8 @@ def test_sparse_run_warm_starts_each_layer_and_resets_per_run(nodes, bridge, mon
     assert set(session.cache_bytes()) == {(1, 0), (2, 0)}
     tiles = session.block_mask(1)
     assert tiles.shape == (comfy_env.WAN_HEADS, 3, 3) and tiles.dtype == torch.bool
+    images = import_pack("core.report").inspect(session, layer=1, head=1)  # the Inspector draws the head's tiles
+    assert images and all(image.width > 0 for image in images)
 
     runs.clear()
     comfy_env.sample(patched, latent(), pos, neg, steps=2, cfg=4.0, seed=6)  # a new run: from scratch again
@@ -381,6 +385,18 @@ def test_cache_moves_when_comfyui_loads_and_offloads_the_model(nodes, bridge, mo
     moves.clear()
     patched.detach()
     assert moves == [torch.device(patched.offload_device)]
+
+
+@comfyui
+def test_centroid_cache_is_freed_with_the_patched_model(nodes, bridge):
+    pos, neg = comfy_env.wan_conds(seed=16)
+    patched = patch(nodes, comfy_env.tiny_wan_t2v(seed=17), svg2_node(nodes))
+    comfy_env.sample(patched, latent(frames=3), pos, neg, steps=2, seed=18)
+    planner = weakref.ref(bridge.session_of(patched).planner)
+    assert planner().cache_bytes()
+    del patched
+    gc.collect()
+    assert planner() is None, "something outside the patched model keeps the centroid cache alive"
 
 
 @comfyui
