@@ -165,6 +165,12 @@ class SparseAttentionSession:
         (grid, device) the cached layout; at most ``MAX_PLANS`` of them)."""
         return self.planner.cache_bytes()
 
+    def move_caches(self, device) -> None:
+        """The patched model moved to ``device``: a planner that keeps state on the device (``to``) follows it."""
+        move = getattr(self.planner, "to", None)
+        if move is not None:
+            move(device)
+
     def wants_sparse(self, ctx: ForwardContext, layer: int) -> bool:
         return ctx.step is not None and self.schedule.is_sparse(ctx.step, ctx.total_steps, layer)
 

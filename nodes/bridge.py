@@ -101,6 +101,8 @@ def install(model, session: SparseAttentionSession):
         log.warning("sparse attention: this model already has a Sparse Attention Patch; the new one replaces it")
         for kind in (patcher_extension.WrappersMP.OUTER_SAMPLE, patcher_extension.WrappersMP.DIFFUSION_MODEL):
             patched.remove_wrappers_with_key(kind, WRAPPER_KEY)
+        for kind in (patcher_extension.CallbacksMP.ON_LOAD, patcher_extension.CallbacksMP.ON_DETACH):
+            patched.remove_callbacks_with_key(kind, WRAPPER_KEY)
     options = patched.model_options.setdefault("transformer_options", {})
     previous = options.get(OVERRIDE_KEY)
     if previous is not None:
@@ -149,7 +151,17 @@ def install(model, session: SparseAttentionSession):
             kwargs["transformer_options"] = with_ctx
         return executor(*args, **kwargs)
 
+    def on_load(patcher, device_to, *args):
+        if device_to is not None:
+            session.move_caches(device_to)
+
+    def on_detach(patcher, unpatch_all):
+        session.move_caches(patcher.offload_device)
+
     patched.set_attachments(WRAPPER_KEY, session)
+    # Caches a planner keeps on the device (SVG2's centroids) follow the model when ComfyUI loads or offloads it.
+    patched.add_callback_with_key(patcher_extension.CallbacksMP.ON_LOAD, WRAPPER_KEY, on_load)
+    patched.add_callback_with_key(patcher_extension.CallbacksMP.ON_DETACH, WRAPPER_KEY, on_detach)
     patched.add_wrapper_with_key(patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample)
     patched.add_wrapper_with_key(patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, diffusion_model_call)
     return patched

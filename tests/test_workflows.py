@@ -25,7 +25,7 @@ import logging
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -36,7 +36,7 @@ comfyui = pytest.mark.comfyui  # skipped, loudly, without ComfyUI (conftest.py)
 
 SHIPPED = ("wan2.1_t2v_1.3b_radial.json", "wan2.1_t2v_14b_radial.json", "wan2.1_i2v_14b_radial.json",
            "wan2.2_a14b_t2v_radial.json", "wan2.2_ti2v_5b_radial.json", "hunyuanvideo_t2v_radial.json",
-           "wan2.1_t2v_1.3b_dense_vs_radial.json")
+           "wan2.1_t2v_1.3b_dense_vs_radial.json", "wan2.1_t2v_14b_svg2.json", "hunyuanvideo_t2v_svg2.json")
 MUTATION_SOURCE = "wan2.1_t2v_14b_radial.json"  # the broken copies below start from it
 FILES = wc.workflow_files()
 IDS = [p.name for p in FILES]
@@ -49,23 +49,27 @@ LATENT_SIZE_NODES = {"EmptyHunyuanLatentVideo", "WanImageToVideo", "Wan22ImageTo
 
 WAN_RADIAL = {"decay_factor": 0.2, "attention_sink": True}       # the Radial reference settings for Wan
 HUNYUAN_RADIAL = {"decay_factor": 0.95, "attention_sink": False}  # and for HunyuanVideo
+WAN_SVG2 = {"preset": "wan_720p"}          # the SVG2 reference settings (720p) for Wan
+HUNYUAN_SVG2 = {"preset": "hunyuan_720p"}  # and for HunyuanVideo
 
 
 @dataclass(frozen=True)
 class Family:
     """A model family the pack supports, as a workflow shows it: the diffusion model files its UNETLoaders name (one
     pattern per model it loads, all of them patched), other model files it needs, node types it needs, the video
-    height it renders, and the Radial reference settings."""
+    height it renders, and the reference settings of Radial (and of SVG2, for the families it has them for)."""
     unets: tuple
     radial: dict
     height: int
     files: tuple = ()
     nodes: frozenset = frozenset()
+    svg2: dict = field(default_factory=dict)
 
 
 FAMILIES = {
     "Wan 2.1 T2V 1.3B": Family((r"wan2\.1_t2v_1\.3b",), WAN_RADIAL, 480, nodes=frozenset({"EmptyHunyuanLatentVideo"})),
-    "Wan 2.1 T2V 14B": Family((r"wan2\.1_t2v_14b",), WAN_RADIAL, 720, nodes=frozenset({"EmptyHunyuanLatentVideo"})),
+    "Wan 2.1 T2V 14B": Family((r"wan2\.1_t2v_14b",), WAN_RADIAL, 720, nodes=frozenset({"EmptyHunyuanLatentVideo"}),
+                              svg2=WAN_SVG2),
     "Wan 2.1 I2V 14B": Family((r"wan2\.1_i2v_720p_14b",), WAN_RADIAL, 720, files=(r"clip_vision_h",),
                               nodes=frozenset({"CLIPVisionLoader", "CLIPVisionEncode", "LoadImage",
                                                "WanImageToVideo"})),
@@ -74,7 +78,7 @@ FAMILIES = {
     "Wan 2.2 TI2V 5B": Family((r"wan2\.2_ti2v_5b",), WAN_RADIAL, 704, files=(r"wan2\.2_vae",),
                               nodes=frozenset({"Wan22ImageToVideoLatent", "LoadImage"})),
     "HunyuanVideo T2V": Family((r"hunyuan_video_t2v",), HUNYUAN_RADIAL, 720, files=(r"llava_llama3",),
-                               nodes=frozenset({"DualCLIPLoader"})),
+                               nodes=frozenset({"DualCLIPLoader"}), svg2=HUNYUAN_SVG2),
 }
 
 
@@ -289,7 +293,7 @@ def test_pack_nodes_run_with_the_workflow_settings(path, catalog):
     prompt = wc.to_api_prompt(wc.load_workflow(path), catalog)
     outputs, patched = {}, 0
     model = comfy_env.tiny_wan_t2v()
-    for nid, item in sorted(prompt.items(), key=lambda kv: kv[1]["class_type"] != "RadialAttentionMask"):
+    for nid, item in sorted(prompt.items(), key=lambda kv: kv[1]["class_type"] == "SparseAttentionPatch"):
         cls = wc._loaded["pack_classes"].get(item["class_type"])
         if cls is None:
             continue
@@ -342,20 +346,24 @@ def test_notes_name_every_model_file_and_folder(path, catalog):
 @comfyui
 @pytest.mark.parametrize("path", FILES, ids=IDS)
 def test_reference_settings_and_video_size_of_the_family(path, catalog):
-    """Every Radial Mask has the reference settings of the workflow's family (Wan: decay 0.2, sink on; HunyuanVideo:
-    decay 0.95, sink off) and the video has the family's height (the resolution README's table gives)."""
+    """Every method settings node has the reference settings of the workflow's family (Radial Mask, Wan: decay 0.2,
+    sink on; HunyuanVideo: decay 0.95, sink off. SVG2: the family's 720p preset) and the video has the family's
+    height (the resolution README's table gives)."""
     wf = wc.load_workflow(path)
     found = families_of(wf)
     assert len(found) == 1, f"{path.name}: not one family: {found}"
     fam = FAMILIES[found[0]]
     problems = []
-    masks = [n for n in nodes_of(wf, "RadialAttentionMask") if active(n)]
-    if not masks:
-        problems.append("no active RadialAttentionMask")
-    for n in masks:
-        for name, expected in fam.radial.items():
+    references = {"RadialAttentionMask": fam.radial, "SVG2KMeansSettings": fam.svg2}
+    methods = [n for n in wf["nodes"] if n["type"] in references and active(n)]
+    if not methods:
+        problems.append(f"no active method settings node ({sorted(references)})")
+    for n in methods:
+        if not references[n["type"]]:
+            problems.append(f"node {n['id']} ({n['type']}): no reference settings of it for {found[0]}")
+        for name, expected in references[n["type"]].items():
             if widget(catalog, n, name) != expected:
-                problems.append(f"node {n['id']} (RadialAttentionMask) input '{name}': "
+                problems.append(f"node {n['id']} ({n['type']}) input '{name}': "
                                 f"{widget(catalog, n, name)!r}, the {found[0]} reference is {expected!r}")
     sizes = [n for n in wf["nodes"] if n["type"] in LATENT_SIZE_NODES and active(n)]
     if not sizes:

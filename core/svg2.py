@@ -1,0 +1,216 @@
+"""Sparse VideoGen2 (Yang et al. 2025): semantic-aware permutation with k-means and top-p cluster selection.
+
+Per attention call, for every (batch element, head):
+  1. k-means on the video queries and, separately, on the video keys: the full iteration count on a layer's first
+     sparse call of a run, then a few iterations warm-started from that layer's centroids of the previous step
+     (the centroid cache: per layer and head chunk, all batch elements and heads in one tensor, on the device);
+  2. per query cluster, the key clusters by the size-weighted centroid softmax P' until their mass passes top_p,
+     and at least min_key_ratio of them (kernels.cluster_select);
+  3. q, k, v permuted so that every cluster is contiguous, attention over the kept (query cluster, key cluster)
+     blocks of variable size (kernels.cluster_block_attention: no padding), the output scattered back in place.
+
+HunyuanVideo's text tokens (after the video) are not clustered; as in the reference they stay dense: the text
+queries are one more query cluster that keeps every key cluster, the text keys one more key cluster that every
+query cluster keeps, and the text padding lies past the last key offset, so it is never attended.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+from ..kernels import (batched_kmeans, cluster_block_attention, cluster_pair_count, permute_qkv, select_key_clusters,
+                       unpermute_rows)
+from .cluster_view import cluster_tile_mask, pack_bits, unpack_bits
+from .grid import VideoGrid
+from .method import AttentionCall
+
+INSPECT_BLOCK = 128  # tile size of the Inspector's drawing
+MAX_CLUSTERS = 16384
+MAX_ITERATIONS = 1000
+
+
+@dataclass(frozen=True)
+class SVG2Settings:
+    """query_clusters / key_clusters: k-means clusters per head. top_p: key-cluster mass each query cluster keeps.
+    min_key_ratio: the fewest key clusters kept, as a share of key_clusters. first_iterations: k-means iterations
+    on a layer's first sparse step of a run; later_iterations: on the steps after it (warm-started)."""
+
+    query_clusters: int = 300
+    key_clusters: int = 1000
+    top_p: float = 0.9
+    min_key_ratio: float = 0.10
+    first_iterations: int = 50
+    later_iterations: int = 2
+
+    def __post_init__(self):
+        for name in ("query_clusters", "key_clusters"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 1 <= value <= MAX_CLUSTERS:
+                raise ValueError(f"{name} must be an integer in [1, {MAX_CLUSTERS}], got {value!r}")
+        for name in ("first_iterations", "later_iterations"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 1 <= value <= MAX_ITERATIONS:
+                raise ValueError(f"{name} must be an integer in [1, {MAX_ITERATIONS}], got {value!r}; k-means needs "
+                                 "at least one iteration")
+        # Written so that NaN (which an API prompt can send past the UI's min/max) is rejected too.
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}; 0.9 is the reference, 1.0 keeps every key "
+                             "cluster (dense attention)")
+        if not 0.0 <= self.min_key_ratio <= 1.0:
+            raise ValueError(f"min_key_ratio must be in [0, 1], got {self.min_key_ratio}; 0.10 is the reference")
+
+    @property
+    def min_key_clusters(self) -> int:
+        """The fewest key clusters a query cluster keeps (the reference's int(min_kc_ratio * kc_num))."""
+        return int(self.min_key_ratio * self.key_clusters)
+
+    def make_planner(self) -> "SVG2Planner":
+        return SVG2Planner(self)
+
+
+PRESETS = {  # the reference scripts' settings per model, and this pack's faster variant
+    "wan_720p": SVG2Settings(300, 1000, 0.9, 0.10, 50, 2),
+    "hunyuan_720p": SVG2Settings(400, 1000, 0.9, 0.10, 50, 2),
+    "turbo": SVG2Settings(300, 1000, 0.8, 0.05, 20, 1),
+}
+
+
+@dataclass
+class _Centroids:
+    """A layer's (and head chunk's) centroids of its last call, and what they were computed for."""
+
+    signature: tuple
+    queries: torch.Tensor  # (B, H, CQ, D)
+    keys: torch.Tensor     # (B, H, CK, D)
+
+    @property
+    def nbytes(self) -> int:
+        return self.queries.nbytes + self.keys.nbytes
+
+
+@dataclass(frozen=True)
+class _TileView:
+    """Batch element 0's per-head tile mask of a call, bit-packed on the CPU (the Inspector's drawing)."""
+
+    grid: VideoGrid
+    packed: torch.Tensor  # (H, NB, ceil(NB / 8)) uint8
+    width: int
+
+
+class SVG2Planner:
+    """Per patched model: the centroid cache across the steps of a run, and the Inspector's tile masks."""
+
+    block_size = INSPECT_BLOCK
+
+    def __init__(self, settings: SVG2Settings):
+        self.settings = settings
+        self._centroids: dict[tuple[int, int], _Centroids] = {}
+        self._views: dict[int, dict[int, _TileView]] = {}  # layer -> head offset -> tiles of the last call
+
+    def attend(self, call: AttentionCall) -> tuple[torch.Tensor, float]:
+        s = self.settings
+        q, k, v = call.q, call.k, call.v
+        B, H, L, D = q.shape
+        grid = call.grid
+        if grid is None or grid.total_tokens != L:
+            raise ValueError(f"SVG2 needs the video grid of the call: {L} tokens, grid {grid}")
+        video = grid.video_tokens
+        if max(s.query_clusters, s.key_clusters) > video:
+            raise ValueError(f"query_clusters ({s.query_clusters}) and key_clusters ({s.key_clusters}) must be at most "
+                             f"the {video} video tokens of this call; lower them in SVG2 K-Means Settings (a 720p "
+                             "video has tens of thousands of tokens)")
+        if call.kv_length is not None and not grid.text_tokens:
+            raise ValueError("SVG2 takes key padding only after the video tokens (HunyuanVideo's text)")
+
+        q_km, k_km = self._cluster(call, q[:, :, :video], k[:, :, :video])
+        selection = select_key_clusters(q_km.centroids, k_km.centroids, k_km.sizes, top_p=s.top_p,
+                                        min_clusters=s.min_key_clusters, scale=1.0 / math.sqrt(D))
+        layout = _with_text(q_km.offsets, k_km.offsets, selection, video, L, call.kv_length)
+        qp, kp, vp = permute_qkv(q, k, v, q_km.order, k_km.order, backend=call.backend)
+        out_perm = cluster_block_attention(qp, kp, vp, *layout, backend=call.backend, check_layout=False)
+        del qp, kp, vp
+        out = unpermute_rows(out_perm, q_km.order, out=call.out, backend=call.backend)
+        tiles = self._tile_mask(q_km.labels[0], k_km.labels[0], layout, grid)
+        pairs = cluster_pair_count(*layout, check_layout=False)
+        dense = L * layout[1][..., -1].long()
+        density = float(pairs.sum()) / float(dense.sum())  # one device sync per call, after every launch
+        self._views.setdefault(call.layer, {})
+        if call.head_offset == 0:  # a new call of this layer (float32 calls arrive a few heads at a time)
+            self._views[call.layer].clear()
+        self._views[call.layer][call.head_offset] = _TileView(grid, pack_bits(tiles).cpu(), tiles.shape[-1])
+        return out, density
+
+    def _cluster(self, call: AttentionCall, q_video, k_video):
+        """k-means of the video queries and keys, warm-started from this layer's cache when it fits the call."""
+        s = self.settings
+        B, H, _, D = q_video.shape
+        key = (call.layer, call.head_offset)
+        signature = (call.grid, B, H, D)
+        cached = self._centroids.get(key)
+        warm = cached is not None and cached.signature == signature
+        iterations = s.later_iterations if warm else s.first_iterations
+        q_km = batched_kmeans(q_video, s.query_clusters, iterations, backend=call.backend,
+                              init=cached.queries.to(q_video.device) if warm else None)
+        k_km = batched_kmeans(k_video, s.key_clusters, iterations, backend=call.backend,
+                              init=cached.keys.to(k_video.device) if warm else None)
+        # Stored in the activations' dtype: half the memory of float32, and what the assignment rounds to anyway.
+        self._centroids[key] = _Centroids(signature, q_km.centroids.to(q_video.dtype),
+                                          k_km.centroids.to(k_video.dtype))
+        return q_km, k_km
+
+    def _tile_mask(self, q_labels, k_labels, layout, grid: VideoGrid):
+        """Batch element 0's (H, NB, NB) tile mask; text tokens (and their padding) drawn as one kept cluster."""
+        q_offsets, k_offsets, kv_clusters, counts = (t[0] for t in layout)
+        CQ, CK = q_offsets.shape[-1] - 1, k_offsets.shape[-1] - 1
+        H, text = q_labels.shape[0], grid.text_tokens
+        q_lab = torch.cat([q_labels.long(), q_labels.new_full((H, text), CQ - 1).long()], dim=1)
+        k_lab = torch.cat([k_labels.long(), k_labels.new_full((H, text), CK - 1).long()], dim=1)
+        used = torch.arange(kv_clusters.shape[-1], device=counts.device) < counts[..., None]
+        kept = torch.zeros(H, CQ, CK, dtype=torch.bool, device=counts.device)
+        kept.scatter_(-1, kv_clusters.long(), used)  # each row lists distinct clusters
+        return cluster_tile_mask(q_lab, k_lab, kept, self.block_size)
+
+    def reset(self) -> None:
+        """A new sampling run: centroids of the last run's q/k no longer fit; drop them and the drawings."""
+        self._centroids.clear()
+        self._views.clear()
+
+    def to(self, device) -> None:
+        """Move the centroid cache to ``device`` (the model moved; e.g. ComfyUI offloads it to the CPU)."""
+        for entry in self._centroids.values():
+            entry.queries = entry.queries.to(device)
+            entry.keys = entry.keys.to(device)
+
+    def block_mask(self, grid: VideoGrid, layer: int | None = None) -> torch.Tensor | None:
+        """CPU bool (H, NB, NB) tile mask of ``layer``'s last call (batch element 0), None if it had none."""
+        views = self._views.get(layer)
+        if not views or any(view.grid != grid for view in views.values()):
+            return None
+        return torch.cat([unpack_bits(views[h].packed, views[h].width) for h in sorted(views)])
+
+    def cache_bytes(self) -> dict:
+        """{(layer, first head): bytes of its cached query and key centroids} on the device."""
+        return {key: entry.nbytes for key, entry in self._centroids.items()}
+
+
+def _with_text(q_offsets, k_offsets, selection, video: int, length: int, kv_length):
+    """(q_offsets, k_offsets, kv_clusters, counts) for the cluster attention kernel. Without text tokens: the
+    clusters as they are. With text (tokens video..length): one more query cluster that keeps every key cluster, and
+    one more key cluster, first in every query cluster's list, that ends at kv_length (the padding after it is
+    never attended)."""
+    order, counts = selection.order, selection.counts
+    if length == video:
+        return q_offsets, k_offsets, order, counts
+    B, H, CQ, CK = order.shape
+    device = order.device
+    k_end = torch.full((B,), length, device=device) if kv_length is None else kv_length.to(device)
+    q_offsets = torch.cat([q_offsets, q_offsets.new_full((B, H, 1), length)], dim=-1)
+    k_offsets = torch.cat([k_offsets, k_end.to(torch.int32).view(B, 1, 1).expand(B, H, 1)], dim=-1)
+    every = torch.cat([torch.tensor([CK]), torch.arange(CK)]).to(device=device, dtype=torch.int32)  # text first
+    kv_clusters = torch.cat([torch.cat([order.new_full((B, H, CQ, 1), CK), order], dim=-1),
+                             every.expand(B, H, 1, CK + 1)], dim=2)
+    counts = torch.cat([counts + 1, counts.new_full((B, H, 1), CK + 1)], dim=-1)
+    return q_offsets, k_offsets, kv_clusters, counts
