@@ -11,10 +11,12 @@ from .radial import RadialPlanner, RadialSettings, radial_block_mask
 from .schedule import SparseSchedule, step_index
 from .session import ForwardContext, RunStats, SparseAttentionSession
 from .summary import run_summary
+from .svg import SVG_PRESETS, SVGPlanner, SVGSettings
 from .timing import CallTimer, timed_override
 
 __all__ = [
     "CONTEXT_KEY", "attention_override", "VideoGrid", "latent_grid", "AttentionCall", "run_block_plan", "BlockPlan", "RadialPlanner",
     "RadialSettings", "radial_block_mask", "SparseSchedule", "step_index", "ForwardContext", "RunStats",
     "SparseAttentionSession", "run_summary", "CallTimer", "timed_override",
+    "SVG_PRESETS", "SVGPlanner", "SVGSettings",
 ]

@@ -3,10 +3,14 @@
 from .attention import (BACKENDS, MAX_TRITON_HEAD_DIM, SUPPORTED_BLOCK_SIZES, block_sparse_attention, resolve_backend,
                         triton_available)
 from .layout import block_mask_to_indices, indices_to_block_mask, layout_density, num_blocks, validate_layout
+from .mask_errors import candidate_mask_errors, candidate_mask_outputs, reference_candidate_mask_outputs
 from .reference import reference_block_sparse_attention
+from .row_gather import gather_head_rows, scatter_head_rows
 
 __all__ = [
     "BACKENDS", "MAX_TRITON_HEAD_DIM", "SUPPORTED_BLOCK_SIZES", "block_sparse_attention", "resolve_backend", "triton_available",
     "block_mask_to_indices", "indices_to_block_mask", "layout_density", "num_blocks", "validate_layout",
     "reference_block_sparse_attention",
+    "candidate_mask_errors", "candidate_mask_outputs", "reference_candidate_mask_outputs", "gather_head_rows",
+    "scatter_head_rows",
 ]
