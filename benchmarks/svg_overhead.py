@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 TARGET = 0.03
 CHECK_TOL = 2e-2
+# Profiling-kernel tiles swept on the GPU (the first is the default): (BLOCK_R, BLOCK_N, num_warps, num_stages).
+PROFILE_CONFIGS = [(32, 32, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2), (64, 32, 8, 2), (32, 32, 8, 3)]
 
 
 def parse_args():
@@ -103,6 +105,26 @@ def time_pieces(torch, kernels, timer, plan, classes, q, k, v, out, block, backe
     transform()
     return dict(transform=timer(transform), spatial_attention=timer(spatial_launch),
                 temporal_attention=timer(temporal_launch), inverse_transform=timer(inverse))
+
+
+def sweep_profile_configs(torch, kernels, timer, call, plan, configs):
+    """ms of the profiling kernel alone per tile config (None where it fails or its output differs)."""
+    q_rows = call.q.index_select(2, plan.rows)
+    args = (q_rows, call.k, call.v, plan.keep, plan.key_block)
+    expected = kernels.candidate_mask_outputs(*args, backend="reference")
+    results = []
+    for block_r, block_n, warps, stages in configs:
+        cfg = dict(BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        entry = dict(config=cfg)
+        try:
+            got = kernels.candidate_mask_outputs(*args, backend="triton", config=cfg)
+            entry["rel_err"] = float((got - expected).norm() / expected.norm())
+            fn = lambda: kernels.candidate_mask_outputs(*args, backend="triton", config=cfg)  # noqa: E731
+            entry["ms"] = timer(fn) if entry["rel_err"] < CHECK_TOL else None
+        except Exception as exc:  # e.g. triton OutOfResources
+            entry.update(error=f"{type(exc).__name__}: {str(exc)[:120]}", ms=None)
+        results.append(entry)
+    return results
 
 
 def main():
@@ -181,9 +203,11 @@ def main():
         profiles.append(dict(sample_fraction=fraction, rows=fplan.rows.numel(), ms=profile_ms,
                              per_profiled_call=per_call, amortised={n: per_call / n for n in args.reprofile_every}))
 
+    configs = sweep_profile_configs(torch, kernels, timer, call, planner_for(args.sample_fractions[0])[1].plan(
+        grid, device), PROFILE_CONFIGS[:2] if args.smoke else PROFILE_CONFIGS)
     result = dict(meta=meta, checks=checks, density=density, temporal_heads_timed=classes.temporal_heads.numel(),
                   temporal_heads_chosen=sum(chosen), ms=ms, profiling=profiles,
-                  target=TARGET, meets_target=profiles[0]["per_profiled_call"] <= TARGET)
+                  profile_configs=configs, target=TARGET, meets_target=profiles[0]["per_profiled_call"] <= TARGET)
     print_report(result, args.reprofile_every)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -214,6 +238,11 @@ def print_report(r, every):
     for p in r["profiling"]:
         print(f"{p['sample_fraction']:15g} {p['rows']:6d} {p['ms']:11.3f} {p['per_profiled_call']:9.2%} "
               + " ".join(f"{p['amortised'][n]:9.2%}" for n in every))
+    if r["profile_configs"]:
+        print("\nprofiling kernel alone per tile config (BLOCK_R, BLOCK_N, warps, stages); the first is the default:")
+        for c in r["profile_configs"]:
+            cfg = tuple(c["config"].values())
+            print(f"  {cfg}: " + (f"{c['ms']:.3f} ms" if c["ms"] is not None else c.get("error", "WRONG output")))
     first = r["profiling"][0]
     print(f"profiling overhead at the default sample_fraction {first['sample_fraction']:g}: "
           f"{first['per_profiled_call']:.2%} per profiled call (target <= {r['target']:.0%}): "

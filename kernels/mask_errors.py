@@ -19,7 +19,7 @@ _CHUNK_ELEMENTS = 1 << 24  # float32 scores the reference holds at once
 
 
 def candidate_mask_outputs(q_rows, k, v, keep, key_block, *, scale=None, kv_length=None, backend="auto",
-                           splits=None):
+                           splits=None, config=None):
     """Attention outputs of the sampled rows: (3, B, H, R, D) float32 = (exact, under candidate 0, under candidate 1).
 
     Args:
@@ -32,6 +32,7 @@ def candidate_mask_outputs(q_rows, k, v, keep, key_block, *, scale=None, kv_leng
         backend: 'auto' (Triton on CUDA), 'triton' or 'reference'.
         splits: key splits of the Triton launch (default: enough programs for the GPU); the result does not
             depend on it beyond rounding.
+        config: Triton tile config (BLOCK_R, BLOCK_N, num_warps, num_stages), default per device.
     Rows a candidate gives no key get zeros. Index ranges are not read back (a device sync): callers build them.
     """
     B, H, R, D = _validate(q_rows, k, v, keep, key_block, kv_length)
@@ -46,7 +47,8 @@ def candidate_mask_outputs(q_rows, k, v, keep, key_block, *, scale=None, kv_leng
     if padded != D:  # zero-padding the head dimension leaves q.k and the first D output columns unchanged
         pad = (0, padded - D)
         q_rows, k, v = (torch.nn.functional.pad(t, pad) for t in (q_rows, k, v))
-    out = triton_candidate_mask_outputs(q_rows, k, v, keep, key_block, scale=scale, kv_length=kv_length, splits=splits)
+    out = triton_candidate_mask_outputs(q_rows, k, v, keep, key_block, scale=scale, kv_length=kv_length,
+                                        splits=splits, config=config)
     return out[..., :D]
 
 

@@ -96,21 +96,31 @@ def _mask_errors_fwd(
     tl.store(acc_ptr + 2 * PARTIALS * HEAD_DIM, acc_1, mask=row_ok[:, None])
 
 
+def default_config(device: torch.device) -> dict:
+    """Tile shape and launch options. On GPUs: 32 rows x 32 keys with 8 warps, the largest tile ptxas fits in
+    registers without spilling at head_dim 128 (three accumulators); the interpreter takes fewer, larger tiles."""
+    if device.type != "cuda":
+        return dict(BLOCK_R=64, BLOCK_N=64, num_warps=4, num_stages=1)
+    return dict(BLOCK_R=32, BLOCK_N=32, num_warps=8, num_stages=2)
+
+
 def _default_splits(device: torch.device, programs: int, key_tiles: int) -> int:
-    """Enough key splits for about two programs per SM (few sampled rows alone would leave most SMs idle)."""
+    """Enough key splits for about four programs per SM (few sampled rows alone would leave most SMs idle)."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(key_tiles, -(-2 * sms // programs), 32))
+    return max(1, min(key_tiles, -(-4 * sms // programs), 64))
 
 
-def triton_candidate_mask_outputs(q_rows, k, v, keep, key_block, *, scale, kv_length=None, splits=None):
+def triton_candidate_mask_outputs(q_rows, k, v, keep, key_block, *, scale, kv_length=None, splits=None, config=None):
     """Outputs (3, B, H, R, D) float32 (exact, candidate 0, candidate 1) of validated inputs; head_dim a power of
-    two in [16, 128]. Rows a candidate gives no key get zeros."""
+    two in [16, 128]. Rows a candidate gives no key get zeros. ``config``: BLOCK_R, BLOCK_N, num_warps, num_stages
+    (default_config when None)."""
     B, H, R, D = q_rows.shape
     LK = k.shape[2]
     on_gpu = q_rows.device.type == "cuda"
-    block_r, block_n = (32, 64) if on_gpu else (64, 64)  # the interpreter: fewer, larger tiles
+    cfg = dict(config) if config is not None else default_config(q_rows.device)
+    block_r, block_n = cfg.pop("BLOCK_R"), cfg.pop("BLOCK_N")
     row_tiles = triton.cdiv(R, block_r)
     key_tiles = triton.cdiv(LK, block_n)
     splits = splits or _default_splits(q_rows.device, row_tiles * B * H, key_tiles)
@@ -132,7 +142,7 @@ def triton_candidate_mask_outputs(q_rows, k, v, keep, key_block, *, scale, kv_le
         H, R, LK, keep.shape[-1], keys_per_split, partials,
         HEAD_DIM=D, BLOCK_R=block_r, BLOCK_N=block_n, HAS_KV_LEN=has_len,
         # Triton's CPU interpreter computes bfloat16 tl.dot wrongly: float32 tiles there (as the attention kernel).
-        UPCAST_DOT=not on_gpu, num_warps=4, num_stages=2 if on_gpu else 1)
+        UPCAST_DOT=not on_gpu, **cfg)
     weight = torch.exp2(m - m.amax(dim=0, keepdim=True))  # (S, B, H, R); splits with no key have weight 0
     total = (weight * sums).sum(dim=1)                     # (3, B, H, R)
     out = (weight[..., None] * acc).sum(dim=1)             # (3, B, H, R, D)
