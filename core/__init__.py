@@ -12,6 +12,7 @@ from .schedule import SparseSchedule, step_index
 from .session import ForwardContext, RunStats, SparseAttentionSession
 from .summary import run_summary
 from .svg2 import PRESETS as SVG2_PRESETS, SVG2Planner, SVG2Settings
+from .svg import SVG_PRESETS, SVGPlanner, SVGSettings
 from .timing import CallTimer, timed_override
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "RadialSettings", "radial_block_mask", "SparseSchedule", "step_index", "ForwardContext", "RunStats",
     "SparseAttentionSession", "run_summary", "CallTimer", "timed_override",
     "SVG2_PRESETS", "SVG2Planner", "SVG2Settings",
+    "SVG_PRESETS", "SVGPlanner", "SVGSettings",
 ]

@@ -4,16 +4,19 @@ from .bridge import session_of
 from .inspector import SparseAttentionInspector
 from .patch_nodes import RadialMask, SparseAttentionPatch
 from .svg2_nodes import SVG2KMeansSettings
+from .svg_nodes import SVGSettingsNode
 
 NODE_CLASS_MAPPINGS = {
     "SparseAttentionPatch": SparseAttentionPatch,
     "RadialAttentionMask": RadialMask,
     "SparseAttentionInspector": SparseAttentionInspector,
     "SVG2KMeansSettings": SVG2KMeansSettings,
+    "SVGSettings": SVGSettingsNode,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "SparseAttentionPatch": "Sparse Attention Patch",
     "RadialAttentionMask": "Radial Mask",
     "SparseAttentionInspector": "Sparse Attention Inspector",
     "SVG2KMeansSettings": "SVG2 K-Means Settings",
+    "SVGSettings": "SVG Settings",
 }

@@ -36,7 +36,9 @@ comfyui = pytest.mark.comfyui  # skipped, loudly, without ComfyUI (conftest.py)
 
 SHIPPED = ("wan2.1_t2v_1.3b_radial.json", "wan2.1_t2v_14b_radial.json", "wan2.1_i2v_14b_radial.json",
            "wan2.2_a14b_t2v_radial.json", "wan2.2_ti2v_5b_radial.json", "hunyuanvideo_t2v_radial.json",
-           "wan2.1_t2v_1.3b_dense_vs_radial.json", "wan2.1_t2v_14b_svg2.json", "hunyuanvideo_t2v_svg2.json")
+           "wan2.1_t2v_1.3b_dense_vs_radial.json", "wan2.1_t2v_14b_svg2.json", "hunyuanvideo_t2v_svg2.json",
+           "wan2.1_t2v_14b_svg.json", "hunyuanvideo_t2v_svg.json", "wan2.1_t2v_14b_adaspa.json",
+           "hunyuanvideo_t2v_adaspa.json")
 MUTATION_SOURCE = "wan2.1_t2v_14b_radial.json"  # the broken copies below start from it
 FILES = wc.workflow_files()
 IDS = [p.name for p in FILES]
@@ -51,25 +53,35 @@ WAN_RADIAL = {"decay_factor": 0.2, "attention_sink": True}       # the Radial re
 HUNYUAN_RADIAL = {"decay_factor": 0.95, "attention_sink": False}  # and for HunyuanVideo
 WAN_SVG2 = {"preset": "wan_720p"}          # the SVG2 reference settings (720p) for Wan
 HUNYUAN_SVG2 = {"preset": "hunyuan_720p"}  # and for HunyuanVideo
+# The SVG reference settings (scripts/*_svg.sh of Sparse-VideoGen), with the dense schedule they set on the patch.
+WAN_SVG = {"SVGSettings": {"sparsity": 0.3, "attention_sink": True},
+           "SparseAttentionPatch": {"dense_steps": 0.2, "dense_layers": 1}}
+HUNYUAN_SVG = {"SVGSettings": {"sparsity": 0.25, "attention_sink": False},
+               "SparseAttentionPatch": {"dense_steps": 0.1, "dense_layers": 1}}
+# AdaSpa: the paper's defaults, the same for every family.
+ADASPA_PAPER = {"recall": 0.8, "search_steps": "0.2, 0.6", "block_size": 64, "min_density": 0.1, "max_density": 0.3}
+SETTINGS_NODES = ("RadialAttentionMask", "SVGSettings", "SVG2KMeansSettings", "AdaSpaSearch")
 
 
 @dataclass(frozen=True)
 class Family:
     """A model family the pack supports, as a workflow shows it: the diffusion model files its UNETLoaders name (one
     pattern per model it loads, all of them patched), other model files it needs, node types it needs, the video
-    height it renders, and the reference settings of Radial (and of SVG2, for the families it has them for)."""
+    height it renders, and the reference settings of each method: Radial's, SVG2's and SVG's (per node type, with
+    the patch's schedule) for the families the references have them for (empty / None: no reference)."""
     unets: tuple
     radial: dict
     height: int
     files: tuple = ()
     nodes: frozenset = frozenset()
     svg2: dict = field(default_factory=dict)
+    svg: dict | None = None
 
 
 FAMILIES = {
     "Wan 2.1 T2V 1.3B": Family((r"wan2\.1_t2v_1\.3b",), WAN_RADIAL, 480, nodes=frozenset({"EmptyHunyuanLatentVideo"})),
     "Wan 2.1 T2V 14B": Family((r"wan2\.1_t2v_14b",), WAN_RADIAL, 720, nodes=frozenset({"EmptyHunyuanLatentVideo"}),
-                              svg2=WAN_SVG2),
+                              svg2=WAN_SVG2, svg=WAN_SVG),
     "Wan 2.1 I2V 14B": Family((r"wan2\.1_i2v_720p_14b",), WAN_RADIAL, 720, files=(r"clip_vision_h",),
                               nodes=frozenset({"CLIPVisionLoader", "CLIPVisionEncode", "LoadImage",
                                                "WanImageToVideo"})),
@@ -78,7 +90,7 @@ FAMILIES = {
     "Wan 2.2 TI2V 5B": Family((r"wan2\.2_ti2v_5b",), WAN_RADIAL, 704, files=(r"wan2\.2_vae",),
                               nodes=frozenset({"Wan22ImageToVideoLatent", "LoadImage"})),
     "HunyuanVideo T2V": Family((r"hunyuan_video_t2v",), HUNYUAN_RADIAL, 720, files=(r"llava_llama3",),
-                               nodes=frozenset({"DualCLIPLoader"}), svg2=HUNYUAN_SVG2),
+                               nodes=frozenset({"DualCLIPLoader"}), svg2=HUNYUAN_SVG2, svg=HUNYUAN_SVG),
 }
 
 
@@ -293,7 +305,7 @@ def test_pack_nodes_run_with_the_workflow_settings(path, catalog):
     prompt = wc.to_api_prompt(wc.load_workflow(path), catalog)
     outputs, patched = {}, 0
     model = comfy_env.tiny_wan_t2v()
-    for nid, item in sorted(prompt.items(), key=lambda kv: kv[1]["class_type"] == "SparseAttentionPatch"):
+    for nid, item in sorted(prompt.items(), key=lambda kv: kv[1]["class_type"] not in SETTINGS_NODES):
         cls = wc._loaded["pack_classes"].get(item["class_type"])
         if cls is None:
             continue
@@ -347,21 +359,29 @@ def test_notes_name_every_model_file_and_folder(path, catalog):
 @pytest.mark.parametrize("path", FILES, ids=IDS)
 def test_reference_settings_and_video_size_of_the_family(path, catalog):
     """Every method settings node has the reference settings of the workflow's family (Radial Mask, Wan: decay 0.2,
-    sink on; HunyuanVideo: decay 0.95, sink off. SVG2: the family's 720p preset) and the video has the family's
-    height (the resolution README's table gives)."""
+    sink on; HunyuanVideo: decay 0.95, sink off. SVG2: the family's 720p preset. SVG Settings, Wan: sparsity 0.3,
+    sink on, and on its patch dense_steps 0.2, dense_layers 1; HunyuanVideo: 0.25, sink off, 0.1, 1. AdaSpa Search:
+    the paper's defaults) and the video has the family's height (the resolution README's table gives)."""
     wf = wc.load_workflow(path)
     found = families_of(wf)
     assert len(found) == 1, f"{path.name}: not one family: {found}"
     fam = FAMILIES[found[0]]
     problems = []
-    references = {"RadialAttentionMask": fam.radial, "SVG2KMeansSettings": fam.svg2}
-    methods = [n for n in wf["nodes"] if n["type"] in references and active(n)]
-    if not methods:
-        problems.append(f"no active method settings node ({sorted(references)})")
-    for n in methods:
+    settings = [n for n in wf["nodes"] if n["type"] in SETTINGS_NODES and active(n)]
+    if not settings:
+        problems.append(f"no active method settings node ({', '.join(SETTINGS_NODES)})")
+    references = {"RadialAttentionMask": fam.radial, "SVG2KMeansSettings": fam.svg2, "AdaSpaSearch": ADASPA_PAPER,
+                  "SVGSettings": fam.svg["SVGSettings"] if fam.svg else {}}
+    expected_by_node = []
+    for n in settings:
         if not references[n["type"]]:
             problems.append(f"node {n['id']} ({n['type']}): no reference settings of it for {found[0]}")
-        for name, expected in references[n["type"]].items():
+        expected_by_node.append((n, references[n["type"]]))
+        if n["type"] == "SVGSettings" and fam.svg:
+            patches = [p for p in nodes_of(wf, "SparseAttentionPatch") if upstream(wf, p, "method") is n]
+            expected_by_node += [(p, fam.svg["SparseAttentionPatch"]) for p in patches]
+    for n, expected_values in expected_by_node:
+        for name, expected in expected_values.items():
             if widget(catalog, n, name) != expected:
                 problems.append(f"node {n['id']} ({n['type']}) input '{name}': "
                                 f"{widget(catalog, n, name)!r}, the {found[0]} reference is {expected!r}")

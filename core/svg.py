@@ -1,0 +1,238 @@
+"""Sparse VideoGen (SVG1, Xi et al. 2025): each attention head is spatial or temporal, decided online.
+
+Per (layer, head) a few query rows (``sample_fraction`` of the video tokens, strided) are profiled: their exact
+attention output against all keys, and their output under the spatial and under the temporal layout
+(core/svg_layout.py, the exact token masks the kernel then computes), in one pass (kernels.mask_errors). The
+layout with the lower mean squared error wins (summed over the batch: cond and uncond share the choice). Classes
+are kept per (layer, grid, heads) and re-profiled every ``reprofile_every`` denoising steps; they are per-run state.
+
+Running a call: spatial heads run in place on the block-sparse kernel, one launch for all of them (temporal heads
+get empty key lists there). Temporal heads are gathered, a few at a time, into token-major order (the layout
+transform: their key blocks become a contiguous band), run with the temporal layout, and scattered back into the
+output in the original order (kernels.row_gather). Text tokens keep their place in both orders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels import (block_mask_to_indices, block_sparse_attention, candidate_mask_errors, gather_head_rows,
+                       scatter_head_rows, validate_layout)
+from .grid import VideoGrid
+from .method import AttentionCall
+from .svg_layout import (sampled_rows, svg_block_masks, temporal_mask_in_original_order, token_major_order,
+                         token_major_position)
+
+BLOCK_SIZES = (64, 128)
+MAX_PLANS = 4  # cached device layouts per planner: a few resolutions at most are alive at once
+# Temporal heads are reordered this many bytes (of one q/k/v copy) at a time: the four buffers (q, k, v, output)
+# add at most ~4x this to the call's peak memory, however many heads are temporal.
+TEMPORAL_CHUNK_BYTES = 128 << 20
+
+
+@dataclass(frozen=True)
+class SVGPreset:
+    """What the reference scripts run for one model (svg-project/Sparse-VideoGen, scripts/*_svg.sh): the SVG
+    settings, and the dense schedule to set on the Sparse Attention Patch (first_times_fp / first_layers_fp there)."""
+
+    model: str
+    sparsity: float
+    attention_sink: bool
+    dense_steps: float
+    dense_layers: int
+
+    def text(self) -> str:
+        return (f"{self.model}: sparsity {self.sparsity:g}, attention_sink {'on' if self.attention_sink else 'off'}; "
+                f"on the patch dense_steps {self.dense_steps:g}, dense_layers {self.dense_layers}")
+
+
+SVG_PRESETS = (
+    SVGPreset("Wan 2.1 T2V 14B", sparsity=0.3, attention_sink=True, dense_steps=0.2, dense_layers=1),
+    SVGPreset("HunyuanVideo T2V", sparsity=0.25, attention_sink=False, dense_steps=0.1, dense_layers=1),
+)
+
+
+@dataclass(frozen=True)
+class SVGSettings:
+    sparsity: float = 0.25
+    sample_fraction: float = 0.001
+    reprofile_every: int = 1
+    block_size: int = 128
+    attention_sink: bool = True
+
+    def __post_init__(self):
+        # Written so that NaN (which an API prompt can send past the UI's min / max) is rejected too.
+        if not 0.0 < self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in (0, 1) (the fraction of attention kept), got {self.sparsity}; "
+                             "the reference uses 0.3 for Wan and 0.25 for HunyuanVideo")
+        if not 0.0 < self.sample_fraction <= 1.0:
+            raise ValueError(f"sample_fraction must be in (0, 1], got {self.sample_fraction}; it is the fraction of "
+                             "video queries profiled to classify the heads (0.001 profiles 76 rows at 720p)")
+        if isinstance(self.reprofile_every, bool) or not isinstance(self.reprofile_every, int) \
+                or self.reprofile_every < 1:
+            raise ValueError(f"reprofile_every must be a whole number of steps >= 1, got {self.reprofile_every!r} "
+                             "(1 re-profiles every step, as the reference)")
+        if self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {self.block_size}")
+
+    def make_planner(self) -> "SVGPlanner":
+        return SVGPlanner(self)
+
+
+@dataclass(frozen=True)
+class SVGPlan:
+    """Device tensors of one grid: both layouts, the token-major order, and the profiling tables."""
+
+    spatial_indices: torch.Tensor   # (1, 1, NB, max kept) int32
+    spatial_counts: torch.Tensor    # (NB,) int32
+    temporal_indices: torch.Tensor  # (1, 1, NB, max kept) int32
+    temporal_counts: torch.Tensor   # (1, 1, NB) int32
+    order: torch.Tensor             # (L,) int32, token_major_order
+    rows: torch.Tensor              # (R,) int64, sampled query rows
+    keep: torch.Tensor              # (2, R, NB) uint8: the layout row of each sampled query, spatial then temporal
+    key_block: torch.Tensor         # (2, L) int32: each key's block in frame-major, then in token-major order
+    spatial_tiles: int
+    temporal_tiles: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.spatial_indices, self.spatial_counts, self.temporal_indices,
+                                      self.temporal_counts, self.order, self.rows, self.keep, self.key_block))
+
+
+@dataclass(frozen=True)
+class HeadClasses:
+    """The class of each head of one (layer, grid, head range), profiled at ``step``."""
+
+    step: int | None
+    temporal: tuple               # bool per head
+    spatial_counts: torch.Tensor  # (1, H, NB) int32: the spatial layout's counts, 0 for temporal heads
+    temporal_heads: torch.Tensor  # (number of temporal heads,) int32
+
+    @property
+    def nbytes(self) -> int:
+        return self.spatial_counts.nbytes + self.temporal_heads.nbytes
+
+
+def build_plan(grid: VideoGrid, settings: SVGSettings, device: torch.device) -> SVGPlan:
+    block = settings.block_size
+    spatial, temporal = svg_block_masks(grid, settings.sparsity, block, settings.attention_sink)
+    position = token_major_position(grid)
+    rows = sampled_rows(grid, settings.sample_fraction)
+    keep = torch.stack([spatial[rows // block], temporal[position[rows] // block]]).to(torch.uint8)
+    key_block = torch.stack([torch.arange(grid.total_tokens) // block, position // block]).to(torch.int32)
+    s_idx, s_cnt = block_mask_to_indices(spatial.to(device)[None, None])
+    t_idx, t_cnt = block_mask_to_indices(temporal.to(device)[None, None])
+    for idx, cnt in ((s_idx, s_cnt), (t_idx, t_cnt)):  # once; calls then skip the device sync
+        validate_layout(idx, cnt, num_kv_blocks=spatial.shape[1])
+    return SVGPlan(s_idx, s_cnt[0, 0], t_idx, t_cnt, token_major_order(grid).to(device, torch.int32),
+                   rows.to(device), keep.to(device), key_block.to(device),
+                   int(spatial.sum()), int(temporal.sum()))
+
+
+class SVGPlanner:
+    """Per-head spatial / temporal layouts on the block-sparse kernel, classes profiled online."""
+
+    def __init__(self, settings: SVGSettings):
+        self.settings = settings
+        self._plans: dict = {}    # (grid, device) -> SVGPlan; layouts depend on the grid only, they survive runs
+        self._classes: dict = {}  # (layer, grid, head_offset, heads) -> HeadClasses; per run
+        self.profiled_calls = 0   # calls that profiled their heads (the cache's effect, for tests and benchmarks)
+
+    @property
+    def block_size(self) -> int:
+        return self.settings.block_size
+
+    def plan(self, grid: VideoGrid, device: torch.device) -> SVGPlan:
+        key = (grid, device)
+        if key not in self._plans:
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = build_plan(grid, self.settings, device)
+        return self._plans[key]
+
+    def attend(self, call: AttentionCall) -> tuple[torch.Tensor, float]:
+        q = call.q
+        if q.shape[2] != call.grid.total_tokens:
+            raise ValueError(f"q has {q.shape[2]} tokens but the grid {call.grid} has {call.grid.total_tokens}")
+        plan = self.plan(call.grid, q.device)
+        classes = self.head_classes(call, plan)
+        out = call.out if call.out is not None else torch.empty_like(q)
+        heads = q.shape[1]
+        temporal = classes.temporal_heads.numel()
+        if temporal < heads:  # every spatial head in one launch, in place
+            block_sparse_attention(q, call.k, call.v, plan.spatial_indices.expand(1, heads, -1, -1),
+                                   classes.spatial_counts, block_size=self.block_size, kv_length=call.kv_length,
+                                   out=out, backend=call.backend, check_layout=False)
+        if temporal:
+            self._attend_temporal(call, plan, classes.temporal_heads, out)
+        nb = plan.keep.shape[2]
+        tiles = (heads - temporal) * plan.spatial_tiles + temporal * plan.temporal_tiles
+        return out, tiles / (heads * nb * nb)
+
+    def _attend_temporal(self, call: AttentionCall, plan: SVGPlan, temporal_heads: torch.Tensor, out) -> None:
+        """Temporal heads in token-major order, a few at a time, scattered back into ``out``."""
+        B, _, L, D = call.q.shape
+        step = max(1, TEMPORAL_CHUNK_BYTES // (B * L * D * call.q.element_size()))
+        size = min(step, temporal_heads.numel())
+        buffers = torch.empty(4, B, size, L, D, device=call.q.device, dtype=call.q.dtype)
+        for h0 in range(0, temporal_heads.numel(), step):
+            heads = temporal_heads[h0:h0 + step]
+            qt, kt, vt, ot = (buf[:, :heads.numel()] for buf in buffers)
+            for src, dst in ((call.q, qt), (call.k, kt), (call.v, vt)):
+                gather_head_rows(src, heads, plan.order, out=dst, backend=call.backend)
+            block_sparse_attention(qt, kt, vt, plan.temporal_indices, plan.temporal_counts,
+                                   block_size=self.block_size, kv_length=call.kv_length, out=ot,
+                                   backend=call.backend, check_layout=False)
+            scatter_head_rows(ot, heads, plan.order, out, backend=call.backend)
+
+    def head_classes(self, call: AttentionCall, plan: SVGPlan) -> HeadClasses:
+        """The cached classes of the call's heads, profiled anew when missing or ``reprofile_every`` steps old."""
+        heads = call.q.shape[1]
+        key = (call.layer, call.grid, call.head_offset, heads)
+        cached = self._classes.get(key)
+        fresh = cached is not None and call.step is not None and cached.step is not None \
+            and cached.step <= call.step < cached.step + self.settings.reprofile_every
+        if fresh:
+            return cached
+        temporal = self.profile(call, plan)
+        device = call.q.device
+        flags = torch.tensor(temporal, device=device)
+        counts = torch.where(flags[:, None], 0, plan.spatial_counts[None, :]).to(torch.int32)[None]
+        heads = torch.tensor([h for h, flag in enumerate(temporal) if flag], dtype=torch.int32, device=device)
+        classes = HeadClasses(call.step, temporal, counts.contiguous(), heads)
+        self._classes[key] = classes
+        return classes
+
+    def profile(self, call: AttentionCall, plan: SVGPlan) -> tuple:
+        """Per head: True when the temporal layout's error on the sampled rows is lower than the spatial one's."""
+        self.profiled_calls += 1
+        q_rows = call.q.index_select(2, plan.rows)
+        errors = candidate_mask_errors(q_rows, call.k, call.v, plan.keep, plan.key_block, kv_length=call.kv_length,
+                                       backend=call.backend).sum(dim=1)  # (2, H): summed over the batch
+        return tuple(bool(t) for t in (errors[1] < errors[0]).tolist())  # reads back: one sync per profiled call
+
+    def block_mask(self, grid: VideoGrid, layer: int | None = None) -> torch.Tensor | None:
+        """CPU bool (H, NB, NB) of ``layer``'s last classes in the original token order: spatial heads their layout,
+        temporal heads the tiles holding any pair their layout computes. None when the layer has no classes."""
+        parts = sorted((key[2], classes.temporal) for key, classes in self._classes.items()
+                       if key[0] == layer and key[1] == grid)
+        if not parts:
+            return None
+        temporal = [flag for _, flags in parts for flag in flags]
+        spatial_mask = svg_block_masks(grid, self.settings.sparsity, self.block_size, self.settings.attention_sink)[0]
+        temporal_mask = temporal_mask_in_original_order(grid, self.settings.sparsity, self.block_size)
+        return torch.stack([temporal_mask if flag else spatial_mask for flag in temporal])
+
+    def cache_bytes(self) -> dict:
+        """{(grid, device): bytes of its layouts and profiling tables, (layer, grid, head_offset, heads): bytes of
+        its head classes}: at most MAX_PLANS layouts; classes per sparse layer of the run."""
+        sizes = {key: plan.nbytes for key, plan in self._plans.items()}
+        sizes.update({key: classes.nbytes for key, classes in self._classes.items()})
+        return sizes
+
+    def reset(self) -> None:
+        """A new run: head classes are learned from this run's q and k, so they are dropped; layouts stay."""
+        self._classes.clear()
