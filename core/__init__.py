@@ -3,6 +3,7 @@
 Never imports ComfyUI: nodes/ adapts ComfyUI's objects to this package.
 """
 
+from .adaspa import AdaSpaPlanner, AdaSpaSettings, parse_search_steps
 from .dispatcher import CONTEXT_KEY, attention_override
 from .grid import VideoGrid, latent_grid
 from .method import AttentionCall, run_block_plan
@@ -17,4 +18,5 @@ __all__ = [
     "CONTEXT_KEY", "attention_override", "VideoGrid", "latent_grid", "AttentionCall", "run_block_plan", "BlockPlan", "RadialPlanner",
     "RadialSettings", "radial_block_mask", "SparseSchedule", "step_index", "ForwardContext", "RunStats",
     "SparseAttentionSession", "run_summary", "CallTimer", "timed_override",
+    "AdaSpaPlanner", "AdaSpaSettings", "parse_search_steps",
 ]

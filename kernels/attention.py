@@ -71,10 +71,7 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, sc
     Rows whose list is empty (or whose keys are all masked) give 0 and an LSE of -inf, never NaN.
     """
     B, H, LQ, D, LK = _validate_inputs(q, k, v, block_size, out)
-    if kv_length is not None:
-        if not isinstance(kv_length, torch.Tensor) or kv_length.shape != (B,):
-            raise ValueError(f"kv_length must be a ({B},) integer tensor, got "
-                             f"{tuple(kv_length.shape) if isinstance(kv_length, torch.Tensor) else type(kv_length)}")
+    _check_kv_length(kv_length, B)
     validate_layout(kv_indices, kv_counts, num_kv_blocks=num_blocks(LK, block_size),
                     num_q_blocks=num_blocks(LQ, block_size), batch=B, heads=H, check_values=check_layout)
     for name, t in (("kv_indices", kv_indices), ("kv_counts", kv_counts)):
@@ -99,9 +96,14 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, sc
                          "block_size 64 or backend 'reference'") from why
 
 
+def padded_head_dim(head_dim: int) -> int:
+    """The head_dim the Triton kernels compute with: a power of two, at least 16 (zero padding)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
 def _run_triton(triton_block_sparse_attention, q, k, v, kv_indices, kv_counts, block_size, scale, kv_length,
                 return_lse, out, D):
-    padded = max(16, 1 << (D - 1).bit_length())
+    padded = padded_head_dim(D)
     if padded == D:
         return triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size=block_size, scale=scale,
                                              kv_length=kv_length, return_lse=return_lse, out=out)
@@ -116,6 +118,12 @@ def _run_triton(triton_block_sparse_attention, q, k, v, kv_indices, kv_counts, b
     else:
         out.copy_(o[..., :D])
     return (out, lse) if return_lse else out
+
+
+def _check_kv_length(kv_length, batch: int) -> None:
+    if kv_length is not None and (not isinstance(kv_length, torch.Tensor) or kv_length.shape != (batch,)):
+        raise ValueError(f"kv_length must be a ({batch},) integer tensor, got "
+                         f"{tuple(kv_length.shape) if isinstance(kv_length, torch.Tensor) else type(kv_length)}")
 
 
 def _validate_inputs(q, k, v, block_size, out):

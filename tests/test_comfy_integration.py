@@ -481,7 +481,8 @@ def test_import_as_custom_node_under_any_folder_name(tmp_path):
     try:
         spec.loader.exec_module(module)
         mappings = module.NODE_CLASS_MAPPINGS
-        assert set(mappings) == {"SparseAttentionPatch", "RadialAttentionMask", "SparseAttentionInspector"}
+        assert set(mappings) == {"SparseAttentionPatch", "RadialAttentionMask", "SparseAttentionInspector",
+                                 "AdaSpaSearch"}
         assert set(module.NODE_DISPLAY_NAME_MAPPINGS) == set(mappings)
         for cls in mappings.values():
             assert cls.__module__.startswith(module_name + ".nodes")

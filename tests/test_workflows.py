@@ -36,7 +36,7 @@ comfyui = pytest.mark.comfyui  # skipped, loudly, without ComfyUI (conftest.py)
 
 SHIPPED = ("wan2.1_t2v_1.3b_radial.json", "wan2.1_t2v_14b_radial.json", "wan2.1_i2v_14b_radial.json",
            "wan2.2_a14b_t2v_radial.json", "wan2.2_ti2v_5b_radial.json", "hunyuanvideo_t2v_radial.json",
-           "wan2.1_t2v_1.3b_dense_vs_radial.json")
+           "wan2.1_t2v_1.3b_dense_vs_radial.json", "wan2.1_t2v_14b_adaspa.json", "hunyuanvideo_t2v_adaspa.json")
 MUTATION_SOURCE = "wan2.1_t2v_14b_radial.json"  # the broken copies below start from it
 FILES = wc.workflow_files()
 IDS = [p.name for p in FILES]
@@ -49,6 +49,10 @@ LATENT_SIZE_NODES = {"EmptyHunyuanLatentVideo", "WanImageToVideo", "Wan22ImageTo
 
 WAN_RADIAL = {"decay_factor": 0.2, "attention_sink": True}       # the Radial reference settings for Wan
 HUNYUAN_RADIAL = {"decay_factor": 0.95, "attention_sink": False}  # and for HunyuanVideo
+# The settings nodes of the methods, and the reference settings of those that have the same ones for every family
+# (AdaSpa: the paper's defaults).
+SETTINGS_NODES = ("RadialAttentionMask", "AdaSpaSearch")
+ADASPA_PAPER = {"recall": 0.8, "search_steps": "0.2, 0.6", "block_size": 64, "min_density": 0.1, "max_density": 0.3}
 
 
 @dataclass(frozen=True)
@@ -289,7 +293,7 @@ def test_pack_nodes_run_with_the_workflow_settings(path, catalog):
     prompt = wc.to_api_prompt(wc.load_workflow(path), catalog)
     outputs, patched = {}, 0
     model = comfy_env.tiny_wan_t2v()
-    for nid, item in sorted(prompt.items(), key=lambda kv: kv[1]["class_type"] != "RadialAttentionMask"):
+    for nid, item in sorted(prompt.items(), key=lambda kv: kv[1]["class_type"] not in SETTINGS_NODES):
         cls = wc._loaded["pack_classes"].get(item["class_type"])
         if cls is None:
             continue
@@ -343,19 +347,21 @@ def test_notes_name_every_model_file_and_folder(path, catalog):
 @pytest.mark.parametrize("path", FILES, ids=IDS)
 def test_reference_settings_and_video_size_of_the_family(path, catalog):
     """Every Radial Mask has the reference settings of the workflow's family (Wan: decay 0.2, sink on; HunyuanVideo:
-    decay 0.95, sink off) and the video has the family's height (the resolution README's table gives)."""
+    decay 0.95, sink off), every AdaSpa Search the paper's defaults, and the video has the family's height (the
+    resolution README's table gives)."""
     wf = wc.load_workflow(path)
     found = families_of(wf)
     assert len(found) == 1, f"{path.name}: not one family: {found}"
     fam = FAMILIES[found[0]]
     problems = []
-    masks = [n for n in nodes_of(wf, "RadialAttentionMask") if active(n)]
-    if not masks:
-        problems.append("no active RadialAttentionMask")
-    for n in masks:
-        for name, expected in fam.radial.items():
+    settings = [n for n in wf["nodes"] if n["type"] in SETTINGS_NODES and active(n)]
+    if not settings:
+        problems.append(f"no active method settings node ({', '.join(SETTINGS_NODES)})")
+    for n in settings:
+        reference = fam.radial if n["type"] == "RadialAttentionMask" else ADASPA_PAPER
+        for name, expected in reference.items():
             if widget(catalog, n, name) != expected:
-                problems.append(f"node {n['id']} (RadialAttentionMask) input '{name}': "
+                problems.append(f"node {n['id']} ({n['type']}) input '{name}': "
                                 f"{widget(catalog, n, name)!r}, the {found[0]} reference is {expected!r}")
     sizes = [n for n in wf["nodes"] if n["type"] in LATENT_SIZE_NODES and active(n)]
     if not sizes:
