@@ -134,11 +134,14 @@ def select_row_wise(mass: torch.Tensor, *, recall: float, low: int, high: int):
     heaviest other blocks. Returns (picks (H, R, max k) int32, ascending per row, entries past k repeat the
     first; k (H,) int64; recall reached (H,) float32)."""
     H, R, C = mass.shape
-    rank_by = mass.clone()
-    rank_by.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))  # the diagonal ranks first in its row
-    order = rank_by.argsort(dim=-1, descending=True)
-    del rank_by
-    kept = mass.gather(-1, order).cumsum(-1).sum(1)  # (H, C): mass kept with the top 1..C blocks of every row
+    ranked = mass.clone()
+    diagonal = ranked.diagonal(dim1=-2, dim2=-1)
+    diagonal_mass = diagonal.clone()
+    diagonal.fill_(float("inf"))  # the diagonal ranks first in its row
+    ranked, order = ranked.sort(dim=-1, descending=True)
+    ranked[..., 0] = diagonal_mass
+    kept = ranked.sum(1).cumsum(-1)  # (H, C): mass kept with the top 1..C blocks of every row
+    del ranked
     total = kept[:, -1]
     if recall >= 1.0:
         k = torch.full((H,), C, device=mass.device, dtype=torch.long)
@@ -184,7 +187,7 @@ def search_pattern(mass: torch.Tensor, grid: VideoGrid, settings: AdaSpaSettings
                              kv_counts=torch.zeros(B, H, 0, device=mass.device, dtype=torch.int32), video_blocks=0,
                              num_blocks=nb, density=1.0, recall=torch.ones(B, H))
     low, high = density_bounds(settings.min_density, settings.max_density, columns)
-    per_head = max(1, video * columns * 24)  # float masses, int64 order, cumulative sums
+    per_head = max(1, video * columns * 16)  # float masses (a copy, sorted) and their int64 order
     chunk = max(1, SELECT_CHUNK_BYTES // per_head)
     picks, counts, reached = [], [], []
     for b in range(B):
