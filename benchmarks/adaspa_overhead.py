@@ -168,6 +168,7 @@ def main():
         search_steps=searches, search_step_ms=step_ms,
         search_vs_dense={kind: t / ms["sdpa_dense"] for kind, t in step_ms.items()},
         two_pass_vs_dense=(ms["ours_dense_lse"] + ms["mass_kernel"] + ms["selection"]) / ms["sdpa_dense"],
+        paper_cached_vs_dense=(ms["mass_kernel"] + ms["selection"] + ms["sparse"]) / ms["sdpa_dense"],
         sparse_speedup=ms["sdpa_dense"] / ms["sparse"], overhead_ms=overhead_ms, sparse_steps=len(sparse_steps),
         amortized_overhead=overhead_ms / sparse_ms,
         run_attention_ms=dict(dense=RUN_STEPS * ms["sdpa_dense"],
@@ -216,7 +217,9 @@ def print_report(s):
     for kind, ratio in s["search_vs_dense"].items():
         print(f"search step ({kind} LSE: pass + selection): {s['search_step_ms'][kind]:.2f} ms = {ratio:.3f}x "
               f"one dense call (target <= {SEARCH_TARGET}x)")
-    print(f"the paper's two passes (dense + LSE, then the mass kernel) + selection: {s['two_pass_vs_dense']:.3f}x")
+    print(f"the paper's first search (dense + LSE, then the mass kernel) + selection: {s['two_pass_vs_dense']:.3f}x; "
+          f"its later searches (mass kernel + selection + sparse attention, sparse output): "
+          f"{s['paper_cached_vs_dense']:.3f}x")
     print(f"{RUN_STEPS}-step run, searches at steps {s['search_steps']}: search overhead beyond dense "
           f"{s['overhead_ms']:.1f} ms over {s['sparse_steps']} sparse steps' attention = "
           f"{100 * s['amortized_overhead']:.2f}% (target <= {100 * AMORTIZED_TARGET:.0f}%)")
