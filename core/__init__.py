@@ -3,6 +3,7 @@
 Never imports ComfyUI: nodes/ adapts ComfyUI's objects to this package.
 """
 
+from .adaspa import AdaSpaPlanner, AdaSpaSettings, parse_search_steps
 from .dispatcher import CONTEXT_KEY, attention_override
 from .grid import VideoGrid, latent_grid
 from .method import AttentionCall, run_block_plan
@@ -21,4 +22,5 @@ __all__ = [
     "SparseAttentionSession", "run_summary", "CallTimer", "timed_override",
     "SVG2_PRESETS", "SVG2Planner", "SVG2Settings",
     "SVG_PRESETS", "SVGPlanner", "SVGSettings",
+    "AdaSpaPlanner", "AdaSpaSettings", "parse_search_steps",
 ]

@@ -72,12 +72,8 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, sc
     Rows whose list is empty (or whose keys are all masked) give 0 and an LSE of -inf, never NaN.
     """
     B, H, LQ, D, LK = validate_qkv(q, k, v, out)
-    if block_size not in SUPPORTED_BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
-    if kv_length is not None:
-        if not isinstance(kv_length, torch.Tensor) or kv_length.shape != (B,):
-            raise ValueError(f"kv_length must be a ({B},) integer tensor, got "
-                             f"{tuple(kv_length.shape) if isinstance(kv_length, torch.Tensor) else type(kv_length)}")
+    check_block_size(block_size)
+    check_kv_length(kv_length, B)
     validate_layout(kv_indices, kv_counts, num_kv_blocks=num_blocks(LK, block_size),
                     num_q_blocks=num_blocks(LQ, block_size), batch=B, heads=H, check_values=check_layout)
     for name, t in (("kv_indices", kv_indices), ("kv_counts", kv_counts)):
@@ -117,12 +113,17 @@ def shared_memory_guard(fix: str):
         raise ValueError(f"the Triton kernel needs more GPU shared memory than this GPU offers ({why}); {fix}") from why
 
 
+def padded_head_dim(head_dim: int) -> int:
+    """The head_dim the Triton kernels compute with: a power of two, at least 16 (zero padding)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
 def run_padded_head_dim(launch, q, k, v, out, return_lse):
     """Run ``launch(q, k, v, out)`` (a Triton kernel taking power-of-two head dims of at least 16) on any head_dim.
 
     Zero-padding the head dimension leaves q.k and the first D output columns unchanged."""
     D = q.shape[-1]
-    padded = max(16, 1 << (D - 1).bit_length())
+    padded = padded_head_dim(D)
     if padded == D:
         return launch(q, k, v, out)
     pad = (0, padded - D)
@@ -133,6 +134,17 @@ def run_padded_head_dim(launch, q, k, v, out, return_lse):
     else:
         out.copy_(o[..., :D])
     return (out, lse) if return_lse else out
+
+
+def check_block_size(block_size) -> None:
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
+
+
+def check_kv_length(kv_length, batch: int) -> None:
+    if kv_length is not None and (not isinstance(kv_length, torch.Tensor) or kv_length.shape != (batch,)):
+        raise ValueError(f"kv_length must be a ({batch},) integer tensor, got "
+                         f"{tuple(kv_length.shape) if isinstance(kv_length, torch.Tensor) else type(kv_length)}")
 
 
 def validate_qkv(q, k, v, out):

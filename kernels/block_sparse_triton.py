@@ -22,29 +22,85 @@ _NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
+def _mask_keys(s, start, offs_n, key_limit, BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr):
+    """Scores of keys at or past key_limit become -inf; only the tile holding the end of the keys pays for it."""
+    if MASK_KEYS:
+        if start + BLOCK_N > key_limit:
+            s = tl.where((start + offs_n)[None, :] < key_limit, s, float("-inf"))
+    return s
+
+
+@triton.jit
 def _softmax_step(q, k_t, v, start, offs_n, key_limit, qk_scale, m_i, l_i, acc, BLOCK_N: tl.constexpr,
                   MASK_KEYS: tl.constexpr):
     """One key tile (keys start + offs_n) of the flash-attention online softmax; k_t is (HEAD_DIM, BLOCK_N)."""
-    s = tl.dot(q, k_t)
-    if MASK_KEYS:
-        if start + BLOCK_N > key_limit:  # only the tile holding the end of the keys pays for masking
-            s = tl.where((start + offs_n)[None, :] < key_limit, s, float("-inf"))
+    s = _mask_keys(tl.dot(q, k_t), start, offs_n, key_limit, BLOCK_N, MASK_KEYS)
     return _softmax_update(s, v, qk_scale, m_i, l_i, acc)
 
 
 @triton.jit
 def _softmax_update(s, v, qk_scale, m_i, l_i, acc):
     """Fold a tile of raw scores s (BLOCK_M, BLOCK_N; masked keys -inf) and its values into the running max,
-    sum and output accumulator.
+    sum and output accumulator. Also returns the tile's row sums of exp2(score - new running max).
 
     The running max is in scaled log2 units, so the scale folds into the exp2 argument: one FMA per score and
     no separate scaling pass over the tile."""
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     p = tl.math.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p_sum = tl.sum(p, 1)
+    l_i = l_i * alpha + p_sum
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return m_new, l_i, acc
+    return m_new, l_i, acc, p_sum
+
+
+@triton.jit
+def _load_queries(q_base, offs_m, offs_d, stride_ql, LQ, EVEN_Q: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """The (BLOCK_M, HEAD_DIM) query tile of rows offs_m; rows past LQ read as zeros."""
+    q_ptrs = q_base + offs_m[:, None] * stride_ql + offs_d[None, :]
+    if EVEN_Q:
+        q = tl.load(q_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=offs_m[:, None] < LQ, other=0.0)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    return q
+
+
+@triton.jit
+def _load_keys(k_base, cols, offs_d, stride_kl, LK, MASKED: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """K^T of keys ``cols``, (HEAD_DIM, BLOCK_N); with MASKED, keys past LK read as zeros."""
+    k_ptrs = k_base + cols[None, :] * stride_kl + offs_d[:, None]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=cols[None, :] < LK, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    if UPCAST_DOT:
+        k = k.to(tl.float32)
+    return k
+
+
+@triton.jit
+def _load_values(v_base, cols, offs_d, stride_vl, LK, MASKED: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """V of keys ``cols``, (BLOCK_N, HEAD_DIM); with MASKED, keys past LK read as zeros."""
+    v_ptrs = v_base + cols[:, None] * stride_vl + offs_d[None, :]
+    if MASKED:
+        v = tl.load(v_ptrs, mask=cols[:, None] < LK, other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    if UPCAST_DOT:
+        v = v.to(tl.float32)
+    return v
+
+
+@triton.jit
+def _store_rows(o_base, out, offs_m, offs_d, stride_ol, LQ, EVEN_Q: tl.constexpr):
+    """Write a (BLOCK_M, HEAD_DIM) output tile; rows past LQ are not written."""
+    o_ptrs = o_base + offs_m[:, None] * stride_ol + offs_d[None, :]
+    if EVEN_Q:
+        tl.store(o_ptrs, out.to(o_base.dtype.element_ty))
+    else:
+        tl.store(o_ptrs, out.to(o_base.dtype.element_ty), mask=offs_m[:, None] < LQ)
 
 
 @triton.jit
@@ -92,13 +148,7 @@ def _block_sparse_fwd(
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :]
-    if EVEN_Q:
-        q = tl.load(q_ptrs)
-    else:
-        q = tl.load(q_ptrs, mask=offs_m[:, None] < LQ, other=0.0)
-    if UPCAST_DOT:
-        q = q.to(tl.float32)
+    q = _load_queries(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_ql, LQ, EVEN_Q, UPCAST_DOT)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
 
@@ -110,25 +160,13 @@ def _block_sparse_fwd(
         kb = tl.load(idx_base + it // SUB_TILES)
         start = kb * KV_BLOCK + (it % SUB_TILES) * BLOCK_N
         cols = start + offs_n
-        k_ptrs = k_base + cols[None, :] * stride_kl + offs_d[:, None]
-        v_ptrs = v_base + cols[:, None] * stride_vl + offs_d[None, :]
-        if MASK_KEYS:
-            k = tl.load(k_ptrs, mask=cols[None, :] < LK, other=0.0)
-            v = tl.load(v_ptrs, mask=cols[:, None] < LK, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        if UPCAST_DOT:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        m_i, l_i, acc = _softmax_step(q, k, v, start, offs_n, key_limit, qk_scale, m_i, l_i, acc, BLOCK_N, MASK_KEYS)
+        k = _load_keys(k_base, cols, offs_d, stride_kl, LK, MASK_KEYS, UPCAST_DOT)
+        v = _load_values(v_base, cols, offs_d, stride_vl, LK, MASK_KEYS, UPCAST_DOT)
+        m_i, l_i, acc, _ = _softmax_step(q, k, v, start, offs_n, key_limit, qk_scale, m_i, l_i, acc, BLOCK_N,
+                                         MASK_KEYS)
 
     out, lse = _row_results(acc, m_i, l_i)
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
-    if EVEN_Q:
-        tl.store(o_ptrs, out.to(O.dtype.element_ty))
-    else:
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < LQ)
+    _store_rows(O + b * stride_ob + h * stride_oh, out, offs_m, offs_d, stride_ol, LQ, EVEN_Q)
     if RETURN_LSE:
         lse_ptrs = LSE + (b * H + h) * LQ + offs_m
         if EVEN_Q:
@@ -168,8 +206,8 @@ def _block_sparse_fwd_tma(
         if UPCAST_DOT:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        m_i, l_i, acc = _softmax_step(q, tl.trans(k), v, start, offs_n, key_limit, qk_scale, m_i, l_i, acc,
-                                      BLOCK_N, MASK_KEYS)
+        m_i, l_i, acc, _ = _softmax_step(q, tl.trans(k), v, start, offs_n, key_limit, qk_scale, m_i, l_i, acc,
+                                         BLOCK_N, MASK_KEYS)
 
     out, lse = _row_results(acc, m_i, l_i)
     o_desc.store([b, h, qb * BLOCK_M, 0], out.to(o_desc.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))

@@ -99,7 +99,7 @@ def _cluster_fwd(
             s = tl.dot(q, k)
             if n0 + BLOCK_N > total:  # only the chunk's last tile has slots past its keys (they read row 0)
                 s = tl.where(key_ok[None, :], s, float("-inf"))
-            m_i, l_i, acc = _softmax_update(s, v, qk_scale, m_i, l_i, acc)
+            m_i, l_i, acc, _ = _softmax_update(s, v, qk_scale, m_i, l_i, acc)
 
     out, lse = _row_results(acc, m_i, l_i)
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]

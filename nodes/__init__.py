@@ -1,5 +1,6 @@
 """ComfyUI nodes of the pack. The only package that imports ComfyUI."""
 
+from .adaspa import AdaSpaSearch
 from .bridge import session_of
 from .inspector import SparseAttentionInspector
 from .patch_nodes import RadialMask, SparseAttentionPatch
@@ -12,6 +13,7 @@ NODE_CLASS_MAPPINGS = {
     "SparseAttentionInspector": SparseAttentionInspector,
     "SVG2KMeansSettings": SVG2KMeansSettings,
     "SVGSettings": SVGSettingsNode,
+    "AdaSpaSearch": AdaSpaSearch,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "SparseAttentionPatch": "Sparse Attention Patch",
@@ -19,4 +21,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SparseAttentionInspector": "Sparse Attention Inspector",
     "SVG2KMeansSettings": "SVG2 K-Means Settings",
     "SVGSettings": "SVG Settings",
+    "AdaSpaSearch": "AdaSpa Search",
 }

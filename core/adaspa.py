@@ -1,0 +1,316 @@
+"""AdaSpa (Xia et al. 2025, arXiv 2502.21079): per-head block-sparse layouts found by an exact online search.
+
+What the paper does (its Sections 3-4, Figure 7, Algorithms 1-2):
+  * Attention of video DiTs is "blockified"; its pattern and each row's log-sum-exp (LSE) change with the input,
+    layer and head but hardly across denoising steps. So the exact block pattern is searched online at a few steps
+    (Ts = {10, 30} of 50, after 10 dense warm-up steps) and reused by the steps up to the next search.
+  * A search ranks (query block, key block) tiles by their exact attention mass sum exp(q.k * scale - LSE). The
+    first search runs full attention, then a second pass with the fresh LSE; later searches run one mass pass
+    with the LSE cached at the first ("LSE-cached search") and then the sparse attention.
+  * Head-adaptive and "row wise": every query block of a head keeps the same number of key blocks, its heaviest;
+    heads are given more or fewer blocks by their recall (kept mass / all mass) against 0.8, around sparsity 0.8.
+  * Text sink (HunyuanVideo): video-text, text-video and text-text blocks are always kept.
+
+What this planner does, and where it departs from the paper:
+  * A search call is one sweep of ``kernels.dense_attention_with_mass``: the exact dense output of the call, the
+    new LSE (kept for the next search) and the masses. With a cached LSE (every search after the first of a run)
+    the masses cost a few operations per row on top of the attention. The paper's later searches run a mass-only
+    pass and then the sparse attention instead: about a third of a dense call cheaper, but that step's output is
+    sparse and its LSE is not refreshed. The first search of a run has no cached LSE: the same sweep writes each
+    row's log-sum-exp per key block to a scratch buffer (a few heads at a time) and normalises it with the row's
+    final LSE: exact, about 1x a dense call instead of the paper's two passes (about 1.5x).
+  * Search steps: the paper's {10, 30} of 50 as fractions of the run (0.2, 0.6), or step indices. A call that
+    finds no pattern for its shape (the first sparse step of a layer, a new resolution) searches too.
+  * Per head the number of key blocks per query block is the fewest whose kept mass reaches ``recall`` of the
+    head's searched mass, clamped to [min_density, max_density] of the searched columns: the paper's criterion
+    (recall 0.8) and its range of per-head sparsity (0.7..0.9 around 0.8) as settings. The diagonal block is
+    always kept. A recall of 1 keeps every block.
+  * Text rows are always computed dense (a separate dense launch over the text rows, so the video rows' layout
+    stays narrow); text columns are kept for every video row with ``text_dense``, else searched like video ones.
+
+The pattern and LSE cache: per layer, one entry per (grid, batch size, device, first head, heads), holding the
+layout of every (batch element, head) (int16 indices) and, while a later search of the run will use it, the LSE
+(float16). A call whose grid or batch differs finds no entry and searches (never reuses a layout of another
+shape); the whole cache is dropped at the start of each sampling run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels import (block_sparse_attention, dense_attention_with_mass, full_layout, indices_to_block_mask,
+                       num_blocks, validate_layout)
+from .grid import VideoGrid
+from .method import AttentionCall
+
+log = logging.getLogger("sparse_video_attention")
+
+BLOCK_SIZES = (64, 128)
+# Selection works on this many bytes of per-head temporaries at a time (sorting the masses of a few heads).
+SELECT_CHUNK_BYTES = 512 << 20
+
+
+@dataclass(frozen=True)
+class AdaSpaSettings:
+    """recall: the share of each head's attention mass its blocks keep on the step they are searched.
+    search_steps: when the exact search runs; below 1 a fraction of the run's steps, from 1 up a step index.
+    block_size: tile of the layout. min_density / max_density: bounds on each head's share of kept key blocks.
+    text_dense: video rows keep every text column (HunyuanVideo); off, text columns are searched too."""
+
+    recall: float = 0.8
+    search_steps: tuple = (0.2, 0.6)
+    block_size: int = 64
+    min_density: float = 0.1
+    max_density: float = 0.3
+    text_dense: bool = True
+
+    def __post_init__(self):
+        # Written so that NaN (which an API prompt can send past the UI's min/max) is rejected too.
+        if not 0.0 < self.recall <= 1.0:
+            raise ValueError(f"recall must be in (0, 1], got {self.recall}; 0.8 is the paper's, 1.0 keeps every block")
+        if self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {self.block_size}")
+        for name in ("min_density", "max_density"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.min_density > self.max_density:
+            raise ValueError(f"min_density ({self.min_density}) must not be above max_density ({self.max_density}); "
+                             "lower min_density or raise max_density")
+        if not isinstance(self.search_steps, tuple):
+            raise ValueError(f"search_steps must be a tuple of numbers, got {type(self.search_steps).__name__}")
+        for s in self.search_steps:
+            if not 0 <= s < math.inf or (s >= 1 and s != int(s)):
+                raise ValueError(f"search_steps must hold fractions in [0, 1) or whole step indices, got {s} in "
+                                 f"{self.search_steps}")
+
+    def make_planner(self) -> "AdaSpaPlanner":
+        return AdaSpaPlanner(self)
+
+
+def parse_search_steps(text: str) -> tuple:
+    """'0.2, 0.6' or '10 30' -> (0.2, 0.6) / (10.0, 30.0); ValueError naming search_steps for anything else."""
+    try:
+        values = tuple(float(part) for part in text.replace(",", " ").split())
+    except ValueError:
+        raise ValueError(f"search_steps must be numbers separated by commas, e.g. '0.2, 0.6' or '10, 30'; "
+                         f"got {text!r}") from None
+    AdaSpaSettings(search_steps=values)  # the range checks, with their message
+    return values
+
+
+def resolve_search_steps(search_steps: tuple, total_steps: int | None) -> tuple[tuple, tuple]:
+    """(step indices of the run that search, sorted; the indices given past the run's last step).
+
+    A fraction f is step round(f * total_steps) (the schedule's rounding), always inside the run. Without a known
+    number of steps only indices can be placed."""
+    inside, beyond = set(), set()
+    for s in search_steps:
+        if s < 1:
+            if total_steps is not None:
+                inside.add(min(math.floor(s * total_steps + 0.5), total_steps - 1))
+        elif total_steps is not None and s >= total_steps:
+            beyond.add(int(s))
+        else:
+            inside.add(int(s))
+    return tuple(sorted(inside)), tuple(sorted(beyond))
+
+
+def density_bounds(min_density: float, max_density: float, columns: int) -> tuple[int, int]:
+    """(fewest, most) key blocks a query block keeps out of ``columns`` searched ones; at least the diagonal."""
+    low = min(columns, max(1, math.ceil(min_density * columns - 1e-9)))
+    high = min(columns, max(low, math.floor(max_density * columns + 1e-9)))
+    return low, high
+
+
+def select_row_wise(mass: torch.Tensor, *, recall: float, low: int, high: int):
+    """Head-adaptive row-wise selection over a (H, R, C) mass region (row i's diagonal block is column i).
+
+    Per head the count k is the fewest blocks per row whose kept mass, summed over rows, reaches ``recall`` of
+    the head's mass (every block for recall 1), clamped to [low, high]; each row keeps its diagonal and its k - 1
+    heaviest other blocks. Returns (picks (H, R, max k) int32, ascending per row, entries past k repeat the
+    first; k (H,) int64; recall reached (H,) float32)."""
+    H, R, C = mass.shape
+    ranked = mass.clone()
+    diagonal = ranked.diagonal(dim1=-2, dim2=-1)
+    diagonal_mass = diagonal.clone()
+    diagonal.fill_(float("inf"))  # the diagonal ranks first in its row
+    ranked, order = ranked.sort(dim=-1, descending=True)
+    ranked[..., 0] = diagonal_mass
+    kept = ranked.sum(1).cumsum(-1)  # (H, C): mass kept with the top 1..C blocks of every row
+    del ranked
+    total = kept[:, -1]
+    if recall >= 1.0:
+        k = torch.full((H,), C, device=mass.device, dtype=torch.long)
+    else:
+        k = (kept < recall * total[:, None]).sum(-1) + 1
+    k = k.clamp(low, high)
+    reached = torch.where(total > 0, kept.gather(-1, (k - 1)[:, None])[:, 0] / total, torch.ones_like(total))
+    width = int(k.max())
+    top = order[..., :width]
+    valid = torch.arange(width, device=mass.device) < k[:, None, None]
+    top = torch.where(valid, top, C).sort(dim=-1).values  # the kept columns ascending, then placeholders
+    top = torch.where(valid, top, top[..., :1])
+    return top.to(torch.int32), k, reached
+
+
+@dataclass(frozen=True)
+class AdaSpaPattern:
+    """The searched layout of one cache entry: video query rows (the first ``video_blocks`` query blocks) keep
+    ``kv_counts`` key blocks listed in ``kv_indices`` (int16 when it fits: stored for every layer); the query
+    blocks after them (text) are dense. ``recall``: (B, H) share of the searched mass each head kept, on CPU."""
+
+    kv_indices: torch.Tensor
+    kv_counts: torch.Tensor
+    video_blocks: int
+    num_blocks: int
+    density: float
+    recall: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv_indices.nbytes + self.kv_counts.nbytes
+
+
+def search_pattern(mass: torch.Tensor, grid: VideoGrid, settings: AdaSpaSettings) -> AdaSpaPattern:
+    """The pattern of a (B, H, NB, NB) mass over ``grid``'s tokens in ``settings.block_size`` tiles."""
+    B, H, nb, _ = mass.shape
+    bs = settings.block_size
+    video = grid.video_tokens // bs if grid.text_tokens else nb  # a block holding any text token counts as text
+    columns = video if settings.text_dense else nb
+    text_columns = nb - video if settings.text_dense else 0
+    if video == 0:  # no whole block of video: every row is a text row, all dense
+        return AdaSpaPattern(kv_indices=torch.zeros(B, H, 0, 1, device=mass.device, dtype=torch.int16),
+                             kv_counts=torch.zeros(B, H, 0, device=mass.device, dtype=torch.int32), video_blocks=0,
+                             num_blocks=nb, density=1.0, recall=torch.ones(B, H))
+    low, high = density_bounds(settings.min_density, settings.max_density, columns)
+    per_head = max(1, video * columns * 16)  # float masses (a copy, sorted) and their int64 order
+    chunk = max(1, SELECT_CHUNK_BYTES // per_head)
+    picks, counts, reached = [], [], []
+    for b in range(B):
+        for h0 in range(0, H, chunk):
+            p, k, r = select_row_wise(mass[b, h0:h0 + chunk, :video, :columns], recall=settings.recall, low=low,
+                                      high=high)
+            picks.append(p)
+            counts.append(k)
+            reached.append(r)
+    width = max(p.shape[-1] for p in picks) + text_columns
+    dtype = torch.int16 if nb <= torch.iinfo(torch.int16).max else torch.int32
+    indices = torch.zeros(B * H, video, width, device=mass.device, dtype=dtype)
+    row = 0
+    for p in picks:
+        indices[row:row + p.shape[0], :, :p.shape[-1]] = p
+        indices[row:row + p.shape[0], :, p.shape[-1]:] = p[..., :1]
+        row += p.shape[0]
+    k = torch.cat(counts)
+    if text_columns:  # after each row's k video blocks: every text block
+        slots = (k[:, None, None] + torch.arange(text_columns, device=mass.device)).expand(-1, video, -1)
+        text = torch.arange(video, nb, device=mass.device, dtype=dtype).expand(B * H, video, -1)
+        indices.scatter_(-1, slots, text)
+    kv_counts = (k + text_columns).to(torch.int32)[:, None].expand(-1, video).reshape(B, H, video).contiguous()
+    kept_tiles = float(kv_counts.sum()) + B * H * (nb - video) * nb
+    return AdaSpaPattern(kv_indices=indices.view(B, H, video, width), kv_counts=kv_counts, video_blocks=video,
+                         num_blocks=nb, density=kept_tiles / (B * H * nb * nb),
+                         recall=torch.cat(reached).view(B, H).cpu())
+
+
+@dataclass
+class _Entry:
+    pattern: AdaSpaPattern
+    lse: torch.Tensor | None  # (B, H, L) float16, kept while a later search of the run will use it
+    searched_step: int | None
+
+
+class AdaSpaPlanner:
+    """Searches at the search steps (and wherever a call finds no pattern for its shape), sparse otherwise."""
+
+    def __init__(self, settings: AdaSpaSettings):
+        self.settings = settings
+        # layer -> {(grid, batch, device, first head, heads): _Entry}; one shape (grid, batch, device) per layer
+        self._layers: dict[int, dict] = {}
+        self._text_layouts: dict = {}  # (text query blocks, key blocks, device) -> the dense layout of text rows
+        self._warned: set = set()
+
+    @property
+    def block_size(self) -> int:
+        return self.settings.block_size
+
+    def attend(self, call: AttentionCall) -> tuple[torch.Tensor, float]:
+        B, H = call.q.shape[:2]
+        shape = (call.grid, B, call.q.device)
+        key = (*shape, call.head_offset, H)
+        entries = self._layers.get(call.layer, {})
+        entry = entries.get(key)
+        if entry is None:  # a new shape: drop what this layer kept for another one
+            self._layers[call.layer] = entries = {k: e for k, e in entries.items() if k[:3] == shape}
+        searches = self._search_steps(call.total_steps)
+        if entry is None or (call.step in searches and entry.searched_step != call.step):
+            return self._search(call, entries, key, entry, searches)
+        return self._sparse(call, entry.pattern), entry.pattern.density
+
+    def _search_steps(self, total_steps):
+        inside, beyond = resolve_search_steps(self.settings.search_steps, total_steps)
+        if beyond and (beyond, total_steps) not in self._warned:
+            self._warned.add((beyond, total_steps))
+            log.warning("sparse attention: AdaSpa search_steps %s are past this run's last step (%d steps, 0-%d): "
+                        "those searches are skipped, the pattern of the search before them is used to the end",
+                        ", ".join(map(str, beyond)), total_steps, total_steps - 1)
+        return inside
+
+    def _search(self, call, entries, key, entry, searches):
+        cached = entry.lse if entry is not None and entry.lse is not None else None
+        out, lse, mass = dense_attention_with_mass(
+            call.q, call.k, call.v, block_size=self.block_size, kv_length=call.kv_length, out=call.out,
+            backend=call.backend, cached_lse=None if cached is None else cached.float())
+        pattern = search_pattern(mass, call.grid, self.settings)
+        validate_layout(pattern.kv_indices.to(torch.int32), pattern.kv_counts, num_kv_blocks=pattern.num_blocks)
+        later = call.step is not None and any(s > call.step for s in searches)
+        entries[key] = _Entry(pattern, lse.half() if later else None, call.step)
+        return out, 1.0
+
+    def _sparse(self, call, pattern):
+        q, k, v = call.q, call.k, call.v
+        out = call.out if call.out is not None else torch.empty_like(q)
+        rows = min(q.shape[2], pattern.video_blocks * self.block_size)
+        if rows:
+            block_sparse_attention(q[:, :, :rows], k, v, pattern.kv_indices.to(torch.int32), pattern.kv_counts,
+                                   block_size=self.block_size, kv_length=call.kv_length, out=out[:, :, :rows],
+                                   backend=call.backend, check_layout=False)
+        if rows < q.shape[2]:  # text rows: every key block
+            block_sparse_attention(q[:, :, rows:], k, v, *self._text_layout(q.shape[2] - rows, pattern, q.device),
+                                   block_size=self.block_size, kv_length=call.kv_length, out=out[:, :, rows:],
+                                   backend=call.backend, check_layout=False)
+        return out
+
+    def _text_layout(self, rows, pattern, device):
+        key = (num_blocks(rows, self.block_size), pattern.num_blocks, device)
+        if key not in self._text_layouts:
+            self._text_layouts[key] = full_layout(*key)
+        return self._text_layouts[key]
+
+    def block_mask(self, grid: VideoGrid, layer: int | None = None) -> torch.Tensor | None:
+        """CPU bool (H, NQB, NKB): ``layer``'s searched layout for batch element 0, its heads in order."""
+        entries = [(k, e) for k, e in self._layers.get(layer, {}).items() if k[0] == grid]
+        if not entries:
+            return None
+        masks = []
+        for _, e in sorted(entries, key=lambda item: item[0][3]):  # by first head
+            p = e.pattern
+            video = indices_to_block_mask(p.kv_indices[0].to(torch.int32), p.kv_counts[0], p.num_blocks)
+            text = torch.ones(video.shape[0], p.num_blocks - p.video_blocks, p.num_blocks, dtype=torch.bool,
+                              device=video.device)
+            masks.append(torch.cat([video, text], dim=1).cpu())
+        return torch.cat(masks)
+
+    def cache_bytes(self) -> dict:
+        """{(layer, grid, batch, device, first head, heads): device bytes of its layout and cached LSE}."""
+        return {(layer, *key): e.pattern.nbytes + (0 if e.lse is None else e.lse.nbytes)
+                for layer, entries in self._layers.items() for key, e in entries.items()}
+
+    def reset(self) -> None:
+        """A new sampling run: patterns and LSEs were learned from the last run's q and k; drop them."""
+        self._layers.clear()
+        self._text_layouts.clear()

@@ -1,0 +1,592 @@
+"""AdaSpa: the block-mass kernels against a float64 oracle, the head-adaptive selection, the planner's pattern and
+LSE cache, and the AdaSpa Search node inside ComfyUI (tiny WanModel and HunyuanVideo).
+
+Kernel tests run the Triton kernels (the CPU interpreter without a GPU) and the torch reference at small, odd
+shapes. Inputs are random on every run; each test prints its seed (rerun with BSA_SEED=<seed> to reproduce).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+import comfy_env
+from pack import import_pack
+from test_block_sparse_kernel import LSE_TOL, OUT_TOL, make_qkv, new_generator
+
+K = import_pack("kernels")
+core = import_pack("core")
+adaspa = import_pack("core.adaspa")
+metrics = import_pack("core.metrics")
+mass_triton = import_pack("kernels.block_mass_triton")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # conftest: no CUDA -> interpreter
+BACKENDS = ("triton", "reference")
+LOGGER = "sparse_video_attention"
+comfyui = pytest.mark.comfyui
+
+pytestmark = [pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")]
+
+
+@pytest.fixture
+def gen():
+    return new_generator(DEVICE)
+
+
+def oracle(q, k, v, block_size, *, kv_length=None, mass_lse=None):
+    """Float64 dense attention: (out, lse, mass); mass against ``mass_lse`` (default: the rows' own LSE)."""
+    B, H, LQ, D = q.shape
+    LK = k.shape[2]
+    s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(D)
+    if kv_length is not None:
+        keep = torch.arange(LK, device=q.device)[None, :] < kv_length.to(q.device)[:, None]
+        s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    finite = torch.isfinite(lse)[..., None]
+    out = torch.where(finite, torch.exp(s - torch.where(finite, lse[..., None], 0.0)), 0.0) @ v.double()
+    ref = lse if mass_lse is None else mass_lse.double()
+    weigh = torch.isfinite(ref)[..., None]
+    p = torch.where(weigh, torch.exp(s - torch.where(weigh, ref[..., None], 0.0)), 0.0)
+    nq, nk = -(-LQ // block_size), -(-LK // block_size)
+    p = torch.nn.functional.pad(p, (0, nk * block_size - LK, 0, nq * block_size - LQ))
+    return out, lse, p.view(B, H, nq, block_size, nk, block_size).sum(dim=(3, 5))
+
+
+def rows_per_block(lse, block_size):
+    """Query rows with at least one key, per query block: what each row of blocks of the mass must sum to."""
+    finite = torch.isfinite(lse).double()
+    pad = -lse.shape[-1] % block_size
+    return torch.nn.functional.pad(finite, (0, pad)).unflatten(-1, (-1, block_size)).sum(-1)
+
+
+def assert_mass(mass, expected, block_size, ctx):
+    assert mass.dtype == torch.float32 and mass.shape == expected.shape, f"{ctx}: {mass.dtype} {tuple(mass.shape)}"
+    assert torch.isfinite(mass).all(), f"{ctx}: non-finite mass"
+    err = (mass.double() - expected).abs().max().item()
+    assert err < 1e-5 * block_size, f"{ctx}: mass abs error {err:.2e}"
+
+
+# (B, H, L, head_dim, block_size, dtype): odd lengths, head_dim 64 / 128 / 80 (zero-padded), both block sizes,
+# batch > 1, bf16 and fp16.
+CASES = {
+    "B2-L100-D64-bs64-bf16": (2, 2, 100, 64, 64, torch.bfloat16),
+    "B2-L100-D64-bs64-fp16": (2, 2, 100, 64, 64, torch.float16),
+    "B1-L150-D128-bs128-bf16": (1, 2, 150, 128, 128, torch.bfloat16),
+    "B2-L200-D80-bs64-fp16": (2, 1, 200, 80, 64, torch.float16),
+}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Kernels against float64
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_block_mass_matches_float64(backend, case, gen):
+    B, H, L, D, bs, dtype = case
+    q, k, _ = make_qkv(B, H, L, L, D, dtype, gen, scale=1.5)
+    _, lse, expected = oracle(q, k, k, bs)
+    mass = K.block_mass(q, k, lse.float(), block_size=bs, backend=backend)
+    ctx = f"{backend} {case} seed={gen.initial_seed()}"
+    assert_mass(mass, expected, bs, ctx)
+    # With each row's own LSE every query row's probabilities sum to 1 over all key blocks.
+    torch.testing.assert_close(mass.double().sum(-1), rows_per_block(lse, bs), rtol=1e-5, atol=1e-5, msg=ctx)
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["exact", "cached-lse"])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dense_attention_with_mass(backend, case, cached, gen):
+    """The output and LSE of dense attention; the masses those of block_mass against the same LSE (the fresh one,
+    or a stale cached one), both against float64."""
+    B, H, L, D, bs, dtype = case
+    q, k, v = make_qkv(B, H, L, L, D, dtype, gen, scale=1.5)
+    want_out, want_lse, _ = oracle(q, k, v, bs)
+    stale = (want_lse + 0.3 * torch.randn(want_lse.shape, generator=gen, device=DEVICE, dtype=torch.float64)).float()
+    out, lse, mass = K.dense_attention_with_mass(q, k, v, block_size=bs, backend=backend,
+                                                 cached_lse=stale if cached else None)
+    ctx = f"{backend} {case} cached={cached} seed={gen.initial_seed()}"
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    err = ((out.double() - want_out).norm() / want_out.norm()).item()
+    assert err < OUT_TOL[dtype], f"{ctx}: output relative error {err:.2e}"
+    assert (lse.double() - want_lse).abs().max().item() < LSE_TOL, ctx
+    against = stale if cached else lse
+    assert_mass(mass, oracle(q, k, v, bs, mass_lse=against)[2], bs, ctx)
+    assert_mass(mass, K.block_mass(q, k, against, block_size=bs, backend=backend).double(), bs, ctx)
+    if not cached:
+        torch.testing.assert_close(mass.double().sum(-1), rows_per_block(lse, bs), rtol=1e-5, atol=1e-5, msg=ctx)
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["exact", "cached-lse"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_key_padding_and_empty_rows(backend, cached, gen):
+    """kv_length cuts keys per batch element; an element with no key gives zeros, an LSE of -inf and no mass."""
+    B, H, L, D, bs = 3, 2, 150, 64, 64
+    q, k, v = make_qkv(B, H, L, L, D, torch.bfloat16, gen)
+    kv_length = torch.tensor([L - 7, 0, 70], device=DEVICE)
+    want_out, want_lse, _ = oracle(q, k, v, bs, kv_length=kv_length)
+    out, lse, mass = K.dense_attention_with_mass(q, k, v, block_size=bs, kv_length=kv_length, backend=backend,
+                                                 cached_lse=want_lse.float() if cached else None)
+    ctx = f"{backend} cached={cached} seed={gen.initial_seed()}"
+    assert not torch.isnan(out).any() and (out[1] == 0).all(), ctx
+    assert torch.isneginf(lse[1]).all() and torch.isfinite(lse[[0, 2]]).all(), ctx
+    assert ((out.double() - want_out).norm() / want_out.norm()).item() < OUT_TOL[torch.bfloat16], ctx
+    assert_mass(mass, oracle(q, k, v, bs, kv_length=kv_length)[2], bs, ctx)
+    assert (mass[1] == 0).all() and (mass[2, :, :, 2:] == 0).all(), f"{ctx}: padded keys carry no mass"
+    alone = K.block_mass(q, k, want_lse.float(), block_size=bs, kv_length=kv_length, backend=backend)
+    assert_mass(alone, oracle(q, k, v, bs, kv_length=kv_length)[2], bs, ctx)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_buffer_token_major(backend, gen):
+    """The output goes straight into a (B, L, H, D) buffer's (B, H, L, D) view, as the dispatcher passes it."""
+    B, H, L, D, bs = 2, 2, 100, 64, 64
+    q, k, v = make_qkv(B, H, L, L, D, torch.float16, gen, token_major=True)
+    storage = torch.full((B, L, H + 1, D), float("nan"), dtype=q.dtype, device=DEVICE)
+    view = storage[:, :, :H].transpose(1, 2)
+    out, _, _ = K.dense_attention_with_mass(q, k, v, block_size=bs, out=view, backend=backend)
+    assert out.data_ptr() == view.data_ptr() and not torch.isnan(view).any()
+    assert torch.isnan(storage[:, :, H:]).all(), "wrote outside out"
+    err = ((view.double() - oracle(q, k, v, bs)[0]).norm() / view.double().norm()).item()
+    assert err < OUT_TOL[torch.float16], f"seed={gen.initial_seed()}"
+
+
+@pytest.mark.skipif(not K.triton_available(DEVICE), reason="needs the Triton kernels (CUDA or the interpreter)")
+def test_exact_mode_a_few_heads_per_launch(monkeypatch, gen):
+    """With a scratch budget below one head, the exact mode runs one head per launch: same results."""
+    B, H, L, D, bs = 2, 2, 100, 64, 64
+    q, k, v = make_qkv(B, H, L, L, D, torch.bfloat16, gen)
+    whole = K.dense_attention_with_mass(q, k, v, block_size=bs, backend="triton")
+    monkeypatch.setattr(mass_triton, "SCRATCH_BYTES", 1)
+    split = K.dense_attention_with_mass(q, k, v, block_size=bs, backend="triton")
+    for a, b in zip(whole, split):
+        assert torch.equal(a, b), f"seed={gen.initial_seed()}"
+
+
+def _valid():
+    q, k, v = (torch.randn(2, 2, 100, 64, device=DEVICE).to(torch.bfloat16) for _ in range(3))
+    return q, k, v, torch.zeros(2, 2, 100, device=DEVICE)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda a: {**a, "lse": a["lse"][:, :, :50]}, r"^lse must be a \(2, 2, 100\) float tensor"),
+    (lambda a: {**a, "lse": a["lse"].long()}, r"^lse must be a \(2, 2, 100\) float tensor"),
+    (lambda a: {**a, "block_size": 32}, r"^block_size must be one of"),
+    (lambda a: {**a, "kv_length": torch.tensor([1])}, r"^kv_length must be a \(2,\)"),
+    (lambda a: {**a, "backend": "flash"}, r"^backend must be one of"),
+], ids=["lse-shape", "lse-dtype", "block-size", "kv-length", "backend"])
+def test_block_mass_bad_input(change, match):
+    q, k, _, lse = _valid()
+    with pytest.raises(ValueError, match=match):
+        K.block_mass(**change(dict(q=q, k=k, lse=lse, backend="reference")))
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda a: {**a, "cached_lse": a["cached_lse"][0]}, r"^cached_lse must be a \(2, 2, 100\) float tensor"),
+    (lambda a: {**a, "v": a["v"][:, :, :50]}, r"^k and v must have shape"),
+    (lambda a: {**a, **{n: torch.randn(2, 2, 100, 256, device=DEVICE).half() for n in "qkv"}, "cached_lse": None,
+                "backend": "triton"},
+     r"^head_dim 256 is not supported"),
+], ids=["cached-lse-shape", "v-length", "head-dim-256"])
+def test_dense_attention_with_mass_bad_input(change, match):
+    if "head_dim" in match and not K.triton_available(DEVICE):
+        pytest.skip("needs the Triton backend")
+    q, k, v, lse = _valid()
+    with pytest.raises(ValueError, match=match):
+        K.dense_attention_with_mass(**change(dict(q=q, k=k, v=v, cached_lse=lse, backend="reference")))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Head-adaptive selection
+
+def random_mass(H, R, C, gen):
+    """Per-head masses of peaked attention: rows of C blocks drawn from a heavy-tailed distribution."""
+    raw = torch.exp(torch.randn(H, R, C, generator=gen) * torch.linspace(0.5, 3.0, H).view(H, 1, 1))
+    return raw / raw.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("recall", [0.5, 0.8, 0.95])
+def test_selection_fewest_blocks_reaching_recall(recall):
+    gen = new_generator()
+    H, R, C = 4, 9, 12
+    mass = random_mass(H, R, C, gen)
+    picks, k, reached = adaspa.select_row_wise(mass, recall=recall, low=1, high=C)
+    ctx = f"seed={gen.initial_seed()} recall={recall}"
+    assert picks.dtype == torch.int32 and picks.shape == (H, R, int(k.max()))
+    for h in range(H):
+        kh = int(k[h])
+        chosen = picks[h, :, :kh]
+        assert (chosen[:, 1:] > chosen[:, :-1]).all(), f"{ctx}: picks ascending and distinct"
+        assert (chosen == torch.arange(R)[:, None]).any(-1).all(), f"{ctx}: every row keeps its diagonal"
+        kept = mass[h].gather(-1, chosen.long()).sum()
+        assert kept / mass[h].sum() >= recall - 1e-6 and torch.isclose(kept / mass[h].sum(), reached[h]), ctx
+        if kh > 1:  # one block fewer per row (the diagonal, then the heaviest others) does not reach it
+            ranked = mass[h].clone()
+            ranked.diagonal().fill_(float("inf"))
+            best = mass[h].gather(-1, ranked.argsort(-1, descending=True)[:, :kh - 1]).sum()
+            assert best / mass[h].sum() < recall, f"{ctx}: head {h} keeps more blocks than it needs"
+
+
+def test_selection_bounds_and_recall_one():
+    gen = new_generator()
+    mass = random_mass(3, 8, 8, gen)
+    _, k, reached = adaspa.select_row_wise(mass, recall=0.99, low=2, high=3)
+    assert ((k >= 2) & (k <= 3)).all() and (reached < 0.99).any(), f"seed={gen.initial_seed()}: the bound wins"
+    _, k, _ = adaspa.select_row_wise(mass, recall=0.01, low=2, high=3)
+    assert (k == 2).all()
+    picks, k, reached = adaspa.select_row_wise(mass, recall=1.0, low=1, high=8)
+    assert (k == 8).all() and torch.equal(reached, torch.ones(3)) and (picks == torch.arange(8)).all()
+
+
+@pytest.mark.parametrize("low, high, columns, want", [
+    (0.1, 0.3, 100, (10, 30)), (0.0, 0.3, 5, (1, 1)), (0.1, 1.0, 7, (1, 7)), (0.5, 0.5, 10, (5, 5)),
+    (0.0, 0.0, 4, (1, 1))])
+def test_density_bounds(low, high, columns, want):
+    assert adaspa.density_bounds(low, high, columns) == want
+
+
+@pytest.mark.parametrize("text_dense", [True, False])
+def test_pattern_text_rows_and_columns(text_dense):
+    """HunyuanVideo: the blocks holding text are dense rows always, dense columns with text_dense."""
+    gen = new_generator()
+    grid = core.VideoGrid(3, 8, 8, text_tokens=40)  # 192 video + 40 text tokens: 3 video blocks, 1 text block
+    nb = 4
+    mass = random_mass(2, nb, nb, gen)[None].expand(2, -1, -1, -1).contiguous()
+    settings = adaspa.AdaSpaSettings(recall=0.5, block_size=64, min_density=0.0, max_density=1.0,
+                                     text_dense=text_dense)
+    pattern = adaspa.search_pattern(mass, grid, settings)
+    assert pattern.video_blocks == 3 and pattern.kv_indices.dtype == torch.int16
+    mask = K.indices_to_block_mask(pattern.kv_indices.int(), pattern.kv_counts, nb)  # (B, H, 3, 4)
+    assert mask[..., 3].all() == text_dense, f"seed={gen.initial_seed()}"
+    per_head = mask.sum(-1)
+    assert (per_head == per_head[..., :1]).all(), "row wise: every query block of a head keeps as many blocks"
+    tiles = mask.sum().item() + 2 * 2 * 1 * nb  # + the dense text row
+    assert pattern.density == pytest.approx(tiles / (2 * 2 * nb * nb))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The planner: search steps, the pattern / LSE cache, sparse steps
+
+def video_inputs(grid, B=2, H=2, D=32, gen=None, dtype=torch.float32):
+    """q, k, v (B, H, L, D) with local structure (tokens attend to nearby tokens), on the CPU."""
+    L = grid.total_tokens
+    pos = torch.arange(L, dtype=torch.float32)
+    feats = torch.cat([torch.sin(pos[:, None] / (4 * 2 ** torch.arange(8))), torch.cos(pos[:, None] / 9.0)], 1)
+    w = torch.randn(3, B, H, feats.shape[1], D, generator=gen)
+    noise = torch.randn(3, B, H, L, D, generator=gen) * 0.3
+    q, k, v = (torch.einsum("lf,bhfd->bhld", feats, w[i]) * 1.5 + noise[i] for i in range(3))
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def call(grid, q, k, v, step, total=6, layer=0, backend="reference", head_offset=0, kv_length=None):
+    return core.AttentionCall(grid=grid, layer=layer, step=step, total_steps=total, q=q, k=k, v=v,
+                              kv_length=kv_length, backend=backend, head_offset=head_offset)
+
+
+def pattern_masks(pattern):
+    """(B, H, NQB, NKB) bool block masks of a searched pattern: its video rows, then dense text rows."""
+    B, H = pattern.kv_counts.shape[:2]
+    video = K.indices_to_block_mask(pattern.kv_indices.int(), pattern.kv_counts, pattern.num_blocks)
+    text = torch.ones(B, H, pattern.num_blocks - pattern.video_blocks, pattern.num_blocks, dtype=torch.bool)
+    return torch.cat([video.cpu(), text], dim=2)
+
+
+def masked_oracle(q, k, v, mask, block_size, kv_length=None):
+    """Float64 attention with a per-head (H, NQB, NKB) block mask expanded to tokens."""
+    L = q.shape[2]
+    token = torch.arange(L) // block_size
+    allowed = mask[:, token][:, :, token][None]
+    if kv_length is not None:
+        allowed = allowed & (torch.arange(L)[None, None, None, :] < kv_length.view(-1, 1, 1, 1))
+    s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return s.masked_fill(~allowed, float("-inf")).softmax(-1) @ v.double()
+
+
+class SearchSpy:
+    """Counts the planner's searches and records the cached LSE each one got."""
+
+    def __init__(self, monkeypatch):
+        self.cached = []
+        original = adaspa.dense_attention_with_mass
+
+        def spy(*args, **kwargs):
+            self.cached.append(kwargs.get("cached_lse"))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(adaspa, "dense_attention_with_mass", spy)
+
+
+GRID = core.VideoGrid(4, 8, 8)  # 256 tokens: 4 blocks of 64
+
+
+def test_search_then_sparse_steps(monkeypatch):
+    """The first call searches (dense output, density 1); the pattern reaches the recall on that step's exact
+    attention; the next steps reuse it (no search) and compute exactly the masked attention it describes."""
+    gen = new_generator()
+    q, k, v = video_inputs(GRID, gen=gen)
+    settings = adaspa.AdaSpaSettings(recall=0.7, search_steps=(3.0,), block_size=64, min_density=0.0,
+                                     max_density=1.0)
+    planner = settings.make_planner()
+    spy = SearchSpy(monkeypatch)
+    out, density = planner.attend(call(GRID, q, k, v, step=0))
+    ctx = f"seed={gen.initial_seed()}"
+    assert density == 1.0 and len(spy.cached) == 1 and spy.cached[0] is None
+    dense = oracle(q, k, v, 64)[0]
+    torch.testing.assert_close(out.double(), dense, rtol=1e-4, atol=1e-5, msg=ctx)
+
+    mask = planner.block_mask(GRID, 0)  # (H, 4, 4)
+    assert mask.shape == (2, 4, 4) and mask.dtype == torch.bool and not mask.all(), ctx
+    true_mass = metrics.block_attention_mass(q, k, 64)[0]  # batch element 0
+    for h in range(2):
+        assert metrics.attention_recall(true_mass[h], mask[h]) >= 0.7 - 1e-4, f"{ctx}: head {h}"
+
+    pattern = next(iter(planner._layers[0].values())).pattern
+    masks = pattern_masks(pattern)  # (B, H, 4, 4)
+    assert torch.equal(masks[0], mask)
+    for step in (1, 2):
+        out, density = planner.attend(call(GRID, q, k, v, step=step))
+        assert len(spy.cached) == 1 and density == pytest.approx(masks.float().mean().item()), ctx
+        for b in range(2):
+            want = masked_oracle(q[b:b + 1], k[b:b + 1], v[b:b + 1], masks[b], 64)
+            torch.testing.assert_close(out[b:b + 1].double(), want, rtol=1e-4, atol=1e-5, msg=ctx)
+
+
+def test_scheduled_searches_use_the_cached_lse(monkeypatch):
+    """Search steps 2 and 4 of 6: the first search (step 0, no pattern yet) is exact; step 2 uses the LSE of step
+    0, step 4 the LSE of step 2; after the last search no LSE is kept."""
+    gen = new_generator()
+    q, k, v = video_inputs(GRID, gen=gen)
+    planner = adaspa.AdaSpaSettings(search_steps=(2.0, 4.0), max_density=1.0).make_planner()
+    spy = SearchSpy(monkeypatch)
+    lses = []
+    for step in range(6):
+        planner.attend(call(GRID, q, k * (1 + 0.05 * step), v, step=step))
+        entry = next(iter(planner._layers[0].values()))
+        lses.append(entry.lse)
+    assert len(spy.cached) == 3 and spy.cached[0] is None
+    assert torch.equal(spy.cached[1], lses[0].float()) and torch.equal(spy.cached[2], lses[2].float())
+    exact = oracle(q, k, v, 64)[1]
+    assert lses[0].dtype == torch.float16 and (lses[0].double() - exact).abs().max() < 2e-2
+    assert lses[4] is None and lses[5] is None, "no later search: the LSE is dropped"
+    assert sum(planner.cache_bytes().values()) == next(iter(planner._layers[0].values())).pattern.nbytes
+
+
+def test_recall_one_gives_dense_output():
+    gen = new_generator()
+    q, k, v = video_inputs(GRID, gen=gen)
+    planner = adaspa.AdaSpaSettings(recall=1.0, search_steps=(), min_density=0.0, max_density=1.0).make_planner()
+    planner.attend(call(GRID, q, k, v, step=0))
+    out, density = planner.attend(call(GRID, q, k, v, step=1))
+    assert density == 1.0 and planner.block_mask(GRID, 0).all()
+    torch.testing.assert_close(out.double(), oracle(q, k, v, 64)[0], rtol=1e-4, atol=1e-5,
+                               msg=f"seed={gen.initial_seed()}")
+
+
+def test_cache_keys_invalidation_and_reset(monkeypatch):
+    """A new grid (same length), batch size or head chunk searches; a layer keeps one shape; reset drops all."""
+    gen = new_generator()
+    planner = adaspa.AdaSpaSettings(search_steps=()).make_planner()
+    spy = SearchSpy(monkeypatch)
+    q, k, v = video_inputs(GRID, B=2, H=4, gen=gen)
+    planner.attend(call(GRID, q[:, :2], k[:, :2], v[:, :2], step=0))                  # heads 0-1
+    planner.attend(call(GRID, q[:, 2:], k[:, 2:], v[:, 2:], step=0, head_offset=2))   # heads 2-3: own entry
+    planner.attend(call(GRID, q[:, :2], k[:, :2], v[:, :2], step=1))                  # reuses
+    assert len(spy.cached) == 2 and len(planner._layers[0]) == 2
+    assert planner.block_mask(GRID, 0).shape == (4, 4, 4) and planner.block_mask(GRID, 1) is None
+
+    other = core.VideoGrid(2, 16, 8)  # also 256 tokens: must not reuse the layout of GRID
+    planner.attend(call(other, q[:, :2], k[:, :2], v[:, :2], step=2))
+    assert len(spy.cached) == 3 and list(planner._layers[0])[0][0] == other
+    assert len(planner._layers[0]) == 1, "entries of the old shape are dropped"
+    planner.attend(call(other, q[:1, :2], k[:1, :2], v[:1, :2], step=3))  # batch 1: another shape
+    assert len(spy.cached) == 4
+    planner.attend(call(other, q[:1, :2], k[:1, :2], v[:1, :2], step=4, layer=1))  # another layer
+    assert len(spy.cached) == 5
+
+    planner.reset()
+    assert planner.cache_bytes() == {} and planner.block_mask(other, 0) is None
+    planner.attend(call(other, q[:1, :2], k[:1, :2], v[:1, :2], step=5))
+    assert len(spy.cached) == 6 and spy.cached[-1] is None
+
+
+def test_search_step_past_the_run_warns_once(monkeypatch, caplog):
+    gen = new_generator()
+    q, k, v = video_inputs(GRID, gen=gen)
+    planner = adaspa.AdaSpaSettings(search_steps=(0.5, 30.0)).make_planner()
+    spy = SearchSpy(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        for step in range(6):
+            planner.attend(call(GRID, q, k, v, step=step, total=6))
+            planner.attend(call(GRID, q, k, v, step=step, total=6, layer=1))
+    warnings = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert len(warnings) == 1 and "search_steps" in warnings[0] and "30" in warnings[0] and "6 steps" in warnings[0]
+    assert len(spy.cached) == 4  # per layer: step 0 (no pattern yet) and step 3 (0.5 of 6); never at 30
+
+
+def test_fraction_and_index_search_steps():
+    assert adaspa.resolve_search_steps((0.2, 0.6), 50) == ((10, 30), ())
+    assert adaspa.resolve_search_steps((10.0, 30.0), 20) == ((10,), (30,))
+    assert adaspa.resolve_search_steps((0.99,), 10) == ((9,), ())
+    assert adaspa.resolve_search_steps((0.5, 3.0), None) == ((3,), ())
+    assert adaspa.parse_search_steps(" 0.2, 0.6 ") == (0.2, 0.6) and adaspa.parse_search_steps("10 30") == (10, 30)
+    assert adaspa.parse_search_steps("") == ()
+
+
+def test_text_rows_dense_with_key_padding():
+    """HunyuanVideo-shaped call: text after the video with padding; text rows and columns dense, the sparse step
+    equals the masked float64 attention under kv_length."""
+    gen = new_generator()
+    grid = core.VideoGrid(3, 8, 8, text_tokens=20)
+    q, k, v = video_inputs(grid, gen=gen)
+    kv_length = torch.tensor([grid.total_tokens - 6, grid.video_tokens + 3])
+    planner = adaspa.AdaSpaSettings(recall=0.6, search_steps=(), min_density=0.0, max_density=1.0).make_planner()
+    planner.attend(call(grid, q, k, v, step=0, kv_length=kv_length))
+    out, density = planner.attend(call(grid, q, k, v, step=1, kv_length=kv_length))
+    masks = pattern_masks(next(iter(planner._layers[0].values())).pattern)
+    mask = planner.block_mask(grid, 0)
+    assert torch.equal(mask, masks[0]) and mask.shape == (2, 4, 4)
+    assert masks[:, :, 3].all() and masks[..., 3].all() and not masks.all()
+    for b in range(2):
+        want = masked_oracle(q[b:b + 1], k[b:b + 1], v[b:b + 1], masks[b], 64, kv_length[b:b + 1])
+        torch.testing.assert_close(out[b:b + 1].double(), want, rtol=1e-4, atol=1e-5,
+                                   msg=f"seed={gen.initial_seed()} batch {b}")
+    assert 0 < density < 1
+
+
+@pytest.mark.skipif(not K.triton_available(DEVICE), reason="needs the Triton kernels (CUDA or the interpreter)")
+def test_planner_triton_matches_reference():
+    """bf16 through the Triton kernels: the same pattern and outputs as the torch reference path."""
+    gen = new_generator()
+    grid = core.VideoGrid(3, 8, 8, text_tokens=20)
+    q, k, v = (t.to(DEVICE) for t in video_inputs(grid, B=1, gen=gen, dtype=torch.bfloat16))
+    outs, masks = {}, {}
+    for backend in BACKENDS:
+        planner = adaspa.AdaSpaSettings(recall=0.7, search_steps=(), min_density=0.0, max_density=1.0).make_planner()
+        outs[backend] = [planner.attend(call(grid, q, k, v, step=s, backend=backend))[0] for s in range(2)]
+        masks[backend] = planner.block_mask(grid, 0)
+    assert torch.equal(masks["triton"], masks["reference"]), f"seed={gen.initial_seed()}"
+    for a, b in zip(outs["triton"], outs["reference"]):
+        assert ((a.double() - b.double()).norm() / b.double().norm()).item() < OUT_TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(recall=0.0), "recall must be in \\(0, 1\\]"), (dict(recall=1.5), "recall"), (dict(recall=math.nan), "recall"),
+    (dict(min_density=0.5, max_density=0.2), "min_density \\(0.5\\) must not be above max_density"),
+    (dict(max_density=1.5), "max_density must be in"), (dict(block_size=32), "block_size"),
+    (dict(search_steps=(2.5,)), "search_steps"), (dict(search_steps=(-1.0,)), "search_steps"),
+    (dict(search_steps=[0.2]), "search_steps must be a tuple")])
+def test_settings_validation(bad, message):
+    with pytest.raises(ValueError, match=message):
+        adaspa.AdaSpaSettings(**bad)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Inside ComfyUI
+
+def adaspa_node(nodes, recall=0.8, search_steps="0.2, 0.6", block_size=64, min_density=0.1, max_density=0.3,
+                text_dense=True):
+    return nodes.AdaSpaSearch().settings(recall, search_steps, block_size, min_density, max_density, text_dense)[0]
+
+
+def patch(nodes, model, method, dense_steps=0.0, dense_layers=0, backend="reference"):
+    return nodes.SparseAttentionPatch().patch(model, dense_steps, 1.0, dense_layers, backend, False, method)[0]
+
+
+def latent(frames=5, height=16, width=16):
+    return torch.zeros(1, 16, frames, height, width)
+
+
+def record_calls(monkeypatch, session):
+    calls = []
+    original = session.attend
+
+    def attend(ctx, layer, q, k, v, kv_length=None, out=None, head_offset=0):
+        result, density = original(ctx, layer, q, k, v, kv_length=kv_length, out=out, head_offset=head_offset)
+        entries = session.planner._layers[layer].values()
+        calls.append(dict(layer=layer, step=ctx.step, grid=ctx.grid_for(q.shape[2]), q=q.clone(), k=k.clone(),
+                          v=v.clone(), kv_length=kv_length, out=result.clone(), density=density,
+                          masks=torch.cat([pattern_masks(e.pattern) for e in entries], dim=1)))
+        return result, density
+
+    monkeypatch.setattr(session, "attend", attend)
+    return calls
+
+
+@comfyui
+@pytest.mark.parametrize("bad, message", [
+    (dict(recall=0.0), "recall"), (dict(recall=1.01), "recall"),
+    (dict(min_density=0.4, max_density=0.3), "min_density"), (dict(search_steps="soon"), "search_steps"),
+    (dict(search_steps="0.2, -3"), "search_steps"), (dict(search_steps="12.5"), "search_steps"),
+    (dict(block_size=32), "block_size")])
+def test_node_validation(nodes, bad, message):
+    args = dict(recall=0.8, search_steps="0.2, 0.6", block_size=64, min_density=0.1, max_density=0.3,
+                text_dense=True)
+    args.update(bad)
+    with pytest.raises(ValueError, match=message):
+        nodes.AdaSpaSearch().settings(**args)
+
+
+@comfyui
+def test_node_defaults_are_the_papers(nodes):
+    spec = nodes.AdaSpaSearch.INPUT_TYPES()["required"]
+    method = nodes.AdaSpaSearch().settings(**{name: entry[1]["default"] for name, entry in spec.items()})[0]
+    assert method == adaspa.AdaSpaSettings() and method.search_steps == (0.2, 0.6) and method.block_size == 64
+    assert nodes.AdaSpaSearch.RETURN_TYPES == ("SPARSE_ATTENTION_METHOD",)
+
+
+@comfyui
+@pytest.mark.parametrize("family", ["wan", "hunyuan"])
+def test_adaspa_in_a_sampling_run(nodes, bridge, monkeypatch, family):
+    """Searches at steps 0 and 2 of 4 (dense output), sparse steps 1 and 3 with the searched per-head layout: each
+    sparse call equals float64 attention under that layout (and the text padding), the render stays close to
+    dense, and the Inspector's per-head mask is there after the run."""
+    if family == "wan":
+        base, conds, cfg, grid, kv = comfy_env.tiny_wan_t2v(seed=50), comfy_env.wan_conds(seed=51), 3.0, \
+            core.VideoGrid(5, 8, 8), None
+    else:
+        base, conds, cfg = comfy_env.tiny_hunyuan_video(seed=50), comfy_env.hunyuan_conds(seed=51, valid_tokens=7), 1.0
+        grid, kv = core.VideoGrid(5, 8, 8, text_tokens=12), 5 * 64 + 7
+    method = adaspa_node(nodes, recall=0.6, search_steps="0, 2", min_density=0.0, max_density=0.6)
+    patched = patch(nodes, base, method, dense_layers=1)
+    session = bridge.session_of(patched)
+    calls = record_calls(monkeypatch, session)
+    lat = latent()
+    dense = comfy_env.sample(base, lat, *conds, steps=4, cfg=cfg, seed=52)
+    sparse = comfy_env.sample(patched, lat, *conds, steps=4, cfg=cfg, seed=52)
+
+    assert torch.isfinite(sparse).all() and 0 < rel_err(sparse, dense) < 0.5
+    assert not session.stats.fallbacks
+    assert {c["step"] for c in calls if c["density"] == 1.0} == {0, 2}
+    sparse_calls = [c for c in calls if c["step"] in (1, 3)]
+    assert sparse_calls and all(c["density"] < 1.0 for c in sparse_calls)
+    for c in sparse_calls:
+        B = c["q"].shape[0]
+        assert c["grid"] == grid and (c["kv_length"] is None if kv is None else c["kv_length"].tolist() == [kv] * B)
+        for b in range(B):  # cond and uncond have layouts of their own
+            kv_b = None if kv is None else c["kv_length"][b:b + 1]
+            want = masked_oracle(c["q"][b:b + 1], c["k"][b:b + 1], c["v"][b:b + 1], c["masks"][b], 64, kv_b)
+            torch.testing.assert_close(c["out"][b:b + 1].double(), want, rtol=1e-4, atol=1e-5)
+        if family == "hunyuan":
+            assert c["masks"][:, :, -1].all() and c["masks"][..., -1].all()
+    mask = session.block_mask(1)
+    assert mask is not None and mask.shape == (2, 6 if kv else 5, 6 if kv else 5)
+
+
+@comfyui
+def test_recall_one_equals_unpatched_wan(nodes, bridge):
+    pos, neg = comfy_env.wan_conds(seed=53)
+    base = comfy_env.tiny_wan_t2v(seed=54)
+    patched = patch(nodes, base, adaspa_node(nodes, recall=1.0, search_steps="1", min_density=0.0, max_density=1.0))
+    lat = latent(frames=3)
+    dense = comfy_env.sample(base, lat, pos, neg, steps=3, seed=55)
+    sparse = comfy_env.sample(patched, lat, pos, neg, steps=3, seed=55)
+    assert bridge.session_of(patched).stats.sparse_calls == 0  # every call computed every block
+    torch.testing.assert_close(sparse, dense, rtol=1e-4, atol=1e-4)
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
