@@ -130,8 +130,12 @@ class SVG2Planner:
                                         min_clusters=s.min_key_clusters, scale=1.0 / math.sqrt(D))
         layout = _with_text(q_km.offsets, k_km.offsets, selection, video, L, call.kv_length)
         qp, kp, vp = permute_qkv(q, k, v, q_km.order, k_km.order, backend=call.backend)
-        out_perm = cluster_block_attention(qp, kp, vp, *layout, backend=call.backend, check_layout=False)
+        out_perm = cluster_block_attention(qp, kp, vp, *layout, backend=call.backend, check_layout=False,
+                                           return_lse=call.want_lse)
         del qp, kp, vp
+        if call.want_lse:
+            out_perm, lse_perm = out_perm
+            call.lse = _unpermute_lse(lse_perm, q_km.order)
         out = unpermute_rows(out_perm, q_km.order, out=call.out, backend=call.backend)
         tiles = self._tile_mask(q_km.labels[0], k_km.labels[0], layout, grid)
         pairs = cluster_pair_count(*layout, check_layout=False)
@@ -194,6 +198,14 @@ class SVG2Planner:
     def cache_bytes(self) -> dict:
         """{(layer, first head): bytes of its cached query and key centroids} on the device."""
         return {key: entry.nbytes for key, entry in self._centroids.items()}
+
+
+def _unpermute_lse(lse_perm, order):
+    """(B, H, L) LSE in the original token order: video rows scattered back by the query order, text rows (after
+    the video, never permuted) as they are."""
+    lse = lse_perm.clone()
+    lse[..., :order.shape[-1]].scatter_(-1, order.long(), lse_perm[..., :order.shape[-1]])
+    return lse
 
 
 def _with_text(q_offsets, k_offsets, selection, video: int, length: int, kv_length):

@@ -154,6 +154,29 @@ def test_sparse_call_equals_attention_under_its_cluster_mask(backend, grid, gen)
         assert torch.equal(tiles, covered >= 0.5 * sizes[:, None] * sizes[None, :]), ctx
 
 
+@pytest.mark.parametrize("backend, grid", [("reference", WAN_GRID), ("reference", HUNYUAN_GRID),
+                                           ("triton", HUNYUAN_GRID)], ids=["reference-wan", "reference-hunyuan",
+                                                                          "triton-hunyuan"])
+def test_lse_is_that_of_the_kept_keys_in_token_order(backend, grid, gen):
+    """With want_lse, call.lse is each row's float64 log-sum-exp over exactly its kept keys, in the original token
+    order (text rows included); without it, call.lse stays None and the output is the same."""
+    planner = SMALL.make_planner()
+    call = make_call(grid, gen, backend=backend)
+    allowed = oracle_mask(call, SMALL)
+    plain, _ = planner.attend(call)
+    assert call.lse is None
+    planner.reset()
+    call.want_lse = True
+    out, _ = planner.attend(call)
+    assert torch.equal(out, plain)
+    s = torch.matmul(call.q.double(), call.k.double().transpose(-1, -2)) / math.sqrt(call.q.shape[-1])
+    want = torch.logsumexp(s.masked_fill(~allowed, float("-inf")), dim=-1)
+    B, H, L, _ = call.q.shape
+    assert call.lse.shape == (B, H, L) and call.lse.dtype == torch.float32
+    torch.testing.assert_close(call.lse.double(), want, atol=1e-4, rtol=1e-5,
+                               msg=lambda m: f"{backend} {grid} seed={gen.initial_seed()}: {m}")
+
+
 def spy_kmeans(monkeypatch):
     """Record (points shape, iterations, warm) of every k-means the planner runs."""
     runs = []
