@@ -27,6 +27,8 @@ What this planner does, and where it departs from the paper:
     always kept. A recall of 1 keeps every block.
   * Text rows are always computed dense (a separate dense launch over the text rows, so the video rows' layout
     stays narrow); text columns are kept for every video row with ``text_dense``, else searched like video ones.
+  * ``call.want_lse``: a search call reports its dense LSE (it attended every key), a sparse call the LSE its two
+    launches return over the kept keys; tokens are never reordered, so both are in the original order.
 
 The pattern and LSE cache: per layer, one entry per (grid, batch size, device, first head, heads), holding the
 layout of every (batch element, head) (int16 indices) and, while a later search of the run will use it, the LSE
@@ -269,21 +271,31 @@ class AdaSpaPlanner:
         validate_layout(pattern.kv_indices.to(torch.int32), pattern.kv_counts, num_kv_blocks=pattern.num_blocks)
         later = call.step is not None and any(s > call.step for s in searches)
         entries[key] = _Entry(pattern, lse.half() if later else None, call.step)
+        if call.want_lse:  # the search call attended every key: its LSE is the dense one
+            call.lse = lse
         return out, 1.0
 
     def _sparse(self, call, pattern):
         q, k, v = call.q, call.k, call.v
         out = call.out if call.out is not None else torch.empty_like(q)
         rows = min(q.shape[2], pattern.video_blocks * self.block_size)
+        lses = []  # per launch, in token order (the planner never permutes tokens)
         if rows:
-            block_sparse_attention(q[:, :, :rows], k, v, pattern.kv_indices.to(torch.int32), pattern.kv_counts,
-                                   block_size=self.block_size, kv_length=call.kv_length, out=out[:, :, :rows],
-                                   backend=call.backend, check_layout=False)
+            self._launch(call, q[:, :, :rows], pattern.kv_indices.to(torch.int32), pattern.kv_counts,
+                         out[:, :, :rows], lses)
         if rows < q.shape[2]:  # text rows: every key block
-            block_sparse_attention(q[:, :, rows:], k, v, *self._text_layout(q.shape[2] - rows, pattern, q.device),
-                                   block_size=self.block_size, kv_length=call.kv_length, out=out[:, :, rows:],
-                                   backend=call.backend, check_layout=False)
+            self._launch(call, q[:, :, rows:], *self._text_layout(q.shape[2] - rows, pattern, q.device),
+                         out[:, :, rows:], lses)
+        if call.want_lse:
+            call.lse = torch.cat(lses, dim=-1)
         return out
+
+    def _launch(self, call, q, kv_indices, kv_counts, out, lses):
+        result = block_sparse_attention(q, call.k, call.v, kv_indices, kv_counts, block_size=self.block_size,
+                                        kv_length=call.kv_length, out=out, backend=call.backend,
+                                        check_layout=False, return_lse=call.want_lse)
+        if call.want_lse:
+            lses.append(result[1])
 
     def _text_layout(self, rows, pattern, device):
         key = (num_blocks(rows, self.block_size), pattern.num_blocks, device)

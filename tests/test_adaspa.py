@@ -295,15 +295,20 @@ def pattern_masks(pattern):
     return torch.cat([video.cpu(), text], dim=2)
 
 
-def masked_oracle(q, k, v, mask, block_size, kv_length=None):
-    """Float64 attention with a per-head (H, NQB, NKB) block mask expanded to tokens."""
+def masked_scores(q, k, mask, block_size, kv_length=None):
+    """Float64 scores with a per-head (H, NQB, NKB) block mask expanded to tokens: -inf where not kept."""
     L = q.shape[2]
     token = torch.arange(L) // block_size
     allowed = mask[:, token][:, :, token][None]
     if kv_length is not None:
         allowed = allowed & (torch.arange(L)[None, None, None, :] < kv_length.view(-1, 1, 1, 1))
     s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    return s.masked_fill(~allowed, float("-inf")).softmax(-1) @ v.double()
+    return s.masked_fill(~allowed, float("-inf"))
+
+
+def masked_oracle(q, k, v, mask, block_size, kv_length=None):
+    """Float64 attention with a per-head (H, NQB, NKB) block mask expanded to tokens."""
+    return masked_scores(q, k, mask, block_size, kv_length).softmax(-1) @ v.double()
 
 
 class SearchSpy:
@@ -455,6 +460,39 @@ def test_text_rows_dense_with_key_padding():
         torch.testing.assert_close(out[b:b + 1].double(), want, rtol=1e-4, atol=1e-5,
                                    msg=f"seed={gen.initial_seed()} batch {b}")
     assert 0 < density < 1
+
+
+@pytest.mark.parametrize("backend", [
+    "reference", pytest.param("triton", marks=pytest.mark.skipif(not K.triton_available(DEVICE),
+                                                                  reason="needs the Triton kernels"))])
+def test_lse_of_the_kept_keys_when_asked(backend):
+    """want_lse: a search call reports the dense LSE (it attended every key), a sparse call the float64
+    log-sum-exp over exactly the pairs its pattern keeps, text rows included, in token order; a batch element
+    with no keys gives -inf rows. Without want_lse call.lse stays None."""
+    gen = new_generator()
+    grid = core.VideoGrid(3, 8, 8, text_tokens=20)
+    dtype = torch.bfloat16 if backend == "triton" else torch.float32
+    q, k, v = (t.to(DEVICE) for t in video_inputs(grid, B=3, gen=gen, dtype=dtype))
+    kv_length = torch.tensor([grid.total_tokens - 6, grid.video_tokens + 3, 0], device=DEVICE, dtype=torch.int32)
+    planner = adaspa.AdaSpaSettings(recall=0.6, search_steps=(), min_density=0.0, max_density=1.0).make_planner()
+    ctx = f"seed={gen.initial_seed()} {backend}"
+    calls = [call(grid, q, k, v, step=s, kv_length=kv_length, backend=backend) for s in range(3)]
+    calls[0].want_lse = calls[1].want_lse = True
+    for c in calls:
+        planner.attend(c)
+    masks = pattern_masks(next(iter(planner._layers[0].values())).pattern)
+    assert not masks.all(), ctx
+    q, k, kv_length = q.cpu(), k.cpu(), kv_length.cpu()
+    dense = oracle(q, k, k, 64, kv_length=kv_length)[1]
+    kept = torch.cat([torch.logsumexp(masked_scores(q[b:b + 1], k[b:b + 1], masks[b], 64, kv_length[b:b + 1]), -1)
+                      for b in range(3)])
+    assert (dense - kept)[kept.isfinite()].max() > 1e-2, f"{ctx}: the sparse step must drop some mass"
+    for got, want in ((calls[0].lse, dense), (calls[1].lse, kept)):
+        assert got.dtype == torch.float32 and got.shape == want.shape, ctx
+        assert torch.equal(got.cpu().isneginf(), want.isneginf()) and want[2].isneginf().all(), ctx
+        finite = want.isfinite()
+        assert (got.cpu().double()[finite] - want[finite]).abs().max().item() < LSE_TOL, ctx
+    assert calls[2].lse is None, ctx
 
 
 @pytest.mark.skipif(not K.triton_available(DEVICE), reason="needs the Triton kernels (CUDA or the interpreter)")
