@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of the pack in one go; logs and JSON go to OUT_DIR.
-#   benchmarks/gpu_suite.sh OUT_DIR [tests] [sweep] [kernels] [demo] [e2e] [memory] [sanitize] [comfy]
+#   benchmarks/gpu_suite.sh OUT_DIR [tests] [sweep] [kernels] [cluster] [svg] [svg2] [adaspa] [quality] [demo] [e2e]
+#                                   [memory] [sanitize] [comfy]
 #   (default: all)
 # COMFYUI_PATH points the end-to-end benchmark and the ComfyUI tests at a ComfyUI source tree.
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUT_DIR [steps...]}; shift
-steps=${*:-tests sweep kernels demo e2e memory sanitize comfy}
+steps=${*:-tests sweep kernels cluster svg svg2 adaspa quality demo e2e memory sanitize comfy}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 status=0
@@ -17,10 +18,16 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 want tests && run gpu_tests python3 -m pytest tests -m gpu -q -p no:cacheprovider
 want sweep && run sweep python3 benchmarks/kernels.py --shapes wan14b-720p --densities 1.0 0.25 --layouts random --configs --json "$out/sweep.json"
 want kernels && run kernels python3 benchmarks/kernels.py --json "$out/kernels.json"
+want cluster && run cluster python3 benchmarks/cluster_attention.py --configs --json "$out/cluster.json"
+want svg && run svg python3 benchmarks/svg_overhead.py --json "$out/svg_overhead.json"
+want svg2 && run svg2 python3 benchmarks/svg2_stages.py --json "$out/svg2_stages.json"
+want adaspa && run adaspa python3 benchmarks/adaspa_overhead.py --json "$out/adaspa_overhead.json"
+want quality && run quality python3 benchmarks/quality.py --json "$out/quality.json" --picture "$out/quality.png"
 want demo && run demo python3 benchmarks/demo.py --gpu
 want e2e && run e2e python3 benchmarks/e2e.py --json "$out/e2e.json"
 want memory && run memory python3 benchmarks/memory.py
 want sanitize && run sanitize bash benchmarks/sanitize.sh "$out/sanitize_full.log"
 want comfy && run comfy_tests python3 -m pytest -q -p no:cacheprovider tests/test_comfy_integration.py \
-    tests/test_reliability.py tests/test_inspector.py
+    tests/test_reliability.py tests/test_inspector.py tests/test_proxy.py tests/test_svg2.py tests/test_svg_comfy.py \
+    tests/test_adaspa.py
 exit $status

@@ -43,11 +43,21 @@ class Method:
     build: object  # (nodes, value) -> the method settings
 
 
-# Radial at block 64: the proxy's frames are 1,024 tokens, and Radial's narrowest band is one block wide, so at
-# block 128 it cannot go below about half density on this grid.
+# Each method's own density knob, everything else at its reference settings, scaled to the proxy where they are
+# sizes: Radial at block 64 (the proxy's frames are 1,024 tokens and Radial's narrowest band is one block wide, so
+# at block 128 it cannot go below about half density here); SVG2 with its cluster counts scaled from Wan 720p's
+# 300 / 1000 for 75,600 tokens to 16,384 (64 / 256), a low minimum key ratio so top-p alone sets the density;
+# AdaSpa with its density bounds opened so the recall target alone sets it.
 METHODS = {
     "radial": Method("decay_factor", 0.01, 4.0, lambda nodes, x: nodes.RadialMask().settings(
         decay_factor=x, block_size=64, attention_sink=True, text_dense=True)[0]),
+    "svg": Method("sparsity", 0.02, 0.98, lambda nodes, x: nodes.SVGSettingsNode().settings(
+        sparsity=x, sample_fraction=0.001, reprofile_every=1, block_size=64, attention_sink=True)[0]),
+    "svg2": Method("top_p", 0.05, 0.999, lambda nodes, x: nodes.SVG2KMeansSettings().settings(
+        preset="custom", query_clusters=64, key_clusters=256, top_p=x, min_key_ratio=0.02, first_iterations=50,
+        later_iterations=2)[0]),
+    "adaspa": Method("recall", 0.05, 0.999, lambda nodes, x: nodes.AdaSpaSearch().settings(
+        recall=x, search_steps="0.2, 0.6", block_size=64, min_density=0.01, max_density=1.0, text_dense=True)[0]),
 }
 
 
@@ -84,7 +94,7 @@ class RecallProbe:
 def run_method(nodes, bridge, proxy, settings, seeds, args, probe_step=None):
     """(videos, mean sparse density, seconds per video, recall per layer) of one settings object."""
     patched = nodes.SparseAttentionPatch().patch(proxy.model, dense_steps=DENSE_STEPS, sparse_end=1.0,
-                                                 dense_layers=DENSE_LAYERS, backend="auto", verbose=False,
+                                                 dense_layers=DENSE_LAYERS, backend=args.backend, verbose=False,
                                                  method=settings)[0]
     session = bridge.session_of(patched)
     probe = RecallProbe(session, probe_step) if probe_step is not None else None
@@ -92,7 +102,8 @@ def run_method(nodes, bridge, proxy, settings, seeds, args, probe_step=None):
     for seed, cls in seeds:
         sync(proxy.class_context.device)
         start = time.perf_counter()
-        videos.append(proxy_model.sample(proxy, patched, cls, seed, steps=args.steps, cfg=args.cfg))
+        videos.append(proxy_model.sample(proxy, patched, cls, seed, steps=args.steps, cfg=args.cfg,
+                                         frames=args.frames, size=args.size))
         sync(proxy.class_context.device)
         seconds.append(time.perf_counter() - start)
         densities.append(session.stats.sparse_density)
@@ -144,6 +155,10 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=4.0)
+    parser.add_argument("--frames", type=int, default=proxy_model.FRAMES)
+    parser.add_argument("--size", type=int, default=proxy_model.SIZE)
+    parser.add_argument("--calibration", type=int, default=7, help="bisection runs per method and density")
+    parser.add_argument("--backend", default="auto", help="auto on a GPU; reference for a (slow) CPU smoke run")
     parser.add_argument("--json", default=None)
     parser.add_argument("--picture", default=None)
     args = parser.parse_args(argv)
@@ -160,7 +175,8 @@ def main(argv=None):
     for seed, cls in seeds:
         sync(device)
         start = time.perf_counter()
-        dense_videos.append(proxy_model.sample(proxy, proxy.model, cls, seed, steps=args.steps, cfg=args.cfg))
+        dense_videos.append(proxy_model.sample(proxy, proxy.model, cls, seed, steps=args.steps, cfg=args.cfg,
+                                               frames=args.frames, size=args.size))
         sync(device)
         dense_s.append(time.perf_counter() - start)
     dense_time = statistics.median(dense_s)
@@ -169,7 +185,7 @@ def main(argv=None):
     for name in args.methods:
         method = METHODS[name]
         for target in args.densities:
-            knob, _ = calibrate(nodes, bridge, proxy, method, target, args)
+            knob, _ = calibrate(nodes, bridge, proxy, method, target, args, args.calibration)
             videos, density, seconds, recall = run_method(nodes, bridge, proxy, method.build(nodes, knob), seeds,
                                                           args, probe_step=probe_step)
             scores = [(metrics.psnr(v, d), metrics.ssim(v, d), metrics.relative_error(v, d))
