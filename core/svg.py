@@ -162,18 +162,27 @@ class SVGPlanner:
         out = call.out if call.out is not None else torch.empty_like(q)
         heads = q.shape[1]
         temporal = classes.temporal_heads.numel()
-        if temporal < heads:  # every spatial head in one launch, in place
-            block_sparse_attention(q, call.k, call.v, plan.spatial_indices.expand(1, heads, -1, -1),
-                                   classes.spatial_counts, block_size=self.block_size, kv_length=call.kv_length,
-                                   out=out, backend=call.backend, check_layout=False)
+        lse = None
+        if temporal < heads:  # every spatial head in one launch, in place (temporal heads' LSE rows: -inf here)
+            result = block_sparse_attention(q, call.k, call.v, plan.spatial_indices.expand(1, heads, -1, -1),
+                                            classes.spatial_counts, block_size=self.block_size,
+                                            kv_length=call.kv_length, out=out, backend=call.backend,
+                                            check_layout=False, return_lse=call.want_lse)
+            if call.want_lse:
+                lse = result[1]
+        elif call.want_lse:
+            lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
         if temporal:
-            self._attend_temporal(call, plan, classes.temporal_heads, out)
+            self._attend_temporal(call, plan, classes.temporal_heads, out, lse)
+        if call.want_lse:
+            call.lse = lse
         nb = plan.keep.shape[2]
         tiles = (heads - temporal) * plan.spatial_tiles + temporal * plan.temporal_tiles
         return out, tiles / (heads * nb * nb)
 
-    def _attend_temporal(self, call: AttentionCall, plan: SVGPlan, temporal_heads: torch.Tensor, out) -> None:
-        """Temporal heads in token-major order, a few at a time, scattered back into ``out``."""
+    def _attend_temporal(self, call: AttentionCall, plan: SVGPlan, temporal_heads: torch.Tensor, out, lse) -> None:
+        """Temporal heads in token-major order, a few at a time, scattered back into ``out`` (and their LSE rows
+        into ``lse``, (B, H, L) float32 in the original order, when it is given)."""
         B, _, L, D = call.q.shape
         step = max(1, TEMPORAL_CHUNK_BYTES // (B * L * D * call.q.element_size()))
         size = min(step, temporal_heads.numel())
@@ -183,10 +192,12 @@ class SVGPlanner:
             qt, kt, vt, ot = (buf[:, :heads.numel()] for buf in buffers)
             for src, dst in ((call.q, qt), (call.k, kt), (call.v, vt)):
                 gather_head_rows(src, heads, plan.order, out=dst, backend=call.backend)
-            block_sparse_attention(qt, kt, vt, plan.temporal_indices, plan.temporal_counts,
-                                   block_size=self.block_size, kv_length=call.kv_length, out=ot,
-                                   backend=call.backend, check_layout=False)
+            result = block_sparse_attention(qt, kt, vt, plan.temporal_indices, plan.temporal_counts,
+                                            block_size=self.block_size, kv_length=call.kv_length, out=ot,
+                                            backend=call.backend, check_layout=False, return_lse=lse is not None)
             scatter_head_rows(ot, heads, plan.order, out, backend=call.backend)
+            if lse is not None:  # row t of the token-major order is original token order[t]
+                lse[:, heads.long()[:, None], plan.order.long()[None, :]] = result[1]
 
     def head_classes(self, call: AttentionCall, plan: SVGPlan) -> HeadClasses:
         """The cached classes of the call's heads, profiled anew when missing or ``reprofile_every`` steps old."""

@@ -362,6 +362,42 @@ def test_random_heads_equal_their_layout_in_a_strided_output(backend, gen, monke
     assert rel_err(buffer.transpose(1, 2), want) < (2e-2 if backend == "triton" else 1e-5), f"seed={gen.initial_seed()}"
 
 
+def masked_lse_oracle(q, k, masks, kv_length=None):
+    """Float64 natural-log LSE (B, H, L) of each row over the pairs of a per-head (H, L, L) token mask."""
+    B, H, L, D = q.shape
+    allowed = masks[None].expand(B, -1, -1, -1)
+    if kv_length is not None:
+        allowed = allowed & (torch.arange(L)[None, None, None, :] < kv_length.view(-1, 1, 1, 1))
+    s = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) / math.sqrt(D)
+    return s.masked_fill(~allowed, float("-inf")).logsumexp(-1)
+
+
+@pytest.mark.parametrize("backend, flags", [("triton", (True, False, True)), ("reference", (True, False, True)),
+                                            ("reference", (True, True, True)), ("reference", (False, False, False))],
+                         ids=["triton-mixed", "mixed", "temporal", "spatial"])
+def test_lse_of_the_kept_keys_in_the_original_order(backend, flags, gen, monkeypatch):
+    """want_lse: call.lse is each row's LSE over exactly the pairs of its head's layout, temporal heads' rows back in
+    the original order (text rows included, through several reorder chunks); without it call.lse stays None."""
+    grid = VideoGrid(4, 6, 9, text_tokens=13)
+    B, H, D, L = 2, 3, 64, grid.total_tokens
+    dtype = torch.bfloat16 if backend == "triton" else torch.float32
+    q, k, v = (torch.randn(B, H, L, D, generator=gen).to(dtype) for _ in range(3))
+    st = SVGSettings(sparsity=0.35, block_size=64)
+    monkeypatch.setattr(svg, "TEMPORAL_CHUNK_BYTES", B * L * D * q.element_size())  # one head per chunk
+    planner = st.make_planner()
+    monkeypatch.setattr(planner, "profile", lambda call, plan: flags)
+    kv_length = torch.tensor([L, L - 9])
+    call = call_of(grid, q, k, v, backend, kv_length=kv_length, want_lse=True)
+    out, _ = planner.attend(call)
+    masks = head_masks(grid, st, flags)
+    want = masked_lse_oracle(q, k, masks, kv_length)
+    assert call.lse.shape == (B, H, L) and call.lse.dtype == torch.float32
+    assert torch.allclose(call.lse.double(), want, rtol=0, atol=1e-4), \
+        f"max err {float((call.lse.double() - want).abs().max())}, seed={gen.initial_seed()}"
+    quiet = call_of(grid, q, k, v, backend, kv_length=kv_length)
+    assert torch.equal(planner.attend(quiet)[0], out) and quiet.lse is None
+
+
 def test_all_spatial_and_all_temporal_calls(gen):
     grid = VideoGrid(4, 8, 8)
     st = SVGSettings(sparsity=0.3, block_size=64)
