@@ -180,6 +180,9 @@ def main(argv=None):
         sync(device)
         dense_s.append(time.perf_counter() - start)
     dense_time = statistics.median(dense_s)
+    summary = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                   torch=torch.__version__, steps=args.steps, cfg=args.cfg, seeds=seeds, dense_steps=DENSE_STEPS,
+                   dense_layers=DENSE_LAYERS, dense_seconds=dense_time, date=time.strftime("%Y-%m-%d"))
     probe_step = args.steps // 2
     results, rows = [], [("dense", dense_videos[0])]
     for name in args.methods:
@@ -199,11 +202,10 @@ def main(argv=None):
                 rows.append((f"{name}\ndensity {density:.3f}\nPSNR {results[-1]['psnr']:.1f}", videos[0]))
             print(f"{name:8s} target {target:.2f} ({method.knob} {knob:.3g}): density {density:.3f}  "
                   f"PSNR {results[-1]['psnr']:.2f}  SSIM {results[-1]['ssim']:.3f}", flush=True)
+            if args.json:  # after every row: a run cut short keeps what it measured
+                Path(args.json).write_text(json.dumps(dict(summary, results=results), indent=1))
 
-    summary = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                   torch=torch.__version__, steps=args.steps, cfg=args.cfg, seeds=seeds, dense_steps=DENSE_STEPS,
-                   dense_layers=DENSE_LAYERS, dense_seconds=dense_time, results=results,
-                   date=time.strftime("%Y-%m-%d"))
+    summary["results"] = results
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))
     if args.picture:
