@@ -1,22 +1,27 @@
 """What AdaSpa's search costs, at the Wan 2.1 14B 720p shape (B=1, 40 heads, 75,600 tokens, head_dim 128, bf16).
 
     python3 benchmarks/adaspa_overhead.py --json out.json
-    python3 benchmarks/adaspa_overhead.py --configs         # also sweep the search pass's tile configs
     TRITON_INTERPRET=1 python3 benchmarks/adaspa_overhead.py --smoke      # CPU: tiny shape, Triton interpreter
 
-Inputs are video-shaped (benchmarks/synthetic.py: a space-time field, moving objects, Wan's 3D RoPE). Timed, one
-attention call each (medians of triton.testing.do_bench): SDPA dense; our dense attention with the LSE; the
-mass kernel alone (against that LSE); the search pass with a cached LSE (dense output + masses + new LSE, what a
-later search step runs) and without one (the first search of a run); the selection of the per-head layouts;
-the sparse attention with the layout found.
+Inputs are video-shaped (benchmarks/synthetic.py: a space-time field, moving objects, Wan's 3D RoPE).
 
-A search step delivers the call's dense output, so its overhead is what it costs beyond one dense attention call
-(SDPA, what ComfyUI would run). Over a 50-step run with the default schedule (steps 0-9 dense, the paper's
-warm-up; searches at 0.2 and 0.6 of the run = steps 10 (no LSE yet) and 30 (cached LSE); the other 38 steps
-sparse with the searched layout) the amortized overhead is the two searches' overhead over the attention time of
-those 38 sparse steps. The targets: a search step at most 1.3x one dense call, the amortized overhead at most 5%.
-Checks (outputs against SDPA and the torch reference, masses against the torch reference on a slice) run before
-timing; the exit status is 1 if one fails.
+What the planner runs (core/adaspa.py): a first search = dense attention with the LSE (the block-sparse kernel
+over every block; the call's output is dense) + the mass kernel against that LSE + selection; a later search =
+the mass kernel against the cached LSE + selection + sparse attention with the new layout (the call's output is
+sparse); a sparse step = the sparse attention. Timed: the parts (medians of triton.testing.do_bench: SDPA dense,
+our dense attention with the LSE, the mass kernel, the selection, the sparse attention) and the planner's own
+calls end to end (first search, later search, sparse step: medians of --calls calls, synchronised; they include
+the planner's checks and host work). The reported search steps and the run's overhead use the end-to-end times.
+
+Overhead of a search step: what it costs beyond the step it replaces, i.e. a first search beyond one dense call
+(SDPA, what ComfyUI would run: the first sparse step has no layout yet, it is dense anyway) and a later search
+beyond a sparse step. Over a 50-step run with the default schedule (steps 0-9 dense, the paper's warm-up;
+searches at 0.2 and 0.6 of the run = steps 10 (first) and 30 (later); the other 38 steps sparse) the amortized
+overhead is the searches' overhead over (a) the attention time of the steps with a sparse output (the sparse
+steps and the later search) and (b) the whole run's attention time (dense warm-up + searches + sparse steps).
+The targets: a search step at most 1.3x one dense call, the amortized overhead (a) at most 5%. Checks (outputs
+against SDPA and the torch reference, masses against the torch reference on a slice) run before timing; the exit
+status is 1 if one fails.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ import datetime
 import json
 import math
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -49,38 +56,32 @@ def parse_args():
     p.add_argument("--warmup", type=float, default=100, help="do_bench warmup, ms")
     p.add_argument("--rep", type=float, default=500, help="do_bench repetition time, ms")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calls", type=int, default=7, help="planner calls timed end to end, per kind")
     p.add_argument("--smoke", action="store_true", help="tiny shape on the CPU (Triton interpreter)")
-    p.add_argument("--configs", action="store_true", help="also time the search pass (cached LSE) over tile configs")
     return p.parse_args()
 
 
-def sweep_configs(search, timer, expected, smoke):
-    """ms of the cached-LSE search pass per (BLOCK_N, num_warps, num_stages, GROUP); a config whose output or
-    masses differ from the default's gets ms None."""
-    results = []
-    for block_n in (64,) if smoke else (64, 128):
-        for warps in (4,) if smoke else (4, 8):
-            for stages in (1,) if smoke else (2, 3):
-                for group in (8, 16, 32):
-                    cfg = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages, GROUP=group)
-                    entry = dict(config=cfg)
-                    try:
-                        got = search(cfg)
-                        same = all(rel_err(a, b) < CHECK_TOL for a, b in zip(got, expected))
-                        entry["ms"] = timer(lambda: search(cfg)) if same else None
-                    except Exception as exc:  # e.g. OutOfResources, or BLOCK_N wider than the layout block
-                        entry.update(ms=None, error=f"{type(exc).__name__}: {str(exc)[:100]}")
-                    print(f"  config {cfg}: {entry['ms'] if entry['ms'] is not None else entry.get('error', 'WRONG')}",
-                          flush=True)
-                    results.append(entry)
-    return results
-
-
 def run_schedule(settings, adaspa):
-    """(search steps of a RUN_STEPS run, the sparse steps that are not searches) under the default schedule."""
+    """(search steps of a RUN_STEPS run, the sparse steps that are not searches) under the default schedule; the
+    first step after the warm-up searches in any case (no layout before it)."""
     searches, _ = adaspa.resolve_search_steps(settings.search_steps, RUN_STEPS)
-    searches = [s for s in searches if s >= WARMUP_STEPS] or [WARMUP_STEPS]
+    searches = sorted({WARMUP_STEPS, *(s for s in searches if s >= WARMUP_STEPS)})
     return searches, [s for s in range(WARMUP_STEPS, RUN_STEPS) if s not in searches]
+
+
+def time_calls(torch, device, fn, calls):
+    """Median ms of ``calls`` runs of fn() (after one untimed run), each between two synchronisations."""
+    fn()
+    times = []
+    for _ in range(calls):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 def main():
@@ -116,23 +117,18 @@ def main():
     L, D = q.shape[2], q.shape[3]
     scale = 1.0 / math.sqrt(D)
     out = torch.empty_like(q)
-    full128 = K.full_layout(K.num_blocks(L, 128), K.num_blocks(L, 128), device)
+    dense_block = adaspa.DENSE_BLOCK
+    full = K.full_layout(K.num_blocks(L, dense_block), K.num_blocks(L, dense_block), device)
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
-    # Launchers, not the public API: its checks read layouts back on the host (syncs that are no part of the cost).
+    # The parts, through the launchers: the public API's checks read layouts back on the host (syncs that are no
+    # part of a kernel's cost; the end-to-end planner timings below include them).
     def dense_lse():
-        return sparse_kernel.triton_block_sparse_attention(q, k, v, *full128, block_size=128, scale=scale,
+        return sparse_kernel.triton_block_sparse_attention(q, k, v, *full, block_size=dense_block, scale=scale,
                                                            return_lse=True, out=out)
 
-    def search(cached, config=None):
-        return mass_kernel.triton_dense_attention_with_mass(q, k, v, block_size=bs, scale=scale, cached_lse=cached,
-                                                            out=out, config=config)
-
     _, lse = dense_lse()
-    _, lse_exact, mass = search(None)
-    # The cached LSE of a later search comes from an earlier step: stand in for it with this call's own LSE,
-    # shifted a little (what the cost depends on is only that one is given).
-    cached = lse + 0.05
+    mass = mass_kernel.triton_block_mass(q, k, lse, block_size=bs, scale=scale)
     pattern = adaspa.search_pattern(mass, grid, settings)
     indices = pattern.kv_indices.to(torch.int32)
 
@@ -140,48 +136,67 @@ def main():
         return sparse_kernel.triton_block_sparse_attention(q, k, v, indices, pattern.kv_counts, block_size=bs,
                                                            scale=scale, out=out)
 
-    checks = run_checks(torch, K, q, k, v, bs, lse, lse_exact, mass, search, cached, sparse, pattern, sdpa)
+    # The planner's own calls. Search steps at every step from the warm-up's end, so that each call of a step past
+    # it is a later search (the LSE of the first search stays cached while a later search remains).
+    searches, sparse_steps = run_schedule(settings, adaspa)
+    every = adaspa.AdaSpaSettings(recall=args.recall, block_size=bs,
+                                  search_steps=tuple(float(s) for s in range(WARMUP_STEPS, RUN_STEPS)))
+    backend = "triton"
+
+    def planner_call(planner, step):
+        return planner.attend(core.AttentionCall(grid=grid, layer=0, step=step, total_steps=RUN_STEPS, q=q, k=k,
+                                                 v=v, out=out, backend=backend))
+
+    first_planner = settings.make_planner()
+
+    def first_search():
+        first_planner.reset()
+        return planner_call(first_planner, WARMUP_STEPS)
+
+    later_planner = every.make_planner()
+    later_steps = iter(range(WARMUP_STEPS + 1, RUN_STEPS - 1))
+    planner_call(later_planner, WARMUP_STEPS)
+
+    checks = run_checks(torch, K, q, k, v, bs, lse, mass, sparse, pattern, sdpa, first_search)
     for c in checks:
         print(f"  check {c['name']}: {c['value']:.2e} {'ok' if c['ok'] else 'FAIL'}", flush=True)
 
     ms = {}
     for name, fn in [("sdpa_dense", lambda: sdpa(q, k, v)), ("ours_dense_lse", dense_lse),
                      ("mass_kernel", lambda: mass_kernel.triton_block_mass(q, k, lse, block_size=bs, scale=scale)),
-                     ("search_pass_cached_lse", lambda: search(cached)), ("search_pass_first", lambda: search(None)),
                      ("selection", lambda: adaspa.search_pattern(mass, grid, settings)), ("sparse", sparse)]:
         ms[name] = timer(fn)
         print(f"  {name:24s} {ms[name]:10.3f} ms", flush=True)
+    calls = min(args.calls, RUN_STEPS - WARMUP_STEPS - 3)  # the later searches left in later_planner's run
+    planner_ms = dict(first_search=time_calls(torch, device, first_search, calls),
+                      later_search=time_calls(torch, device, lambda: planner_call(later_planner, next(later_steps)),
+                                              calls),
+                      sparse_step=time_calls(torch, device, lambda: planner_call(first_planner, WARMUP_STEPS + 1),
+                                             calls))
+    for name, value in planner_ms.items():
+        print(f"  planner {name:16s} {value:10.3f} ms (end to end)", flush=True)
 
-    configs = []
-    if args.configs:
-        expected = tuple(t.clone() for t in search(cached)[1:])  # (lse, mass) of the default config
-        configs = sweep_configs(lambda cfg: search(cached, cfg)[1:], timer, expected, args.smoke)
-
-    searches, sparse_steps = run_schedule(settings, adaspa)
-    step_ms = {"cached": ms["search_pass_cached_lse"] + ms["selection"],
-               "first": ms["search_pass_first"] + ms["selection"]}
-    search_kinds = ["first"] + ["cached"] * (len(searches) - 1)
-    overhead_ms = sum(step_ms[kind] - ms["sdpa_dense"] for kind in search_kinds)
-    sparse_ms = len(sparse_steps) * ms["sparse"]
+    first, later, sparse_step = planner_ms["first_search"], planner_ms["later_search"], planner_ms["sparse_step"]
+    later_searches = len(searches) - 1
+    overhead_ms = (first - ms["sdpa_dense"]) + later_searches * (later - sparse_step)
+    sparse_output_ms = (len(sparse_steps) + later_searches) * sparse_step
+    run_ms = WARMUP_STEPS * ms["sdpa_dense"] + first + later_searches * later + len(sparse_steps) * sparse_step
     summary = dict(
         density=pattern.density, recall_mean=float(pattern.recall.mean()), recall_min=float(pattern.recall.min()),
-        search_steps=searches, search_step_ms=step_ms,
-        search_vs_dense={kind: t / ms["sdpa_dense"] for kind, t in step_ms.items()},
-        two_pass_vs_dense=(ms["ours_dense_lse"] + ms["mass_kernel"] + ms["selection"]) / ms["sdpa_dense"],
-        paper_cached_vs_dense=(ms["mass_kernel"] + ms["selection"] + ms["sparse"]) / ms["sdpa_dense"],
-        sparse_speedup=ms["sdpa_dense"] / ms["sparse"], overhead_ms=overhead_ms, sparse_steps=len(sparse_steps),
-        amortized_overhead=overhead_ms / sparse_ms,
-        run_attention_ms=dict(dense=RUN_STEPS * ms["sdpa_dense"],
-                              adaspa=WARMUP_STEPS * ms["sdpa_dense"] + sum(step_ms[k] for k in search_kinds)
-                              + sparse_ms),
+        search_steps=searches, planner_ms=planner_ms,
+        search_vs_dense=dict(first=first / ms["sdpa_dense"], later=later / ms["sdpa_dense"]),
+        parts_vs_dense=dict(first=(ms["ours_dense_lse"] + ms["mass_kernel"] + ms["selection"]) / ms["sdpa_dense"],
+                            later=(ms["mass_kernel"] + ms["selection"] + ms["sparse"]) / ms["sdpa_dense"]),
+        sparse_speedup=ms["sdpa_dense"] / sparse_step, overhead_ms=overhead_ms, sparse_steps=len(sparse_steps),
+        amortized_overhead=overhead_ms / sparse_output_ms, overhead_of_run=overhead_ms / run_ms,
+        run_attention_ms=dict(dense=RUN_STEPS * ms["sdpa_dense"], adaspa=run_ms),
     )
     summary["search_ok"] = max(summary["search_vs_dense"].values()) <= SEARCH_TARGET
     summary["amortized_ok"] = summary["amortized_overhead"] <= AMORTIZED_TARGET
     print_report(summary)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(meta=meta, checks=checks, ms=ms, summary=summary, configs=configs),
-                                        indent=1))
+        args.json.write_text(json.dumps(dict(meta=meta, checks=checks, ms=ms, summary=summary), indent=1))
         print(f"wrote {args.json}")
     failed = [c["name"] for c in checks if not c["ok"]]
     if failed:
@@ -189,20 +204,21 @@ def main():
     return 1 if failed else 0
 
 
-def run_checks(torch, K, q, k, v, bs, lse, lse_exact, mass, search, cached, sparse, pattern, sdpa):
+def run_checks(torch, K, q, k, v, bs, lse, mass, sparse, pattern, sdpa, first_search):
     """Outputs against SDPA / the torch reference; masses against the torch reference on two query blocks."""
     want = sdpa(q, k, v)
-    checks = [("search output vs SDPA (rel err)", rel_err(search(cached)[0], want))]
-    checks.append(("LSE of the search vs our dense kernel (max abs)", (lse_exact - lse).abs().max().item()))
+    first_out, density = first_search()
+    checks = [("planner first search output vs SDPA (rel err)", rel_err(first_out, want)),
+              ("planner first search density - 1", abs(density - 1.0))]
     qb0 = mass.shape[2] // 2
     r0, r1 = qb0 * bs, min(q.shape[2], (qb0 + 2) * bs)
-    ref = K.reference_block_mass(q[:, :1, r0:r1], k[:, :1], lse_exact[:, :1, r0:r1], block_size=bs)
+    ref = K.reference_block_mass(q[:, :1, r0:r1], k[:, :1], lse[:, :1, r0:r1], block_size=bs)
     checks.append((f"masses vs reference, head 0 query blocks {qb0}-{qb0 + 1} (max abs / block)",
                    (mass[:, :1, qb0:qb0 + 2] - ref).abs().max().item() / bs))
-    _, _, cached_mass = search(cached)
+    cached = (lse + 0.05).half()  # a cached LSE from an earlier step, as the planner stores it
+    cached_mass = K.block_mass(q[:, :1, r0:r1], k[:, :1], cached[:, :1, r0:r1], block_size=bs, backend="triton")
     ref = K.reference_block_mass(q[:, :1, r0:r1], k[:, :1], cached[:, :1, r0:r1], block_size=bs)
-    checks.append(("cached-LSE masses vs reference (max abs / block)",
-                   (cached_mass[:, :1, qb0:qb0 + 2] - ref).abs().max().item() / bs))
+    checks.append(("cached-LSE masses vs reference (max abs / block)", (cached_mass - ref).abs().max().item() / bs))
     got = sparse()[:, :1, r0:r1]
     ref = K.reference_block_sparse_attention(q[:, :1, r0:r1], k[:, :1], v[:, :1],
                                              pattern.kv_indices[:, :1, qb0:qb0 + 2].to(torch.int32),
@@ -212,17 +228,20 @@ def run_checks(torch, K, q, k, v, bs, lse, lse_exact, mass, search, cached, spar
 
 
 def print_report(s):
+    pm = s["planner_ms"]
     print(f"\nlayout found: density {s['density']:.3f}, recall per head mean {s['recall_mean']:.3f} "
-          f"min {s['recall_min']:.3f}; sparse attention {s['sparse_speedup']:.2f}x faster than SDPA dense")
-    for kind, ratio in s["search_vs_dense"].items():
-        print(f"search step ({kind} LSE: pass + selection): {s['search_step_ms'][kind]:.2f} ms = {ratio:.3f}x "
-              f"one dense call (target <= {SEARCH_TARGET}x)")
-    print(f"the paper's first search (dense + LSE, then the mass kernel) + selection: {s['two_pass_vs_dense']:.3f}x; "
-          f"its later searches (mass kernel + selection + sparse attention, sparse output): "
-          f"{s['paper_cached_vs_dense']:.3f}x")
-    print(f"{RUN_STEPS}-step run, searches at steps {s['search_steps']}: search overhead beyond dense "
-          f"{s['overhead_ms']:.1f} ms over {s['sparse_steps']} sparse steps' attention = "
-          f"{100 * s['amortized_overhead']:.2f}% (target <= {100 * AMORTIZED_TARGET:.0f}%)")
+          f"min {s['recall_min']:.3f}; a sparse step is {s['sparse_speedup']:.2f}x faster than SDPA dense")
+    print(f"first search (dense + LSE, mass kernel, selection; dense output): {pm['first_search']:.2f} ms = "
+          f"{s['search_vs_dense']['first']:.3f}x one dense call (sum of the parts {s['parts_vs_dense']['first']:.3f}x)"
+          f"; target <= {SEARCH_TARGET}x: {'met' if s['search_vs_dense']['first'] <= SEARCH_TARGET else 'MISSED'}")
+    print(f"later search (mass kernel with the cached LSE, selection, sparse attention; sparse output): "
+          f"{pm['later_search']:.2f} ms = {s['search_vs_dense']['later']:.3f}x (sum of the parts "
+          f"{s['parts_vs_dense']['later']:.3f}x); target <= {SEARCH_TARGET}x: "
+          f"{'met' if s['search_vs_dense']['later'] <= SEARCH_TARGET else 'MISSED'}")
+    print(f"{RUN_STEPS}-step run, searches at steps {s['search_steps']}: search overhead {s['overhead_ms']:.1f} ms = "
+          f"{100 * s['amortized_overhead']:.2f}% of the sparse-output steps' attention (target <= "
+          f"{100 * AMORTIZED_TARGET:.0f}%: {'met' if s['amortized_ok'] else 'MISSED'}), "
+          f"{100 * s['overhead_of_run']:.2f}% of the whole run's attention (dense warm-up + searches + sparse)")
     run = s["run_attention_ms"]
     print(f"attention time of the run, one layer: dense {run['dense']:.0f} ms, AdaSpa {run['adaspa']:.0f} ms "
           f"({run['dense'] / run['adaspa']:.2f}x)")

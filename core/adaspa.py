@@ -12,13 +12,16 @@ What the paper does (its Sections 3-4, Figure 7, Algorithms 1-2):
   * Text sink (HunyuanVideo): video-text, text-video and text-text blocks are always kept.
 
 What this planner does, and where it departs from the paper:
-  * A search call is one sweep of ``kernels.dense_attention_with_mass``: the exact dense output of the call, the
-    new LSE (kept for the next search) and the masses. With a cached LSE (every search after the first of a run)
-    the masses cost a few operations per row on top of the attention. The paper's later searches run a mass-only
-    pass and then the sparse attention instead: about a third of a dense call cheaper, but that step's output is
-    sparse and its LSE is not refreshed. The first search of a run has no cached LSE: the same sweep writes each
-    row's log-sum-exp per key block to a scratch buffer (a few heads at a time) and normalises it with the row's
-    final LSE: exact, about 1x a dense call instead of the paper's two passes (about 1.5x).
+  * The first search of a run (no cached LSE: the first sparse step of a layer, or a new shape) runs, as the
+    paper does, dense attention with each row's LSE (the block-sparse kernel over every block; its output is the
+    call's, exact) and then ``kernels.block_mass`` against that LSE. The LSE is cached (float16) while a later
+    search of the run will use it.
+  * A later search runs ``block_mass`` against the cached LSE (one QK^T sweep, no V), selects the new layout and
+    runs the sparse attention with it: the call's output is sparse, as in the paper. The cache keeps the LSE of
+    the last exact dense pass: the sparse launch's LSE covers the kept keys only, so it would understate each row.
+    Measured on an H100 at Wan 14B 720p, both are cheaper than fusing the masses into a dense flash pass (which
+    gave a dense output at later searches too): the per-tile mass accumulation inside the flash loop cost more
+    than a separate QK-only pass.
   * Search steps: the paper's {10, 30} of 50 as fractions of the run (0.2, 0.6), or step indices. A call that
     finds no pattern for its shape (the first sparse step of a layer, a new resolution) searches too.
   * Per head the number of key blocks per query block is the fewest whose kept mass reaches ``recall`` of the
@@ -27,13 +30,13 @@ What this planner does, and where it departs from the paper:
     always kept. A recall of 1 keeps every block.
   * Text rows are always computed dense (a separate dense launch over the text rows, so the video rows' layout
     stays narrow); text columns are kept for every video row with ``text_dense``, else searched like video ones.
-  * ``call.want_lse``: a search call reports its dense LSE (it attended every key), a sparse call the LSE its two
-    launches return over the kept keys; tokens are never reordered, so both are in the original order.
+  * ``call.want_lse``: a first search reports its dense LSE (it attended every key); a later search and a sparse
+    call the LSE their launches return over the kept keys; tokens are never reordered: all in the original order.
 
 The pattern and LSE cache: per layer, one entry per (grid, batch size, device, first head, heads), holding the
 layout of every (batch element, head) (int16 indices) and, while a later search of the run will use it, the LSE
-(float16). A call whose grid or batch differs finds no entry and searches (never reuses a layout of another
-shape); the whole cache is dropped at the start of each sampling run.
+of the last exact dense pass (float16). A call whose grid or batch differs finds no entry and searches (never
+reuses a layout of another shape); the whole cache is dropped at the start of each sampling run.
 """
 
 from __future__ import annotations
@@ -44,14 +47,17 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import (block_sparse_attention, dense_attention_with_mass, full_layout, indices_to_block_mask,
-                       num_blocks, validate_layout)
+from ..kernels import (block_mass, block_sparse_attention, full_layout, indices_to_block_mask, num_blocks,
+                       validate_layout)
 from .grid import VideoGrid
 from .method import AttentionCall
 
 log = logging.getLogger("sparse_video_attention")
 
 BLOCK_SIZES = (64, 128)
+# Tile of the dense pass of a first search: with every block kept the layout's granularity changes nothing, and
+# 128-key blocks halve the key-block lists the kernel walks.
+DENSE_BLOCK = 128
 # Selection works on this many bytes of per-head temporaries at a time (sorting the masses of a few heads).
 SELECT_CHUNK_BYTES = 512 << 20
 
@@ -222,7 +228,7 @@ def search_pattern(mass: torch.Tensor, grid: VideoGrid, settings: AdaSpaSettings
 @dataclass
 class _Entry:
     pattern: AdaSpaPattern
-    lse: torch.Tensor | None  # (B, H, L) float16, kept while a later search of the run will use it
+    lse: torch.Tensor | None  # (B, H, L) float16 of the last dense pass, kept while a later search will use it
     searched_step: int | None
 
 
@@ -233,7 +239,7 @@ class AdaSpaPlanner:
         self.settings = settings
         # layer -> {(grid, batch, device, first head, heads): _Entry}; one shape (grid, batch, device) per layer
         self._layers: dict[int, dict] = {}
-        self._text_layouts: dict = {}  # (text query blocks, key blocks, device) -> the dense layout of text rows
+        self._full_layouts: dict = {}  # (block size, query blocks, key blocks, device) -> a layout of every block
         self._warned: set = set()
 
     @property
@@ -263,15 +269,25 @@ class AdaSpaPlanner:
         return inside
 
     def _search(self, call, entries, key, entry, searches):
-        cached = entry.lse if entry is not None and entry.lse is not None else None
-        out, lse, mass = dense_attention_with_mass(
-            call.q, call.k, call.v, block_size=self.block_size, kv_length=call.kv_length, out=call.out,
-            backend=call.backend, cached_lse=None if cached is None else cached.float())
+        """A first search (no cached LSE): the exact dense output, its LSE cached. A later one: the masses against
+        the cached LSE, then the sparse attention with the new layout (the call's output)."""
+        q, k, v = call.q, call.k, call.v
+        cached = entry.lse if entry is not None else None
+        if cached is None:
+            layout = self._full_layout(q.shape[2], k.shape[2], DENSE_BLOCK, q.device)
+            out, lse = block_sparse_attention(q, k, v, *layout, block_size=DENSE_BLOCK, kv_length=call.kv_length,
+                                              out=call.out, backend=call.backend, check_layout=False,
+                                              return_lse=True)
+        mass = block_mass(q, k, lse if cached is None else cached, block_size=self.block_size,
+                          kv_length=call.kv_length, backend=call.backend)
         pattern = search_pattern(mass, call.grid, self.settings)
         validate_layout(pattern.kv_indices.to(torch.int32), pattern.kv_counts, num_kv_blocks=pattern.num_blocks)
         later = call.step is not None and any(s > call.step for s in searches)
-        entries[key] = _Entry(pattern, lse.half() if later else None, call.step)
-        if call.want_lse:  # the search call attended every key: its LSE is the dense one
+        keep = (lse.half() if cached is None else cached) if later else None
+        entries[key] = _Entry(pattern, keep, call.step)
+        if cached is not None:
+            return self._sparse(call, pattern), pattern.density
+        if call.want_lse:  # the dense pass attended every key: its LSE is the dense one
             call.lse = lse
         return out, 1.0
 
@@ -284,8 +300,8 @@ class AdaSpaPlanner:
             self._launch(call, q[:, :, :rows], pattern.kv_indices.to(torch.int32), pattern.kv_counts,
                          out[:, :, :rows], lses)
         if rows < q.shape[2]:  # text rows: every key block
-            self._launch(call, q[:, :, rows:], *self._text_layout(q.shape[2] - rows, pattern, q.device),
-                         out[:, :, rows:], lses)
+            layout = self._full_layout(q.shape[2] - rows, k.shape[2], self.block_size, q.device)
+            self._launch(call, q[:, :, rows:], *layout, out[:, :, rows:], lses)
         if call.want_lse:
             call.lse = torch.cat(lses, dim=-1)
         return out
@@ -297,11 +313,12 @@ class AdaSpaPlanner:
         if call.want_lse:
             lses.append(result[1])
 
-    def _text_layout(self, rows, pattern, device):
-        key = (num_blocks(rows, self.block_size), pattern.num_blocks, device)
-        if key not in self._text_layouts:
-            self._text_layouts[key] = full_layout(*key)
-        return self._text_layouts[key]
+    def _full_layout(self, rows, keys, block_size, device):
+        """The layout of ``rows`` query rows attending to all ``keys`` (text rows, a first search's dense pass)."""
+        key = (block_size, num_blocks(rows, block_size), num_blocks(keys, block_size), device)
+        if key not in self._full_layouts:
+            self._full_layouts[key] = full_layout(*key[1:])
+        return self._full_layouts[key]
 
     def block_mask(self, grid: VideoGrid, layer: int | None = None) -> torch.Tensor | None:
         """CPU bool (H, NQB, NKB): ``layer``'s searched layout for batch element 0, its heads in order."""
@@ -325,4 +342,4 @@ class AdaSpaPlanner:
     def reset(self) -> None:
         """A new sampling run: patterns and LSEs were learned from the last run's q and k; drop them."""
         self._layers.clear()
-        self._text_layouts.clear()
+        self._full_layouts.clear()

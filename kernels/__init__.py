@@ -2,14 +2,14 @@
 
 from .attention import (BACKENDS, MAX_TRITON_HEAD_DIM, SUPPORTED_BLOCK_SIZES, block_sparse_attention, resolve_backend,
                         triton_available)
-from .block_mass import block_mass, dense_attention_with_mass
+from .block_mass import block_mass
 from .cluster_attention import cluster_block_attention, cluster_pair_count
 from .cluster_reference import reference_cluster_block_attention
 from .cluster_select import ClusterSelection, cluster_scores, select_key_clusters
 from .kmeans import KMeansResult, batched_kmeans, cluster_order, kmeans_assign, kmeans_update, reseed_points, strided_init
 from .layout import block_mask_to_indices, indices_to_block_mask, layout_density, num_blocks, validate_layout
 from .mask_errors import candidate_mask_errors, candidate_mask_outputs, reference_candidate_mask_outputs
-from .mass_reference import full_layout, reference_block_mass, reference_dense_attention_with_mass
+from .mass_reference import full_layout, reference_block_mass
 from .permute import permute_qkv, unpermute_rows
 from .reference import reference_block_sparse_attention
 from .row_gather import gather_head_rows, scatter_head_rows
@@ -27,5 +27,5 @@ __all__ = [
     "candidate_mask_errors", "candidate_mask_outputs", "reference_candidate_mask_outputs", "gather_head_rows",
     "scatter_head_rows",
     # AdaSpa
-    "block_mass", "dense_attention_with_mass", "full_layout", "reference_block_mass", "reference_dense_attention_with_mass",
+    "block_mass", "full_layout", "reference_block_mass",
 ]

@@ -1,7 +1,6 @@
-"""Public entry points for block attention masses (AdaSpa's search): validation, backend choice, head-dim padding.
+"""Public entry point for block attention masses (AdaSpa's search): validation, backend choice, head-dim padding.
 
-``block_mass`` is the mass of every (query block, key block) tile against a given per-row LSE;
-``dense_attention_with_mass`` is dense attention that returns the LSE and the masses too, in one sweep over K/V.
+``block_mass`` is the mass of every (query block, key block) tile against a given per-row LSE.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ import torch
 
 from .attention import (MAX_TRITON_HEAD_DIM, check_block_size, check_kv_length, padded_head_dim, validate_qkv,
                         resolve_backend)
-from .mass_reference import reference_block_mass, reference_dense_attention_with_mass
+from .mass_reference import reference_block_mass
 
 
 def block_mass(q, k, lse, *, block_size=64, scale=None, kv_length=None, backend="auto"):
@@ -30,7 +29,7 @@ def block_mass(q, k, lse, *, block_size=64, scale=None, kv_length=None, backend=
     B, H, LQ, D, _ = validate_qkv(q, k, k, None)
     check_block_size(block_size)
     check_kv_length(kv_length, B)
-    _check_lse("lse", lse, q)
+    _check_lse(lse, q)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if resolve_backend(backend, q.device, q.dtype) == "reference":
         return reference_block_mass(q, k, lse, block_size=block_size, scale=scale, kv_length=kv_length)
@@ -41,48 +40,13 @@ def block_mass(q, k, lse, *, block_size=64, scale=None, kv_length=None, backend=
                                        kv_length=kv_length)
 
 
-def dense_attention_with_mass(q, k, v, *, block_size=64, cached_lse=None, scale=None, kv_length=None, out=None,
-                              backend="auto"):
-    """Dense attention, each row's LSE and the tile masses, in one sweep: (out (B, H, LQ, D), lse (B, H, LQ)
-    float32 natural log, mass (B, H, NQB, NKB) float32).
-
-    With ``cached_lse`` ((B, H, LQ), e.g. the LSE of an earlier denoising step) the masses are taken against it:
-    exactly ``block_mass(q, k, cached_lse)``, at almost no cost over the attention. Without it they are taken
-    against the LSE of this call (exact; the Triton path holds one float per query row and key block in a
-    scratch buffer meanwhile, at most ``SCRATCH_BYTES``, a few heads per launch). Other arguments as
-    :func:`block_mass` and :func:`kernels.block_sparse_attention` (``out``: a buffer to write the output into).
-    """
-    B, H, LQ, D, _ = validate_qkv(q, k, v, out)
-    check_block_size(block_size)
-    check_kv_length(kv_length, B)
-    if cached_lse is not None:
-        _check_lse("cached_lse", cached_lse, q)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    if resolve_backend(backend, q.device, q.dtype) == "reference":
-        return reference_dense_attention_with_mass(q, k, v, block_size=block_size, scale=scale,
-                                                   cached_lse=cached_lse, kv_length=kv_length, out=out)
-    from .block_mass_triton import triton_dense_attention_with_mass
-
-    padded = _pad_head_dim(D, q, k, v)
-    if padded[0] is q:
-        return _translate_out_of_resources(triton_dense_attention_with_mass, q, k, v, block_size=block_size,
-                                           scale=scale, cached_lse=cached_lse, kv_length=kv_length, out=out)
-    o, lse, mass = _translate_out_of_resources(triton_dense_attention_with_mass, *padded, block_size=block_size,
-                                               scale=scale, cached_lse=cached_lse, kv_length=kv_length)
-    if out is None:
-        out = o[..., :D].contiguous()
-    else:
-        out.copy_(o[..., :D])
-    return out, lse, mass
-
-
-def _check_lse(name, lse, q):
+def _check_lse(lse, q):
     B, H, LQ, _ = q.shape
     if not isinstance(lse, torch.Tensor) or lse.shape != (B, H, LQ) or not lse.is_floating_point():
         got = f"{tuple(lse.shape)} {lse.dtype}" if isinstance(lse, torch.Tensor) else type(lse).__name__
-        raise ValueError(f"{name} must be a ({B}, {H}, {LQ}) float tensor (one log-sum-exp per query row), got {got}")
+        raise ValueError(f"lse must be a ({B}, {H}, {LQ}) float tensor (one log-sum-exp per query row), got {got}")
     if lse.device != q.device:
-        raise ValueError(f"{name} is on {lse.device} but q is on {q.device}; move it to the queries' device")
+        raise ValueError(f"lse is on {lse.device} but q is on {q.device}; move it to the queries' device")
 
 
 def _pad_head_dim(D, *tensors):

@@ -1,7 +1,7 @@
-"""Torch references for the block-mass kernels: the CPU path and the oracle the Triton kernels are tested against.
+"""Torch reference for the block-mass kernel: the CPU path and the oracle the Triton kernel is tested against.
 
-Same contracts as :func:`kernels.block_mass` and :func:`kernels.dense_attention_with_mass`, computed in float32
-a chunk of query blocks at a time, so memory stays O(chunk x L), never L x L.
+Same contract as :func:`kernels.block_mass`, computed in float32 a chunk of query blocks at a time, so memory
+stays O(chunk x L), never L x L. ``full_layout``: the layout of dense attention on the block-sparse kernel.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import math
 import torch
 
 from .layout import num_blocks
-from .reference import reference_block_sparse_attention
 
 _CHUNK_ELEMENTS = 1 << 25  # float32 scores of one chunk
 
@@ -48,14 +47,3 @@ def reference_block_mass(q, k, lse, *, block_size, scale=None, kv_length=None):
         mass[:, :, qb0:qb1] = p.view(B, H, qb1 - qb0, block_size, nkb, block_size).sum(dim=(3, 5))
     return mass
 
-
-def reference_dense_attention_with_mass(q, k, v, *, block_size, scale=None, cached_lse=None, kv_length=None,
-                                        out=None):
-    """(out, lse, mass): dense attention with each row's natural-log LSE, and the block masses against
-    ``cached_lse`` when given, else against the LSE just computed."""
-    layout = full_layout(num_blocks(q.shape[2], block_size), num_blocks(k.shape[2], block_size), q.device)
-    out, lse = reference_block_sparse_attention(q, k, v, *layout, block_size=block_size, scale=scale,
-                                                kv_length=kv_length, return_lse=True, out=out)
-    mass = reference_block_mass(q, k, lse if cached_lse is None else cached_lse, block_size=block_size, scale=scale,
-                                kv_length=kv_length)
-    return out, lse, mass

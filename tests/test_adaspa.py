@@ -21,7 +21,6 @@ K = import_pack("kernels")
 core = import_pack("core")
 adaspa = import_pack("core.adaspa")
 metrics = import_pack("core.metrics")
-mass_triton = import_pack("kernels.block_mass_triton")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # conftest: no CUDA -> interpreter
 BACKENDS = ("triton", "reference")
@@ -97,74 +96,49 @@ def test_block_mass_matches_float64(backend, case, gen):
     torch.testing.assert_close(mass.double().sum(-1), rows_per_block(lse, bs), rtol=1e-5, atol=1e-5, msg=ctx)
 
 
-@pytest.mark.parametrize("cached", [False, True], ids=["exact", "cached-lse"])
+def dense_with_lse(q, k, v, block_size, backend, kv_length=None):
+    """What a first search runs before the masses: dense attention with each row's LSE (the block-sparse kernel
+    over every block)."""
+    layout = K.full_layout(-(-q.shape[2] // block_size), -(-k.shape[2] // block_size), q.device)
+    return K.block_sparse_attention(q, k, v, *layout, block_size=block_size, kv_length=kv_length, backend=backend,
+                                    return_lse=True)
+
+
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_dense_attention_with_mass(backend, case, cached, gen):
-    """The output and LSE of dense attention; the masses those of block_mass against the same LSE (the fresh one,
-    or a stale cached one), both against float64."""
+def test_first_search_dense_lse_then_masses(backend, case, gen):
+    """A first search's two passes: dense attention's output and LSE, then the masses against that LSE; a later
+    search's masses against a stale (cached) LSE. All against float64."""
     B, H, L, D, bs, dtype = case
     q, k, v = make_qkv(B, H, L, L, D, dtype, gen, scale=1.5)
-    want_out, want_lse, _ = oracle(q, k, v, bs)
-    stale = (want_lse + 0.3 * torch.randn(want_lse.shape, generator=gen, device=DEVICE, dtype=torch.float64)).float()
-    out, lse, mass = K.dense_attention_with_mass(q, k, v, block_size=bs, backend=backend,
-                                                 cached_lse=stale if cached else None)
-    ctx = f"{backend} {case} cached={cached} seed={gen.initial_seed()}"
+    want_out, want_lse, want_mass = oracle(q, k, v, bs)
+    out, lse = dense_with_lse(q, k, v, bs, backend)
+    ctx = f"{backend} {case} seed={gen.initial_seed()}"
     assert out.dtype == dtype and lse.dtype == torch.float32
     err = ((out.double() - want_out).norm() / want_out.norm()).item()
     assert err < OUT_TOL[dtype], f"{ctx}: output relative error {err:.2e}"
     assert (lse.double() - want_lse).abs().max().item() < LSE_TOL, ctx
-    against = stale if cached else lse
-    assert_mass(mass, oracle(q, k, v, bs, mass_lse=against)[2], bs, ctx)
-    assert_mass(mass, K.block_mass(q, k, against, block_size=bs, backend=backend).double(), bs, ctx)
-    if not cached:
-        torch.testing.assert_close(mass.double().sum(-1), rows_per_block(lse, bs), rtol=1e-5, atol=1e-5, msg=ctx)
+    mass = K.block_mass(q, k, lse, block_size=bs, backend=backend)
+    assert_mass(mass, oracle(q, k, v, bs, mass_lse=lse)[2], bs, ctx)
+    torch.testing.assert_close(mass.double().sum(-1), rows_per_block(lse, bs), rtol=1e-5, atol=1e-5, msg=ctx)
+    stale = (want_lse + 0.3 * torch.randn(want_lse.shape, generator=gen, device=DEVICE, dtype=torch.float64)).half()
+    cached_mass = K.block_mass(q, k, stale, block_size=bs, backend=backend)
+    assert_mass(cached_mass, oracle(q, k, v, bs, mass_lse=stale)[2], bs, f"{ctx} cached")
 
 
-@pytest.mark.parametrize("cached", [False, True], ids=["exact", "cached-lse"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_key_padding_and_empty_rows(backend, cached, gen):
-    """kv_length cuts keys per batch element; an element with no key gives zeros, an LSE of -inf and no mass."""
+def test_key_padding_and_empty_rows(backend, gen):
+    """kv_length cuts keys per batch element; an element with no key has an LSE of -inf and no mass."""
     B, H, L, D, bs = 3, 2, 150, 64, 64
     q, k, v = make_qkv(B, H, L, L, D, torch.bfloat16, gen)
     kv_length = torch.tensor([L - 7, 0, 70], device=DEVICE)
-    want_out, want_lse, _ = oracle(q, k, v, bs, kv_length=kv_length)
-    out, lse, mass = K.dense_attention_with_mass(q, k, v, block_size=bs, kv_length=kv_length, backend=backend,
-                                                 cached_lse=want_lse.float() if cached else None)
-    ctx = f"{backend} cached={cached} seed={gen.initial_seed()}"
-    assert not torch.isnan(out).any() and (out[1] == 0).all(), ctx
+    _, want_lse, want_mass = oracle(q, k, v, bs, kv_length=kv_length)
+    _, lse = dense_with_lse(q, k, v, bs, backend, kv_length=kv_length)
+    ctx = f"{backend} seed={gen.initial_seed()}"
     assert torch.isneginf(lse[1]).all() and torch.isfinite(lse[[0, 2]]).all(), ctx
-    assert ((out.double() - want_out).norm() / want_out.norm()).item() < OUT_TOL[torch.bfloat16], ctx
-    assert_mass(mass, oracle(q, k, v, bs, kv_length=kv_length)[2], bs, ctx)
+    mass = K.block_mass(q, k, lse, block_size=bs, kv_length=kv_length, backend=backend)
+    assert_mass(mass, want_mass, bs, ctx)
     assert (mass[1] == 0).all() and (mass[2, :, :, 2:] == 0).all(), f"{ctx}: padded keys carry no mass"
-    alone = K.block_mass(q, k, want_lse.float(), block_size=bs, kv_length=kv_length, backend=backend)
-    assert_mass(alone, oracle(q, k, v, bs, kv_length=kv_length)[2], bs, ctx)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_out_buffer_token_major(backend, gen):
-    """The output goes straight into a (B, L, H, D) buffer's (B, H, L, D) view, as the dispatcher passes it."""
-    B, H, L, D, bs = 2, 2, 100, 64, 64
-    q, k, v = make_qkv(B, H, L, L, D, torch.float16, gen, token_major=True)
-    storage = torch.full((B, L, H + 1, D), float("nan"), dtype=q.dtype, device=DEVICE)
-    view = storage[:, :, :H].transpose(1, 2)
-    out, _, _ = K.dense_attention_with_mass(q, k, v, block_size=bs, out=view, backend=backend)
-    assert out.data_ptr() == view.data_ptr() and not torch.isnan(view).any()
-    assert torch.isnan(storage[:, :, H:]).all(), "wrote outside out"
-    err = ((view.double() - oracle(q, k, v, bs)[0]).norm() / view.double().norm()).item()
-    assert err < OUT_TOL[torch.float16], f"seed={gen.initial_seed()}"
-
-
-@pytest.mark.skipif(not K.triton_available(DEVICE), reason="needs the Triton kernels (CUDA or the interpreter)")
-def test_exact_mode_a_few_heads_per_launch(monkeypatch, gen):
-    """With a scratch budget below one head, the exact mode runs one head per launch: same results."""
-    B, H, L, D, bs = 2, 2, 100, 64, 64
-    q, k, v = make_qkv(B, H, L, L, D, torch.bfloat16, gen)
-    whole = K.dense_attention_with_mass(q, k, v, block_size=bs, backend="triton")
-    monkeypatch.setattr(mass_triton, "SCRATCH_BYTES", 1)
-    split = K.dense_attention_with_mass(q, k, v, block_size=bs, backend="triton")
-    for a, b in zip(whole, split):
-        assert torch.equal(a, b), f"seed={gen.initial_seed()}"
 
 
 def _valid():
@@ -178,26 +152,15 @@ def _valid():
     (lambda a: {**a, "block_size": 32}, r"^block_size must be one of"),
     (lambda a: {**a, "kv_length": torch.tensor([1])}, r"^kv_length must be a \(2,\)"),
     (lambda a: {**a, "backend": "flash"}, r"^backend must be one of"),
-], ids=["lse-shape", "lse-dtype", "block-size", "kv-length", "backend"])
+    (lambda a: {**a, **{n: torch.randn(2, 2, 100, 256, device=DEVICE).half() for n in "qk"}, "backend": "triton"},
+     r"^head_dim 256 is not supported"),
+], ids=["lse-shape", "lse-dtype", "block-size", "kv-length", "backend", "head-dim-256"])
 def test_block_mass_bad_input(change, match):
+    if "head_dim" in match and not K.triton_available(DEVICE):
+        pytest.skip("needs the Triton backend")
     q, k, _, lse = _valid()
     with pytest.raises(ValueError, match=match):
         K.block_mass(**change(dict(q=q, k=k, lse=lse, backend="reference")))
-
-
-@pytest.mark.parametrize("change, match", [
-    (lambda a: {**a, "cached_lse": a["cached_lse"][0]}, r"^cached_lse must be a \(2, 2, 100\) float tensor"),
-    (lambda a: {**a, "v": a["v"][:, :, :50]}, r"^k and v must have shape"),
-    (lambda a: {**a, **{n: torch.randn(2, 2, 100, 256, device=DEVICE).half() for n in "qkv"}, "cached_lse": None,
-                "backend": "triton"},
-     r"^head_dim 256 is not supported"),
-], ids=["cached-lse-shape", "v-length", "head-dim-256"])
-def test_dense_attention_with_mass_bad_input(change, match):
-    if "head_dim" in match and not K.triton_available(DEVICE):
-        pytest.skip("needs the Triton backend")
-    q, k, v, lse = _valid()
-    with pytest.raises(ValueError, match=match):
-        K.dense_attention_with_mass(**change(dict(q=q, k=k, v=v, cached_lse=lse, backend="reference")))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -312,17 +275,32 @@ def masked_oracle(q, k, v, mask, block_size, kv_length=None):
 
 
 class SearchSpy:
-    """Counts the planner's searches and records the cached LSE each one got."""
+    """Counts the planner's searches (one block_mass call each) and records the LSE each weighed the masses by:
+    float32, fresh from the dense pass, at a first search; the float16 cache at a later one."""
 
     def __init__(self, monkeypatch):
-        self.cached = []
-        original = adaspa.dense_attention_with_mass
+        self.lses = []
+        original = adaspa.block_mass
 
-        def spy(*args, **kwargs):
-            self.cached.append(kwargs.get("cached_lse"))
-            return original(*args, **kwargs)
+        def spy(q, k, lse, **kwargs):
+            self.lses.append(lse)
+            return original(q, k, lse, **kwargs)
 
-        monkeypatch.setattr(adaspa, "dense_attention_with_mass", spy)
+        monkeypatch.setattr(adaspa, "block_mass", spy)
+
+    @property
+    def exact(self):
+        return [lse.dtype == torch.float32 for lse in self.lses]
+
+
+def entry_of(planner, layer=0):
+    return next(iter(planner._layers[layer].values()))
+
+
+def true_recall(q, k, mask, block_size):
+    """(H,) share of batch element 0's exact attention mass each head's (H, NQB, NKB) block mask keeps."""
+    true_mass = metrics.block_attention_mass(q, k, block_size)[0]
+    return [metrics.attention_recall(true_mass[h], mask[h]) for h in range(mask.shape[0])]
 
 
 GRID = core.VideoGrid(4, 8, 8)  # 256 tokens: 4 blocks of 64
@@ -339,56 +317,106 @@ def test_search_then_sparse_steps(monkeypatch):
     spy = SearchSpy(monkeypatch)
     out, density = planner.attend(call(GRID, q, k, v, step=0))
     ctx = f"seed={gen.initial_seed()}"
-    assert density == 1.0 and len(spy.cached) == 1 and spy.cached[0] is None
+    assert density == 1.0 and spy.exact == [True]
     dense = oracle(q, k, v, 64)[0]
     torch.testing.assert_close(out.double(), dense, rtol=1e-4, atol=1e-5, msg=ctx)
 
     mask = planner.block_mask(GRID, 0)  # (H, 4, 4)
     assert mask.shape == (2, 4, 4) and mask.dtype == torch.bool and not mask.all(), ctx
-    true_mass = metrics.block_attention_mass(q, k, 64)[0]  # batch element 0
-    for h in range(2):
-        assert metrics.attention_recall(true_mass[h], mask[h]) >= 0.7 - 1e-4, f"{ctx}: head {h}"
+    assert min(true_recall(q, k, mask, 64)) >= 0.7 - 1e-4, ctx
 
-    pattern = next(iter(planner._layers[0].values())).pattern
+    pattern = entry_of(planner).pattern
     masks = pattern_masks(pattern)  # (B, H, 4, 4)
     assert torch.equal(masks[0], mask)
     for step in (1, 2):
         out, density = planner.attend(call(GRID, q, k, v, step=step))
-        assert len(spy.cached) == 1 and density == pytest.approx(masks.float().mean().item()), ctx
+        assert len(spy.lses) == 1 and density == pytest.approx(masks.float().mean().item()), ctx
         for b in range(2):
             want = masked_oracle(q[b:b + 1], k[b:b + 1], v[b:b + 1], masks[b], 64)
             torch.testing.assert_close(out[b:b + 1].double(), want, rtol=1e-4, atol=1e-5, msg=ctx)
 
 
 def test_scheduled_searches_use_the_cached_lse(monkeypatch):
-    """Search steps 2 and 4 of 6: the first search (step 0, no pattern yet) is exact; step 2 uses the LSE of step
-    0, step 4 the LSE of step 2; after the last search no LSE is kept."""
+    """Search steps 2 and 4 of 6: the first search (step 0, no pattern yet) is exact with a dense output; steps 2
+    and 4 weigh the masses by the LSE of step 0's dense pass and compute the sparse attention of the layout they
+    find; after the last search no LSE is kept."""
     gen = new_generator()
     q, k, v = video_inputs(GRID, gen=gen)
     planner = adaspa.AdaSpaSettings(search_steps=(2.0, 4.0), max_density=1.0).make_planner()
     spy = SearchSpy(monkeypatch)
     lses = []
+    ctx = f"seed={gen.initial_seed()}"
     for step in range(6):
-        planner.attend(call(GRID, q, k * (1 + 0.05 * step), v, step=step))
-        entry = next(iter(planner._layers[0].values()))
+        ks = k * (1 + 0.05 * step)
+        out, density = planner.attend(call(GRID, q, ks, v, step=step))
+        entry = entry_of(planner)
         lses.append(entry.lse)
-    assert len(spy.cached) == 3 and spy.cached[0] is None
-    assert torch.equal(spy.cached[1], lses[0].float()) and torch.equal(spy.cached[2], lses[2].float())
+        if step == 0:
+            assert density == 1.0, ctx
+            torch.testing.assert_close(out.double(), oracle(q, ks, v, 64)[0], rtol=1e-4, atol=1e-5, msg=ctx)
+        else:  # sparse, with the layout searched at this step (2, 4) or the one before
+            assert entry.searched_step == step - step % 2, ctx
+            masks = pattern_masks(entry.pattern)
+            assert density == pytest.approx(entry.pattern.density) and density < 1, ctx
+            for b in range(2):
+                want = masked_oracle(q[b:b + 1], ks[b:b + 1], v[b:b + 1], masks[b], 64)
+                torch.testing.assert_close(out[b:b + 1].double(), want, rtol=1e-4, atol=1e-5, msg=ctx)
+    assert spy.exact == [True, False, False], ctx
+    assert torch.equal(spy.lses[1], lses[0]) and torch.equal(spy.lses[2], lses[0]), "step 0's LSE, kept"
     exact = oracle(q, k, v, 64)[1]
     assert lses[0].dtype == torch.float16 and (lses[0].double() - exact).abs().max() < 2e-2
     assert lses[4] is None and lses[5] is None, "no later search: the LSE is dropped"
-    assert sum(planner.cache_bytes().values()) == next(iter(planner._layers[0].values())).pattern.nbytes
+    assert sum(planner.cache_bytes().values()) == entry_of(planner).pattern.nbytes
+
+
+def test_later_search_reaches_the_recall(monkeypatch):
+    """A later search (masses against the cached LSE) of the same q and k finds a layout holding the recall of
+    the exact attention; the step's output is the sparse attention of that layout."""
+    gen = new_generator()
+    q, k, v = video_inputs(GRID, gen=gen)
+    planner = adaspa.AdaSpaSettings(recall=0.7, search_steps=(1.0,), min_density=0.0, max_density=1.0).make_planner()
+    spy = SearchSpy(monkeypatch)
+    planner.attend(call(GRID, q, k, v, step=0))
+    out, density = planner.attend(call(GRID, q, k, v, step=1))
+    ctx = f"seed={gen.initial_seed()}"
+    assert spy.exact == [True, False] and entry_of(planner).searched_step == 1, ctx
+    mask = planner.block_mask(GRID, 0)
+    assert not mask.all() and density == pytest.approx(entry_of(planner).pattern.density), ctx
+    # The cached LSE is float16: each row's weight is off by ~1e-3 at most.
+    assert min(true_recall(q, k, mask, 64)) >= 0.7 - 5e-3, ctx
+    masks = pattern_masks(entry_of(planner).pattern)
+    for b in range(2):
+        want = masked_oracle(q[b:b + 1], k[b:b + 1], v[b:b + 1], masks[b], 64)
+        torch.testing.assert_close(out[b:b + 1].double(), want, rtol=1e-4, atol=1e-5, msg=ctx)
 
 
 def test_recall_one_gives_dense_output():
+    """Recall 1 keeps every block: the first search, a sparse step and a later search all equal dense attention."""
     gen = new_generator()
     q, k, v = video_inputs(GRID, gen=gen)
-    planner = adaspa.AdaSpaSettings(recall=1.0, search_steps=(), min_density=0.0, max_density=1.0).make_planner()
-    planner.attend(call(GRID, q, k, v, step=0))
-    out, density = planner.attend(call(GRID, q, k, v, step=1))
-    assert density == 1.0 and planner.block_mask(GRID, 0).all()
-    torch.testing.assert_close(out.double(), oracle(q, k, v, 64)[0], rtol=1e-4, atol=1e-5,
-                               msg=f"seed={gen.initial_seed()}")
+    planner = adaspa.AdaSpaSettings(recall=1.0, search_steps=(2.0,), min_density=0.0, max_density=1.0).make_planner()
+    dense = oracle(q, k, v, 64)[0]
+    for step in range(4):
+        out, density = planner.attend(call(GRID, q, k, v, step=step))
+        assert density == 1.0 and planner.block_mask(GRID, 0).all()
+        torch.testing.assert_close(out.double(), dense, rtol=1e-4, atol=1e-5,
+                                   msg=f"seed={gen.initial_seed()} step {step}")
+
+
+def test_every_kind_of_call_writes_into_out():
+    """A first search, a later search and a sparse step write into a (B, L, H, D) buffer's view, and nowhere else."""
+    gen = new_generator()
+    q, k, v = video_inputs(GRID, gen=gen)
+    B, H, L, D = q.shape
+    planner = adaspa.AdaSpaSettings(search_steps=(1.0,), max_density=1.0).make_planner()
+    for step in range(3):
+        storage = torch.full((B, L, H + 1, D), float("nan"))
+        view = storage[:, :, :H].transpose(1, 2)
+        c = call(GRID, q, k, v, step=step)
+        c.out = view
+        out, _ = planner.attend(c)
+        assert out.data_ptr() == view.data_ptr() and not torch.isnan(view).any(), f"step {step}"
+        assert torch.isnan(storage[:, :, H:]).all(), f"step {step}: wrote outside out"
 
 
 def test_cache_keys_invalidation_and_reset(monkeypatch):
@@ -400,22 +428,22 @@ def test_cache_keys_invalidation_and_reset(monkeypatch):
     planner.attend(call(GRID, q[:, :2], k[:, :2], v[:, :2], step=0))                  # heads 0-1
     planner.attend(call(GRID, q[:, 2:], k[:, 2:], v[:, 2:], step=0, head_offset=2))   # heads 2-3: own entry
     planner.attend(call(GRID, q[:, :2], k[:, :2], v[:, :2], step=1))                  # reuses
-    assert len(spy.cached) == 2 and len(planner._layers[0]) == 2
+    assert len(spy.lses) == 2 and len(planner._layers[0]) == 2
     assert planner.block_mask(GRID, 0).shape == (4, 4, 4) and planner.block_mask(GRID, 1) is None
 
     other = core.VideoGrid(2, 16, 8)  # also 256 tokens: must not reuse the layout of GRID
     planner.attend(call(other, q[:, :2], k[:, :2], v[:, :2], step=2))
-    assert len(spy.cached) == 3 and list(planner._layers[0])[0][0] == other
+    assert len(spy.lses) == 3 and list(planner._layers[0])[0][0] == other
     assert len(planner._layers[0]) == 1, "entries of the old shape are dropped"
     planner.attend(call(other, q[:1, :2], k[:1, :2], v[:1, :2], step=3))  # batch 1: another shape
-    assert len(spy.cached) == 4
+    assert len(spy.lses) == 4
     planner.attend(call(other, q[:1, :2], k[:1, :2], v[:1, :2], step=4, layer=1))  # another layer
-    assert len(spy.cached) == 5
+    assert len(spy.lses) == 5
 
     planner.reset()
     assert planner.cache_bytes() == {} and planner.block_mask(other, 0) is None
     planner.attend(call(other, q[:1, :2], k[:1, :2], v[:1, :2], step=5))
-    assert len(spy.cached) == 6 and spy.cached[-1] is None
+    assert len(spy.lses) == 6 and all(spy.exact)
 
 
 def test_search_step_past_the_run_warns_once(monkeypatch, caplog):
@@ -429,7 +457,7 @@ def test_search_step_past_the_run_warns_once(monkeypatch, caplog):
             planner.attend(call(GRID, q, k, v, step=step, total=6, layer=1))
     warnings = [r.getMessage() for r in caplog.records if r.name == LOGGER]
     assert len(warnings) == 1 and "search_steps" in warnings[0] and "30" in warnings[0] and "6 steps" in warnings[0]
-    assert len(spy.cached) == 4  # per layer: step 0 (no pattern yet) and step 3 (0.5 of 6); never at 30
+    assert len(spy.lses) == 4  # per layer: step 0 (no pattern yet) and step 3 (0.5 of 6); never at 30
 
 
 def test_fraction_and_index_search_steps():
@@ -451,7 +479,7 @@ def test_text_rows_dense_with_key_padding():
     planner = adaspa.AdaSpaSettings(recall=0.6, search_steps=(), min_density=0.0, max_density=1.0).make_planner()
     planner.attend(call(grid, q, k, v, step=0, kv_length=kv_length))
     out, density = planner.attend(call(grid, q, k, v, step=1, kv_length=kv_length))
-    masks = pattern_masks(next(iter(planner._layers[0].values())).pattern)
+    masks = pattern_masks(entry_of(planner).pattern)
     mask = planner.block_mask(grid, 0)
     assert torch.equal(mask, masks[0]) and mask.shape == (2, 4, 4)
     assert masks[:, :, 3].all() and masks[..., 3].all() and not masks.all()
@@ -466,33 +494,40 @@ def test_text_rows_dense_with_key_padding():
     "reference", pytest.param("triton", marks=pytest.mark.skipif(not K.triton_available(DEVICE),
                                                                   reason="needs the Triton kernels"))])
 def test_lse_of_the_kept_keys_when_asked(backend):
-    """want_lse: a search call reports the dense LSE (it attended every key), a sparse call the float64
-    log-sum-exp over exactly the pairs its pattern keeps, text rows included, in token order; a batch element
-    with no keys gives -inf rows. Without want_lse call.lse stays None."""
+    """want_lse: a first search reports the dense LSE (it attended every key); a sparse call and a later search the
+    float64 log-sum-exp over exactly the pairs their layout keeps, text rows included, in token order; a batch
+    element with no keys gives -inf rows. Without want_lse call.lse stays None."""
     gen = new_generator()
     grid = core.VideoGrid(3, 8, 8, text_tokens=20)
     dtype = torch.bfloat16 if backend == "triton" else torch.float32
     q, k, v = (t.to(DEVICE) for t in video_inputs(grid, B=3, gen=gen, dtype=dtype))
     kv_length = torch.tensor([grid.total_tokens - 6, grid.video_tokens + 3, 0], device=DEVICE, dtype=torch.int32)
-    planner = adaspa.AdaSpaSettings(recall=0.6, search_steps=(), min_density=0.0, max_density=1.0).make_planner()
+    planner = adaspa.AdaSpaSettings(recall=0.6, search_steps=(2.0,), min_density=0.0, max_density=1.0).make_planner()
     ctx = f"seed={gen.initial_seed()} {backend}"
-    calls = [call(grid, q, k, v, step=s, kv_length=kv_length, backend=backend) for s in range(3)]
-    calls[0].want_lse = calls[1].want_lse = True
+    calls = [call(grid, q, k, v, step=s, kv_length=kv_length, backend=backend) for s in range(4)]
+    masks = []  # the layout each call used
+    for c in calls[:3]:
+        c.want_lse = True
     for c in calls:
         planner.attend(c)
-    masks = pattern_masks(next(iter(planner._layers[0].values())).pattern)
-    assert not masks.all(), ctx
+        masks.append(pattern_masks(entry_of(planner).pattern))
+    assert entry_of(planner).searched_step == 2 and not masks[2].all(), ctx
     q, k, kv_length = q.cpu(), k.cpu(), kv_length.cpu()
     dense = oracle(q, k, k, 64, kv_length=kv_length)[1]
-    kept = torch.cat([torch.logsumexp(masked_scores(q[b:b + 1], k[b:b + 1], masks[b], 64, kv_length[b:b + 1]), -1)
-                      for b in range(3)])
-    assert (dense - kept)[kept.isfinite()].max() > 1e-2, f"{ctx}: the sparse step must drop some mass"
-    for got, want in ((calls[0].lse, dense), (calls[1].lse, kept)):
+
+    def kept(mask):
+        return torch.cat([torch.logsumexp(masked_scores(q[b:b + 1], k[b:b + 1], mask[b], 64, kv_length[b:b + 1]),
+                                          -1) for b in range(3)])
+
+    for i, (got, want) in enumerate(((calls[0].lse, dense), (calls[1].lse, kept(masks[1])),
+                                     (calls[2].lse, kept(masks[2])))):
+        if i:
+            assert (dense - want)[want.isfinite()].max() > 1e-2, f"{ctx}: call {i} must drop some mass"
         assert got.dtype == torch.float32 and got.shape == want.shape, ctx
         assert torch.equal(got.cpu().isneginf(), want.isneginf()) and want[2].isneginf().all(), ctx
         finite = want.isfinite()
-        assert (got.cpu().double()[finite] - want[finite]).abs().max().item() < LSE_TOL, ctx
-    assert calls[2].lse is None, ctx
+        assert (got.cpu().double()[finite] - want[finite]).abs().max().item() < LSE_TOL, f"{ctx}: call {i}"
+    assert calls[3].lse is None, ctx
 
 
 @pytest.mark.skipif(not K.triton_available(DEVICE), reason="needs the Triton kernels (CUDA or the interpreter)")
@@ -547,7 +582,8 @@ def record_calls(monkeypatch, session):
         entries = session.planner._layers[layer].values()
         calls.append(dict(layer=layer, step=ctx.step, grid=ctx.grid_for(q.shape[2]), q=q.clone(), k=k.clone(),
                           v=v.clone(), kv_length=kv_length, out=result.clone(), density=density,
-                          masks=torch.cat([pattern_masks(e.pattern) for e in entries], dim=1)))
+                          masks=torch.cat([pattern_masks(e.pattern) for e in entries], dim=1),
+                          searched={e.searched_step for e in entries}))
         return result, density
 
     monkeypatch.setattr(session, "attend", attend)
@@ -579,9 +615,9 @@ def test_node_defaults_are_the_papers(nodes):
 @comfyui
 @pytest.mark.parametrize("family", ["wan", "hunyuan"])
 def test_adaspa_in_a_sampling_run(nodes, bridge, monkeypatch, family):
-    """Searches at steps 0 and 2 of 4 (dense output), sparse steps 1 and 3 with the searched per-head layout: each
-    sparse call equals float64 attention under that layout (and the text padding), the render stays close to
-    dense, and the Inspector's per-head mask is there after the run."""
+    """Searches at steps 0 (exact, dense output) and 2 of 4 (cached LSE, sparse output); steps 1 to 3 are sparse
+    with the layout searched last: each sparse call equals float64 attention under that layout (and the text
+    padding), the render stays close to dense, and the Inspector's per-head mask is there after the run."""
     if family == "wan":
         base, conds, cfg, grid, kv = comfy_env.tiny_wan_t2v(seed=50), comfy_env.wan_conds(seed=51), 3.0, \
             core.VideoGrid(5, 8, 8), None
@@ -598,9 +634,10 @@ def test_adaspa_in_a_sampling_run(nodes, bridge, monkeypatch, family):
 
     assert torch.isfinite(sparse).all() and 0 < rel_err(sparse, dense) < 0.5
     assert not session.stats.fallbacks
-    assert {c["step"] for c in calls if c["density"] == 1.0} == {0, 2}
-    sparse_calls = [c for c in calls if c["step"] in (1, 3)]
+    assert {c["step"] for c in calls if c["density"] == 1.0} == {0}
+    sparse_calls = [c for c in calls if c["step"] in (1, 2, 3)]
     assert sparse_calls and all(c["density"] < 1.0 for c in sparse_calls)
+    assert all(c["searched"] == {2 if c["step"] >= 2 else 0} for c in sparse_calls)
     for c in sparse_calls:
         B = c["q"].shape[0]
         assert c["grid"] == grid and (c["kv_length"] is None if kv is None else c["kv_length"].tolist() == [kv] * B)

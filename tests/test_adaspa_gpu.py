@@ -1,6 +1,7 @@
-"""AdaSpa's kernels and planner on CUDA at realistic sizes: masses against a float64 oracle computed on the GPU in
-row chunks, the search pass against SDPA and the standalone mass kernel, key padding, the exact mode's scratch
-split over launches, and the planner's Triton path against its torch reference path.
+"""AdaSpa's kernels and planner on CUDA at realistic sizes: a first search's passes (dense attention with the LSE,
+then the masses) and a later search's masses against a cached LSE, all against a float64 oracle computed on the
+GPU in row chunks; key padding; the planner's Triton path (first search, sparse step, later search) against its
+torch reference path.
 
 Helpers come from test_block_sparse_kernel.py / test_adaspa.py. Inputs are random on every run; each test prints
 its seed (rerun with BSA_SEED=<seed> to reproduce).
@@ -20,7 +21,6 @@ from test_block_sparse_kernel import LSE_TOL, new_generator
 K = import_pack("kernels")
 core = import_pack("core")
 adaspa = import_pack("core.adaspa")
-mass_triton = import_pack("kernels.block_mass_triton")
 
 pytestmark = pytest.mark.gpu
 
@@ -71,83 +71,70 @@ def check_mass(mass, expected, block_size, ctx):
     assert err < 1e-5 * block_size, f"{ctx}: mass abs error {err:.2e}"
 
 
+def dense_with_lse(q, k, v, kv_length=None):
+    """A first search's dense pass, as the planner runs it: the block-sparse kernel over every 128-key block."""
+    layout = K.full_layout(-(-q.shape[2] // adaspa.DENSE_BLOCK), -(-k.shape[2] // adaspa.DENSE_BLOCK), q.device)
+    return K.block_sparse_attention(q, k, v, *layout, block_size=adaspa.DENSE_BLOCK, kv_length=kv_length,
+                                    backend="triton", return_lse=True)
+
+
 @pytest.mark.parametrize("block_size", [64, 128])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_search_pass_and_mass_kernel(dtype, D, block_size, gen):
+def test_search_passes(dtype, D, block_size, gen):
     q, k, v = make_qkv(D, dtype, gen)
     want_out, want_lse, want_mass = oracle(q, k, v, block_size)
     ctx = f"{dtype} D={D} bs={block_size} seed={gen.initial_seed()}"
-    out, lse, mass = K.dense_attention_with_mass(q, k, v, block_size=block_size, backend="triton")
+    out, lse = dense_with_lse(q, k, v)
     err = ((out.double() - want_out).norm() / want_out.norm()).item()
     assert err < OUT_TOL[dtype], f"{ctx}: output relative error {err:.2e}"
     assert (lse.double() - want_lse).abs().max().item() < LSE_TOL, ctx
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert ((out.float() - sdpa.float()).norm() / sdpa.float().norm()).item() < OUT_TOL[dtype], ctx
+    mass = K.block_mass(q, k, lse, block_size=block_size, backend="triton")
     check_mass(mass, want_mass, block_size, ctx)
     rows = torch.full_like(want_mass[..., 0], block_size)
     rows[..., -1] = L - (rows.shape[-1] - 1) * block_size
     torch.testing.assert_close(mass.double().sum(-1), rows, rtol=1e-5, atol=1e-4, msg=ctx)  # rows sum to 1
 
-    stale = lse + 0.2 * torch.randn(lse.shape, generator=gen, device="cuda")
-    alone = K.block_mass(q, k, stale, block_size=block_size, backend="triton")
-    check_mass(alone, oracle(q, k, v, block_size, mass_lse=stale)[2], block_size, ctx)
-    cached_out, cached_lse, cached_mass = K.dense_attention_with_mass(q, k, v, block_size=block_size,
-                                                                      cached_lse=stale, backend="triton")
-    assert torch.equal(cached_out, out) and torch.equal(cached_lse, lse), ctx  # the mass leaves attention alone
-    check_mass(cached_mass, alone.double(), block_size, ctx)
-    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    assert ((out.float() - sdpa.float()).norm() / sdpa.float().norm()).item() < OUT_TOL[dtype], ctx
+    stale = (lse + 0.2 * torch.randn(lse.shape, generator=gen, device="cuda")).half()  # as the planner caches it
+    cached_mass = K.block_mass(q, k, stale, block_size=block_size, backend="triton")
+    check_mass(cached_mass, oracle(q, k, v, block_size, mass_lse=stale)[2], block_size, ctx)
 
 
-@pytest.mark.parametrize("cached", [False, True], ids=["exact", "cached-lse"])
-def test_key_padding_empty_rows_and_padded_head_dim(cached, gen):
+def test_key_padding_empty_rows_and_padded_head_dim(gen):
     """HunyuanVideo-like: keys past kv_length[b] ignored, an element with none; head_dim 80 zero-padded."""
     q, k, v = make_qkv(80, torch.bfloat16, gen)
     kv_length = torch.tensor([L - 100, 0], device="cuda", dtype=torch.int32)
     want_out, want_lse, want_mass = oracle(q, k, v, 64, kv_length=kv_length)
-    out, lse, mass = K.dense_attention_with_mass(q, k, v, block_size=64, kv_length=kv_length, backend="triton",
-                                                 cached_lse=want_lse.float() if cached else None)
-    ctx = f"cached={cached} seed={gen.initial_seed()}"
+    out, lse = dense_with_lse(q, k, v, kv_length)
+    mass = K.block_mass(q, k, lse, block_size=64, kv_length=kv_length, backend="triton")
+    ctx = f"seed={gen.initial_seed()}"
     assert (out[1] == 0).all() and torch.isneginf(lse[1]).all() and (mass[1] == 0).all(), ctx
     assert ((out[0].double() - want_out[0]).norm() / want_out[0].norm()).item() < OUT_TOL[torch.bfloat16], ctx
     check_mass(mass, want_mass, 64, ctx)
 
 
-def test_exact_mode_split_over_launches(monkeypatch, gen):
-    q, k, v = make_qkv(128, torch.bfloat16, gen)
-    whole = K.dense_attention_with_mass(q, k, v, block_size=64, backend="triton")
-    monkeypatch.setattr(mass_triton, "SCRATCH_BYTES", 1)  # one head per launch
-    split = K.dense_attention_with_mass(q, k, v, block_size=64, backend="triton")
-    for a, b in zip(whole, split):
-        assert torch.equal(a, b), f"seed={gen.initial_seed()}"
-
-
-def test_token_major_out_buffer(gen):
-    q, k, v = make_qkv(128, torch.float16, gen)
-    storage = torch.full((B, L, H, 128), float("nan"), dtype=q.dtype, device="cuda")
-    view = storage.transpose(1, 2)
-    out, _, _ = K.dense_attention_with_mass(q, k, v, block_size=128, out=view, backend="triton")
-    assert out.data_ptr() == storage.data_ptr() and not torch.isnan(storage).any()
-    want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    assert ((view.float() - want.float()).norm() / want.float().norm()).item() < OUT_TOL[torch.float16]
-
-
 @pytest.mark.parametrize("block_size", [64, 128])
 def test_planner_triton_matches_reference(block_size, gen):
-    """A HunyuanVideo-shaped call (video then text, padded): the Triton path finds the layout the reference path
-    finds; the sparse step equals the reference path's output."""
+    """A HunyuanVideo-shaped call (video then text, padded): the Triton path finds the layouts the reference path
+    finds (first search at step 0, later search at step 2); every step's output equals the reference path's."""
     grid = core.VideoGrid(8, 16, 30, text_tokens=256)  # 3840 video + 256 text tokens
     q, k, v = make_qkv(128, torch.bfloat16, gen, length=grid.total_tokens)
     kv_length = torch.tensor([grid.total_tokens - 40, grid.video_tokens + 100], device="cuda")
-    settings = adaspa.AdaSpaSettings(recall=0.9, search_steps=(), block_size=block_size, max_density=0.6)
+    settings = adaspa.AdaSpaSettings(recall=0.9, search_steps=(2.0,), block_size=block_size, max_density=0.6)
     outs, patterns = {}, {}
     for backend in ("triton", "reference"):
         planner = settings.make_planner()
         calls = [core.AttentionCall(grid=grid, layer=0, step=s, total_steps=10, q=q, k=k, v=v, kv_length=kv_length,
-                                    backend=backend) for s in range(2)]
-        outs[backend] = [planner.attend(c)[0] for c in calls]
-        patterns[backend] = next(iter(planner._layers[0].values())).pattern
+                                    backend=backend) for s in range(4)]
+        outs[backend], patterns[backend] = [], []
+        for c in calls:
+            outs[backend].append(planner.attend(c)[0])
+            patterns[backend].append(pattern_masks(next(iter(planner._layers[0].values())).pattern))
     ctx = f"bs={block_size} seed={gen.initial_seed()}"
-    same = (pattern_masks(patterns["triton"]) == pattern_masks(patterns["reference"])).float().mean().item()
-    assert same > 0.999, f"{ctx}: layouts agree on {same:.4f} of the tiles"  # near-ties may flip a tile
+    for step in (0, 2):
+        same = (patterns["triton"][step] == patterns["reference"][step]).float().mean().item()
+        assert same > 0.999, f"{ctx}: step {step} layouts agree on {same:.4f} of the tiles"  # near-ties may flip
     for a, b in zip(outs["triton"], outs["reference"]):
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() < OUT_TOL[torch.bfloat16], ctx
