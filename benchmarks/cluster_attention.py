@@ -2,7 +2,6 @@
 
     python benchmarks/cluster_attention.py --json out.json              # < 2 minutes on an H100
     python benchmarks/cluster_attention.py --configs                    # also sweep tile configs (ragged, 25%)
-    python benchmarks/cluster_attention.py --config '{"KEYS": "runs", "RUN": 16}'   # main table, another config
     TRITON_INTERPRET=1 python benchmarks/cluster_attention.py --smoke   # CPU: tiny shape, Triton interpreter
 
 Layouts: "ragged" has SVG2's cluster sizes (lognormal around L/300 query and L/1000 key tokens, summing to L,
@@ -36,18 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 SHAPE = dict(B=1, H=40, L=75600, D=128, query_cluster=75600 / 300, key_cluster=75600 / 1000)
 SMOKE_SHAPE = dict(B=1, H=2, L=600, D=64, query_cluster=50, key_cluster=15)
 KEPT_FRACTIONS = (0.25, 0.12)
-# Tile configs worth timing on a new GPU. KEYS="chunks": (BLOCK_M, BLOCK_N, CHUNK, num_warps, num_stages);
-# KEYS="runs" (the run-table path): (BLOCK_M, BLOCK_N, RUN, num_warps, num_stages).
-_CHUNKS = ("BLOCK_M", "BLOCK_N", "CHUNK", "num_warps", "num_stages")
-_RUNS = ("BLOCK_M", "BLOCK_N", "RUN", "num_warps", "num_stages")
-SWEEP = [dict(KEYS="chunks", **dict(zip(_CHUNKS, c))) for c in (
-    (64, 64, 16, 4, 2), (64, 64, 16, 4, 3), (64, 64, 8, 4, 2), (64, 64, 32, 4, 2), (64, 64, 32, 4, 3),
-    (64, 32, 16, 4, 2), (64, 32, 32, 4, 3), (64, 128, 16, 4, 2), (64, 64, 16, 8, 2), (128, 64, 16, 8, 2),
-    (128, 64, 16, 8, 3), (128, 64, 32, 8, 2), (128, 64, 16, 4, 2), (128, 128, 16, 8, 2))] + [
-    dict(KEYS="runs", **dict(zip(_RUNS, c))) for c in (
-    (64, 64, 16, 4, 3), (64, 64, 16, 4, 2), (64, 64, 16, 4, 4), (64, 64, 8, 4, 3), (64, 64, 32, 4, 3),
-    (64, 32, 16, 4, 3), (64, 32, 8, 4, 3), (64, 128, 16, 4, 3), (64, 128, 16, 8, 3), (128, 64, 16, 8, 3),
-    (128, 64, 8, 8, 3), (128, 128, 16, 8, 2))]
+# Tile configs worth timing on a new GPU: (BLOCK_M, BLOCK_N, CHUNK, num_warps, num_stages).
+SWEEP = [dict(zip(("BLOCK_M", "BLOCK_N", "CHUNK", "num_warps", "num_stages"), c)) for c in (
+    (64, 64, 16, 4, 2), (64, 64, 16, 4, 3), (64, 64, 8, 4, 2), (64, 64, 32, 4, 2), (64, 32, 16, 4, 2),
+    (64, 32, 32, 4, 3), (64, 128, 16, 4, 2), (64, 64, 16, 8, 2), (128, 64, 16, 8, 2), (128, 64, 16, 8, 3),
+    (128, 64, 32, 8, 2), (128, 64, 16, 4, 2), (128, 128, 16, 8, 2))]
 CHECK_TOL = 1e-2
 
 
@@ -55,9 +47,6 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, help="write every result here")
     p.add_argument("--configs", action="store_true", help="time every config of SWEEP on the ragged 25%% layout")
-    p.add_argument("--config", type=json.loads, default={},
-                   help='JSON entries that replace the default config\'s for the main table, e.g. '
-                        '\'{"KEYS": "runs", "RUN": 16}\'')
     p.add_argument("--sigma", type=float, default=0.5, help="lognormal sigma of the ragged cluster sizes")
     p.add_argument("--reps", type=int, default=7, help="timed runs per measurement (median)")
     p.add_argument("--seed", type=int, default=0)
@@ -102,23 +91,16 @@ def kept_lists(torch, q_offsets, k_offsets, fraction, gen):
 
 
 def tile_work(torch, q_offsets, k_offsets, ids, counts, cfg):
-    """Query-key slots the kernel's tiles cover: BLOCK_M rows per query tile times the key slots of its list.
-    KEYS="chunks": per chunk of CHUNK kept key clusters, the chunk's tokens rounded up to BLOCK_N; "runs": the
-    list's runs (each kept cluster cut into RUN rows) rounded up to BLOCK_N / RUN runs, times BLOCK_N."""
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    """Query-key slots the kernel's tiles cover: BLOCK_M rows per query tile times, per chunk of CHUNK kept key
+    clusters, the chunk's tokens rounded up to BLOCK_N."""
+    bm, bn, chunk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["CHUNK"]
     q_sizes = (q_offsets[..., 1:] - q_offsets[..., :-1]).long()
     k_sizes = (k_offsets[..., 1:] - k_offsets[..., :-1]).long()
     used = torch.arange(ids.shape[-1], device=ids.device) < counts[..., None]
     kept = torch.where(used, torch.gather(k_sizes, 2, ids.long().flatten(2)).view(ids.shape), 0)
-    if cfg.get("KEYS", "chunks") == "runs":
-        run, per_tile = cfg["RUN"], bn // cfg["RUN"]
-        runs = ((kept + run - 1) // run).sum(-1)
-        key_slots = (runs + per_tile - 1) // per_tile * bn
-    else:
-        chunk = cfg["CHUNK"]
-        kept = torch.nn.functional.pad(kept, (0, -kept.shape[-1] % chunk))
-        per_chunk = kept.view(*kept.shape[:-1], -1, chunk).sum(-1)
-        key_slots = ((per_chunk + bn - 1) // bn * bn).sum(-1)
+    kept = torch.nn.functional.pad(kept, (0, -kept.shape[-1] % chunk))
+    per_chunk = kept.view(*kept.shape[:-1], -1, chunk).sum(-1)
+    key_slots = ((per_chunk + bn - 1) // bn * bn).sum(-1)
     rows = (q_sizes + bm - 1) // bm * bm
     return int((rows * key_slots).sum())
 
@@ -201,18 +183,18 @@ def main():
             clusters = (q_off, k_off, *kept_lists(torch, q_off, k_off, fraction, gen))
             pairs = int(K.cluster_pair_count(*clusters).sum())
             pair_fraction = pairs / (B * H * L * L)
-            cfg = {**KT.tile_config(D, L, q_off.shape[-1] - 1, device), **args.config}
+            cfg = KT.tile_config(D, L, q_off.shape[-1] - 1, device)
             entry = dict(layout=name, kernel="cluster", target=fraction, pairs=pair_fraction,
                          tile_work=tile_work(torch, *clusters, cfg) / pairs, config=cfg,
                          query_clusters=q_off.shape[-1] - 1, key_clusters=k_off.shape[-1] - 1)
             if name == "ragged" and fraction == KEPT_FRACTIONS[0]:
-                got = cluster_launch(clusters, cfg)[:, :1].clone()
+                got = cluster_launch(clusters)[:, :1].clone()
                 want = K.cluster_block_attention(q[:, :1], k[:, :1], v[:, :1], *(t[:, :1] for t in clusters),
                                                  backend="reference")
                 checks.append(dict(name=f"{name} {fraction:.0%} vs reference (head 0)", rel_err=rel_err(got, want)))
                 if args.configs:
-                    sweep = sweep_configs(torch, cluster_launch, clusters, pairs, timer, got)
-            entry["ms"] = timer(lambda: cluster_launch(clusters, cfg))
+                    sweep = sweep_configs(torch, KT, cluster_launch, clusters, timer, got)
+            entry["ms"] = timer(lambda: cluster_launch(clusters))
             rows.append(entry)
             print(f"  {name:10s} {fraction:4.0%}: {entry['ms']:8.2f} ms, config {cfg}", flush=True)
             if name == "uniform128":
@@ -221,7 +203,7 @@ def main():
                                                                          scale=scale, out=out)
                 fixed_out = run_fixed().clone()
                 checks.append(dict(name=f"uniform128 {fraction:.0%}: cluster vs fixed-block kernel",
-                                   rel_err=rel_err(cluster_launch(clusters, cfg), fixed_out)))
+                                   rel_err=rel_err(cluster_launch(clusters), fixed_out)))
                 rows.append(dict(entry, kernel="fixed-block", tile_work=None, config=None, ms=timer(run_fixed)))
                 print(f"  fixed-block {fraction:4.0%}: {rows[-1]['ms']:8.2f} ms", flush=True)
 
@@ -238,18 +220,18 @@ def main():
     return 0 if all(c["ok"] for c in checks) else 1
 
 
-def sweep_configs(torch, launch, clusters, pairs, timer, expected_head0):
+def sweep_configs(torch, KT, launch, clusters, timer, expected_head0):
     """Time every SWEEP config; a config whose head-0 output differs from the default's is marked wrong."""
     results = []
     for cfg in SWEEP:
-        entry = dict(config=cfg, tile_work=tile_work(torch, *clusters, cfg) / pairs)
+        entry = dict(config=cfg)
         try:
             err = rel_err(launch(clusters, cfg)[:, :1], expected_head0)
             entry.update(rel_err=err, ms=timer(lambda: launch(clusters, cfg)) if err < CHECK_TOL else None)
         except Exception as exc:  # e.g. triton OutOfResources: too much shared memory for this tile
             entry.update(error=f"{type(exc).__name__}: {str(exc)[:120]}", ms=None)
         verdict = f"{entry['ms']:.2f} ms" if entry["ms"] is not None else entry.get("error", "WRONG output")
-        print(f"  config {cfg}: {verdict} (tile work {entry['tile_work']:.3f})", flush=True)
+        print(f"  config {cfg}: {verdict}", flush=True)
         results.append(entry)
     return results
 

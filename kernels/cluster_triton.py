@@ -23,19 +23,6 @@ Work computed over useful pairs: about (1 + (BLOCK_M / 2) / mean query-cluster s
 (CHUNK x mean key-cluster size)); at SVG2's 720p sizes with 64 x 64 tiles and CHUNK 16, 1.13 x 1.03. The query
 term dominates; 128-row tiles would double it, so they are used only for long query clusters.
 
-Two ways to walk the keys, chosen by the config's KEYS:
-
-* "chunks" (above): nothing is built before the launch, but each key tile's row addresses depend on ids, offsets
-  and a cumsum loaded in the same iteration, in a nested loop, so the software pipeliner cannot fetch the next
-  tile's K/V while this one is computed.
-* "runs": a run table, built on the device before the launch (_key_runs), cuts every kept key cluster of every
-  query cluster into runs of at most RUN consecutive rows, packed as one int32 each (start row << LEN_BITS |
-  length). A key tile is BLOCK_N / RUN consecutive runs, so the loop is flat, a tile's row addresses come from
-  one load at an address affine in the loop counter (as the fixed-block kernel's block indices), and the
-  pipeliner prefetches them and the K/V rows they point to. The cost: each cluster's last run is partial
-  (about RUN / 2 idle slots per kept cluster: ~10% at RUN=16 and 75-token clusters), every tile is masked, the
-  table takes 4 bytes per run (~60 MB at 720p, 25% kept, RUN=16), and sizing it reads one number back (a sync).
-
 No Hopper-only feature is used: Hopper's TMA copies boxes of consecutive rows, and the virtual key stream is
 not consecutive across cluster boundaries.
 """
@@ -50,42 +37,6 @@ from .block_sparse_triton import _LOG2E, _NEG_BIG, _row_results, _softmax_update
 
 
 @triton.jit
-def _query_tile(Q, Q_OFF, TILE_CLUSTER, TILE_START, stride_qb, stride_qh, stride_ql, H, CQ, TILES,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """This program's query tile: (used, cluster, b, h, rows, row mask, q tile). Tiles past this (batch,
-    head)'s count are unused: no rows, and cluster 0 stands in so that every later load stays in bounds."""
-    t = tl.program_id(0)
-    bh = tl.program_id(1)
-    cluster = tl.load(TILE_CLUSTER + bh * TILES + t)
-    used = cluster >= 0
-    cluster = tl.maximum(cluster, 0)
-    row0 = tl.load(TILE_START + bh * TILES + t)
-    row_end = tl.minimum(tl.load(Q_OFF + bh * (CQ + 1) + cluster + 1), row0 + BLOCK_M)
-    row_end = tl.where(used, row_end, row0)
-    b = (bh // H).to(tl.int64)  # b * stride_qb passes 2**31 elements at large batches of 720p video
-    h = bh % H
-    offs_m = row0 + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < row_end
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    if UPCAST_DOT:
-        q = q.to(tl.float32)
-    return used, cluster, b, h, offs_m, row_ok, q
-
-
-@triton.jit
-def _store_tile(O, LSE, acc, m_i, l_i, b, h, offs_m, row_ok, stride_ob, stride_oh, stride_ol, H, LQ,
-                HEAD_DIM: tl.constexpr, RETURN_LSE: tl.constexpr):
-    out, lse = _row_results(acc, m_i, l_i)
-    offs_d = tl.arange(0, HEAD_DIM)
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
-    if RETURN_LSE:
-        tl.store(LSE + (b * H + h) * LQ + offs_m, lse, mask=row_ok)
-
-
-@triton.jit
 def _cluster_fwd(
     Q, K, V, O, LSE, Q_OFF, K_OFF, KV_IDS, KV_CNT, TILE_CLUSTER, TILE_START,
     qk_scale,
@@ -97,17 +48,29 @@ def _cluster_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
     RETURN_LSE: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    """KEYS="chunks": the key list walked in chunks of CHUNK clusters, each a virtual stream of BLOCK_N tiles."""
-    used, cluster, b, h, offs_m, row_ok, q = _query_tile(
-        Q, Q_OFF, TILE_CLUSTER, TILE_START, stride_qb, stride_qh, stride_ql, H, CQ, TILES,
-        HEAD_DIM, BLOCK_M, UPCAST_DOT)
+    t = tl.program_id(0)
     bh = tl.program_id(1)
+    cluster = tl.load(TILE_CLUSTER + bh * TILES + t)
+    used = cluster >= 0  # tiles past this (batch, head)'s count: no rows, no keys
+    cluster = tl.maximum(cluster, 0)
+    row0 = tl.load(TILE_START + bh * TILES + t)
+    row_end = tl.minimum(tl.load(Q_OFF + bh * (CQ + 1) + cluster + 1), row0 + BLOCK_M)
+    row_end = tl.where(used, row_end, row0)
     count = tl.where(used, tl.load(KV_CNT + bh * CQ + cluster), 0)
     ids_base = KV_IDS + (bh * CQ + cluster).to(tl.int64) * MAXK
     k_off_base = K_OFF + bh * (CK + 1)
+
+    b = (bh // H).to(tl.int64)  # b * stride_qb passes 2**31 elements at large batches of 720p video
+    h = bh % H
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < row_end
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
     offs_w = tl.arange(0, CHUNK)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
 
@@ -137,109 +100,25 @@ def _cluster_fwd(
             if n0 + BLOCK_N > total:  # only the chunk's last tile has slots past its keys (they read row 0)
                 s = tl.where(key_ok[None, :], s, float("-inf"))
             m_i, l_i, acc, _ = _softmax_update(s, v, qk_scale, m_i, l_i, acc)
-    _store_tile(O, LSE, acc, m_i, l_i, b, h, offs_m, row_ok, stride_ob, stride_oh, stride_ol, H, LQ,
-                HEAD_DIM, RETURN_LSE)
 
-
-@triton.jit
-def _cluster_runs_fwd(
-    Q, K, V, O, LSE, Q_OFF, RUN_OFF, RUNS, TILE_CLUSTER, TILE_START,
-    qk_scale,
-    stride_qb, stride_qh, stride_ql,
-    stride_kb, stride_kh, stride_kl,
-    stride_vb, stride_vh, stride_vl,
-    stride_ob, stride_oh, stride_ol,
-    H, LQ, CQ, TILES,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN: tl.constexpr,
-    LEN_BITS: tl.constexpr, RETURN_LSE: tl.constexpr, UPCAST_DOT: tl.constexpr,
-):
-    """KEYS="runs": the query cluster's runs RUN_OFF[c]:RUN_OFF[c + 1] of RUNS, BLOCK_N / RUN runs a tile."""
-    used, cluster, b, h, offs_m, row_ok, q = _query_tile(
-        Q, Q_OFF, TILE_CLUSTER, TILE_START, stride_qb, stride_qh, stride_ql, H, CQ, TILES,
-        HEAD_DIM, BLOCK_M, UPCAST_DOT)
-    bh = tl.program_id(1)
-    run_lo = tl.load(RUN_OFF + bh * CQ + cluster)
-    run_hi = tl.where(used, tl.load(RUN_OFF + bh * CQ + cluster + 1), run_lo)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_n = tl.arange(0, BLOCK_N)
-    seg = offs_n // RUN   # the run of each key slot within the tile
-    lane = offs_n % RUN   # its row within that run
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-
-    m_i = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for r0 in range(run_lo, run_hi, BLOCK_N // RUN):
-        # Slots of one run load the same word (one transaction); runs past the list read as length 0.
-        packed = tl.load(RUNS + r0 + seg, mask=r0 + seg < run_hi, other=0)
-        key_ok = lane < (packed & ((1 << LEN_BITS) - 1))
-        rows = (packed >> LEN_BITS) + tl.where(key_ok, lane, 0)  # idle slots re-read their run's first row
-        k = tl.load(k_base + rows[None, :] * stride_kl + offs_d[:, None])
-        v = tl.load(v_base + rows[:, None] * stride_vl + offs_d[None, :])
-        if UPCAST_DOT:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.where(key_ok[None, :], tl.dot(q, k), float("-inf"))
-        m_i, l_i, acc, _ = _softmax_update(s, v, qk_scale, m_i, l_i, acc)
-    _store_tile(O, LSE, acc, m_i, l_i, b, h, offs_m, row_ok, stride_ob, stride_oh, stride_ol, H, LQ,
-                HEAD_DIM, RETURN_LSE)
-
-
-@triton.jit
-def _key_runs(K_OFF, KV_IDS, KV_CNT, RUN_OFF, RUNS, CQ, CK, MAXK,
-              RUN: tl.constexpr, LEN_BITS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr,
-              WRITE: tl.constexpr):
-    """One (batch, head, query cluster) per program. WRITE=False: store its number of runs at RUN_OFF[pid + 1];
-    WRITE=True: write its runs from RUN_OFF[pid] on, kept cluster by kept cluster, each cut into RUN rows."""
-    pid = tl.program_id(0)
-    bh = pid // CQ
-    count = tl.load(KV_CNT + pid)
-    ids_base = KV_IDS + pid.to(tl.int64) * MAXK
-    k_off_base = K_OFF + bh * (CK + 1)
-    offs_w = tl.arange(0, CHUNK)
-    offs_r = tl.arange(0, BLOCK_R)
-    if WRITE:
-        written = tl.load(RUN_OFF + pid)
-    else:
-        written = tl.zeros([], dtype=tl.int64)
-    for j0 in range(0, count, CHUNK):
-        slot_ok = j0 + offs_w < count
-        ids = tl.load(ids_base + j0 + offs_w, mask=slot_ok, other=0)
-        lo = tl.load(k_off_base + ids, mask=slot_ok, other=0)
-        size = tl.load(k_off_base + ids + 1, mask=slot_ok, other=0) - lo
-        runs = (size + RUN - 1) // RUN
-        total = tl.sum(runs, 0)
-        if WRITE:
-            ends = tl.cumsum(runs, 0)
-            firsts = ends - runs  # the chunk's first run of each cluster
-            for r0 in range(0, total, BLOCK_R):
-                r = r0 + offs_r
-                inside = (r[:, None] >= firsts[None, :]) & (r[:, None] < ends[None, :])
-                nth = r - tl.sum(tl.where(inside, firsts[None, :], 0), 1)  # run index within its cluster
-                start = tl.sum(tl.where(inside, lo[None, :], 0), 1) + nth * RUN
-                length = tl.minimum(tl.sum(tl.where(inside, size[None, :], 0), 1) - nth * RUN, RUN)
-                tl.store(RUNS + written + r, (start << LEN_BITS) | length, mask=r < total)
-        written += total
-    if not WRITE:
-        tl.store(RUN_OFF + pid + 1, written)
+    out, lse = _row_results(acc, m_i, l_i)
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    if RETURN_LSE:
+        tl.store(LSE + bh.to(tl.int64) * LQ + offs_m, lse, mask=row_ok)
 
 
 def tile_config(head_dim: int, q_length: int, q_clusters: int, device: torch.device) -> dict:
     """Tile shapes and pipelining per GPU and mean query-cluster size (benchmarks/cluster_attention.py sweeps
-    the candidates). KEYS: "chunks" or "runs" (module docstring); RUN: rows per run of the "runs" path."""
+    the candidates)."""
     if device.type != "cuda":  # Triton's CPU interpreter (tests): small tiles, so small inputs cross every edge
-        return dict(KEYS="chunks", BLOCK_M=16, BLOCK_N=16, CHUNK=4, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=16, BLOCK_N=16, CHUNK=4, num_warps=4, num_stages=1)
     # The last tile of each query cluster is partial (BLOCK_M / 2 idle rows on average): 64-row tiles (one
     # Hopper warpgroup) unless the clusters are long enough for 128-row tiles to waste under ~6%.
     if q_length >= 8 * 128 * q_clusters:
-        return dict(KEYS="chunks", BLOCK_M=128, BLOCK_N=64, CHUNK=16, num_warps=8, num_stages=2)
-    # 64-wide key tiles: 128-wide ones spill registers at head_dim 128 (ptxas, sm_80 and sm_90). Three stages
-    # measured best on Hopper (H100, 720p: 97.6 ms vs 109.1 with two); Ampere keeps two for its smaller shared
-    # memory at head_dim 128.
-    hopper = torch.cuda.get_device_capability(device)[0] >= 9
-    return dict(KEYS="chunks", BLOCK_M=64, BLOCK_N=64, CHUNK=16, num_warps=4,
-                num_stages=3 if head_dim <= 64 or hopper else 2)
+        return dict(BLOCK_M=128, BLOCK_N=64, CHUNK=16, num_warps=8, num_stages=2)
+    # 64-wide key tiles: 128-wide ones spill registers at head_dim 128 (ptxas, sm_80 and sm_90).
+    return dict(BLOCK_M=64, BLOCK_N=64, CHUNK=16, num_warps=4, num_stages=3 if head_dim <= 64 else 2)
 
 
 def query_tiles(q_offsets: torch.Tensor, block_m: int, q_length: int):
@@ -259,40 +138,17 @@ def query_tiles(q_offsets: torch.Tensor, block_m: int, q_length: int):
     return cluster.to(torch.int32).contiguous(), start.to(torch.int32).contiguous(), bound
 
 
-def key_runs(k_offsets: torch.Tensor, kv_clusters: torch.Tensor, kv_cluster_counts: torch.Tensor, run: int,
-             chunk: int = 16):
-    """Run table of the "runs" path: (offsets (B * H * CQ + 1,) int64, runs (R,) int32). Query cluster
-    (b, h, c) owns runs[offsets[(b * H + h) * CQ + c]:...[+ 1]]: its kept key clusters in list order, each cut
-    into runs of ``run`` consecutive rows (the last one shorter), packed as start << LEN_BITS | length with
-    LEN_BITS = run.bit_length(). Inputs int32, contiguous, validated; reads the total back (one sync)."""
-    B, H, CQ, MAXK = kv_clusters.shape
-    CK = k_offsets.shape[-1] - 1
-    len_bits = run.bit_length()
-    offsets = torch.zeros(B * H * CQ + 1, dtype=torch.int64, device=kv_clusters.device)
-    args = (k_offsets, kv_clusters, kv_cluster_counts, offsets)
-    meta = dict(RUN=run, LEN_BITS=len_bits, CHUNK=chunk, BLOCK_R=64)
-    _key_runs[(B * H * CQ,)](*args, offsets, CQ, CK, MAXK, WRITE=False, **meta)
-    offsets.cumsum_(0)
-    runs = torch.empty(max(1, int(offsets[-1])), dtype=torch.int32, device=kv_clusters.device)
-    _key_runs[(B * H * CQ,)](*args, runs, CQ, CK, MAXK, WRITE=True, **meta)
-    return offsets, runs
-
-
 def triton_cluster_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_cluster_counts, *, scale,
                              out=None, return_lse=False, config=None):
     """Launch the kernel. Inputs are assumed validated; head_dim must be a power of two in [16, 128].
 
-    ``config``: KEYS ("chunks" or "runs", default "chunks"), BLOCK_M, BLOCK_N, CHUNK (key clusters per chunk;
-    for "runs", per chunk of the table build), RUN ("runs" only: rows per run, a power of two dividing
-    BLOCK_N), num_warps, num_stages; default per GPU.
+    ``config``: BLOCK_M, BLOCK_N, CHUNK (key clusters per chunk), num_warps, num_stages; default per GPU.
     """
     B, H, LQ, D = q.shape
-    LK = k.shape[2]
     CQ = q_offsets.shape[-1] - 1
     CK = k_offsets.shape[-1] - 1
     MAXK = kv_clusters.shape[-1]
     cfg = dict(config) if config is not None else tile_config(D, LQ, CQ, q.device)
-    keys = cfg.pop("KEYS", "chunks")
     if out is None:
         out = torch.empty(B, H, LQ, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, LQ, device=q.device, dtype=torch.float32) if return_lse else out  # dummy when unused
@@ -301,25 +157,14 @@ def triton_cluster_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_clus
     if MAXK == 0:  # every count is 0: one unused slot gives the kernel a real pointer
         ids, MAXK = torch.zeros(B, H, CQ, 1, dtype=torch.int32, device=q.device), 1
     tile_cluster, tile_start, tiles = query_tiles(q_off, cfg["BLOCK_M"], LQ)
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2))
-    # Triton's CPU interpreter computes bfloat16 tl.dot wrongly (3.6 and 3.8): float32 tiles there.
-    common = dict(HEAD_DIM=D, RETURN_LSE=return_lse, UPCAST_DOT=q.device.type == "cpu")
-    if keys == "chunks":
-        _cluster_fwd[(tiles, B * H)](
-            q, k, v, out, lse, q_off, k_off, ids, counts, tile_cluster, tile_start, scale * _LOG2E, *strides,
-            H, LQ, CQ, CK, MAXK, tiles, **common, **cfg)
-    elif keys == "runs":
-        run, chunk = cfg.pop("RUN"), cfg.pop("CHUNK", 16)
-        if run & (run - 1) or cfg["BLOCK_N"] % run:
-            raise ValueError(f"config RUN must be a power of two dividing BLOCK_N={cfg['BLOCK_N']}, got {run}")
-        if LK << run.bit_length() >= 1 << 31:
-            raise ValueError(f"KEYS='runs' packs start rows in {31 - run.bit_length()} bits: key length {LK} is too "
-                             f"long for RUN={run}; use KEYS='chunks'")
-        run_off, runs = key_runs(k_off, ids, counts, run, chunk)
-        _cluster_runs_fwd[(tiles, B * H)](
-            q, k, v, out, lse, q_off, run_off, runs, tile_cluster, tile_start, scale * _LOG2E, *strides,
-            H, LQ, CQ, tiles, RUN=run, LEN_BITS=run.bit_length(), **common, **cfg)
-    else:
-        raise ValueError(f"config KEYS must be 'chunks' or 'runs', got {keys!r}")
+    _cluster_fwd[(tiles, B * H)](
+        q, k, v, out, lse, q_off, k_off, ids, counts, tile_cluster, tile_start, scale * _LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        H, LQ, CQ, CK, MAXK, tiles,
+        HEAD_DIM=D, RETURN_LSE=return_lse,
+        # Triton's CPU interpreter computes bfloat16 tl.dot wrongly (3.6 and 3.8): float32 tiles there.
+        UPCAST_DOT=q.device.type == "cpu", **cfg)
     return (out, lse) if return_lse else out

@@ -264,15 +264,11 @@ def test_out_buffer_fully_written(backend, D, view, gen):
         assert torch.isnan(storage[:, L:]).all() and torch.isnan(storage[:, :, H:]).all(), "wrote outside out"
 
 
-CONFIGS = {  # chunk boundaries inside a tile's key list, wider tiles, more query rows per tile; the runs path
+CONFIGS = {  # chunk boundaries inside a tile's key list, wider tiles, more query rows per tile
     "chunk-2": dict(BLOCK_M=16, BLOCK_N=16, CHUNK=2, num_warps=4, num_stages=1),
     "chunk-8-n32": dict(BLOCK_M=16, BLOCK_N=32, CHUNK=8, num_warps=4, num_stages=1),
     "m32": dict(BLOCK_M=32, BLOCK_N=16, CHUNK=4, num_warps=4, num_stages=1),
-    "runs-4": dict(KEYS="runs", BLOCK_M=16, BLOCK_N=16, RUN=4, CHUNK=4, num_warps=4, num_stages=1),
-    "runs-16-one-per-tile": dict(KEYS="runs", BLOCK_M=16, BLOCK_N=16, RUN=16, CHUNK=2, num_warps=4, num_stages=1),
-    "runs-8-n32-m32": dict(KEYS="runs", BLOCK_M=32, BLOCK_N=32, RUN=8, CHUNK=4, num_warps=4, num_stages=1),
 }
-RUNS_CONFIG = CONFIGS["runs-4"]
 
 
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
@@ -282,48 +278,6 @@ def test_tile_configs(config, gen):
     clusters = random_clusters(B, H, LQ, LK, 5, 9, gen, k_end=85, min_count=1)
     out, lse = KT.triton_cluster_attention(q, k, v, *clusters, scale=D ** -0.5, return_lse=True, config=config)
     assert_matches(out, lse, dense_oracle(q, k, v, clusters), q.dtype, f"{config} seed={gen.initial_seed()}")
-
-
-@pytest.mark.parametrize("kind", CLUSTER_KINDS.values(), ids=CLUSTER_KINDS.keys())
-def test_runs_path_cluster_kinds(kind, gen):
-    """The run-table path on every cluster kind (empty clusters and lists, no key clusters, MAXK = 0)."""
-    B, H, LQ, LK, D = 2, 1, 83, 97, 64
-    q, k, v = make_qkv(B, H, LQ, LK, D, torch.bfloat16, gen)
-    clusters = kind(B, H, LQ, LK, gen)
-    out, lse = KT.triton_cluster_attention(q, k, v, *clusters, scale=D ** -0.5, return_lse=True,
-                                           config=RUNS_CONFIG)
-    assert_matches(out, lse, dense_oracle(q, k, v, clusters), q.dtype, f"{kind.__name__} seed={gen.initial_seed()}")
-
-
-@pytest.mark.parametrize("run", [4, 16])
-def test_key_run_table(run, gen):
-    """Each query cluster's runs are its kept key clusters in list order, cut into `run` rows, packed."""
-    B, H, cq, ck = 2, 2, 5, 9
-    k_off = random_offsets(B, H, 120, ck, gen, tile=2 * run)
-    ids, counts = random_lists(B, H, cq, ck, gen)
-    offsets, runs = KT.key_runs(k_off, ids, counts, run, chunk=4)
-    bits = run.bit_length()
-    ko, ids_l, cnt = k_off.tolist(), ids.tolist(), counts.tolist()
-    expected_offsets, expected_runs = [0], []
-    for b in range(B):
-        for h in range(H):
-            for c in range(cq):
-                for j in ids_l[b][h][c][:cnt[b][h][c]]:
-                    for start in range(ko[b][h][j], ko[b][h][j + 1], run):
-                        expected_runs.append(start << bits | min(run, ko[b][h][j + 1] - start))
-                expected_offsets.append(len(expected_runs))
-    assert offsets.tolist() == expected_offsets, f"seed={gen.initial_seed()}"
-    assert runs[:len(expected_runs)].tolist() == expected_runs, f"seed={gen.initial_seed()}"
-
-
-def test_runs_config_rejected_when_invalid():
-    args = _valid_args()
-    q, k, v = (args[n] for n in "qkv")
-    clusters = [args[n].to(torch.int32) for n in ("q_offsets", "k_offsets", "kv_clusters", "kv_cluster_counts")]
-    bad_configs = {"RUN must be a power of two": dict(RUNS_CONFIG, RUN=3), "KEYS must be": dict(RUNS_CONFIG, KEYS="x")}
-    for match, bad in bad_configs.items():
-        with pytest.raises(ValueError, match=match):
-            KT.triton_cluster_attention(q, k, v, *clusters, scale=0.1, config=bad)
 
 
 def test_float32_reference(gen):
