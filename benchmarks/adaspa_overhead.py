@@ -31,15 +31,14 @@ import datetime
 import json
 import math
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernels import device_name, make_timer, rel_err  # noqa: E402  (benchmarks/kernels.py)
+from bench_timing import bench_timer, call_timer  # noqa: E402
+from kernels import device_name, rel_err  # noqa: E402  (benchmarks/kernels.py)
 
 SHAPE = dict(frames=21, height=45, width=80, heads=40, head_dim=128)  # Wan 2.1 14B, 1280x720, 81 frames
 SMOKE_SHAPE = dict(frames=3, height=8, width=12, heads=2, head_dim=64)
@@ -69,21 +68,6 @@ def run_schedule(settings, adaspa):
     return searches, [s for s in range(WARMUP_STEPS, RUN_STEPS) if s not in searches]
 
 
-def time_calls(torch, device, fn, calls):
-    """Median ms of ``calls`` runs of fn() (after one untimed run), each between two synchronisations."""
-    fn()
-    times = []
-    for _ in range(calls):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def main():
     args = parse_args()
     if args.smoke:
@@ -101,7 +85,7 @@ def main():
     device = torch.device("cpu" if args.smoke else "cuda")
     shape = SMOKE_SHAPE if args.smoke else SHAPE
     bs = args.block_size
-    timer = make_timer(args.smoke, args.warmup, args.rep)
+    timer = bench_timer(args.smoke, args.warmup, args.rep)
     grid = core.VideoGrid(shape["frames"], shape["height"], shape["width"])
     settings = adaspa.AdaSpaSettings(recall=args.recall, block_size=bs)
     meta = dict(device=device_name(torch, device), torch=torch.__version__, triton=triton.__version__,
@@ -168,11 +152,12 @@ def main():
         ms[name] = timer(fn)
         print(f"  {name:24s} {ms[name]:10.3f} ms", flush=True)
     calls = min(args.calls, RUN_STEPS - WARMUP_STEPS - 3)  # the later searches left in later_planner's run
-    planner_ms = dict(first_search=time_calls(torch, device, first_search, calls),
-                      later_search=time_calls(torch, device, lambda: planner_call(later_planner, next(later_steps)),
-                                              calls),
-                      sparse_step=time_calls(torch, device, lambda: planner_call(first_planner, WARMUP_STEPS + 1),
-                                             calls))
+    on_gpu = device.type == "cuda"
+    planner_ms = dict(first_search=call_timer(first_search, runs=calls, cuda=on_gpu),
+                      later_search=call_timer(lambda: planner_call(later_planner, next(later_steps)), runs=calls,
+                                              cuda=on_gpu),
+                      sparse_step=call_timer(lambda: planner_call(first_planner, WARMUP_STEPS + 1), runs=calls,
+                                             cuda=on_gpu))
     for name, value in planner_ms.items():
         print(f"  planner {name:16s} {value:10.3f} ms (end to end)", flush=True)
 

@@ -23,12 +23,12 @@ import datetime
 import json
 import math
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_timing import call_timer  # noqa: E402
 
 # (B, H, L, D) and the mean query / key cluster sizes. Wan 2.1 14B, 720p, 81 frames, with SVG2's defaults of
 # 300 query and 1000 key clusters; the smoke shape keeps clusters of a few interpreter tiles.
@@ -108,28 +108,6 @@ def tile_work(torch, q_offsets, k_offsets, ids, counts, cfg):
 # ------------------------------------------------------------------------------------------------ timing
 
 
-def make_timer(torch, smoke, reps):
-    """Median ms over ``reps`` runs after two warm-up runs (CUDA events; a plain clock on the CPU)."""
-    def timer(fn):
-        fn()
-        fn()
-        times = []
-        for _ in range(reps):
-            if smoke:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-                continue
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-    return timer
-
-
 def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -153,7 +131,7 @@ def main():
     shape = SMOKE_SHAPE if args.smoke else SHAPE
     B, H, L, D = shape["B"], shape["H"], shape["L"], shape["D"]
     scale = 1.0 / math.sqrt(D)
-    timer = make_timer(torch, args.smoke, args.reps)
+    timer = lambda fn: call_timer(fn, runs=args.reps, cuda=not args.smoke, warm=2)  # noqa: E731
     gen = torch.Generator(device=device).manual_seed(args.seed)
     meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (interpreter)",
                 torch=torch.__version__, triton=triton.__version__, shape=shape, dtype="bfloat16",

@@ -11,7 +11,6 @@ Prints per method: density, relative error against dense, attention recall, time
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pack import import_pack  # noqa: E402
+from bench_timing import call_timer  # noqa: E402
 from synthetic import video_qkv  # noqa: E402
 
 core = import_pack("core")
@@ -34,21 +34,6 @@ metrics = import_pack("core.metrics")
 RUN_STEPS, LATER_STEP = 50, 40
 CPU_SHAPE = dict(frames=12, height=16, width=24, heads=4, head_dim=64)
 GPU_SHAPE = dict(frames=21, height=30, width=52, heads=12, head_dim=128)  # Wan 2.1 1.3B, 480p, 81 frames
-
-
-def timed(fn, device, repeats):
-    """Median wall time in ms (CUDA-synchronised), after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def random_layout_like(mask, generator):
@@ -98,7 +83,8 @@ def run(args):
 
     dense_out = F.scaled_dot_product_attention(q, k, v)
     dense_lse = metrics.dense_lse(q, k)
-    dense_ms = timed(lambda: F.scaled_dot_product_attention(q, k, v), device, args.repeats)
+    on_gpu = device.type == "cuda"
+    dense_ms = call_timer(lambda: F.scaled_dot_product_attention(q, k, v), runs=args.repeats, cuda=on_gpu)
 
     rows = [("dense (SDPA)", 1.0, 0.0, 1.0, dense_ms)]
     for name, settings in demo_methods(args, block):
@@ -106,7 +92,7 @@ def run(args):
         recall = float(metrics.recall_from_lse(lse, dense_lse).mean())
         call = core.AttentionCall(grid=grid, layer=1, step=LATER_STEP, total_steps=RUN_STEPS, q=q, k=k, v=v,
                                   backend=backend)
-        ms = timed(lambda: planner.attend(call), device, args.repeats)  # a later step: cached state reused
+        ms = call_timer(lambda: planner.attend(call), runs=args.repeats, cuda=on_gpu)  # a later step: state reused
         rows.append((name, density, metrics.relative_error(out, dense_out), recall, ms))
         if name == "radial":  # the same number of tiles per row, placed at random: what the structure buys
             mask = planner.block_mask(grid)
@@ -116,7 +102,8 @@ def run(args):
                                                                 return_lse=True)
             out, lse = run_layout()
             rows.append(("random (same density)", float(rand.float().mean()), metrics.relative_error(out, dense_out),
-                         float(metrics.recall_from_lse(lse, dense_lse).mean()), timed(run_layout, device, args.repeats)))
+                         float(metrics.recall_from_lse(lse, dense_lse).mean()),
+                         call_timer(run_layout, runs=args.repeats, cuda=on_gpu)))
 
     print(f"sparse kernel backend: {backend}" + ("" if backend == "triton" else
           " (the torch reference: correct but not fast; run with --gpu on an NVIDIA GPU for speed)"))

@@ -17,13 +17,13 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_timing import bench_timer  # noqa: E402
 
 SHAPES = {  # name: (B, H, L, D); L is video tokens (+ text tokens for HunyuanVideo's joint attention)
     "wan1.3b-480p": (1, 12, 32760, 128),
@@ -88,21 +88,6 @@ def build_layout(torch, kind, heads, nb, density, gen):
 # ------------------------------------------------------------------------------------------------- timing
 
 
-def make_timer(smoke, warmup, rep):
-    """Median ms. On the GPU, do_bench (it clears L2 before every run, and inputs here are GBs, far beyond L2, so
-    no rotating input sets are needed). On the CPU a plain clock, since do_bench needs CUDA events."""
-    if smoke:
-        def cpu_timer(fn, runs=2):
-            fn()
-            times = []
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times)
-        return cpu_timer
-    from triton.testing import do_bench
-    return lambda fn: do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
 def sdpa_op_name(torch, q, k, v):
@@ -258,7 +243,7 @@ def main():
     device = torch.device("cpu" if args.smoke else "cuda")
     shapes = SMOKE_SHAPES if args.smoke else {name: SHAPES[name] for name in args.shapes}
     bs = args.block_size
-    timer = make_timer(args.smoke, args.warmup, args.rep)
+    timer = bench_timer(args.smoke, args.warmup, args.rep)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     meta = dict(device=device_name(torch, device), torch=torch.__version__, triton=triton.__version__,
                 date=datetime.datetime.now().isoformat(timespec="seconds"), block_size=bs, dtype="bfloat16",

@@ -20,13 +20,12 @@ import datetime
 import json
 import math
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_timing import bench_timer, call_timer  # noqa: E402
 
 SHAPES = {  # name: (frames, height, width, heads, head_dim, text tokens, preset)
     "wan14b-720p": (21, 45, 80, 40, 128, 0, "wan_720p"),
@@ -47,33 +46,6 @@ def parse_args():
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
     p.add_argument("--smoke", action="store_true", help="tiny shape on the CPU (Triton interpreter)")
     return p.parse_args()
-
-
-def make_timers(torch, smoke):
-    """(short, long): median ms of a stage. Short stages: do_bench (L2 cleared before each run). Long ones (k-means
-    from scratch, whole planner calls that sync): a few runs between CUDA events. On the CPU a plain clock."""
-    def clock(fn, runs=3):
-        fn()
-        times = []
-        for _ in range(runs):
-            if smoke:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-                continue
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-
-    if smoke:
-        return clock, clock
-    from triton.testing import do_bench
-    return (lambda fn: do_bench(fn, warmup=50, rep=200, return_mode="median")), clock
 
 
 def rel_err(a, b):
@@ -176,7 +148,9 @@ def main():
     K = import_pack("kernels")
     core = import_pack("core")
     device = torch.device("cpu" if args.smoke else "cuda")
-    short, long = make_timers(torch, args.smoke)
+    # Short stages: do_bench; long ones (k-means from scratch, whole planner calls that sync): a few timed calls.
+    short = bench_timer(args.smoke, warmup=50, rep=200)
+    long = lambda fn, runs=3: call_timer(fn, runs=runs, cuda=not args.smoke)  # noqa: E731
     meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (interpreter)",
                 torch=torch.__version__, triton=triton.__version__, dtype="bfloat16", smoke=args.smoke,
                 date=datetime.datetime.now().isoformat(timespec="seconds"), target=TARGET)

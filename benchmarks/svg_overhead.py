@@ -19,13 +19,12 @@ import argparse
 import datetime
 import json
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_timing import bench_timer  # noqa: E402
 
 TARGET = 0.03
 CHECK_TOL = 2e-2
@@ -50,20 +49,6 @@ def parse_args():
     return p.parse_args()
 
 
-def make_timer(smoke, warmup, rep):
-    """Median ms: do_bench on the GPU, a plain clock on the CPU (do_bench needs CUDA events)."""
-    if smoke:
-        def cpu_timer(fn, runs=2):
-            fn()
-            times = []
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times)
-        return cpu_timer
-    from triton.testing import do_bench
-    return lambda fn: do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
 def oracle_rows(torch, layout, grid, settings, q, k, v, head, temporal, rows):
@@ -142,7 +127,7 @@ def main():
     core, kernels = import_pack("core"), import_pack("kernels")
     layout = import_pack("core.svg_layout")
     device = torch.device("cpu" if args.smoke else "cuda")
-    timer = make_timer(args.smoke, args.warmup, args.rep)
+    timer = bench_timer(args.smoke, args.warmup, args.rep)
     grid = core.VideoGrid(*args.grid)
     H, D, L = args.heads, args.head_dim, grid.total_tokens
     block = 64 if args.smoke else 128

@@ -1,0 +1,34 @@
+"""The benchmarks' timers: median milliseconds of a callable, on the GPU or (smoke runs) on the CPU."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def bench_timer(smoke: bool, warmup: float = 100, rep: float = 500):
+    """Median ms of short, repeatable work. On the GPU, triton's do_bench (it clears L2 before every run; the
+    inputs here are GBs, far beyond L2, so no rotating input sets are needed); on the CPU a plain clock."""
+    if smoke:
+        return lambda fn: call_timer(fn, runs=2, cuda=False)
+    from triton.testing import do_bench
+    return lambda fn: do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def call_timer(fn, runs: int = 3, cuda: bool = True, warm: int = 1) -> float:
+    """Median ms of ``runs`` calls after ``warm`` untimed ones, each between synchronisations (for long calls
+    that sync themselves, or state that changes per call, where do_bench's many repetitions do not fit)."""
+    import torch
+
+    for _ in range(warm):
+        fn()
+    times = []
+    for _ in range(runs):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
