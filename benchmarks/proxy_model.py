@@ -22,6 +22,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import comfy_env  # noqa: E402  (finds and imports ComfyUI; nothing of it at import time)
+
 WEIGHTS = Path(__file__).resolve().parent / "proxy" / "wan_proxy.safetensors"
 REGENERATE = ("regenerate it with: python benchmarks/train_proxy.py --data <clips.pt> --out "
               "benchmarks/proxy/wan_proxy.safetensors (see benchmarks/proxy/MODEL_CARD.md)")
@@ -36,20 +39,14 @@ SHIFT = 3.0  # flow shift of the sigma schedule (Wan uses 8 at 720p; small pixel
 
 
 def use_comfyui(path: str | os.PathLike | None = None) -> Path:
-    """Put ComfyUI on sys.path (``path``, else $COMFYUI_PATH, else ~/comfy/ComfyUI) and import its model code."""
-    candidates = [p for p in (path, os.environ.get("COMFYUI_PATH"), "~/comfy/ComfyUI") if p]
-    for candidate in candidates:
-        root = Path(candidate).expanduser()
-        if (root / "comfy" / "ldm" / "wan" / "model.py").is_file():
-            if str(root) not in sys.path:
-                sys.path.insert(0, str(root))
-            import comfy.cli_args
-            if not torch.cuda.is_available() and "comfy.model_management" not in sys.modules:
-                comfy.cli_args.args.cpu = True
-            import comfy.model_management  # noqa: F401
-            return root
-    raise FileNotFoundError(f"ComfyUI not found (looked at {', '.join(map(str, candidates))}); pass --comfyui PATH "
-                            "or set COMFYUI_PATH to a ComfyUI source folder")
+    """Put ComfyUI on sys.path and import it, found where the tests find it (``path`` if given, else $COMFYUI_PATH,
+    the folder two levels up, ~/comfy/ComfyUI: tests/comfy_env.py); FileNotFoundError saying where it looked."""
+    if path is not None:
+        os.environ[comfy_env.ENV_VAR] = str(Path(path).expanduser())
+    root, note = comfy_env.setup()
+    if root is None:
+        raise FileNotFoundError(f"{note}; pass --comfyui PATH or set {comfy_env.ENV_VAR} to a ComfyUI source folder")
+    return root
 
 
 def _config_class():
@@ -155,3 +152,10 @@ def sample(proxy: Proxy, model, cls: int, seed: int, steps: int = 20, cfg: float
     out = comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent, seed=seed,
                               callback=callback, disable_pbar=True)
     return out.float().clamp(-1, 1)
+
+
+def frame_strip(video: torch.Tensor, every: int = 3) -> torch.Tensor:
+    """Every ``every``-th frame of a (3, F, S, S) video in [-1, 1], side by side: uint8 (S, S * frames, 3) on the
+    CPU, for pictures."""
+    frames = ((video.float() + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 3, 0).cpu()[::every]
+    return torch.cat(list(frames), dim=1)

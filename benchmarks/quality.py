@@ -91,6 +91,21 @@ class RecallProbe:
         return [statistics.mean(v) for _, v in sorted(self.per_layer.items())]
 
 
+def sample_seeds(proxy, model, seeds, args, after_each=None):
+    """(videos, median seconds per video) of ``model`` over the (seed, class) pairs; ``after_each()`` after each."""
+    videos, seconds = [], []
+    for seed, cls in seeds:
+        sync(proxy.class_context.device)
+        start = time.perf_counter()
+        videos.append(proxy_model.sample(proxy, model, cls, seed, steps=args.steps, cfg=args.cfg,
+                                         frames=args.frames, size=args.size))
+        sync(proxy.class_context.device)
+        seconds.append(time.perf_counter() - start)
+        if after_each is not None:
+            after_each()
+    return videos, statistics.median(seconds)
+
+
 def run_method(nodes, bridge, proxy, settings, seeds, args, probe_step=None):
     """(videos, mean sparse density, seconds per video, recall per layer) of one settings object."""
     patched = nodes.SparseAttentionPatch().patch(proxy.model, dense_steps=DENSE_STEPS, sparse_end=1.0,
@@ -98,16 +113,10 @@ def run_method(nodes, bridge, proxy, settings, seeds, args, probe_step=None):
                                                  method=settings)[0]
     session = bridge.session_of(patched)
     probe = RecallProbe(session, probe_step) if probe_step is not None else None
-    videos, seconds, densities = [], [], []
-    for seed, cls in seeds:
-        sync(proxy.class_context.device)
-        start = time.perf_counter()
-        videos.append(proxy_model.sample(proxy, patched, cls, seed, steps=args.steps, cfg=args.cfg,
-                                         frames=args.frames, size=args.size))
-        sync(proxy.class_context.device)
-        seconds.append(time.perf_counter() - start)
-        densities.append(session.stats.sparse_density)
-    return videos, statistics.mean(densities), statistics.median(seconds), probe.layers() if probe else []
+    densities = []
+    videos, seconds = sample_seeds(proxy, patched, seeds, args,
+                                   after_each=lambda: densities.append(session.stats.sparse_density))
+    return videos, statistics.mean(densities), seconds, probe.layers() if probe else []
 
 
 def calibrate(nodes, bridge, proxy, method: Method, target: float, args, iterations: int = 7):
@@ -130,8 +139,7 @@ def picture(rows, path, frames_every=3):
     label_w, scale = 150, 2
     strips = []
     for label, video in rows:
-        frames = ((video[0] + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu()[::frames_every]
-        strip = Image.fromarray(torch.cat(list(frames), dim=1).numpy())
+        strip = Image.fromarray(proxy_model.frame_strip(video[0], frames_every).numpy())
         strip = strip.resize((strip.width * scale, strip.height * scale), Image.NEAREST)
         canvas = Image.new("RGB", (label_w + strip.width, strip.height), "white")
         canvas.paste(strip, (label_w, 0))
@@ -171,15 +179,7 @@ def main(argv=None):
     classes = [proxy_model.PROCEDURAL_CLASS] + list(range(2, len(proxy.class_names), 7))
     seeds = [(args.seed + i, classes[i % len(classes)]) for i in range(args.seeds)]
 
-    dense_videos, dense_s = [], []
-    for seed, cls in seeds:
-        sync(device)
-        start = time.perf_counter()
-        dense_videos.append(proxy_model.sample(proxy, proxy.model, cls, seed, steps=args.steps, cfg=args.cfg,
-                                               frames=args.frames, size=args.size))
-        sync(device)
-        dense_s.append(time.perf_counter() - start)
-    dense_time = statistics.median(dense_s)
+    dense_videos, dense_time = sample_seeds(proxy, proxy.model, seeds, args)
     summary = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                    torch=torch.__version__, steps=args.steps, cfg=args.cfg, seeds=seeds, dense_steps=DENSE_STEPS,
                    dense_layers=DENSE_LAYERS, dense_seconds=dense_time, date=time.strftime("%Y-%m-%d"))

@@ -96,8 +96,7 @@ def save_samples(proxy, path, classes, seed=0, steps=20, cfg=4.0):
     rows = []
     for i, cls in enumerate(classes):
         video = proxy_model.sample(proxy, proxy.model, cls, seed + i, steps=steps, cfg=cfg)[0]
-        frames = ((video + 1) * 127.5).round().byte().permute(1, 2, 3, 0)  # F, S, S, 3
-        rows.append(torch.cat(list(frames[::3]), dim=1))
+        rows.append(proxy_model.frame_strip(video))
     grid = torch.cat(rows, dim=0).cpu().numpy()
     Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
 

@@ -25,8 +25,7 @@ SMALL = dict(frames=4, size=32, steps=2)  # 4 x 16 x 16 tokens: seconds on a CPU
 
 @pytest.fixture(scope="module")
 def proxy():
-    import comfy_env
-    proxy_model.use_comfyui(comfy_env.setup()[0])
+    proxy_model.use_comfyui()
     return proxy_model.load()
 
 
