@@ -15,15 +15,20 @@ def bench_timer(smoke: bool, warmup: float = 100, rep: float = 500):
     return lambda fn: do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
-def call_timer(fn, runs: int = 3, cuda: bool = True, warm: int = 1) -> float:
+def call_timer(fn, runs: int = 3, cuda: bool = True, warm: int = 1, setup=None) -> float:
     """Median ms of ``runs`` calls after ``warm`` untimed ones, each between synchronisations (for long calls
-    that sync themselves, or state that changes per call, where do_bench's many repetitions do not fit)."""
+    that sync themselves, or state that changes per call, where do_bench's many repetitions do not fit).
+    ``setup()``: untimed work before every call (the state the call starts from)."""
     import torch
 
     for _ in range(warm):
+        if setup is not None:
+            setup()
         fn()
     times = []
     for _ in range(runs):
+        if setup is not None:
+            setup()
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()

@@ -28,8 +28,10 @@ from bench_timing import bench_timer  # noqa: E402
 
 TARGET = 0.03
 CHECK_TOL = 2e-2
-# Profiling-kernel tiles swept on the GPU (the first is the default): (BLOCK_R, BLOCK_N, num_warps, num_stages).
-PROFILE_CONFIGS = [(16, 64, 4, 2), (32, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (64, 32, 8, 2), (16, 64, 4, 3)]
+# Profiling-kernel launches swept on the GPU (the first is the default): (BLOCK_R, BLOCK_N, num_warps, num_stages,
+# key splits; None: the default, about four programs per SM).
+PROFILE_CONFIGS = [(16, 64, 4, 3, None), (16, 64, 4, 2, None), (16, 64, 4, 3, 3), (16, 64, 4, 3, 32),
+                   (32, 64, 4, 2, 16), (64, 64, 4, 2, 16), (64, 64, 8, 2, 8), (16, 128, 4, 2, 16)]
 
 
 def parse_args():
@@ -98,13 +100,13 @@ def sweep_profile_configs(torch, kernels, timer, call, plan, configs):
     args = (q_rows, call.k, call.v, plan.keep, plan.key_block)
     expected = kernels.candidate_mask_outputs(*args, backend="reference")
     results = []
-    for block_r, block_n, warps, stages in configs:
+    for block_r, block_n, warps, stages, splits in configs:
         cfg = dict(BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-        entry = dict(config=cfg)
+        entry = dict(config=dict(cfg, splits=splits))
         try:
-            got = kernels.candidate_mask_outputs(*args, backend="triton", config=cfg)
+            got = kernels.candidate_mask_outputs(*args, backend="triton", config=cfg, splits=splits)
             entry["rel_err"] = float((got - expected).norm() / expected.norm())
-            fn = lambda: kernels.candidate_mask_outputs(*args, backend="triton", config=cfg)  # noqa: E731
+            fn = lambda: kernels.candidate_mask_outputs(*args, backend="triton", config=cfg, splits=splits)  # noqa: E731
             entry["ms"] = timer(fn) if entry["rel_err"] < CHECK_TOL else None
         except Exception as exc:  # e.g. triton OutOfResources
             entry.update(error=f"{type(exc).__name__}: {str(exc)[:120]}", ms=None)
@@ -188,10 +190,22 @@ def main():
         profiles.append(dict(sample_fraction=fraction, rows=fplan.rows.numel(), ms=profile_ms,
                              per_profiled_call=per_call, amortised={n: per_call / n for n in args.reprofile_every}))
 
+    # A CFG batch: the same latent under two conditionings, as ComfyUI batches Wan's cond and uncond. The call
+    # computes both; the profiling reads the first chunk only, its classes serve both (core.method).
+    q2, k2, v2 = (torch.cat([t, t + 0.05 * torch.randn_like(t)]) for t in (q, k, v))
+    cfg_call = core.AttentionCall(grid=grid, layer=1, step=0, total_steps=50, q=q2, k=k2, v=v2,
+                                  out=torch.empty_like(q2), backend=backend, conditionings=2)
+    ms["sparse_call_cfg_batch"] = timer(lambda: planner.attend(cfg_call))
+    _, profiler = planner_for(args.sample_fractions[0])
+    cfg_plan = profiler.plan(grid, device)
+    ms["profile_cfg_batch"] = timer(lambda: profiler.profile(cfg_call, cfg_plan))
+    del q2, k2, v2, cfg_call
+
     configs = sweep_profile_configs(torch, kernels, timer, call, planner_for(args.sample_fractions[0])[1].plan(
         grid, device), PROFILE_CONFIGS[:2] if args.smoke else PROFILE_CONFIGS)
     result = dict(meta=meta, checks=checks, density=density, temporal_heads_timed=classes.temporal_heads.numel(),
                   temporal_heads_chosen=sum(chosen), ms=ms, profiling=profiles,
+                  cfg_batch_per_profiled_call=ms["profile_cfg_batch"] / ms["sparse_call_cfg_batch"],
                   profile_configs=configs, target=TARGET, meets_target=profiles[0]["per_profiled_call"] <= TARGET)
     print_report(result, args.reprofile_every)
     if args.json:
@@ -224,10 +238,14 @@ def print_report(r, every):
         print(f"{p['sample_fraction']:15g} {p['rows']:6d} {p['ms']:11.3f} {p['per_profiled_call']:9.2%} "
               + " ".join(f"{p['amortised'][n]:9.2%}" for n in every))
     if r["profile_configs"]:
-        print("\nprofiling kernel alone per tile config (BLOCK_R, BLOCK_N, warps, stages); the first is the default:")
+        print("\nprofiling kernel alone per launch config (BLOCK_R, BLOCK_N, warps, stages, splits); the first is the "
+              "default:")
         for c in r["profile_configs"]:
             cfg = tuple(c["config"].values())
             print(f"  {cfg}: " + (f"{c['ms']:.3f} ms" if c["ms"] is not None else c.get("error", "WRONG output")))
+    print(f"CFG batch (B=2: cond and uncond of one latent): sparse call {ms['sparse_call_cfg_batch']:.3f} ms, "
+          f"profiling (first conditioning) {ms['profile_cfg_batch']:.3f} ms = {r['cfg_batch_per_profiled_call']:.2%} "
+          "per profiled call")
     first = r["profiling"][0]
     print(f"profiling overhead at the default sample_fraction {first['sample_fraction']:g}: "
           f"{first['per_profiled_call']:.2%} per profiled call (target <= {r['target']:.0%}): "

@@ -12,10 +12,16 @@ What the paper does (its Sections 3-4, Figure 7, Algorithms 1-2):
   * Text sink (HunyuanVideo): video-text, text-video and text-text blocks are always kept.
 
 What this planner does, and where it departs from the paper:
-  * The first search of a run (no cached LSE: the first sparse step of a layer, or a new shape) runs, as the
-    paper does, dense attention with each row's LSE (the block-sparse kernel over every block; its output is the
-    call's, exact) and then ``kernels.block_mass`` against that LSE. The LSE is cached (float16) while a later
-    search of the run will use it.
+  * The LSE of the first search comes from the dense step before it. The session hands the last dense warm-up
+    step of every sparse layer to ``prime`` instead of ComfyUI's attention: dense attention with each row's LSE
+    (cuDNN's, at SDPA's speed, where torch offers it; kernels.dense_attention_with_lse), output exact. The first
+    search then is one ``kernels.block_mass`` pass against that LSE, the selection and the sparse attention, like
+    a later search: the step's output is sparse. One step apart, the LSE differs less than the paper's later
+    searches' (20 steps apart), and masses are ranked per head relative to their sum, so a uniform shift in the
+    LSE changes nothing.
+  * A first search with nothing primed (no dense step before the first sparse one, a new shape mid-run) runs, as
+    the paper does, dense attention with each row's LSE (its output is the call's, exact) and then the masses.
+    The LSE is cached (float16) while a later search of the run will use it.
   * A later search runs ``block_mass`` against the cached LSE (one QK^T sweep, no V), selects the new layout and
     runs the sparse attention with it: the call's output is sparse, as in the paper. The cache keeps the LSE of
     the last exact dense pass: the sparse launch's LSE covers the kept keys only, so it would understate each row.
@@ -30,12 +36,13 @@ What this planner does, and where it departs from the paper:
     always kept. A recall of 1 keeps every block.
   * Text rows are always computed dense (a separate dense launch over the text rows, so the video rows' layout
     stays narrow); text columns are kept for every video row with ``text_dense``, else searched like video ones.
-  * ``call.want_lse``: a first search reports its dense LSE (it attended every key); a later search and a sparse
+  * ``call.want_lse``: a first search with a dense pass reports its dense LSE (it attended every key); a later search and a sparse
     call the LSE their launches return over the kept keys; tokens are never reordered: all in the original order.
 
 The pattern and LSE cache: per layer, one entry per (grid, batch size, device, first head, heads), holding the
-layout of every (batch element, head) (int16 indices) and, while a later search of the run will use it, the LSE
-of the last exact dense pass (float16). A call whose grid or batch differs finds no entry and searches (never
+layout of every (batch element, head) (int16 indices; searched on the batch's first conditioning chunk and shared
+by the others, core.method) and, while a search of the run will use it, the LSE of that chunk's last exact dense
+pass (float16; a primed entry holds the LSE alone). A call whose grid or batch differs finds no entry and searches (never
 reuses a layout of another shape); the whole cache is dropped at the start of each sampling run.
 """
 
@@ -43,21 +50,18 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from ..kernels import (block_mass, block_sparse_attention, full_layout, indices_to_block_mask, num_blocks,
-                       validate_layout)
+from ..kernels import (block_mass, block_sparse_attention, dense_attention_with_lse, full_layout,
+                       indices_to_block_mask, num_blocks, validate_layout)
 from .grid import VideoGrid
-from .method import AttentionCall
+from .method import AttentionCall, share_over_conditionings
 
 log = logging.getLogger("sparse_video_attention")
 
 BLOCK_SIZES = (64, 128)
-# Tile of the dense pass of a first search: with every block kept the layout's granularity changes nothing, and
-# 128-key blocks halve the key-block lists the kernel walks.
-DENSE_BLOCK = 128
 # Selection works on this many bytes of per-head temporaries at a time (sorting the masses of a few heads).
 SELECT_CHUNK_BYTES = 512 << 20
 
@@ -225,10 +229,19 @@ def search_pattern(mass: torch.Tensor, grid: VideoGrid, settings: AdaSpaSettings
                          recall=torch.cat(reached).view(B, H).cpu())
 
 
+def share_pattern(pattern: AdaSpaPattern, call: AttentionCall) -> AdaSpaPattern:
+    """The pattern searched on the call's first conditioning chunk, for its whole batch."""
+    if call.conditionings == 1:
+        return pattern
+    return replace(pattern, kv_indices=share_over_conditionings(pattern.kv_indices, call),
+                   kv_counts=share_over_conditionings(pattern.kv_counts, call),
+                   recall=share_over_conditionings(pattern.recall, call))
+
+
 @dataclass
 class _Entry:
-    pattern: AdaSpaPattern
-    lse: torch.Tensor | None  # (B, H, L) float16 of the last dense pass, kept while a later search will use it
+    pattern: AdaSpaPattern | None  # None: primed (an LSE from the dense step before), not searched yet
+    lse: torch.Tensor | None  # (B, H, L) float16 of the last dense pass, kept while a search will use it
     searched_step: int | None
 
 
@@ -255,7 +268,7 @@ class AdaSpaPlanner:
         if entry is None:  # a new shape: drop what this layer kept for another one
             self._layers[call.layer] = entries = {k: e for k, e in entries.items() if k[:3] == shape}
         searches = self._search_steps(call.total_steps)
-        if entry is None or (call.step in searches and entry.searched_step != call.step):
+        if entry is None or entry.pattern is None or (call.step in searches and entry.searched_step != call.step):
             return self._search(call, entries, key, entry, searches)
         return self._sparse(call, entry.pattern), entry.pattern.density
 
@@ -268,22 +281,36 @@ class AdaSpaPlanner:
                         ", ".join(map(str, beyond)), total_steps, total_steps - 1)
         return inside
 
+    def prime(self, call: AttentionCall) -> torch.Tensor:
+        """The dense step just before the first sparse step (the session calls this instead of ComfyUI's attention):
+        dense attention with each row's LSE, which the next step's search uses instead of a dense pass of its own.
+        Returns the exact dense output."""
+        B, H = call.q.shape[:2]
+        key = (call.grid, B, call.q.device, call.head_offset, H)
+        entries = self._layers.setdefault(call.layer, {})
+        for other in [k for k in entries if k[:3] != key[:3]]:  # a new shape: drop what this layer kept for another
+            del entries[other]
+        out, lse = dense_attention_with_lse(call.q, call.k, call.v, kv_length=call.kv_length, out=call.out,
+                                            backend=call.backend)
+        entries[key] = _Entry(pattern=None, lse=lse[:call.latents].half(), searched_step=None)
+        return out
+
     def _search(self, call, entries, key, entry, searches):
-        """A first search (no cached LSE): the exact dense output, its LSE cached. A later one: the masses against
-        the cached LSE, then the sparse attention with the new layout (the call's output)."""
+        """Without a cached LSE: the exact dense output, its LSE cached. With one (a later search, or a first search
+        the step before primed): the masses against it, then the sparse attention with the new layout."""
         q, k, v = call.q, call.k, call.v
+        n = call.latents  # the layout is searched on the first conditioning chunk and shared by the others
         cached = entry.lse if entry is not None else None
         if cached is None:
-            layout = self._full_layout(q.shape[2], k.shape[2], DENSE_BLOCK, q.device)
-            out, lse = block_sparse_attention(q, k, v, *layout, block_size=DENSE_BLOCK, kv_length=call.kv_length,
-                                              out=call.out, backend=call.backend, check_layout=False,
-                                              return_lse=True)
-        mass = block_mass(q, k, lse if cached is None else cached, block_size=self.block_size,
-                          kv_length=call.kv_length, backend=call.backend)
-        pattern = search_pattern(mass, call.grid, self.settings)
+            out, lse = dense_attention_with_lse(q, k, v, kv_length=call.kv_length, out=call.out,
+                                                backend=call.backend)
+        kv_length = None if call.kv_length is None else call.kv_length[:n]
+        mass = block_mass(q[:n], k[:n], lse[:n] if cached is None else cached, block_size=self.block_size,
+                          kv_length=kv_length, backend=call.backend)
+        pattern = share_pattern(search_pattern(mass, call.grid, self.settings), call)
         validate_layout(pattern.kv_indices.to(torch.int32), pattern.kv_counts, num_kv_blocks=pattern.num_blocks)
         later = call.step is not None and any(s > call.step for s in searches)
-        keep = (lse.half() if cached is None else cached) if later else None
+        keep = (lse[:n].half() if cached is None else cached) if later else None
         entries[key] = _Entry(pattern, keep, call.step)
         if cached is not None:
             return self._sparse(call, pattern), pattern.density
@@ -322,7 +349,7 @@ class AdaSpaPlanner:
 
     def block_mask(self, grid: VideoGrid, layer: int | None = None) -> torch.Tensor | None:
         """CPU bool (H, NQB, NKB): ``layer``'s searched layout for batch element 0, its heads in order."""
-        entries = [(k, e) for k, e in self._layers.get(layer, {}).items() if k[0] == grid]
+        entries = [(k, e) for k, e in self._layers.get(layer, {}).items() if k[0] == grid and e.pattern is not None]
         if not entries:
             return None
         masks = []
@@ -336,7 +363,7 @@ class AdaSpaPlanner:
 
     def cache_bytes(self) -> dict:
         """{(layer, grid, batch, device, first head, heads): device bytes of its layout and cached LSE}."""
-        return {(layer, *key): e.pattern.nbytes + (0 if e.lse is None else e.lse.nbytes)
+        return {(layer, *key): (0 if e.pattern is None else e.pattern.nbytes) + (0 if e.lse is None else e.lse.nbytes)
                 for layer, entries in self._layers.items() for key, e in entries.items()}
 
     def reset(self) -> None:

@@ -42,6 +42,11 @@ def attention_override(session: SparseAttentionSession, previous=None):
             return dense(func, args, kwargs)
         layer = ctx.next_layer()
         if not session.wants_sparse(ctx, layer):
+            if session.wants_prime(ctx, layer):
+                try:
+                    return _sparse_call(session, ctx, layer, args, kwargs, prime=True)
+                except (Unsupported, ValueError):
+                    pass  # a dense step either way; the sparse steps after it meet the same problem and warn
             session.record_dense(ctx, layer)
             return dense(func, args, kwargs)
         try:
@@ -80,7 +85,8 @@ def _is_video_self_attention(ctx: ForwardContext, args, kwargs) -> bool:
     return ctx.grid_for(q.shape[2] if skip_reshape else q.shape[1]) is not None
 
 
-def _sparse_call(session, ctx, layer, args, kwargs):
+def _sparse_call(session, ctx, layer, args, kwargs, prime=False):
+    """The call through the planner: ``attend`` (sparse), or ``prime`` (a dense step the planner wants to see)."""
     q, k, v, heads, mask = _call_parts(args, kwargs)
     if kwargs.get("skip_reshape", False):
         B, H, L, D = q.shape
@@ -106,19 +112,23 @@ def _sparse_call(session, ctx, layer, args, kwargs):
     buffer = torch.empty((B, H, L, D) if skip_output_reshape else (B, L, H, D), device=q.device, dtype=q.dtype)
     out_view = buffer if skip_output_reshape else buffer.transpose(1, 2)
     grid = ctx.grid_for(L)
+    run = session.prime if prime else session.attend
     if compute_dtype != q.dtype:  # float32 on a GPU: bf16 copies of a few heads at a time
         step = max(1, CAST_CHUNK_BYTES // (B * L * D * torch.finfo(compute_dtype).bits // 8))
         work = 0.0
         for h0 in range(0, H, step):
             part = slice(h0, h0 + step)
-            result, density = session.attend(ctx, layer, *(t[:, part].to(compute_dtype) for t in (q4, k4, v4)),
-                                             kv_length=kv_length, head_offset=h0)
+            result, density = run(ctx, layer, *(t[:, part].to(compute_dtype) for t in (q4, k4, v4)),
+                                  kv_length=kv_length, head_offset=h0)
             out_view[:, part].copy_(result)
             work += density * result.shape[1]
             del result
-        session.record_sparse(ctx, layer, grid, work / H)
+        density = work / H
     else:
-        _, density = session.attend(ctx, layer, q4, k4, v4, kv_length=kv_length, out=out_view)
+        _, density = run(ctx, layer, q4, k4, v4, kv_length=kv_length, out=out_view)
+    if prime:
+        session.record_dense(ctx, layer)
+    else:
         session.record_sparse(ctx, layer, grid, density)
     return buffer if skip_output_reshape else buffer.view(B, L, H * D)
 

@@ -13,6 +13,15 @@ centroids, LSE, head classes). It implements:
     the original token order, of ``layer``'s last sparse call (what the Inspector draws); None if there is none.
   * ``cache_bytes()``: {description: bytes} of device memory the planner keeps between calls.
   * ``block_size``: the tile size ``block_mask`` uses.
+  * optionally ``prime(call) -> output``: the exact dense output of the last dense step before a layer's first
+    sparse step, which the session then routes here instead of ComfyUI's attention, for a planner that prepares
+    state from it (AdaSpa takes the LSE its first search needs). A ValueError leaves the step to ComfyUI.
+
+Classifier-free guidance batches the same latents under each conditioning (cond, uncond): ``call.conditionings``
+chunks of ``call.latents`` batch elements each. A planner that finds its layout from q and k finds it on the first
+chunk and shares it with the others (``share_over_conditionings``): with the same keys kept for cond and uncond
+their errors are alike and largely cancel in the guidance difference (cond - uncond) x cfg, where independent
+layouts' errors add up (measured on the proxy model: benchmarks/RESULTS.md).
 
 When ``call.want_lse`` is set (quality measurements), ``attend`` also stores in ``call.lse`` the natural-log LSE
 (B, H, L) float32 of every query row over the keys the method attended to, in the original token order:
@@ -39,6 +48,8 @@ class AttentionCall:
     keys at positions >= kv_length[b] are padding. ``out``: optional (B, H, L, D) view to write into. ``backend``:
     'auto', 'triton' or 'reference' (kernels.BACKENDS). ``head_offset``: q holds heads head_offset..head_offset+H-1
     of the layer (float32 calls on a GPU arrive a few heads at a time); per-head state is keyed by the true head.
+    ``conditionings``: the batch is this many chunks of the same latents under different conditionings (1: every
+    element its own).
     """
 
     grid: VideoGrid
@@ -54,6 +65,17 @@ class AttentionCall:
     head_offset: int = 0
     want_lse: bool = False
     lse: torch.Tensor | None = None
+    conditionings: int = 1
+
+    @property
+    def latents(self) -> int:
+        """Batch elements of the first conditioning chunk: the ones a shared layout is found on."""
+        return self.q.shape[0] // self.conditionings
+
+
+def share_over_conditionings(t: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+    """A per-latent tensor (latents, ...) of the first chunk, repeated for every conditioning chunk: (B, ...)."""
+    return t if call.conditionings == 1 else t.repeat(call.conditionings, *([1] * (t.ndim - 1)))
 
 
 def run_block_plan(call: AttentionCall, plan: BlockPlan) -> tuple[torch.Tensor, float]:

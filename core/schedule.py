@@ -36,6 +36,11 @@ class SparseSchedule:
     def is_sparse(self, step: int, total_steps: int, layer: int) -> bool:
         return layer >= self.dense_layers and step in self.sparse_step_range(total_steps)
 
+    def precedes_sparse(self, step: int, total_steps: int, layer: int) -> bool:
+        """The dense step right before the first sparse step, in a layer that goes sparse."""
+        steps = self.sparse_step_range(total_steps)
+        return layer >= self.dense_layers and len(steps) > 0 and step == steps.start - 1
+
 
 def step_index(sigma: float, sample_sigmas) -> int | None:
     """Index of the denoising step a model call at ``sigma`` belongs to, within the run's ``sample_sigmas``.

@@ -31,6 +31,7 @@ class ForwardContext:
     step: int | None
     total_steps: int | None
     text_after_video: bool = False
+    conditionings: int = 1  # the batch: this many chunks of the same latents (ComfyUI's cond_or_uncond)
     layer: int = 0
     memo: dict = field(default_factory=dict)  # per-forward results every layer shares (e.g. the text mask)
     owner: object = field(default=None, repr=False, compare=False)
@@ -149,7 +150,7 @@ class SparseAttentionSession:
         return None if grid is None else self.planner.block_mask(grid, layer)
 
     def forward_context(self, video: VideoGrid, sigma: float | None, sample_sigmas,
-                        text_after_video: bool = False) -> ForwardContext:
+                        text_after_video: bool = False, conditionings: int = 1) -> ForwardContext:
         step = total = None
         if sigma is not None and sample_sigmas is not None and len(sample_sigmas) > 1:
             step, total = step_index(sigma, sample_sigmas), len(sample_sigmas) - 1
@@ -158,7 +159,8 @@ class SparseAttentionSession:
         if step is None:
             self.warn_once("no-step", "the denoising step is unknown (no sampler sigmas reached the model): "
                            "attention stays dense for these calls")
-        return ForwardContext(video=video, step=step, total_steps=total, text_after_video=text_after_video, owner=self)
+        return ForwardContext(video=video, step=step, total_steps=total, text_after_video=text_after_video,
+                              conditionings=max(1, conditionings), owner=self)
 
     def cache_bytes(self) -> dict:
         """Device bytes the session keeps between attention calls, per cache entry of its planner (for Radial, per
@@ -181,10 +183,24 @@ class SparseAttentionSession:
                head_offset: int = 0) -> tuple[torch.Tensor, float]:
         """Sparse attention of (B, H, L, D) q/k/v over the video of ``ctx``: (output, density computed).
         ValueError for what it cannot run. The caller books the call (record_sparse) once per layer."""
-        call = AttentionCall(grid=ctx.grid_for(q.shape[2]), layer=layer, step=ctx.step, total_steps=ctx.total_steps,
+        return self.planner.attend(self._call(ctx, layer, q, k, v, kv_length, out, head_offset))
+
+    def wants_prime(self, ctx: ForwardContext, layer: int) -> bool:
+        """A dense call the planner wants to see (``prime``: e.g. AdaSpa takes the LSE its first search needs from
+        the dense step before it): the last dense step before the layer's first sparse step."""
+        return ctx.step is not None and callable(getattr(self.planner, "prime", None)) \
+            and self.schedule.precedes_sparse(ctx.step, ctx.total_steps, layer)
+
+    def prime(self, ctx: ForwardContext, layer: int, q, k, v, kv_length=None, out=None,
+              head_offset: int = 0) -> tuple[torch.Tensor, float]:
+        """Dense attention of a call ``wants_prime`` picked, through the planner: (exact output, 1.0)."""
+        return self.planner.prime(self._call(ctx, layer, q, k, v, kv_length, out, head_offset)), 1.0
+
+    def _call(self, ctx, layer, q, k, v, kv_length, out, head_offset) -> AttentionCall:
+        chunks = ctx.conditionings if q.shape[0] % ctx.conditionings == 0 else 1
+        return AttentionCall(grid=ctx.grid_for(q.shape[2]), layer=layer, step=ctx.step, total_steps=ctx.total_steps,
                              q=q, k=k, v=v, kv_length=kv_length, out=out, backend=self.backend,
-                             head_offset=head_offset)
-        return self.planner.attend(call)
+                             head_offset=head_offset, conditionings=chunks)
 
     def record_sparse(self, ctx: ForwardContext, layer: int, grid: VideoGrid, density: float) -> None:
         """Book a sparse call: its density, and its grid so the Inspector can rebuild the layer's layout."""

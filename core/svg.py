@@ -3,8 +3,9 @@
 Per (layer, head) a few query rows (``sample_fraction`` of the video tokens, strided) are profiled: their exact
 attention output against all keys, and their output under the spatial and under the temporal layout
 (core/svg_layout.py, the exact token masks the kernel then computes), in one pass (kernels.mask_errors). The
-layout with the lower mean squared error wins (summed over the batch: cond and uncond share the choice). Classes
-are kept per (layer, grid, heads) and re-profiled every ``reprofile_every`` denoising steps; they are per-run state.
+layout with the lower mean squared error wins (summed over the latents of the batch's first conditioning chunk;
+the other conditionings share the choice, core.method). Classes are kept per (layer, grid, heads) and re-profiled
+every ``reprofile_every`` denoising steps; they are per-run state.
 
 Running a call: spatial heads run in place on the block-sparse kernel, one launch for all of them (temporal heads
 get empty key lists there). Temporal heads are gathered, a few at a time, into token-major order (the layout
@@ -220,9 +221,11 @@ class SVGPlanner:
     def profile(self, call: AttentionCall, plan: SVGPlan) -> tuple:
         """Per head: True when the temporal layout's error on the sampled rows is lower than the spatial one's."""
         self.profiled_calls += 1
-        q_rows = call.q.index_select(2, plan.rows)
-        errors = candidate_mask_errors(q_rows, call.k, call.v, plan.keep, plan.key_block, kv_length=call.kv_length,
-                                       backend=call.backend).sum(dim=1)  # (2, H): summed over the batch
+        n = call.latents  # the first conditioning chunk: its classes serve the others (core.method)
+        q_rows = call.q[:n].index_select(2, plan.rows)
+        kv_length = None if call.kv_length is None else call.kv_length[:n]
+        errors = candidate_mask_errors(q_rows, call.k[:n], call.v[:n], plan.keep, plan.key_block, kv_length=kv_length,
+                                       backend=call.backend).sum(dim=1)  # (2, H): summed over those latents
         return tuple(bool(t) for t in (errors[1] < errors[0]).tolist())  # reads back: one sync per profiled call
 
     def block_mask(self, grid: VideoGrid, layer: int | None = None) -> torch.Tensor | None:

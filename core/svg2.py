@@ -1,6 +1,7 @@
 """Sparse VideoGen2 (Yang et al. 2025): semantic-aware permutation with k-means and top-p cluster selection.
 
-Per attention call, for every (batch element, head):
+Per attention call, for every (latent, head) (the batch's first conditioning chunk; the layout is shared by the
+other conditionings of the same latent, core.method):
   1. k-means on the video queries and, separately, on the video keys: the full iteration count on a layer's first
      sparse call of a run, then a few iterations warm-started from that layer's centroids of the previous step
      (the centroid cache: per layer and head chunk, all batch elements and heads in one tensor, on the device);
@@ -21,11 +22,11 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ..kernels import (batched_kmeans, cluster_block_attention, cluster_pair_count, permute_qkv, select_key_clusters,
+from ..kernels import (ClusterSelection, batched_kmeans, cluster_block_attention, cluster_pair_count, permute_qkv, select_key_clusters,
                        unpermute_rows)
 from .cluster_view import cluster_tile_mask, pack_bits, unpack_bits
 from .grid import VideoGrid
-from .method import AttentionCall
+from .method import AttentionCall, share_over_conditionings
 
 INSPECT_BLOCK = 128  # tile size of the Inspector's drawing
 MAX_CLUSTERS = 16384
@@ -125,18 +126,22 @@ class SVG2Planner:
         if call.kv_length is not None and not grid.text_tokens:
             raise ValueError("SVG2 takes key padding only after the video tokens (HunyuanVideo's text)")
 
-        q_km, k_km = self._cluster(call, q[:, :, :video], k[:, :, :video])
+        n = call.latents  # clusters and selection of the first conditioning chunk, shared by the others
+        q_km, k_km = self._cluster(call, q[:n, :, :video], k[:n, :, :video])
         selection = select_key_clusters(q_km.centroids, k_km.centroids, k_km.sizes, top_p=s.top_p,
                                         min_clusters=s.min_key_clusters, scale=1.0 / math.sqrt(D))
-        layout = _with_text(q_km.offsets, k_km.offsets, selection, video, L, call.kv_length)
-        qp, kp, vp = permute_qkv(q, k, v, q_km.order, k_km.order, backend=call.backend)
+        share = lambda t: share_over_conditionings(t, call)  # noqa: E731
+        selection = ClusterSelection(share(selection.order), share(selection.counts), share(selection.kept_keys))
+        layout = _with_text(share(q_km.offsets), share(k_km.offsets), selection, video, L, call.kv_length)
+        q_order, k_order = share(q_km.order), share(k_km.order)
+        qp, kp, vp = permute_qkv(q, k, v, q_order, k_order, backend=call.backend)
         out_perm = cluster_block_attention(qp, kp, vp, *layout, backend=call.backend, check_layout=False,
                                            return_lse=call.want_lse)
         del qp, kp, vp
         if call.want_lse:
             out_perm, lse_perm = out_perm
-            call.lse = _unpermute_lse(lse_perm, q_km.order)
-        out = unpermute_rows(out_perm, q_km.order, out=call.out, backend=call.backend)
+            call.lse = _unpermute_lse(lse_perm, q_order)
+        out = unpermute_rows(out_perm, q_order, out=call.out, backend=call.backend)
         tiles = self._tile_mask(q_km.labels[0], k_km.labels[0], layout, grid)
         pairs = cluster_pair_count(*layout, check_layout=False)
         dense = L * layout[1][..., -1].long()

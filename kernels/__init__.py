@@ -4,6 +4,7 @@ from .attention import (BACKENDS, MAX_TRITON_HEAD_DIM, SUPPORTED_BLOCK_SIZES, bl
                         triton_available)
 from .block_mass import block_mass
 from .cluster_attention import cluster_block_attention, cluster_pair_count
+from .dense_lse import dense_attention_with_lse
 from .cluster_reference import reference_cluster_block_attention
 from .cluster_select import ClusterSelection, cluster_scores, select_key_clusters
 from .kmeans import KMeansResult, batched_kmeans, cluster_order, kmeans_assign, kmeans_update, reseed_points, strided_init
@@ -27,5 +28,5 @@ __all__ = [
     "candidate_mask_errors", "candidate_mask_outputs", "reference_candidate_mask_outputs", "gather_head_rows",
     "scatter_head_rows",
     # AdaSpa
-    "block_mass", "full_layout", "reference_block_mass",
+    "block_mass", "dense_attention_with_lse", "full_layout", "reference_block_mass",
 ]

@@ -2,10 +2,11 @@
 
 One program owns BLOCK_R sampled rows of one (batch, head) and one split of the keys. It walks the key tiles once
 with a flash-attention online softmax and keeps three accumulators that share the running max: all keys (the
-exact output), the keys candidate 0 keeps and the keys candidate 1 keeps. A candidate keeps key j for row i when
-keep[m, i, key_block[m, j]] is set: key_block maps each key to a block of the candidate's own token order, so a
-layout that only is a band of blocks after a token reorder is still one table lookup. One exp2 per score serves
-all three sums; the partial (max, sums, outputs) of every split are combined in torch.
+exact output), the keys candidate 0 keeps and the keys candidate 1 keeps. Which keys a candidate keeps for a row
+comes as a token mask (2, R, LK) uint8, built in torch from the block tables (keep[m, i, key_block[m, j]]): its
+tiles load like the keys' own, with addresses known ahead (the pipeliner prefetches them), where a lookup through
+key_block in the loop would be a load waiting on a load. One exp2 per score serves all three sums; the partial
+(max, sums, outputs) of every split are combined in torch.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ _NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" for the running max:
 
 @triton.jit
 def _mask_errors_fwd(
-    Q, K, V, KEEP, KEY_BLOCK, KV_LEN, M_OUT, L_OUT, ACC_OUT,
+    Q, K, V, MASK, KV_LEN, M_OUT, L_OUT, ACC_OUT,
     qk_scale,
     s_qb, s_qh, s_qr,
     s_kb, s_kh, s_kl,
     s_vb, s_vh, s_vl,
-    H, R, LK, NKB, KEYS_PER_SPLIT, PARTIALS,
+    H, R, LK, KEYS_PER_SPLIT, PARTIALS,
     HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KV_LEN: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
@@ -48,8 +49,8 @@ def _mask_errors_fwd(
     hi = tl.minimum(lo + KEYS_PER_SPLIT, key_limit)
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
-    keep0 = KEEP + rows[:, None] * NKB
-    keep1 = KEEP + (R + rows[:, None]) * NKB
+    mask0 = MASK + rows[:, None].to(tl.int64) * LK
+    mask1 = MASK + (R + rows[:, None]).to(tl.int64) * LK
 
     m_i = tl.full([BLOCK_R], _NEG_BIG, dtype=tl.float32)
     l_all = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -72,10 +73,8 @@ def _mask_errors_fwd(
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         both = row_ok[:, None] & col_ok[None, :]
-        kb0 = tl.load(KEY_BLOCK + cols, mask=col_ok, other=0)
-        kb1 = tl.load(KEY_BLOCK + LK + cols, mask=col_ok, other=0)
-        p0 = tl.where(tl.load(keep0 + kb0[None, :], mask=both, other=0) != 0, p, 0.0)
-        p1 = tl.where(tl.load(keep1 + kb1[None, :], mask=both, other=0) != 0, p, 0.0)
+        p0 = tl.where(tl.load(mask0 + cols[None, :], mask=both, other=0) != 0, p, 0.0)
+        p1 = tl.where(tl.load(mask1 + cols[None, :], mask=both, other=0) != 0, p, 0.0)
         l_all = l_all * alpha + tl.sum(p, 1)
         l_0 = l_0 * alpha + tl.sum(p0, 1)
         l_1 = l_1 * alpha + tl.sum(p1, 1)
@@ -97,20 +96,21 @@ def _mask_errors_fwd(
 
 
 def default_config(device: torch.device) -> dict:
-    """Tile shape and launch options. On GPUs: 16 rows x 64 keys with 4 warps, the fastest of the benchmark's sweep
-    on an H100 at the Wan 14B 720p shape (3.8 ms against 7.2 ms for 32 x 32 with 8 warps; 2026-11-23); the
-    interpreter takes fewer, larger tiles."""
+    """Tile shape and launch options. On GPUs: 16 rows x 64 keys with 4 warps and 3 stages, the fastest of the
+    benchmark's sweep on an H100 at the Wan 14B 720p shape (2.24 ms for 76 rows of 40 heads, with the splits below;
+    2026-11-23); the interpreter takes fewer, larger tiles."""
     if device.type != "cuda":
         return dict(BLOCK_R=64, BLOCK_N=64, num_warps=4, num_stages=1)
-    return dict(BLOCK_R=16, BLOCK_N=64, num_warps=4, num_stages=2)
+    return dict(BLOCK_R=16, BLOCK_N=64, num_warps=4, num_stages=3)
 
 
 def _default_splits(device: torch.device, programs: int, key_tiles: int) -> int:
-    """Enough key splits for about four programs per SM (few sampled rows alone would leave most SMs idle)."""
+    """Enough key splits for about 24 programs per SM: each program's walk is a chain of small dependent products,
+    so many in flight hide its latency (measured on the H100: 16 splits 2.24 ms, 3 splits 2.58 ms; 2026-11-23)."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(key_tiles, -(-4 * sms // programs), 64))
+    return max(1, min(key_tiles, -(-24 * sms // programs), 64))
 
 
 def triton_candidate_mask_outputs(q_rows, k, v, keep, key_block, *, scale, kv_length=None, splits=None, config=None):
@@ -133,14 +133,15 @@ def triton_candidate_mask_outputs(q_rows, k, v, keep, key_block, *, scale, kv_le
     sums = torch.empty(3, splits, B, H, R, device=dev, dtype=torch.float32)
     acc = torch.empty(3, splits, B, H, R, D, device=dev, dtype=torch.float32)
     has_len = kv_length is not None
-    kv_len = kv_length.to(device=dev, dtype=torch.int32).contiguous() if has_len else key_block
+    # The token mask of each candidate: row i keeps key j when its layout row keeps key j's block.
+    token_mask = torch.stack([keep[c].to(torch.uint8)[:, key_block[c].long()] for c in range(keep.shape[0])])
+    kv_len = kv_length.to(device=dev, dtype=torch.int32).contiguous() if has_len else token_mask
     _mask_errors_fwd[(row_tiles, B * H, splits)](
-        q_rows, k, v, keep.to(torch.uint8).contiguous(), key_block.to(torch.int32).contiguous(), kv_len,
-        m, sums, acc, scale * _LOG2E,
+        q_rows, k, v, token_mask, kv_len, m, sums, acc, scale * _LOG2E,
         q_rows.stride(0), q_rows.stride(1), q_rows.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        H, R, LK, keep.shape[-1], keys_per_split, partials,
+        H, R, LK, keys_per_split, partials,
         HEAD_DIM=D, BLOCK_R=block_r, BLOCK_N=block_n, HAS_KV_LEN=has_len,
         # Triton's CPU interpreter computes bfloat16 tl.dot wrongly: float32 tiles there (as the attention kernel).
         UPCAST_DOT=not on_gpu, **cfg)

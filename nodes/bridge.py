@@ -136,7 +136,8 @@ def install(model, session: SparseAttentionSession):
         sigmas = transformer_options.get("sigmas")
         sigma = float(sigmas.flatten()[0]) if sigmas is not None else None
         return session.forward_context(grid, sigma, transformer_options.get("sample_sigmas"),
-                                       text_after_video=family == "hunyuan")
+                                       text_after_video=family == "hunyuan",
+                                       conditionings=len(transformer_options.get("cond_or_uncond") or ()))
 
     def diffusion_model_call(executor, *args, **kwargs):
         in_args = isinstance(args[-1], dict) and "transformer_options" not in kwargs

@@ -97,8 +97,8 @@ def test_block_mass_matches_float64(backend, case, gen):
 
 
 def dense_with_lse(q, k, v, block_size, backend, kv_length=None):
-    """What a first search runs before the masses: dense attention with each row's LSE (the block-sparse kernel
-    over every block)."""
+    """Dense attention with each row's LSE on the block-sparse kernel over every block (what a first search or a
+    primed step runs where cuDNN's LSE is not at hand)."""
     layout = K.full_layout(-(-q.shape[2] // block_size), -(-k.shape[2] // block_size), q.device)
     return K.block_sparse_attention(q, k, v, *layout, block_size=block_size, kv_length=kv_length, backend=backend,
                                     return_lse=True)
@@ -124,6 +124,20 @@ def test_first_search_dense_lse_then_masses(backend, case, gen):
     stale = (want_lse + 0.3 * torch.randn(want_lse.shape, generator=gen, device=DEVICE, dtype=torch.float64)).half()
     cached_mass = K.block_mass(q, k, stale, block_size=bs, backend=backend)
     assert_mass(cached_mass, oracle(q, k, v, bs, mass_lse=stale)[2], bs, f"{ctx} cached")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dense_attention_with_lse_into_a_strided_buffer(backend, gen):
+    """What a primed step runs: dense output (written into a (B, L, H, D) buffer's view) and each row's LSE."""
+    q, k, v = make_qkv(2, 3, 193, 193, 64, torch.float16 if backend == "triton" else torch.float32, gen)
+    storage = torch.full((q.shape[0], q.shape[2], q.shape[1], q.shape[3]), float("nan"), dtype=q.dtype,
+                         device=q.device)
+    out, lse = K.dense_attention_with_lse(q, k, v, out=storage.transpose(1, 2), backend=backend)
+    want_out, want_lse, _ = oracle(q, k, v, 64)
+    ctx = f"{backend} seed={gen.initial_seed()}"
+    assert out.data_ptr() == storage.data_ptr() and lse.dtype == torch.float32, ctx
+    torch.testing.assert_close(out.double(), want_out, rtol=2e-2, atol=2e-3, msg=ctx)
+    assert (lse.double() - want_lse).abs().max().item() < LSE_TOL, ctx
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -390,6 +404,27 @@ def test_later_search_reaches_the_recall(monkeypatch):
         torch.testing.assert_close(out[b:b + 1].double(), want, rtol=1e-4, atol=1e-5, msg=ctx)
 
 
+def test_conditionings_share_the_first_chunks_pattern(monkeypatch):
+    """A CFG batch of 2 latents x 2 conditionings: the masses are computed for the first chunk only, its pattern
+    serves the second, and each element's output is the attention under its latent's layout."""
+    gen = new_generator()
+    q, k, v = video_inputs(GRID, B=4, gen=gen)
+    planner = adaspa.AdaSpaSettings(recall=0.7, search_steps=(1.0,), min_density=0.0, max_density=1.0).make_planner()
+    spy = SearchSpy(monkeypatch)
+    for step in range(3):  # a first search (dense), a later one (the cached LSE of the first chunk), a sparse step
+        c = call(GRID, q, k, v, step=step)
+        c.conditionings = 2
+        out, density = planner.attend(c)
+    ctx = f"seed={gen.initial_seed()}"
+    assert [lse.shape[0] for lse in spy.lses] == [2, 2], ctx
+    pattern = entry_of(planner).pattern
+    masks = pattern_masks(pattern)
+    assert torch.equal(masks[2:], masks[:2]) and not masks.all() and density == pattern.density, ctx
+    for b in range(4):
+        want = masked_oracle(q[b:b + 1], k[b:b + 1], v[b:b + 1], masks[b], 64)
+        torch.testing.assert_close(out[b:b + 1].double(), want, rtol=1e-4, atol=1e-5, msg=ctx)
+
+
 def test_recall_one_gives_dense_output():
     """Recall 1 keeps every block: the first search, a sparse step and a later search all equal dense attention."""
     gen = new_generator()
@@ -649,6 +684,51 @@ def test_adaspa_in_a_sampling_run(nodes, bridge, monkeypatch, family):
             assert c["masks"][:, :, -1].all() and c["masks"][..., -1].all()
     mask = session.block_mask(1)
     assert mask is not None and mask.shape == (2, 6 if kv else 5, 6 if kv else 5)
+
+
+@comfyui
+def test_first_search_takes_the_lse_of_the_dense_step_before(nodes, bridge, monkeypatch):
+    """One dense warm-up step: there, every layer that goes sparse runs through the planner's prime (exact dense
+    output, each row's LSE kept); the first sparse step searches with that LSE, without a dense pass of its own,
+    and its output is the sparse attention of the layout found."""
+    base, (pos, neg) = comfy_env.tiny_wan_t2v(seed=56), comfy_env.wan_conds(seed=57)
+    method = adaspa_node(nodes, recall=0.6, search_steps="1", min_density=0.0, max_density=0.6)
+    patched = patch(nodes, base, method, dense_steps=1, dense_layers=1)
+    session = bridge.session_of(patched)
+    primed, prime = [], session.prime
+
+    def spy_prime(ctx, layer, q, k, v, kv_length=None, out=None, head_offset=0):
+        result, density = prime(ctx, layer, q, k, v, kv_length=kv_length, out=out, head_offset=head_offset)
+        primed.append(dict(step=ctx.step, layer=layer, q=q.clone(), k=k.clone(), v=v.clone(), out=result.clone(),
+                           lse=entry_of(session.planner, layer).lse.clone(), density=density))
+        return result, density
+
+    monkeypatch.setattr(session, "prime", spy_prime)
+    searches = SearchSpy(monkeypatch)
+    calls = record_calls(monkeypatch, session)
+    lat = latent()
+    dense = comfy_env.sample(base, lat, pos, neg, steps=3, seed=58)
+    sparse = comfy_env.sample(patched, lat, pos, neg, steps=3, seed=58)
+
+    layers = session.stats.num_layers
+    assert layers > 2 and not session.stats.fallbacks
+    assert [(p["step"], p["layer"]) for p in primed] == [(0, layer) for layer in range(1, layers)]
+    assert all(session.stats.calls[(0, layer)] == 1.0 for layer in range(layers))
+    for p in primed:
+        want_out, want_lse, _ = oracle(p["q"], p["k"], p["v"], 64)
+        latents = p["q"].shape[0] // 2  # cond and uncond in one batch: the LSE of the first conditioning is kept
+        assert p["density"] == 1.0 and p["lse"].dtype == torch.float16 and p["lse"].shape[0] == latents
+        torch.testing.assert_close(p["out"].double(), want_out, rtol=1e-4, atol=1e-5)
+        assert (p["lse"].double() - want_lse[:latents]).abs().max() < 2e-2
+    first = [c for c in calls if c["step"] == 1]
+    assert [c["layer"] for c in first] == list(range(1, layers)) and all(c["density"] < 1.0 for c in first)
+    assert searches.exact[:len(first)] == [False] * len(first), "no dense pass at the first search"
+    for p, lse, c in zip(primed, searches.lses, first):
+        assert torch.equal(lse, p["lse"]), f"layer {c['layer']}: the masses weighed by the primed LSE"
+        for b in range(c["q"].shape[0]):
+            want = masked_oracle(c["q"][b:b + 1], c["k"][b:b + 1], c["v"][b:b + 1], c["masks"][b], 64)
+            torch.testing.assert_close(c["out"][b:b + 1].double(), want, rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(sparse).all() and 0 < rel_err(sparse, dense) < 0.5
 
 
 @comfyui

@@ -19,6 +19,7 @@ from test_adaspa import OUT_TOL, pattern_masks
 from test_block_sparse_kernel import LSE_TOL, new_generator
 
 K = import_pack("kernels")
+dense_lse = import_pack("kernels.dense_lse")
 core = import_pack("core")
 adaspa = import_pack("core.adaspa")
 
@@ -72,20 +73,30 @@ def check_mass(mass, expected, block_size, ctx):
 
 
 def dense_with_lse(q, k, v, kv_length=None):
-    """A first search's dense pass, as the planner runs it: the block-sparse kernel over every 128-key block."""
-    layout = K.full_layout(-(-q.shape[2] // adaspa.DENSE_BLOCK), -(-k.shape[2] // adaspa.DENSE_BLOCK), q.device)
-    return K.block_sparse_attention(q, k, v, *layout, block_size=adaspa.DENSE_BLOCK, kv_length=kv_length,
-                                    backend="triton", return_lse=True)
+    """A dense pass with the LSE, as the planner runs it (a primed step, or a first search with nothing primed)."""
+    return K.dense_attention_with_lse(q, k, v, kv_length=kv_length, backend="triton")
+
+
+@pytest.fixture(params=["cudnn", "kernel"])
+def dense_path(request, monkeypatch):
+    """Both ways of dense attention with the LSE: cuDNN's (where this torch offers it) and our kernel."""
+    if request.param == "kernel":
+        monkeypatch.setitem(dense_lse._cudnn_state, "usable", False)
+    elif dense_lse._cudnn_state["usable"] is False:
+        pytest.skip("this torch / GPU offers no cuDNN attention with the LSE")
+    return request.param
 
 
 @pytest.mark.parametrize("block_size", [64, 128])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_search_passes(dtype, D, block_size, gen):
+def test_search_passes(dtype, D, block_size, gen, dense_path):
     q, k, v = make_qkv(D, dtype, gen)
     want_out, want_lse, want_mass = oracle(q, k, v, block_size)
-    ctx = f"{dtype} D={D} bs={block_size} seed={gen.initial_seed()}"
+    ctx = f"{dtype} D={D} bs={block_size} seed={gen.initial_seed()} {dense_path}"
     out, lse = dense_with_lse(q, k, v)
+    if dense_path == "cudnn" and dense_lse._cudnn_state["usable"] is not True:
+        pytest.skip("this torch / GPU offers no cuDNN attention with the LSE")
     err = ((out.double() - want_out).norm() / want_out.norm()).item()
     assert err < OUT_TOL[dtype], f"{ctx}: output relative error {err:.2e}"
     assert (lse.double() - want_lse).abs().max().item() < LSE_TOL, ctx

@@ -244,6 +244,13 @@ def test_is_sparse_combines_steps_and_layers():
     assert {k for k, v in grid.items() if v} == {(s, l) for s in range(2, 6) for l in range(3, 5)}
 
 
+def test_precedes_sparse_is_the_last_dense_step_of_sparse_layers():
+    sched = SparseSchedule(dense_steps=2, sparse_end=1.0, dense_layers=3)
+    assert {(s, l) for s in range(6) for l in range(5) if sched.precedes_sparse(s, 6, l)} == {(1, 3), (1, 4)}
+    assert not any(SparseSchedule(dense_steps=0).precedes_sparse(s, 6, 1) for s in range(6))  # no dense step
+    assert not any(SparseSchedule(dense_steps=8).precedes_sparse(s, 6, 1) for s in range(6))  # no sparse step
+
+
 @pytest.mark.parametrize("kw, message", [
     (dict(dense_steps=1.5), "dense_steps"), (dict(dense_steps=-0.1), "dense_steps"), (dict(dense_steps=2.5), "dense_steps"),
     (dict(sparse_end=1.01), "sparse_end"), (dict(sparse_end=-0.5), "sparse_end"), (dict(dense_layers=-1), "dense_layers"),

@@ -331,6 +331,18 @@ CASES = [  # grid, settings, head kinds, batch, dtype (triton), kv_length
 ]
 
 
+def test_the_first_conditioning_classifies_the_heads(gen):
+    """A CFG batch (2 conditionings of one latent) whose chunks disagree: the first chunk's heads decide, the second
+    chunk is not profiled, and both run the first chunk's layouts."""
+    grid, st = VideoGrid(4, 8, 8), SVGSettings(sparsity=0.3, block_size=64)
+    first, second = planted_qkv(grid, "st", gen, B=1), planted_qkv(grid, "ts", gen, B=1)
+    q, k, v = (torch.cat(pair) for pair in zip(first, second))
+    planner = st.make_planner()
+    out, _ = planner.attend(call_of(grid, q, k, v, "reference", conditionings=2))
+    assert planner._classes[(1, grid, 0, 2)].temporal == (False, True), f"seed={gen.initial_seed()}"
+    assert rel_err(out, masked_oracle(q, k, v, head_masks(grid, st, (False, True)))) < 1e-5
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_planted_heads_are_classified_and_each_equals_its_layout(backend, case, gen):

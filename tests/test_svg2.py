@@ -190,6 +190,27 @@ def spy_kmeans(monkeypatch):
     return runs
 
 
+@pytest.mark.parametrize("grid", [WAN_GRID, HUNYUAN_GRID], ids=["wan", "hunyuan"])
+def test_conditionings_share_the_first_chunks_layout(grid, monkeypatch, gen):
+    """A CFG batch of 2 latents x 2 conditionings: k-means runs on the first chunk only, and every element's output
+    is attention under that chunk's clusters and selection (its own text padding), the first chunk's being exactly
+    what a call of the first chunk alone computes."""
+    runs = spy_kmeans(monkeypatch)
+    call = make_call(grid, gen, B=4)
+    call.conditionings = 2
+    first = replace(call, q=call.q[:2], k=call.k[:2], v=call.v[:2], conditionings=1,
+                    kv_length=None if call.kv_length is None else call.kv_length[:2])
+    allowed = oracle_mask(first, SMALL).repeat(2, 1, 1, 1)
+    allowed[..., grid.video_tokens:] = True  # text keys (HunyuanVideo): every row, up to each element's padding
+    allowed &= key_mask(call)
+    out, _ = SMALL.make_planner().attend(call)
+    ctx = f"{grid} seed={gen.initial_seed()}"
+    assert {r[0][0] for r in runs} == {2}, ctx
+    assert rel_err(out, masked_attention(call, allowed)) < OUT_TOL[torch.bfloat16], ctx
+    alone, _ = SMALL.make_planner().attend(first)
+    torch.testing.assert_close(out[:2], alone, rtol=0, atol=0, msg=ctx)
+
+
 def test_centroid_cache_warm_starts_later_steps_and_resets_per_run(monkeypatch, gen):
     runs = spy_kmeans(monkeypatch)
     planner = SMALL.make_planner()
@@ -342,8 +363,9 @@ def test_sparse_run_warm_starts_each_layer_and_resets_per_run(nodes, bridge, mon
     assert not session.stats.fallbacks
     assert session.stats.sparse_calls == 3 * (comfy_env.WAN_LAYERS - 1)
     assert 0 < session.stats.sparse_density < 1 and 0 < rel_err(sparse, dense.double()) < 0.5
-    # Cond and uncond in one batch of 2; per layer: step 0 from scratch, steps 1 and 2 warm (queries and keys).
-    assert all(r[0][:2] == (2, comfy_env.WAN_HEADS) for r in runs)
+    # Cond and uncond in one batch of 2, clustered on the first conditioning (the other shares its layout); per
+    # layer: step 0 from scratch, steps 1 and 2 warm (queries and keys).
+    assert all(r[0][:2] == (1, comfy_env.WAN_HEADS) for r in runs)
     assert [(r[2], r[3]) for r in runs] == [(4, False)] * 4 + [(1, True)] * 8
     assert set(session.cache_bytes()) == {(1, 0), (2, 0)}
     tiles = session.block_mask(1)
