@@ -36,14 +36,15 @@ What this planner does, and where it departs from the paper:
     always kept. A recall of 1 keeps every block.
   * Text rows are always computed dense (a separate dense launch over the text rows, so the video rows' layout
     stays narrow); text columns are kept for every video row with ``text_dense``, else searched like video ones.
-  * ``call.want_lse``: a first search with a dense pass reports its dense LSE (it attended every key); a later search and a sparse
-    call the LSE their launches return over the kept keys; tokens are never reordered: all in the original order.
+  * ``call.want_lse``: a first search with a dense pass reports its dense LSE (it attended every key); a later
+    search and a sparse call the LSE their launches return over the kept keys; tokens are never reordered: all in
+    the original order.
 
 The pattern and LSE cache: per layer, one entry per (grid, batch size, device, first head, heads), holding the
 layout of every (batch element, head) (int16 indices; searched on the batch's first conditioning chunk and shared
 by the others, core.method) and, while a search of the run will use it, the LSE of that chunk's last exact dense
-pass (float16; a primed entry holds the LSE alone). A call whose grid or batch differs finds no entry and searches (never
-reuses a layout of another shape); the whole cache is dropped at the start of each sampling run.
+pass (float16; a primed entry holds the LSE alone). A call whose grid or batch differs finds no entry and searches
+(never reuses a layout of another shape); the whole cache is dropped at the start of each sampling run.
 """
 
 from __future__ import annotations
@@ -260,17 +261,22 @@ class AdaSpaPlanner:
         return self.settings.block_size
 
     def attend(self, call: AttentionCall) -> tuple[torch.Tensor, float]:
-        B, H = call.q.shape[:2]
-        shape = (call.grid, B, call.q.device)
-        key = (*shape, call.head_offset, H)
-        entries = self._layers.get(call.layer, {})
+        entries, key = self._entries(call)
         entry = entries.get(key)
-        if entry is None:  # a new shape: drop what this layer kept for another one
-            self._layers[call.layer] = entries = {k: e for k, e in entries.items() if k[:3] == shape}
         searches = self._search_steps(call.total_steps)
         if entry is None or entry.pattern is None or (call.step in searches and entry.searched_step != call.step):
             return self._search(call, entries, key, entry, searches)
         return self._sparse(call, entry.pattern), entry.pattern.density
+
+    def _entries(self, call: AttentionCall):
+        """(the call's layer's cache entries, the call's key in them); a call of a new shape (grid, batch, device)
+        drops what the layer kept for another one."""
+        B, H = call.q.shape[:2]
+        key = (call.grid, B, call.q.device, call.head_offset, H)
+        entries = self._layers.get(call.layer, {})
+        if key not in entries:
+            self._layers[call.layer] = entries = {k: e for k, e in entries.items() if k[:3] == key[:3]}
+        return entries, key
 
     def _search_steps(self, total_steps):
         inside, beyond = resolve_search_steps(self.settings.search_steps, total_steps)
@@ -285,11 +291,7 @@ class AdaSpaPlanner:
         """The dense step just before the first sparse step (the session calls this instead of ComfyUI's attention):
         dense attention with each row's LSE, which the next step's search uses instead of a dense pass of its own.
         Returns the exact dense output."""
-        B, H = call.q.shape[:2]
-        key = (call.grid, B, call.q.device, call.head_offset, H)
-        entries = self._layers.setdefault(call.layer, {})
-        for other in [k for k in entries if k[:3] != key[:3]]:  # a new shape: drop what this layer kept for another
-            del entries[other]
+        entries, key = self._entries(call)
         out, lse = dense_attention_with_lse(call.q, call.k, call.v, kv_length=call.kv_length, out=call.out,
                                             backend=call.backend)
         entries[key] = _Entry(pattern=None, lse=lse[:call.latents].half(), searched_step=None)
@@ -298,15 +300,14 @@ class AdaSpaPlanner:
     def _search(self, call, entries, key, entry, searches):
         """Without a cached LSE: the exact dense output, its LSE cached. With one (a later search, or a first search
         the step before primed): the masses against it, then the sparse attention with the new layout."""
-        q, k, v = call.q, call.k, call.v
-        n = call.latents  # the layout is searched on the first conditioning chunk and shared by the others
+        first = call.first_conditioning()  # the layout is searched on it and shared by the other conditionings
+        n = call.latents
         cached = entry.lse if entry is not None else None
         if cached is None:
-            out, lse = dense_attention_with_lse(q, k, v, kv_length=call.kv_length, out=call.out,
+            out, lse = dense_attention_with_lse(call.q, call.k, call.v, kv_length=call.kv_length, out=call.out,
                                                 backend=call.backend)
-        kv_length = None if call.kv_length is None else call.kv_length[:n]
-        mass = block_mass(q[:n], k[:n], lse[:n] if cached is None else cached, block_size=self.block_size,
-                          kv_length=kv_length, backend=call.backend)
+        mass = block_mass(first.q, first.k, lse[:n] if cached is None else cached, block_size=self.block_size,
+                          kv_length=first.kv_length, backend=call.backend)
         pattern = share_pattern(search_pattern(mass, call.grid, self.settings), call)
         validate_layout(pattern.kv_indices.to(torch.int32), pattern.kv_counts, num_kv_blocks=pattern.num_blocks)
         later = call.step is not None and any(s > call.step for s in searches)
@@ -363,7 +364,7 @@ class AdaSpaPlanner:
 
     def cache_bytes(self) -> dict:
         """{(layer, grid, batch, device, first head, heads): device bytes of its layout and cached LSE}."""
-        return {(layer, *key): (0 if e.pattern is None else e.pattern.nbytes) + (0 if e.lse is None else e.lse.nbytes)
+        return {(layer, *key): sum(part.nbytes for part in (e.pattern, e.lse) if part is not None)
                 for layer, entries in self._layers.items() for key, e in entries.items()}
 
     def reset(self) -> None:

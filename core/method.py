@@ -30,7 +30,7 @@ exp(that - the dense LSE) is the attention mass the method kept (core.metrics.re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -71,6 +71,14 @@ class AttentionCall:
     def latents(self) -> int:
         """Batch elements of the first conditioning chunk: the ones a shared layout is found on."""
         return self.q.shape[0] // self.conditionings
+
+    def first_conditioning(self) -> "AttentionCall":
+        """The call's first conditioning chunk (its q, k, v and kv_length): what a shared layout is found on."""
+        if self.conditionings == 1:
+            return self
+        n = self.latents
+        return replace(self, q=self.q[:n], k=self.k[:n], v=self.v[:n], out=None, conditionings=1,
+                       kv_length=None if self.kv_length is None else self.kv_length[:n])
 
 
 def share_over_conditionings(t: torch.Tensor, call: AttentionCall) -> torch.Tensor:

@@ -221,11 +221,10 @@ class SVGPlanner:
     def profile(self, call: AttentionCall, plan: SVGPlan) -> tuple:
         """Per head: True when the temporal layout's error on the sampled rows is lower than the spatial one's."""
         self.profiled_calls += 1
-        n = call.latents  # the first conditioning chunk: its classes serve the others (core.method)
-        q_rows = call.q[:n].index_select(2, plan.rows)
-        kv_length = None if call.kv_length is None else call.kv_length[:n]
-        errors = candidate_mask_errors(q_rows, call.k[:n], call.v[:n], plan.keep, plan.key_block, kv_length=kv_length,
-                                       backend=call.backend).sum(dim=1)  # (2, H): summed over those latents
+        first = call.first_conditioning()  # its classes serve the other conditionings (core.method)
+        q_rows = first.q.index_select(2, plan.rows)
+        errors = candidate_mask_errors(q_rows, first.k, first.v, plan.keep, plan.key_block,
+                                       kv_length=first.kv_length, backend=call.backend).sum(dim=1)  # (2, H)
         return tuple(bool(t) for t in (errors[1] < errors[0]).tolist())  # reads back: one sync per profiled call
 
     def block_mask(self, grid: VideoGrid, layer: int | None = None) -> torch.Tensor | None:

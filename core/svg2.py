@@ -22,8 +22,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ..kernels import (ClusterSelection, batched_kmeans, cluster_block_attention, cluster_pair_count, permute_qkv, select_key_clusters,
-                       unpermute_rows)
+from ..kernels import (ClusterSelection, batched_kmeans, cluster_block_attention, cluster_pair_count, permute_qkv,
+                       select_key_clusters, unpermute_rows)
 from .cluster_view import cluster_tile_mask, pack_bits, unpack_bits
 from .grid import VideoGrid
 from .method import AttentionCall, share_over_conditionings
@@ -126,8 +126,8 @@ class SVG2Planner:
         if call.kv_length is not None and not grid.text_tokens:
             raise ValueError("SVG2 takes key padding only after the video tokens (HunyuanVideo's text)")
 
-        n = call.latents  # clusters and selection of the first conditioning chunk, shared by the others
-        q_km, k_km = self._cluster(call, q[:n, :, :video], k[:n, :, :video])
+        first = call.first_conditioning()  # its clusters and selection serve the other conditionings
+        q_km, k_km = self._cluster(call, first.q[:, :, :video], first.k[:, :, :video])
         selection = select_key_clusters(q_km.centroids, k_km.centroids, k_km.sizes, top_p=s.top_p,
                                         min_clusters=s.min_key_clusters, scale=1.0 / math.sqrt(D))
         share = lambda t: share_over_conditionings(t, call)  # noqa: E731

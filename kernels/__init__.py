@@ -4,9 +4,9 @@ from .attention import (BACKENDS, MAX_TRITON_HEAD_DIM, SUPPORTED_BLOCK_SIZES, bl
                         triton_available)
 from .block_mass import block_mass
 from .cluster_attention import cluster_block_attention, cluster_pair_count
-from .dense_lse import dense_attention_with_lse
 from .cluster_reference import reference_cluster_block_attention
 from .cluster_select import ClusterSelection, cluster_scores, select_key_clusters
+from .dense_lse import dense_attention_with_lse
 from .kmeans import KMeansResult, batched_kmeans, cluster_order, kmeans_assign, kmeans_update, reseed_points, strided_init
 from .layout import block_mask_to_indices, indices_to_block_mask, layout_density, num_blocks, validate_layout
 from .mask_errors import candidate_mask_errors, candidate_mask_outputs, reference_candidate_mask_outputs

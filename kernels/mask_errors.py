@@ -47,7 +47,7 @@ def candidate_mask_outputs(q_rows, k, v, keep, key_block, *, scale=None, kv_leng
     if padded != D:  # zero-padding the head dimension leaves q.k and the first D output columns unchanged
         pad = (0, padded - D)
         q_rows, k, v = (torch.nn.functional.pad(t, pad) for t in (q_rows, k, v))
-    out = triton_candidate_mask_outputs(q_rows, k, v, keep, key_block, scale=scale, kv_length=kv_length,
+    out = triton_candidate_mask_outputs(q_rows, k, v, token_masks(keep, key_block), scale=scale, kv_length=kv_length,
                                         splits=splits, config=config)
     return out[..., :D]
 
@@ -66,14 +66,18 @@ def candidate_mask_errors(q_rows, k, v, keep, key_block, *, scale=None, kv_lengt
     return total / (R * q_rows.shape[3])
 
 
+def token_masks(keep, key_block) -> torch.Tensor:
+    """(2, R, LK) uint8: per candidate, row i keeps key j when its layout row keeps key j's block."""
+    return torch.stack([keep[m].to(torch.uint8)[:, key_block[m].long()] for m in range(CANDIDATES)])
+
+
 def reference_candidate_mask_outputs(q_rows, k, v, keep, key_block, *, scale, kv_length=None):
     """Torch version of :func:`candidate_mask_outputs` in float32 (token masks materialised for the sampled rows
     only), a few heads at a time so memory stays O(rows x keys x chunk)."""
     B, H, R, D = q_rows.shape
     LK = k.shape[2]
-    keep = keep.bool()
     allowed = [torch.ones(R, LK, dtype=torch.bool, device=q_rows.device)]
-    allowed += [keep[m][:, key_block[m].long()] for m in range(CANDIDATES)]  # (R, LK) each
+    allowed += list(token_masks(keep, key_block).bool())  # (R, LK) each
     if kv_length is not None:
         real = torch.arange(LK, device=q_rows.device)[None, :] < kv_length.to(q_rows.device).long()[:, None]
     out = torch.empty(3, B, H, R, D, device=q_rows.device, dtype=torch.float32)

@@ -3,9 +3,9 @@
 One program owns BLOCK_R sampled rows of one (batch, head) and one split of the keys. It walks the key tiles once
 with a flash-attention online softmax and keeps three accumulators that share the running max: all keys (the
 exact output), the keys candidate 0 keeps and the keys candidate 1 keeps. Which keys a candidate keeps for a row
-comes as a token mask (2, R, LK) uint8, built in torch from the block tables (keep[m, i, key_block[m, j]]): its
-tiles load like the keys' own, with addresses known ahead (the pipeliner prefetches them), where a lookup through
-key_block in the loop would be a load waiting on a load. One exp2 per score serves all three sums; the partial
+comes as a token mask (2, R, LK) uint8 (mask_errors.token_masks, from the block tables keep[m, i, key_block[m,
+j]]): its tiles load like the keys' own, with addresses known ahead (the pipeliner prefetches them), where a lookup
+through key_block in the loop would be a load waiting on a load. One exp2 per score serves all three sums; the partial
 (max, sums, outputs) of every split are combined in torch.
 """
 
@@ -113,10 +113,10 @@ def _default_splits(device: torch.device, programs: int, key_tiles: int) -> int:
     return max(1, min(key_tiles, -(-24 * sms // programs), 64))
 
 
-def triton_candidate_mask_outputs(q_rows, k, v, keep, key_block, *, scale, kv_length=None, splits=None, config=None):
-    """Outputs (3, B, H, R, D) float32 (exact, candidate 0, candidate 1) of validated inputs; head_dim a power of
-    two in [16, 128]. Rows a candidate gives no key get zeros. ``config``: BLOCK_R, BLOCK_N, num_warps, num_stages
-    (default_config when None)."""
+def triton_candidate_mask_outputs(q_rows, k, v, token_mask, *, scale, kv_length=None, splits=None, config=None):
+    """Outputs (3, B, H, R, D) float32 (exact, candidate 0, candidate 1) of validated inputs and the (2, R, LK)
+    uint8 ``token_mask``; head_dim a power of two in [16, 128]. Rows a candidate gives no key get zeros.
+    ``config``: BLOCK_R, BLOCK_N, num_warps, num_stages (default_config when None)."""
     B, H, R, D = q_rows.shape
     LK = k.shape[2]
     on_gpu = q_rows.device.type == "cuda"
@@ -133,8 +133,6 @@ def triton_candidate_mask_outputs(q_rows, k, v, keep, key_block, *, scale, kv_le
     sums = torch.empty(3, splits, B, H, R, device=dev, dtype=torch.float32)
     acc = torch.empty(3, splits, B, H, R, D, device=dev, dtype=torch.float32)
     has_len = kv_length is not None
-    # The token mask of each candidate: row i keeps key j when its layout row keeps key j's block.
-    token_mask = torch.stack([keep[c].to(torch.uint8)[:, key_block[c].long()] for c in range(keep.shape[0])])
     kv_len = kv_length.to(device=dev, dtype=torch.int32).contiguous() if has_len else token_mask
     _mask_errors_fwd[(row_tiles, B * H, splits)](
         q_rows, k, v, token_mask, kv_len, m, sums, acc, scale * _LOG2E,
