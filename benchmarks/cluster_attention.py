@@ -35,12 +35,23 @@ from bench_timing import call_timer  # noqa: E402
 SHAPE = dict(B=1, H=40, L=75600, D=128, query_cluster=75600 / 300, key_cluster=75600 / 1000)
 SMOKE_SHAPE = dict(B=1, H=2, L=600, D=64, query_cluster=50, key_cluster=15)
 KEPT_FRACTIONS = (0.25, 0.12)
-# Tile configs worth timing on a new GPU: (BLOCK_M, BLOCK_N, CHUNK, num_warps, num_stages).
-SWEEP = [dict(zip(("BLOCK_M", "BLOCK_N", "CHUNK", "num_warps", "num_stages"), c)) for c in (
-    (64, 64, 16, 4, 2), (64, 64, 16, 4, 3), (64, 64, 8, 4, 2), (64, 64, 32, 4, 2), (64, 32, 16, 4, 2),
-    (64, 32, 32, 4, 3), (64, 128, 16, 4, 2), (64, 64, 16, 8, 2), (128, 64, 16, 8, 2), (128, 64, 16, 8, 3),
-    (128, 64, 32, 8, 2), (128, 64, 16, 4, 2), (128, 128, 16, 8, 2))]
+# Tile configs worth timing on a new GPU, (BLOCK_M, BLOCK_N, CHUNK, num_warps, num_stages) each: one launch, or
+# two (the second's tiles take each query cluster's last rows when they fit; cluster_triton.query_tiles).
+_KEYS = ("BLOCK_M", "BLOCK_N", "CHUNK", "num_warps", "num_stages")
+SWEEP = [dict(zip(_KEYS, c)) for c in (
+    (64, 64, 16, 4, 2), (64, 64, 16, 4, 3), (64, 64, 8, 4, 2), (64, 64, 32, 4, 2), (64, 32, 16, 4, 3),
+    (64, 128, 16, 4, 2), (128, 64, 16, 8, 2), (128, 64, 16, 4, 2), (128, 32, 16, 4, 3), (128, 128, 16, 8, 2))] + [
+    [dict(zip(_KEYS, first)), dict(zip(_KEYS, last))] for first, last in (
+        ((128, 32, 16, 4, 3), (64, 64, 16, 4, 3)), ((128, 64, 16, 8, 2), (64, 64, 16, 4, 3)),
+        ((128, 32, 16, 4, 3), (64, 32, 16, 4, 3)), ((128, 32, 32, 4, 3), (64, 64, 16, 4, 3)))]
 CHECK_TOL = 1e-2
+
+
+def config_name(config) -> str:
+    """'128x32 c16 w4 s3' per launch (BLOCK_M x BLOCK_N, CHUNK, warps, stages), launches joined by ' + '."""
+    launches = [config] if isinstance(config, dict) else config
+    return " + ".join(f"{c['BLOCK_M']}x{c['BLOCK_N']} c{c['CHUNK']} w{c['num_warps']} s{c['num_stages']}"
+                      for c in launches)
 
 
 def parse_args():
@@ -90,19 +101,31 @@ def kept_lists(torch, q_offsets, k_offsets, fraction, gen):
     return ids.to(torch.int32)[None].contiguous(), counts.to(torch.int32)[None].contiguous()
 
 
-def tile_work(torch, q_offsets, k_offsets, ids, counts, cfg):
-    """Query-key slots the kernel's tiles cover: BLOCK_M rows per query tile times, per chunk of CHUNK kept key
-    clusters, the chunk's tokens rounded up to BLOCK_N."""
-    bm, bn, chunk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["CHUNK"]
+def tile_work(torch, q_offsets, k_offsets, ids, counts, launches):
+    """Query-key slots the kernel's tiles cover: per query cluster, the rows of its tiles (BLOCK_M each; the last
+    rows in one tile of the second launch's BLOCK_M when they fit there) times, per chunk of CHUNK kept key
+    clusters, the chunk's tokens rounded up to BLOCK_N (the launches share BLOCK_N and CHUNK here or not: each
+    tile counts with its own)."""
     q_sizes = (q_offsets[..., 1:] - q_offsets[..., :-1]).long()
     k_sizes = (k_offsets[..., 1:] - k_offsets[..., :-1]).long()
     used = torch.arange(ids.shape[-1], device=ids.device) < counts[..., None]
     kept = torch.where(used, torch.gather(k_sizes, 2, ids.long().flatten(2)).view(ids.shape), 0)
-    kept = torch.nn.functional.pad(kept, (0, -kept.shape[-1] % chunk))
-    per_chunk = kept.view(*kept.shape[:-1], -1, chunk).sum(-1)
-    key_slots = ((per_chunk + bn - 1) // bn * bn).sum(-1)
-    rows = (q_sizes + bm - 1) // bm * bm
-    return int((rows * key_slots).sum())
+
+    def key_slots(cfg):
+        chunk, bn = cfg["CHUNK"], cfg["BLOCK_N"]
+        padded = torch.nn.functional.pad(kept, (0, -kept.shape[-1] % chunk))
+        per_chunk = padded.view(*padded.shape[:-1], -1, chunk).sum(-1)
+        return ((per_chunk + bn - 1) // bn * bn).sum(-1)
+
+    first = launches[0]
+    bm = first["BLOCK_M"]
+    if len(launches) == 1:
+        return int(((q_sizes + bm - 1) // bm * bm * key_slots(first)).sum())
+    last_bm = launches[1]["BLOCK_M"]
+    rest = q_sizes % bm
+    short = (rest > 0) & (rest <= last_bm)
+    long_rows = (q_sizes // bm + (rest > last_bm).long()) * bm
+    return int((long_rows * key_slots(first) + short.long() * last_bm * key_slots(launches[1])).sum())
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -161,7 +184,7 @@ def main():
             clusters = (q_off, k_off, *kept_lists(torch, q_off, k_off, fraction, gen))
             pairs = int(K.cluster_pair_count(*clusters).sum())
             pair_fraction = pairs / (B * H * L * L)
-            cfg = KT.tile_config(D, L, q_off.shape[-1] - 1, device)
+            cfg = KT.tile_config(D, device)
             entry = dict(layout=name, kernel="cluster", target=fraction, pairs=pair_fraction,
                          tile_work=tile_work(torch, *clusters, cfg) / pairs, config=cfg,
                          query_clusters=q_off.shape[-1] - 1, key_clusters=k_off.shape[-1] - 1)
@@ -174,7 +197,7 @@ def main():
                     sweep = sweep_configs(torch, KT, cluster_launch, clusters, timer, got)
             entry["ms"] = timer(lambda: cluster_launch(clusters))
             rows.append(entry)
-            print(f"  {name:10s} {fraction:4.0%}: {entry['ms']:8.2f} ms, config {cfg}", flush=True)
+            print(f"  {name:10s} {fraction:4.0%}: {entry['ms']:8.2f} ms, config {config_name(cfg)}", flush=True)
             if name == "uniform128":
                 idx, cnt = clusters[2], clusters[3]
                 run_fixed = lambda: fixed.triton_block_sparse_attention(q, k, v, idx, cnt, block_size=128,  # noqa: E731
@@ -209,7 +232,7 @@ def sweep_configs(torch, KT, launch, clusters, timer, expected_head0):
         except Exception as exc:  # e.g. triton OutOfResources: too much shared memory for this tile
             entry.update(error=f"{type(exc).__name__}: {str(exc)[:120]}", ms=None)
         verdict = f"{entry['ms']:.2f} ms" if entry["ms"] is not None else entry.get("error", "WRONG output")
-        print(f"  config {cfg}: {verdict}", flush=True)
+        print(f"  config {config_name(cfg)}: {verdict}", flush=True)
         results.append(entry)
     return results
 
@@ -221,7 +244,7 @@ def print_report(meta, sdpa_ms, rows, checks, sweep):
     timed = [s for s in sweep if s["ms"] is not None]
     if timed:
         best = min(timed, key=lambda s: s["ms"])
-        print(f"best config {best['config']}: {best['ms']:.2f} ms")
+        print(f"best config {config_name(best['config'])}: {best['ms']:.2f} ms")
     header = f"{'layout':10s} {'kernel':11s} {'target':>6s} {'pairs':>6s} {'tile work':>9s} {'ms':>8s} " \
              f"{'ratio':>6s} {'speedup':>7s}"
     print("\n" + header + "\n" + "-" * len(header))

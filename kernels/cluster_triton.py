@@ -4,9 +4,11 @@ Why this shape (SVG2 at Wan 720p: 75,600 tokens, ~300 query clusters of ~250 row
 
 * Query side: a tile table, built on the device before the launch, cuts every query cluster into BLOCK_M-row
   tiles; one program owns one tile. A tile never mixes clusters (its rows share one key list), so the only
-  query-side waste is the last, partial tile of each cluster (about BLOCK_M / 2 rows per cluster). The grid
-  has a static bound of tiles per (batch, head), min(LQ, (LQ + CQ * (BLOCK_M - 1)) // BLOCK_M), computed from
-  shapes alone (no device sync); unused table entries are masked out and cost one load.
+  query-side waste is the last, partial tile of each cluster. On Hopper two launches share the work: 128-row
+  tiles (each K/V tile loaded serves twice the rows of a 64-row tile) and, for a cluster's last rows when they
+  are 64 or fewer, one 64-row tile, so a cluster wastes at most 63 rows (about 32 on average, where one 128-row
+  launch wastes about 64). Each grid has a static bound of tiles per (batch, head), computed from shapes alone
+  (no device sync); unused table entries are masked out and cost one load.
 * Key side: padding each key cluster to a tile would waste ~40% of the work at 75 tokens per cluster. Instead
   a tile walks its kept key clusters in chunks of CHUNK clusters: it loads their ids and sizes (from
   k_offsets) and an in-chunk exclusive cumsum, so the chunk's kept tokens form one virtual contiguous stream
@@ -19,15 +21,17 @@ Why this shape (SVG2 at Wan 720p: 75,600 tokens, ~300 query clusters of ~250 row
   folded in, a finite running max so fully masked tiles give 0, not NaN).
 * Programs of one (batch, head) are adjacent in launch order, so the K/V rows their key lists share stay in L2.
 
-Work computed over useful pairs: about (1 + (BLOCK_M / 2) / mean query-cluster size) x (1 + (BLOCK_N / 2) /
-(CHUNK x mean key-cluster size)); at SVG2's 720p sizes with 64 x 64 tiles and CHUNK 16, 1.13 x 1.03. The query
-term dominates; 128-row tiles would double it, so they are used only for long query clusters.
+Work computed over useful pairs: about (1 + wasted rows per cluster / mean query-cluster size) x (1 + (BLOCK_N / 2)
+/ (CHUNK x mean key-cluster size)); at SVG2's 720p sizes (252-row query, 76-token key clusters), CHUNK 16 and
+32-key tiles, 1.13 x 1.01.
 
 No Hopper-only feature is used: Hopper's TMA copies boxes of consecutive rows, and the virtual key stream is
 not consecutive across cluster boundaries.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -108,34 +112,74 @@ def _cluster_fwd(
         tl.store(LSE + bh.to(tl.int64) * LQ + offs_m, lse, mask=row_ok)
 
 
-def tile_config(head_dim: int, q_length: int, q_clusters: int, device: torch.device) -> dict:
-    """Tile shapes and pipelining per GPU and mean query-cluster size (benchmarks/cluster_attention.py sweeps
-    the candidates)."""
+def tile_config(head_dim: int, device: torch.device) -> list[dict]:
+    """One config per launch (benchmarks/cluster_attention.py sweeps the candidates). The first launch cuts every
+    query cluster into BLOCK_M-row tiles; a second one, when present, takes each cluster's last rows as one
+    tile of its smaller BLOCK_M whenever they fit in it."""
     if device.type != "cuda":  # Triton's CPU interpreter (tests): small tiles, so small inputs cross every edge
-        return dict(BLOCK_M=16, BLOCK_N=16, CHUNK=4, num_warps=4, num_stages=1)
-    # The last tile of each query cluster is partial (BLOCK_M / 2 idle rows on average): 64-row tiles (one
-    # Hopper warpgroup) unless the clusters are long enough for 128-row tiles to waste under ~6%.
-    if q_length >= 8 * 128 * q_clusters:
-        return dict(BLOCK_M=128, BLOCK_N=64, CHUNK=16, num_warps=8, num_stages=2)
-    # 64-wide key tiles: 128-wide ones spill registers at head_dim 128 (ptxas, sm_80 and sm_90). Three stages on
-    # Hopper: 97.6 ms against 109.1 ms with two at the Wan 14B 720p shape, ragged 25% (H100, 2026-11-23).
-    hopper = torch.cuda.get_device_capability(device)[0] >= 9
-    return dict(BLOCK_M=64, BLOCK_N=64, CHUNK=16, num_warps=4, num_stages=3 if head_dim <= 64 or hopper else 2)
+        return [dict(BLOCK_M=32, BLOCK_N=16, CHUNK=4, num_warps=4, num_stages=1),
+                dict(BLOCK_M=16, BLOCK_N=16, CHUNK=4, num_warps=4, num_stages=1)]
+    if torch.cuda.get_device_capability(device)[0] >= 9:
+        # H100, Wan 14B 720p shape, ragged 25% (benchmarks/cluster_attention.py --configs, 2026-11-23): 93.5 ms
+        # against 102.8 for 64-row tiles alone and 100.9 for 128-row tiles alone. 32-key tiles for the 128-row
+        # launch: 64-key ones spill registers there.
+        launches = [dict(BLOCK_M=128, BLOCK_N=32, CHUNK=16, num_warps=4, num_stages=3),
+                    dict(BLOCK_M=64, BLOCK_N=64, CHUNK=16, num_warps=4, num_stages=3)]
+    else:  # not measured before Hopper: one launch of 64-row tiles (128-wide key tiles spill at head_dim 128)
+        launches = [dict(BLOCK_M=64, BLOCK_N=64, CHUNK=16, num_warps=4, num_stages=3 if head_dim <= 64 else 2)]
+    limit = _max_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+    return [_fit_stages(cfg, head_dim, limit) for cfg in launches]
 
 
-def query_tiles(q_offsets: torch.Tensor, block_m: int, q_length: int):
-    """Tile table of the query clusters: (cluster (B, H, T) int32, -1 past the last tile; first row (B, H, T)
-    int32; T), each cluster cut into block_m-row tiles in order. T is a bound from shapes alone (no sync)."""
+def _fit_stages(cfg: dict, head_dim: int, limit: int) -> dict:
+    """Fewer pipeline stages where a block's shared memory cannot hold them: the query tile plus K and V tiles per
+    stage, 2-byte elements (an A100 has 163 KB, a consumer GPU ~99 KB, an H100 227 KB)."""
+    stages = cfg["num_stages"]
+    while stages > 1 and 2 * head_dim * (cfg["BLOCK_M"] + 2 * stages * cfg["BLOCK_N"]) > limit:
+        stages -= 1
+    return dict(cfg, num_stages=stages)
+
+
+@functools.lru_cache(maxsize=None)
+def _max_shared_memory(device_index: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+
+
+def query_tiles(q_offsets: torch.Tensor, block_m: int, q_length: int, last_block_m: int | None = None):
+    """Tile tables of the query clusters, each (cluster (B, H, T) int32, -1 past the last tile; first row
+    (B, H, T) int32; T), T a bound from shapes alone (no sync).
+
+    Without ``last_block_m``: one table, every cluster cut into block_m-row tiles in order. With it: two tables;
+    a cluster's last rows, when there are at most last_block_m of them, go to the second table (one tile of
+    last_block_m rows) instead of a block_m-row tile of the first."""
     offsets = q_offsets.long()
     sizes = offsets[..., 1:] - offsets[..., :-1]
-    num_clusters = sizes.shape[-1]
-    tiles_per_cluster = (sizes + block_m - 1) // block_m
-    ends = tiles_per_cluster.cumsum(-1)
-    bound = max(1, min(q_length, (q_length + num_clusters * (block_m - 1)) // block_m))
-    t = torch.arange(bound, device=q_offsets.device).expand(*sizes.shape[:-1], bound).contiguous()
+    if last_block_m is not None and not 0 < last_block_m < block_m:
+        raise ValueError(f"last_block_m must lie in [1, block_m - 1] = [1, {block_m - 1}], got {last_block_m}")
+    if last_block_m is None:
+        per_cluster = (sizes + block_m - 1) // block_m
+        bound = min(q_length, (q_length + sizes.shape[-1] * (block_m - 1)) // block_m)
+        return [_tile_table(offsets, per_cluster, block_m, bound)]
+    rest = sizes % block_m
+    short = (rest > 0) & (rest <= last_block_m)
+    long_bound = min(q_length // (last_block_m + 1),  # each of these tiles holds more than last_block_m rows
+                     (q_length + sizes.shape[-1] * (block_m - 1)) // block_m)
+    long_tiles = _tile_table(offsets, sizes // block_m + (rest > last_block_m).long(), block_m, long_bound)
+    short_tiles = _tile_table(offsets[..., :-1] + sizes // block_m * block_m, short.long(), block_m,
+                              min(sizes.shape[-1], q_length))
+    return [long_tiles, short_tiles]
+
+
+def _tile_table(first_rows, per_cluster, block_m, bound):
+    """Tile t of a (batch, head) belongs to the cluster c whose range of per_cluster counts holds it, and starts at
+    first_rows[c] + block_m x (its index within c)."""
+    bound = max(1, bound)
+    ends = per_cluster.cumsum(-1)
+    num_clusters = per_cluster.shape[-1]
+    t = torch.arange(bound, device=per_cluster.device).expand(*per_cluster.shape[:-1], bound).contiguous()
     cluster = torch.searchsorted(ends.contiguous(), t, right=True).clamp(max=num_clusters - 1)
-    first_tile = ends.gather(-1, cluster) - tiles_per_cluster.gather(-1, cluster)
-    start = offsets.gather(-1, cluster) + (t - first_tile) * block_m
+    first_tile = ends.gather(-1, cluster) - per_cluster.gather(-1, cluster)
+    start = first_rows.gather(-1, cluster) + (t - first_tile) * block_m
     cluster = torch.where(t < ends[..., -1:], cluster, -1)
     return cluster.to(torch.int32).contiguous(), start.to(torch.int32).contiguous(), bound
 
@@ -144,13 +188,15 @@ def triton_cluster_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_clus
                              out=None, return_lse=False, config=None):
     """Launch the kernel. Inputs are assumed validated; head_dim must be a power of two in [16, 128].
 
-    ``config``: BLOCK_M, BLOCK_N, CHUNK (key clusters per chunk), num_warps, num_stages; default per GPU.
+    ``config``: BLOCK_M, BLOCK_N, CHUNK (key clusters per chunk), num_warps, num_stages for one launch over every
+    query tile, or a list of two such dicts (query_tiles' two tables: the second's BLOCK_M takes each cluster's
+    last rows when they fit); default per GPU (tile_config).
     """
     B, H, LQ, D = q.shape
     CQ = q_offsets.shape[-1] - 1
     CK = k_offsets.shape[-1] - 1
     MAXK = kv_clusters.shape[-1]
-    cfg = dict(config) if config is not None else tile_config(D, LQ, CQ, q.device)
+    launches = tile_config(D, q.device) if config is None else [config] if isinstance(config, dict) else config
     if out is None:
         out = torch.empty(B, H, LQ, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, LQ, device=q.device, dtype=torch.float32) if return_lse else out  # dummy when unused
@@ -158,15 +204,17 @@ def triton_cluster_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_clus
                                  for t in (q_offsets, k_offsets, kv_clusters, kv_cluster_counts))
     if MAXK == 0:  # every count is 0: one unused slot gives the kernel a real pointer
         ids, MAXK = torch.zeros(B, H, CQ, 1, dtype=torch.int32, device=q.device), 1
-    tile_cluster, tile_start, tiles = query_tiles(q_off, cfg["BLOCK_M"], LQ)
-    _cluster_fwd[(tiles, B * H)](
-        q, k, v, out, lse, q_off, k_off, ids, counts, tile_cluster, tile_start, scale * _LOG2E,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        H, LQ, CQ, CK, MAXK, tiles,
-        HEAD_DIM=D, RETURN_LSE=return_lse,
-        # Triton's CPU interpreter computes bfloat16 tl.dot wrongly (3.6 and 3.8): float32 tiles there.
-        UPCAST_DOT=q.device.type == "cpu", **cfg)
+    last_block_m = launches[1]["BLOCK_M"] if len(launches) > 1 else None
+    tables = query_tiles(q_off, launches[0]["BLOCK_M"], LQ, last_block_m)
+    for cfg, (tile_cluster, tile_start, tiles) in zip(launches, tables):
+        _cluster_fwd[(tiles, B * H)](
+            q, k, v, out, lse, q_off, k_off, ids, counts, tile_cluster, tile_start, scale * _LOG2E,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            H, LQ, CQ, CK, MAXK, tiles,
+            HEAD_DIM=D, RETURN_LSE=return_lse,
+            # Triton's CPU interpreter computes bfloat16 tl.dot wrongly (3.6 and 3.8): float32 tiles there.
+            UPCAST_DOT=q.device.type == "cpu", **cfg)
     return (out, lse) if return_lse else out

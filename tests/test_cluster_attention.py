@@ -22,7 +22,7 @@ KT = import_pack("kernels.cluster_triton")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # conftest: no CUDA -> interpreter
 BACKENDS = ("triton", "reference")
-TILE = 16  # the interpreter's BLOCK_M / BLOCK_N (cluster_triton.tile_config): sizes below cross it
+TILE = 16  # the interpreter's BLOCK_N and last-rows BLOCK_M (cluster_triton.tile_config): sizes below cross them
 
 pytestmark = [pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")]
@@ -264,16 +264,18 @@ def test_out_buffer_fully_written(backend, D, view, gen):
         assert torch.isnan(storage[:, L:]).all() and torch.isnan(storage[:, :, H:]).all(), "wrote outside out"
 
 
-CONFIGS = {  # chunk boundaries inside a tile's key list, wider tiles, more query rows per tile
+CONFIGS = {  # chunk boundaries inside a tile's key list, wider tiles, one launch, two with different key tiles
     "chunk-2": dict(BLOCK_M=16, BLOCK_N=16, CHUNK=2, num_warps=4, num_stages=1),
     "chunk-8-n32": dict(BLOCK_M=16, BLOCK_N=32, CHUNK=8, num_warps=4, num_stages=1),
     "m32": dict(BLOCK_M=32, BLOCK_N=16, CHUNK=4, num_warps=4, num_stages=1),
+    "m64-then-m16-n32": [dict(BLOCK_M=64, BLOCK_N=16, CHUNK=4, num_warps=4, num_stages=1),
+                         dict(BLOCK_M=16, BLOCK_N=32, CHUNK=2, num_warps=4, num_stages=1)],
 }
 
 
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 def test_tile_configs(config, gen):
-    B, H, LQ, LK, D = 1, 2, 75, 90, 64
+    B, H, LQ, LK, D = 1, 2, 150, 90, 64
     q, k, v = make_qkv(B, H, LQ, LK, D, torch.bfloat16, gen)
     clusters = random_clusters(B, H, LQ, LK, 5, 9, gen, k_end=85, min_count=1)
     out, lse = KT.triton_cluster_attention(q, k, v, *clusters, scale=D ** -0.5, return_lse=True, config=config)
@@ -310,25 +312,52 @@ def test_pair_count_matches_oracle_mask(kind, gen):
     assert torch.equal(pairs, expected), f"seed={gen.initial_seed()}"
 
 
-@pytest.mark.parametrize("block_m", [16, 64])
-def test_query_tile_table(block_m, gen):
-    """Every row in exactly one tile, tiles inside one cluster, at most block_m rows, the grid bound respected."""
+@pytest.mark.parametrize("block_m,last_block_m", [(16, None), (64, None), (32, 16), (64, 16), (128, 64)])
+def test_query_tile_table(block_m, last_block_m, gen):
+    """Every row in exactly one tile, tiles inside one cluster, the grid bounds respected; with two tables, a
+    cluster's last rows are in the second one exactly when they fit its tile."""
     B, H, LQ, cq = 2, 2, 300, 9
     q_offsets = random_offsets(B, H, LQ, cq, gen, tile=block_m)
-    cluster, start, bound = KT.query_tiles(q_offsets, block_m, LQ)
-    assert cluster.shape == start.shape == (B, H, bound) and bound <= LQ
+    tables = KT.query_tiles(q_offsets, block_m, LQ, last_block_m)
+    assert len(tables) == (1 if last_block_m is None else 2)
+    heights = (block_m, last_block_m)
     qo = q_offsets.cpu().long()
     for b in range(B):
         for h in range(H):
             covered = torch.zeros(LQ, dtype=torch.long)
-            used = (cluster[b, h] >= 0).cpu()
-            assert int(used.sum()) == int(((qo[b, h, 1:] - qo[b, h, :-1] + block_m - 1) // block_m).sum())
-            assert not used[int(used.sum()):].any(), "unused tiles only at the end"
-            for c, s in zip(cluster[b, h].cpu()[used].tolist(), start[b, h].cpu()[used].tolist()):
-                end = min(s + block_m, int(qo[b, h, c + 1]))
-                assert int(qo[b, h, c]) <= s < end, f"tile outside its cluster seed={gen.initial_seed()}"
-                covered[s:end] += 1
+            sizes = qo[b, h, 1:] - qo[b, h, :-1]
+            rest = sizes % block_m
+            fits_last = (rest > 0) & (rest <= (last_block_m or 0))
+            expected_counts = ((sizes + block_m - 1) // block_m - fits_last.long(), fits_last.long())
+            for (cluster, start, bound), height, count in zip(tables, heights, expected_counts):
+                assert cluster.shape == start.shape == (B, H, bound) and bound <= LQ
+                used = (cluster[b, h] >= 0).cpu()
+                assert int(used.sum()) == int(count.sum()), f"seed={gen.initial_seed()}"
+                assert not used[int(used.sum()):].any(), "unused tiles only at the end"
+                for c, s in zip(cluster[b, h].cpu()[used].tolist(), start[b, h].cpu()[used].tolist()):
+                    end = min(s + height, int(qo[b, h, c + 1]))
+                    assert int(qo[b, h, c]) <= s < end, f"tile outside its cluster seed={gen.initial_seed()}"
+                    covered[s:end] += 1
             assert (covered == 1).all(), f"seed={gen.initial_seed()}"
+
+
+@pytest.mark.parametrize("limit,head_dim,stages", [
+    (232448, 128, [3, 3]),   # H100: both launches keep three stages
+    (101376, 128, [3, 2]),   # a consumer GPU (~99 KB a block): the 64 x 64 launch drops to two
+    (101376, 64, [3, 3]),    # half the bytes per row: both fit
+    (40000, 128, [1, 1]),    # too small for any pipelining: one stage, and Triton reports what is missing
+])
+def test_stages_fit_shared_memory(limit, head_dim, stages):
+    hopper = [dict(BLOCK_M=128, BLOCK_N=32, CHUNK=16, num_warps=4, num_stages=3),
+              dict(BLOCK_M=64, BLOCK_N=64, CHUNK=16, num_warps=4, num_stages=3)]
+    fitted = [KT._fit_stages(cfg, head_dim, limit) for cfg in hopper]
+    assert [cfg["num_stages"] for cfg in fitted] == stages
+    assert all({**cfg, "num_stages": 0} == {**orig, "num_stages": 0} for cfg, orig in zip(fitted, hopper))
+
+
+def test_query_tile_table_rejects_bad_last_height():
+    with pytest.raises(ValueError, match="last_block_m"):
+        KT.query_tiles(torch.tensor([[[0, 10]]], dtype=torch.int32), 16, 10, 16)
 
 
 # ------------------------------------------------------------------------------------------- bad inputs

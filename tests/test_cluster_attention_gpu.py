@@ -68,14 +68,17 @@ def test_svg2_sizes(gen):
     check(q, k, v, clusters, gen, "svg2 proportions")
 
 
-def _benchmark_sweep():
+def _benchmark_module():
     spec = importlib.util.spec_from_file_location("cluster_benchmark", REPO_ROOT / "benchmarks" / "cluster_attention.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.SWEEP
+    return module
 
 
-@pytest.mark.parametrize("config", _benchmark_sweep(), ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+_BENCHMARK = _benchmark_module()
+
+
+@pytest.mark.parametrize("config", _BENCHMARK.SWEEP, ids=_BENCHMARK.config_name)
 def test_tile_configs(config, gen):
     """Every config the benchmark sweeps computes the right thing (D=128, key padding, cross lengths)."""
     LQ, LK = 3000 + 11, 2500 + 3
