@@ -101,31 +101,23 @@ def kept_lists(torch, q_offsets, k_offsets, fraction, gen):
     return ids.to(torch.int32)[None].contiguous(), counts.to(torch.int32)[None].contiguous()
 
 
-def tile_work(torch, q_offsets, k_offsets, ids, counts, launches):
-    """Query-key slots the kernel's tiles cover: per query cluster, the rows of its tiles (BLOCK_M each; the last
-    rows in one tile of the second launch's BLOCK_M when they fit there) times, per chunk of CHUNK kept key
-    clusters, the chunk's tokens rounded up to BLOCK_N (the launches share BLOCK_N and CHUNK here or not: each
-    tile counts with its own)."""
-    q_sizes = (q_offsets[..., 1:] - q_offsets[..., :-1]).long()
+def tile_work(torch, KT, q_offsets, k_offsets, ids, counts, launches):
+    """Query-key slots the kernel's tiles cover: per launch, its query tiles per cluster (the kernel's own tile
+    tables) x BLOCK_M rows x, per chunk of CHUNK kept key clusters, the chunk's tokens rounded up to BLOCK_N."""
     k_sizes = (k_offsets[..., 1:] - k_offsets[..., :-1]).long()
     used = torch.arange(ids.shape[-1], device=ids.device) < counts[..., None]
     kept = torch.where(used, torch.gather(k_sizes, 2, ids.long().flatten(2)).view(ids.shape), 0)
-
-    def key_slots(cfg):
+    last_block_m = launches[1]["BLOCK_M"] if len(launches) > 1 else None
+    tables = KT.query_tiles(q_offsets, launches[0]["BLOCK_M"], int(q_offsets[..., -1].max()), last_block_m)
+    work = 0
+    for cfg, (cluster, _, _) in zip(launches, tables):
         chunk, bn = cfg["CHUNK"], cfg["BLOCK_N"]
         padded = torch.nn.functional.pad(kept, (0, -kept.shape[-1] % chunk))
         per_chunk = padded.view(*padded.shape[:-1], -1, chunk).sum(-1)
-        return ((per_chunk + bn - 1) // bn * bn).sum(-1)
-
-    first = launches[0]
-    bm = first["BLOCK_M"]
-    if len(launches) == 1:
-        return int(((q_sizes + bm - 1) // bm * bm * key_slots(first)).sum())
-    last_bm = launches[1]["BLOCK_M"]
-    rest = q_sizes % bm
-    short = (rest > 0) & (rest <= last_bm)
-    long_rows = (q_sizes // bm + (rest > last_bm).long()) * bm
-    return int((long_rows * key_slots(first) + short.long() * last_bm * key_slots(launches[1])).sum())
+        key_slots = ((per_chunk + bn - 1) // bn * bn).sum(-1)                         # (B, H, CQ)
+        tiles = torch.zeros_like(key_slots).scatter_add_(-1, cluster.long().clamp(min=0), (cluster >= 0).long())
+        work += int((tiles * cfg["BLOCK_M"] * key_slots).sum())
+    return work
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -186,7 +178,7 @@ def main():
             pair_fraction = pairs / (B * H * L * L)
             cfg = KT.tile_config(D, device)
             entry = dict(layout=name, kernel="cluster", target=fraction, pairs=pair_fraction,
-                         tile_work=tile_work(torch, *clusters, cfg) / pairs, config=cfg,
+                         tile_work=tile_work(torch, KT, *clusters, cfg) / pairs, config=cfg,
                          query_clusters=q_off.shape[-1] - 1, key_clusters=k_off.shape[-1] - 1)
             if name == "ragged" and fraction == KEPT_FRACTIONS[0]:
                 got = cluster_launch(clusters)[:, :1].clone()

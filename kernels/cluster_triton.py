@@ -156,14 +156,12 @@ def query_tiles(q_offsets: torch.Tensor, block_m: int, q_length: int, last_block
     sizes = offsets[..., 1:] - offsets[..., :-1]
     if last_block_m is not None and not 0 < last_block_m < block_m:
         raise ValueError(f"last_block_m must lie in [1, block_m - 1] = [1, {block_m - 1}], got {last_block_m}")
+    bound = min(q_length, (q_length + sizes.shape[-1] * (block_m - 1)) // block_m)  # ceil(size / block_m), summed
     if last_block_m is None:
-        per_cluster = (sizes + block_m - 1) // block_m
-        bound = min(q_length, (q_length + sizes.shape[-1] * (block_m - 1)) // block_m)
-        return [_tile_table(offsets, per_cluster, block_m, bound)]
+        return [_tile_table(offsets, (sizes + block_m - 1) // block_m, block_m, bound)]
     rest = sizes % block_m
     short = (rest > 0) & (rest <= last_block_m)
-    long_bound = min(q_length // (last_block_m + 1),  # each of these tiles holds more than last_block_m rows
-                     (q_length + sizes.shape[-1] * (block_m - 1)) // block_m)
+    long_bound = min(bound, q_length // (last_block_m + 1))  # each of these tiles holds more than last_block_m rows
     long_tiles = _tile_table(offsets, sizes // block_m + (rest > last_block_m).long(), block_m, long_bound)
     short_tiles = _tile_table(offsets[..., :-1] + sizes // block_m * block_m, short.long(), block_m,
                               min(sizes.shape[-1], q_length))

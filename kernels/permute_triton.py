@@ -20,6 +20,19 @@ def _source_rows(ORDER, bh, rows, row_ok, N):
 
 
 @triton.jit
+def _row_tile(H, L, D, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (batch x head, batch, head) and its BLOCK_L rows: their indices, which exist, and the
+    (rows, head_dim) mask of the elements to move."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < L
+    return bh, b, h, rows, offs_d, row_ok, row_ok[:, None] & (offs_d < D)[None, :]
+
+
+@triton.jit
 def _permute_qkv_kernel(
     Q, K, V, QP, KP, VP, Q_ORDER, K_ORDER,
     stride_qb, stride_qh, stride_ql,
@@ -28,13 +41,7 @@ def _permute_qkv_kernel(
     H, L, NQ, NK, D,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = rows < L
-    mask = row_ok[:, None] & (offs_d < D)[None, :]
+    bh, b, h, rows, offs_d, row_ok, mask = _row_tile(H, L, D, BLOCK_L, BLOCK_D)
     dst = bh.to(tl.int64) * L * D + rows[:, None] * D + offs_d[None, :]  # outputs: contiguous (B, H, L, D)
 
     q_src = _source_rows(Q_ORDER, bh, rows, row_ok, NQ)
@@ -55,13 +62,7 @@ def _unpermute_kernel(
     H, L, N, D,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = rows < L
-    mask = row_ok[:, None] & (offs_d < D)[None, :]
+    bh, b, h, rows, offs_d, row_ok, mask = _row_tile(H, L, D, BLOCK_L, BLOCK_D)
     dst = _source_rows(ORDER, bh, rows, row_ok, N)
     rows_in = tl.load(SRC + b * stride_sb + h * stride_sh + rows[:, None] * stride_sl + offs_d[None, :], mask=mask)
     tl.store(OUT + b * stride_ob + h * stride_oh + dst[:, None] * stride_ol + offs_d[None, :], rows_in, mask=mask)
