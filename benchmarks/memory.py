@@ -12,7 +12,7 @@ the next one. Peak = torch.cuda.max_memory_allocated during the call minus what 
 and the session's cached layouts, whose bytes session.cache_bytes() reports and the table lists).
 
 Exit status 1 if the sparse peak is above the dense peak + the cache bytes + a slack (--slack-mib, default 64), plus
-for float32 on the GPU the bf16 copies the kernel needs, a few heads at a time (4 x core.dispatcher.CAST_CHUNK_BYTES).
+for float32 on the GPU the bf16 copies the kernel needs, a few heads at a time (4 x core.dispatcher.STAGE_CHUNK_BYTES).
 """
 
 from __future__ import annotations
@@ -137,8 +137,8 @@ def run(shape, dtype, device, slack: int, check_output: bool) -> int:
     print(f"{'cached layouts (persistent)':<28}{cache / MIB:10.2f}  {session.cache_bytes()}")
     cast = 0
     if device.type == "cuda" and dtype not in (torch.float16, torch.bfloat16):  # q, k, v, result in bf16, a few heads
-        cast = 4 * dispatcher.CAST_CHUNK_BYTES
-        print(f"{'bf16 cast buffers (allowed)':<28}{cast / MIB:10.2f}  (float32 inputs: 4 x CAST_CHUNK_BYTES)")
+        cast = 4 * dispatcher.STAGE_CHUNK_BYTES
+        print(f"{'bf16 cast buffers (allowed)':<28}{cast / MIB:10.2f}  (float32 inputs: 4 x STAGE_CHUNK_BYTES)")
 
     if check_output:  # the tiny smoke shape: the override's output is the masked attention it claims to be
         got = sparse_call(core, override, session, grid, q, k, v, H).view(B, L, H, D).transpose(1, 2).double()

@@ -10,7 +10,7 @@ from .method import AttentionCall, run_block_plan
 from .plan import BlockPlan
 from .radial import RadialPlanner, RadialSettings, radial_block_mask
 from .schedule import SparseSchedule, step_index
-from .session import ForwardContext, RunStats, SparseAttentionSession
+from .session import BlockLayers, ForwardContext, RunStats, SparseAttentionSession
 from .summary import run_summary
 from .svg2 import PRESETS as SVG2_PRESETS, SVG2Planner, SVG2Settings
 from .svg import SVG_PRESETS, SVGPlanner, SVGSettings
@@ -18,7 +18,7 @@ from .timing import CallTimer, timed_override
 
 __all__ = [
     "CONTEXT_KEY", "attention_override", "VideoGrid", "latent_grid", "AttentionCall", "run_block_plan", "BlockPlan", "RadialPlanner",
-    "RadialSettings", "radial_block_mask", "SparseSchedule", "step_index", "ForwardContext", "RunStats",
+    "RadialSettings", "radial_block_mask", "SparseSchedule", "step_index", "BlockLayers", "ForwardContext", "RunStats",
     "SparseAttentionSession", "run_summary", "CallTimer", "timed_override",
     "SVG2_PRESETS", "SVG2Planner", "SVG2Settings",
     "SVG_PRESETS", "SVGPlanner", "SVGSettings",

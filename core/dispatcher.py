@@ -2,8 +2,9 @@
 
 ComfyUI calls ``override(func, q, k, v, heads, mask=..., skip_reshape=..., skip_output_reshape=...,
 transformer_options=...)`` where ``func`` is its own attention function (SDPA, Sage, Flash... as the user chose).
-Wan passes (B, L, H*D); HunyuanVideo (B, H, L, D) with ``skip_reshape`` and an additive key-padding mask over
-its trailing text tokens. The result goes back in exactly the layout that was asked for.
+Wan passes (B, L, H*D); HunyuanVideo (B, H, L, D) with ``skip_reshape`` and an additive key-padding mask over its
+text tokens (behind the video up to ComfyUI 0.3.x, in front of it since). The result goes back in exactly the layout
+that was asked for.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from .session import ForwardContext, SparseAttentionSession
 
 CONTEXT_KEY = "sparse_video_attention"
 _COMPUTE_DTYPES = (torch.float16, torch.bfloat16)
-# float32 on a GPU: q, k, v are cast to bf16 for the kernel this many bytes (of one bf16 copy) at a time, a few heads
-# per launch, so the copies add at most ~4x this to the call's peak memory instead of twice the float32 inputs.
-CAST_CHUNK_BYTES = 64 << 20
+# Copies of q, k, v the kernel needs (bf16 of float32 on a GPU; the video moved in front of leading text) are made this
+# many bytes (of one copy) at a time, a few heads per launch: they add at most ~4x this to the call's peak memory
+# instead of whole copies of q, k, v and the output.
+STAGE_CHUNK_BYTES = 256 << 20
 
 
 class Unsupported(Exception):
@@ -29,18 +31,29 @@ class Unsupported(Exception):
 
 
 def attention_override(session: SparseAttentionSession, previous=None):
-    """The ``optimized_attention_override`` callable. ``previous``: an override already installed, kept for
-    every call that stays dense, so the two compose."""
+    """The ``optimized_attention_override`` callable. ``previous``: an override already installed (the user's dense
+    backend), kept for every call that stays dense, so the two compose."""
 
     def dense(func, args, kwargs):
         return previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
 
     def override(func, *args, **kwargs):
-        ctx = (kwargs.get("transformer_options") or {}).get(CONTEXT_KEY)
-        if not isinstance(ctx, ForwardContext) or ctx.owner not in (None, session) \
-                or not _is_video_self_attention(ctx, args, kwargs):
+        options = kwargs.get("transformer_options") or {}
+        ctx = options.get(CONTEXT_KEY)
+        if not isinstance(ctx, ForwardContext) or ctx.owner not in (None, session):
             return dense(func, args, kwargs)
-        layer = ctx.next_layer()
+        length = _self_attention_length(args, kwargs)
+        if length is None:
+            return dense(func, args, kwargs)
+        if ctx.grid_for(length) is None:
+            ctx.note_other_self_attention(options, length)
+            return dense(func, args, kwargs)
+        mismatch = ctx.layout_mismatch(options)
+        if mismatch is not None:
+            session.fail_layout(mismatch)
+        if session.stood_down is not None or session.layout_error is not None:
+            return dense(func, args, kwargs)
+        layer = ctx.layer_of(options)
         if not session.wants_sparse(ctx, layer):
             if session.wants_prime(ctx, layer):
                 try:
@@ -61,7 +74,9 @@ def attention_override(session: SparseAttentionSession, previous=None):
     # torch.compile (ComfyUI's TorchCompileModel) traces the diffusion model, this override included: the routing
     # (step and layer counters, plan caches, one-time warnings) is Python state Dynamo cannot trace, so attention
     # calls run eagerly and the graph breaks around them; the rest of the model still compiles.
-    return torch.compiler.disable(override)
+    override = torch.compiler.disable(override)
+    override.sparse_video_attention_session = session  # how the bridge recognises its own override in a chain
+    return override
 
 
 def _call_parts(args, kwargs):
@@ -71,18 +86,19 @@ def _call_parts(args, kwargs):
     return q, k, v, heads, mask
 
 
-def _is_video_self_attention(ctx: ForwardContext, args, kwargs) -> bool:
+def _self_attention_length(args, kwargs) -> int | None:
+    """The sequence length of a self-attention call (q, k, v of one shape in a layout ComfyUI names), else None."""
     if len(args) < 3 or len(args) > 5:
-        return False
+        return None
     q, k, v, heads, _ = _call_parts(args, kwargs)
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or not isinstance(heads, int):
-        return False
+        return None
     if q.shape != k.shape or k.shape != v.shape:
-        return False
+        return None
     skip_reshape = kwargs.get("skip_reshape", False)
     if q.ndim != (4 if skip_reshape else 3):
-        return False
-    return ctx.grid_for(q.shape[2] if skip_reshape else q.shape[1]) is not None
+        return None
+    return q.shape[2] if skip_reshape else q.shape[1]
 
 
 def _sparse_call(session, ctx, layer, args, kwargs, prime=False):
@@ -97,7 +113,8 @@ def _sparse_call(session, ctx, layer, args, kwargs, prime=False):
         q4, k4, v4 = (t.reshape(B, L, H, D).transpose(1, 2) for t in (q, k, v))
     if D > MAX_TRITON_HEAD_DIM:
         raise Unsupported("head-dim", f"head_dim {D} is larger than the kernel's {MAX_TRITON_HEAD_DIM}")
-    kv_length = _memo_key_padding_lengths(ctx, mask, B, L)
+    lead = ctx.leading_tokens
+    kv_length = _memo_key_padding_lengths(ctx, mask, B, L, lead)
     # The Triton kernel takes 16-bit floats: float32 on a GPU is cast to bf16 for it (the reference keeps float32).
     keep = q.dtype in _COMPUTE_DTYPES or q.device.type == "cpu" or session.backend == "reference"
     compute_dtype = q.dtype if keep else torch.bfloat16
@@ -113,14 +130,16 @@ def _sparse_call(session, ctx, layer, args, kwargs, prime=False):
     out_view = buffer if skip_output_reshape else buffer.transpose(1, 2)
     grid = ctx.grid_for(L)
     run = session.prime if prime else session.attend
-    if compute_dtype != q.dtype:  # float32 on a GPU: bf16 copies of a few heads at a time
-        step = max(1, CAST_CHUNK_BYTES // (B * L * D * torch.finfo(compute_dtype).bits // 8))
+    if compute_dtype != q.dtype or lead:
+        # Staged copies (bf16 for float32 on a GPU; the non-video tokens in front moved behind the video) of a few
+        # heads at a time, so they add a bounded amount to the call's peak memory, not copies of whole tensors.
+        step = max(1, STAGE_CHUNK_BYTES // (B * L * D * torch.finfo(compute_dtype).bits // 8))
         work = 0.0
         for h0 in range(0, H, step):
             part = slice(h0, h0 + step)
-            result, density = run(ctx, layer, *(t[:, part].to(compute_dtype) for t in (q4, k4, v4)),
-                                  kv_length=kv_length, head_offset=h0)
-            out_view[:, part].copy_(result)
+            staged = (_video_first(t[:, part], lead).to(compute_dtype) for t in (q4, k4, v4))
+            result, density = run(ctx, layer, *staged, kv_length=kv_length, head_offset=h0)
+            _write_model_order(out_view[:, part], result, lead)
             work += density * result.shape[1]
             del result
         density = work / H
@@ -133,12 +152,29 @@ def _sparse_call(session, ctx, layer, args, kwargs, prime=False):
     return buffer if skip_output_reshape else buffer.view(B, L, H * D)
 
 
-def _memo_key_padding_lengths(ctx: ForwardContext, mask, batch: int, length: int):
-    """Every block of one forward passes the same mask object: convert it once (the checks sync the device)."""
+def _video_first(t: torch.Tensor, lead: int) -> torch.Tensor:
+    """(B, H, L, D) in the model's order -> the planners' order: the ``lead`` tokens in front moved behind."""
+    return t if not lead else torch.cat((t[:, :, lead:], t[:, :, :lead]), dim=2)
+
+
+def _write_model_order(out: torch.Tensor, result: torch.Tensor, lead: int) -> None:
+    """Copy a planner's (B, H, L, D) result back into the model's token order."""
+    if not lead:
+        out.copy_(result)
+        return
+    rest = result.shape[2] - lead
+    out[:, :, :lead].copy_(result[:, :, rest:])
+    out[:, :, lead:].copy_(result[:, :, :rest])
+
+
+def _memo_key_padding_lengths(ctx: ForwardContext, mask, batch: int, length: int, lead: int = 0):
+    """Every block of one forward passes the same mask object: convert it once (the checks sync the device). The
+    mask is over the model's token order; the lengths are over the planners' (``lead`` tokens moved behind)."""
     key = ("kv_length", id(mask), batch, length)
     cached = ctx.memo.get(key)
     if cached is None or cached[0] is not mask:
-        ctx.memo[key] = cached = (mask, _key_padding_lengths(mask, batch, length))
+        video_first = None if mask is None else torch.cat((mask[..., lead:], mask[..., :lead]), dim=-1)
+        ctx.memo[key] = cached = (mask, _key_padding_lengths(video_first, batch, length))
     return cached[1]
 
 

@@ -7,10 +7,12 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class VideoGrid:
-    """Tokens of a patchified video: ``frames`` x ``height`` x ``width``, frame-major, then ``text_tokens``.
+    """The tokens of a video self-attention in the order every planner sees them: the patchified video,
+    ``frames`` x ``height`` x ``width`` frame-major, then ``text_tokens`` non-video tokens attended densely.
 
-    Wan puts only video tokens in self-attention (a reference latent, when present, is one more frame in front).
-    HunyuanVideo appends its text tokens after the video tokens in the same sequence.
+    Wan puts only video tokens in self-attention (reference frames, when present, are frames of the grid).
+    HunyuanVideo mixes its text into the same sequence, after the video up to ComfyUI 0.3.x and in front of it
+    since; a model's own order reaches the planners as this one (core.dispatcher moves leading tokens behind).
     """
 
     frames: int

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+import threading
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,11 +19,28 @@ from .timing import CallTimer
 log = logging.getLogger("sparse_video_attention")
 
 
+@dataclass(frozen=True)
+class BlockLayers:
+    """How ComfyUI's block metadata (``transformer_options`` ``block_type`` / ``block_index``, set by newer ComfyUI
+    for every block's attention) maps to the pack's layer index: ``offsets[block_type] + block_index``, ``count``
+    layers in all (HunyuanVideo: double blocks 0.., then single blocks)."""
+
+    offsets: dict
+    count: int
+
+
 @dataclass
 class ForwardContext:
-    """One call of the diffusion model: its video grid, denoising step, and a counter of attention layers.
+    """One call of the diffusion model: its token layout, denoising step, and how its attention calls find their layer.
 
-    ``text_after_video``: the model appends text tokens to the video tokens in self-attention (HunyuanVideo).
+    ``video``: the tokens of the video self-attention in the pack's order (every planner's): the video frames, then
+    ``video.text_tokens`` non-video tokens (text, reference tokens) attended densely. ``leading_tokens``: how many of
+    those non-video tokens the model puts in front of the video (HunyuanVideo since ComfyUI 0.33 puts its text
+    first); the dispatcher moves them behind the video for the planners and back for the caller.
+    ``blocks``: the block metadata map, when the model reports it (layer = the block, whatever other node takes
+    some calls); without it attention calls are counted in call order (``next_layer``). ``reported``: the values
+    ComfyUI reports in ``transformer_options`` for this layout where it reports them (``grid_sizes``, ``img_slice``):
+    a call that reports another value is over a layout the pack did not understand.
     ``owner``: the session that made it; only that session's override acts on it (None: any, a context built by
     hand). A model patched twice then has one session at work, never two counting the same layers.
     """
@@ -30,27 +48,61 @@ class ForwardContext:
     video: VideoGrid
     step: int | None
     total_steps: int | None
-    text_after_video: bool = False
+    leading_tokens: int = 0
     conditionings: int = 1  # the batch: this many chunks of the same latents (ComfyUI's cond_or_uncond)
+    blocks: BlockLayers | None = None
+    reported: dict = field(default_factory=dict)  # what ComfyUI reports in transformer_options for this layout
     layer: int = 0
     memo: dict = field(default_factory=dict)  # per-forward results every layer shares (e.g. the text mask)
     owner: object = field(default=None, repr=False, compare=False)
+    last_call: tuple | None = None  # (step, layer, density) of the last call booked in this forward (timing)
+
+    def __post_init__(self):
+        if not 0 <= self.leading_tokens <= self.video.text_tokens:
+            raise ValueError(f"leading_tokens must be within the {self.video.text_tokens} non-video tokens, "
+                             f"got {self.leading_tokens}")
 
     def grid_for(self, length: int) -> VideoGrid | None:
-        """The grid of a self-attention call over ``length`` tokens, or None if it is not over this video.
+        """The grid of a self-attention call over ``length`` tokens, or None if it is not over this video."""
+        return self.video if length == self.video.total_tokens else None
 
-        When ``video.text_tokens`` is known (> 0) only exactly video + text tokens match; otherwise, with
-        ``text_after_video``, any longer call is taken as video followed by text.
-        """
-        if length == self.video.total_tokens:
-            return self.video
-        if self.text_after_video and not self.video.text_tokens and length > self.video.video_tokens:
-            return replace(self.video, text_tokens=length - self.video.video_tokens)
-        return None
+    def layer_of(self, transformer_options: dict) -> int:
+        """The layer of a video self-attention call. From the block metadata where the model reports it: a second
+        call in the same block (VACE's context blocks reuse their main block's index) gets a layer of its own past
+        the model's layers. Otherwise the call order."""
+        kind, index = transformer_options.get("block_type"), transformer_options.get("block_index")
+        if self.blocks is None or kind not in self.blocks.offsets or not isinstance(index, int):
+            return self.next_layer()
+        layer = self.blocks.offsets[kind] + index
+        seen = self.memo.setdefault("layers seen", set())
+        if layer in seen:
+            layer = self.blocks.count + self.memo.get("repeated layers", 0)
+            self.memo["repeated layers"] = layer - self.blocks.count + 1
+        seen.add(layer)
+        return layer
 
     def next_layer(self) -> int:
         self.layer += 1
         return self.layer - 1
+
+    def layout_mismatch(self, transformer_options: dict) -> str | None:
+        """What ComfyUI reports for this call that contradicts the layout (None: nothing does)."""
+        for key, want in self.reported.items():
+            got = transformer_options.get(key)
+            if got is not None and tuple(int(v) for v in got) != tuple(want):
+                return f"ComfyUI reports {key} {tuple(int(v) for v in got)} where the pack computed {tuple(want)}"
+        return None
+
+    def note_other_self_attention(self, transformer_options: dict, length: int) -> None:
+        """A self-attention call of a reported block over another length than the video's (kept dense)."""
+        kind, index = transformer_options.get("block_type"), transformer_options.get("block_index")
+        if self.blocks is not None and kind in self.blocks.offsets and isinstance(index, int):
+            self.memo.setdefault("other lengths", {})[self.blocks.offsets[kind] + index] = length
+
+    def unrecognised_blocks(self) -> dict:
+        """{layer: length} of the blocks whose self-attention never matched the video in this forward."""
+        seen = self.memo.get("layers seen", set())
+        return {layer: n for layer, n in self.memo.get("other lengths", {}).items() if layer not in seen}
 
 
 @dataclass
@@ -70,12 +122,10 @@ class RunStats:
     grid: VideoGrid | None = None
     total_steps: int | None = None
     timings: list = field(default_factory=list)
-    last_call: tuple | None = None
     finished: bool = False
 
     def record(self, step, layer: int, density: float) -> None:
         self.calls[(step, layer)] = density
-        self.last_call = (step, layer, density)
 
     @property
     def sparse_calls(self) -> int:
@@ -110,8 +160,20 @@ def make_planner(method):
     return method.make_planner()
 
 
+def _device_key(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class SparseAttentionSession:
-    """Everything one patched model needs between attention calls. Pure torch; ComfyUI stays in nodes/."""
+    """Everything one patched model needs between attention calls. Pure torch; ComfyUI stays in nodes/.
+
+    One planner per device: ComfyUI's multi-GPU work units run the same patched model on several GPUs at once,
+    in threads, with this one session; each device's calls then meet only their own caches. The statistics are
+    shared and booked under a lock.
+    """
 
     def __init__(self, method, schedule: SparseSchedule, backend: str = "auto", verbose: bool = False):
         if backend not in BACKENDS:
@@ -120,23 +182,50 @@ class SparseAttentionSession:
         self.schedule = schedule
         self.backend = backend
         self.verbose = verbose
-        self.planner = make_planner(method)
+        self.planner = make_planner(method)  # the first device's (what the Inspector draws)
+        self._planners: dict = {}  # device -> planner
+        self._lock = threading.Lock()
         self.stats = RunStats()
         self.runs = 0  # sampling runs begun (0: the model never sampled)
         self.timer = CallTimer() if verbose else None  # per-call attention times, only when verbose
+        self.stood_down: str | None = None  # why another node does the sparse attention this run (None: we do)
+        self.forwards = 0  # forwards of the model with a video layout this run
+        self.layout_error: str | None = None  # a layout ComfyUI contradicted: dense from then on
         self._warned: set[str] = set()
+
+    def planner_for(self, device) -> object:
+        """The planner of ``device`` (the first device gets ``self.planner``)."""
+        key = _device_key(device)
+        planner = self._planners.get(key)
+        if planner is None:
+            with self._lock:
+                planner = self._planners.get(key)
+                if planner is None:
+                    planner = self.planner if not self._planners else make_planner(self.method)
+                    self._planners[key] = planner
+        return planner
+
+    def planners(self) -> list:
+        return list(self._planners.values()) or [self.planner]
 
     def begin_run(self) -> None:
         """A new sampling run: per-run state and statistics start afresh."""
         self.stats = RunStats()
         self.runs += 1
-        self.planner.reset()
+        self.stood_down = None
+        self.forwards = 0
+        for planner in self.planners():
+            planner.reset()
         if self.timer is not None:
             self.timer.reset()
 
     def end_run(self) -> None:
         """The run is over: resolve the measured times and log the run summary (always, a few lines)."""
         self.stats.finished = True
+        if self.forwards and not self.stats.calls and self.stood_down is None and self.layout_error is None:
+            self.warn_once("hook-not-reached", "no attention call of this model reached the patch in this run: a node "
+                           "applied after Sparse Attention Patch replaced ComfyUI's attention hook, or this model "
+                           "does not pass ComfyUI's attention options to its blocks; sparse attention did nothing")
         try:  # a report must never break a render
             if self.timer is not None:
                 self.stats.timings = self.timer.resolve()
@@ -149,8 +238,9 @@ class SparseAttentionSession:
         grid = self.stats.layouts.get(layer)
         return None if grid is None else self.planner.block_mask(grid, layer)
 
-    def forward_context(self, video: VideoGrid, sigma: float | None, sample_sigmas,
-                        text_after_video: bool = False, conditionings: int = 1) -> ForwardContext:
+    def forward_context(self, video: VideoGrid, sigma: float | None, sample_sigmas, leading_tokens: int = 0,
+                        conditionings: int = 1, blocks: BlockLayers | None = None,
+                        reported: dict | None = None) -> ForwardContext:
         step = total = None
         if sigma is not None and sample_sigmas is not None and len(sample_sigmas) > 1:
             step, total = step_index(sigma, sample_sigmas), len(sample_sigmas) - 1
@@ -159,31 +249,56 @@ class SparseAttentionSession:
         if step is None:
             self.warn_once("no-step", "the denoising step is unknown (no sampler sigmas reached the model): "
                            "attention stays dense for these calls")
-        return ForwardContext(video=video, step=step, total_steps=total, text_after_video=text_after_video,
-                              conditionings=max(1, conditionings), owner=self)
+        self.forwards += 1
+        return ForwardContext(video=video, step=step, total_steps=total, leading_tokens=leading_tokens,
+                              conditionings=max(1, conditionings), blocks=blocks, reported=dict(reported or {}),
+                              owner=self)
+
+    def end_forward(self, ctx: ForwardContext, model_name: str) -> None:
+        """After a forward: blocks whose self-attention never matched the video grid are a layout not understood."""
+        other = ctx.unrecognised_blocks()
+        if other:
+            lengths = ", ".join(sorted({str(n) for n in other.values()}))
+            self.warn_once("unrecognised-blocks", f"{model_name}: the self-attention of {len(other)} blocks runs "
+                           f"over {lengths} tokens, not the {ctx.video.total_tokens} of the video layout the pack "
+                           f"computed ({ctx.video}): it does not understand this model's token layout there, and "
+                           "those blocks stay dense")
+
+    def fail_layout(self, message: str) -> None:
+        """ComfyUI contradicted the layout: every later forward of this session stays dense, said once."""
+        self.layout_error = message
+        self.warn_once("layout-mismatch", f"{message}: this model's token layout is not understood, its attention "
+                       "stays dense")
 
     def cache_bytes(self) -> dict:
-        """Device bytes the session keeps between attention calls, per cache entry of its planner (for Radial, per
-        (grid, device) the cached layout; at most ``MAX_PLANS`` of them)."""
-        return self.planner.cache_bytes()
+        """Device bytes the session keeps between attention calls, per cache entry of its planners (for Radial, per
+        (grid, device) the cached layout; at most ``MAX_PLANS`` of them per device)."""
+        total: dict = {}
+        for planner in self.planners():
+            for key, size in planner.cache_bytes().items():
+                total[key] = total.get(key, 0) + size
+        return total
 
-    def move_caches(self, device) -> None:
-        """The patched model moved to ``device``: a planner that keeps state on the device (``to``) follows it."""
-        move = getattr(self.planner, "to", None)
-        if move is not None:
-            move(device)
+    def move_caches(self, device, of=None) -> None:
+        """A patched model moved to ``device``: the planners that keep state on the device (``to``) follow it; with
+        ``of``, only the planner of the calls on that device (one device's model of several)."""
+        planners = self.planners() if of is None or not self._planners else [self._planners.get(_device_key(of))]
+        for planner in planners:
+            move = getattr(planner, "to", None)
+            if move is not None:
+                move(device)
 
     def wants_sparse(self, ctx: ForwardContext, layer: int) -> bool:
         return ctx.step is not None and self.schedule.is_sparse(ctx.step, ctx.total_steps, layer)
 
     def record_dense(self, ctx: ForwardContext, layer: int) -> None:
-        self.stats.record(ctx.step, layer, 1.0)
+        self._record(ctx, layer, 1.0)
 
     def attend(self, ctx: ForwardContext, layer: int, q, k, v, kv_length=None, out=None,
                head_offset: int = 0) -> tuple[torch.Tensor, float]:
         """Sparse attention of (B, H, L, D) q/k/v over the video of ``ctx``: (output, density computed).
         ValueError for what it cannot run. The caller books the call (record_sparse) once per layer."""
-        return self.planner.attend(self._call(ctx, layer, q, k, v, kv_length, out, head_offset))
+        return self.planner_for(q.device).attend(self._call(ctx, layer, q, k, v, kv_length, out, head_offset))
 
     def wants_prime(self, ctx: ForwardContext, layer: int) -> bool:
         """A dense call the planner wants to see (``prime``: e.g. AdaSpa takes the LSE its first search needs from
@@ -194,7 +309,8 @@ class SparseAttentionSession:
     def prime(self, ctx: ForwardContext, layer: int, q, k, v, kv_length=None, out=None,
               head_offset: int = 0) -> tuple[torch.Tensor, float]:
         """Dense attention of a call ``wants_prime`` picked, through the planner: (exact output, 1.0)."""
-        return self.planner.prime(self._call(ctx, layer, q, k, v, kv_length, out, head_offset)), 1.0
+        planner = self.planner_for(q.device)
+        return planner.prime(self._call(ctx, layer, q, k, v, kv_length, out, head_offset)), 1.0
 
     def _call(self, ctx, layer, q, k, v, kv_length, out, head_offset) -> AttentionCall:
         chunks = ctx.conditionings if q.shape[0] % ctx.conditionings == 0 else 1
@@ -204,12 +320,25 @@ class SparseAttentionSession:
 
     def record_sparse(self, ctx: ForwardContext, layer: int, grid: VideoGrid, density: float) -> None:
         """Book a sparse call: its density, and its grid so the Inspector can rebuild the layer's layout."""
-        self.stats.record(ctx.step, layer, density)
-        self.stats.layouts[layer] = grid
+        self._record(ctx, layer, density)
+        with self._lock:
+            self.stats.layouts[layer] = grid
+
+    def _record(self, ctx: ForwardContext, layer: int, density: float) -> None:
+        with self._lock:
+            self.stats.record(ctx.step, layer, density)
+        ctx.last_call = (ctx.step, layer, density)
+
+    def stand_down(self, reason: str) -> None:
+        """Another node does the sparse attention of this run: every call passes through, said once."""
+        self.stood_down = reason
+        self.warn_once("stood-down", reason)
 
     def warn_once(self, key: str, message: str) -> None:
-        self.stats.fallbacks[key] = self.stats.fallbacks.get(key, 0) + 1
-        self.stats.fallback_messages.setdefault(key, message)
-        if key not in self._warned:
+        with self._lock:
+            self.stats.fallbacks[key] = self.stats.fallbacks.get(key, 0) + 1
+            self.stats.fallback_messages.setdefault(key, message)
+            first = key not in self._warned
             self._warned.add(key)
+        if first:
             log.warning("sparse attention: %s", message)

@@ -60,23 +60,24 @@ class CallTimer:
         return out
 
 
-def timed_override(session, override):
-    """Wrap an ``optimized_attention_override``: time each video self-attention call (those the session records,
-    sparse or dense), keyed (step, layer, density). Installed only when the session has a timer (verbose)."""
+def timed_override(session, override, context_key: str):
+    """Wrap an ``optimized_attention_override``: time each video self-attention call (those the session books,
+    sparse or dense, in the call's forward context under ``context_key``), keyed (step, layer, density). Installed
+    only when the session has a timer (verbose)."""
     timer: CallTimer = session.timer
 
     def timed(func, *args, **kwargs):
         q = args[0] if args else None
-        if not isinstance(q, torch.Tensor):
+        ctx = (kwargs.get("transformer_options") or {}).get(context_key)
+        if not isinstance(q, torch.Tensor) or ctx is None:
             return override(func, *args, **kwargs)
-        stats = session.stats
-        stats.last_call = None
+        ctx.last_call = None
         mark = timer.start(q.device)
         out = override(func, *args, **kwargs)
-        if stats.last_call is None:
+        if ctx.last_call is None:
             timer.discard(mark)
         else:
-            timer.stop(mark, stats.last_call)
+            timer.stop(mark, ctx.last_call)
         return out
 
     return timed

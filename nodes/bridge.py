@@ -1,8 +1,10 @@
-"""The only place that knows ComfyUI's model objects: detects the model, installs wrappers and the override.
+"""The only place that installs the pack on ComfyUI's model objects.
 
-* an OUTER_SAMPLE wrapper marks the start and end of each sampling run (per-run state is reset there);
-* a DIFFUSION_MODEL wrapper sees the latent before patchify and the current sigma, and hands the attention
-  calls of that forward a ForwardContext (token grid, step, layer counter) through transformer_options;
+* an OUTER_SAMPLE wrapper marks the start and end of each sampling run (per-run state is reset there) and settles,
+  for the run, who holds ComfyUI's attention hook (nodes.composition);
+* a DIFFUSION_MODEL wrapper reads the forward's token layout through the model's adapter (nodes.model_adapters)
+  and the current sigma, and hands the attention calls of that forward a ForwardContext through
+  transformer_options;
 * ``optimized_attention_override`` receives every attention call (core.dispatcher routes it).
 """
 
@@ -14,20 +16,16 @@ import torch
 
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.patcher_extension as patcher_extension
-from comfy.ldm.hunyuan_video.model import HunyuanVideo
-from comfy.ldm.wan.model import WanModel
 
-from ..core import CONTEXT_KEY, SparseAttentionSession, attention_override, latent_grid, timed_override
+from ..core import CONTEXT_KEY, SparseAttentionSession, attention_override, timed_override
+from . import composition
+from .model_adapters import Dense, adapter_for
 
 log = logging.getLogger("sparse_video_attention")
 
 WRAPPER_KEY = "sparse_video_attention"
-OVERRIDE_KEY = "optimized_attention_override"
+OVERRIDE_KEY = composition.OVERRIDE_KEY
 MIN_COMFYUI = "0.3.60"
-# Positional index of the optional extra inputs in each model's forward(x, timestep, context, ...).
-_WAN_TIME_DIM_CONCAT = 4
-_HUNYUAN_BYT5 = 4
-_HUNYUAN_REF_LATENT = 8
 
 
 def check_comfyui_supports_override() -> None:
@@ -41,62 +39,43 @@ def session_of(model) -> SparseAttentionSession | None:
     return model.get_attachment(WRAPPER_KEY)
 
 
-def model_family(diffusion_model) -> str | None:
-    """'wan' or 'hunyuan' for the video DiTs the pack knows, None for anything else."""
-    if isinstance(diffusion_model, WanModel):
-        return "wan"
-    if isinstance(diffusion_model, HunyuanVideo) and len(diffusion_model.patch_size) == 3:
-        return "hunyuan"
-    return None
+def make_hook(session: SparseAttentionSession, previous):
+    """The patch's attention hook over ``previous`` (the hook that serves dense calls), timed when verbose."""
+    override = attention_override(session, previous=previous)
+    # verbose: time every video self-attention call for the run summary and the Inspector (no cost otherwise)
+    hook = override if session.timer is None else timed_override(session, override, CONTEXT_KEY)
+    return composition.mark(hook, session)
 
 
-def _video_grid(family: str, diffusion_model, args, kwargs):
-    """Token grid of one forward call: the latent frames plus frames the model adds in front or behind, and for
-    HunyuanVideo the exact number of text tokens appended to them (its text refiner attends over the text alone,
-    which must not pass for video self-attention even when the text is longer than the video)."""
-    x = args[0]
-    if x.ndim != 5:
-        return None
-    extra = 0
-    if family == "wan":
-        concat = args[_WAN_TIME_DIM_CONCAT] if len(args) > _WAN_TIME_DIM_CONCAT else None
-        extra += 0 if concat is None else -(-concat.shape[2] // diffusion_model.patch_size[0])
-        if diffusion_model.ref_conv is not None and kwargs.get("reference_latent") is not None:
-            extra += 1
-    text = 0
-    if family == "hunyuan":
-        ref = args[_HUNYUAN_REF_LATENT] if len(args) > _HUNYUAN_REF_LATENT else None
-        extra += 0 if ref is None else -(-ref.shape[2] // diffusion_model.patch_size[0])
-        byt5 = args[_HUNYUAN_BYT5] if len(args) > _HUNYUAN_BYT5 else None
-        text = _length(args[2]) + (_length(byt5) if diffusion_model.byt5_in is not None else 0)
-    return latent_grid(x.shape, diffusion_model.patch_size, extra_frames=extra, text_tokens=text)
-
-
-def _length(tokens) -> int:
-    return tokens.shape[1] if isinstance(tokens, torch.Tensor) and tokens.ndim == 3 else 0
-
-
-def _wan_cross_attention_lengths(diffusion_model, args) -> set[int]:
-    """Key lengths of Wan's cross-attention calls: the text, and the CLIP image tokens (I2V)."""
-    lengths = {_length(args[2])}
-    clip_fea = args[3] if len(args) > 3 else None
-    if diffusion_model.img_emb is not None:
-        lengths.add(_length(clip_fea))
-    return lengths - {0}
+def settle_hook_for_run(guider, session: SparseAttentionSession) -> None:
+    """At the start of a run, on the run's copy of the model options: who serves the attention calls."""
+    model_options = getattr(guider, "model_options", None)
+    patcher = getattr(guider, "model_patcher", None)
+    if model_options is None or patcher is None:
+        return
+    if composition.has_core_sparse(patcher):
+        session.stand_down(composition.CORE_SPARSE_AFTER)
+        return
+    options = model_options.setdefault("transformer_options", {})
+    hook = options.get(OVERRIDE_KEY)
+    if hook is None or composition.is_backend_override(hook):
+        if hook is not None:
+            session.warn_once("backend-after-patch", composition.BACKEND_AFTER)
+        options[OVERRIDE_KEY] = make_hook(session, hook)
 
 
 def install(model, session: SparseAttentionSession):
     """Clone the ModelPatcher and install the sparse path on the clone; the original is never changed."""
     diffusion_model = model.get_model_object("diffusion_model")
-    family = model_family(diffusion_model)
-    if family is None:
+    adapter = adapter_for(diffusion_model)
+    if adapter is None:
         log.warning("sparse attention: %s is not a video model this pack knows (Wan 2.1/2.2, HunyuanVideo); "
                     "the model passes through unchanged with dense attention", type(diffusion_model).__name__)
         return model
     check_comfyui_supports_override()
     patched = model.clone()
     if session_of(model) is not None:
-        # A second patch on the same model replaces the first: its wrappers go, and the first override, still in the
+        # A second patch on the same model replaces the first: its wrappers go, and the first hook, still in the
         # chain below the new one, passes every call through (a context answers to the session that made it).
         log.warning("sparse attention: this model already has a Sparse Attention Patch; the new one replaces it")
         for kind in (patcher_extension.WrappersMP.OUTER_SAMPLE, patcher_extension.WrappersMP.DIFFUSION_MODEL):
@@ -105,15 +84,17 @@ def install(model, session: SparseAttentionSession):
             patched.remove_callbacks_with_key(kind, WRAPPER_KEY)
     options = patched.model_options.setdefault("transformer_options", {})
     previous = options.get(OVERRIDE_KEY)
+    if composition.has_core_sparse(patched):
+        previous = composition.take_over_from_core_sparse(patched, previous)
+        session.warn_once("core-sparse-before-patch", composition.CORE_SPARSE_BEFORE)
     if previous is not None:
         log.info("sparse attention: composing with an attention override already on this model; its path "
                  "serves every call that stays dense")
-    override = attention_override(session, previous=previous)
-    # verbose: time every video self-attention call for the run summary and the Inspector (no cost otherwise)
-    options[OVERRIDE_KEY] = override if session.timer is None else timed_override(session, override)
+    options[OVERRIDE_KEY] = make_hook(session, previous)
 
     def outer_sample(executor, *args, **kwargs):
         session.begin_run()
+        settle_hook_for_run(getattr(executor, "class_obj", None), session)
         try:
             return executor(*args, **kwargs)
         finally:
@@ -123,21 +104,31 @@ def install(model, session: SparseAttentionSession):
     # state, which traced would break the graph and recompile the whole model at every new sigma (every step).
     @torch.compiler.disable
     def forward_context(args, kwargs, transformer_options):
-        grid = _video_grid(family, diffusion_model, args, kwargs)
-        if grid is None:
+        if session.layout_error is not None:
             return None
-        if family == "wan" and grid.video_tokens in _wan_cross_attention_lengths(diffusion_model, args):
-            # Self- and cross-attention calls then have the same shapes and cannot be told apart (Wan pads its
-            # text to 512 tokens): a sparse mask on cross-attention would be wrong, so this call stays dense.
-            session.warn_once("cross-length", f"the video has {grid.video_tokens} tokens, as many as the text or "
-                              "image tokens of cross-attention; attention stays dense for it (change the size or "
-                              "frame count by a little to get sparse attention)")
+        layout = adapter.forward_layout(args, kwargs)
+        if layout is None:
             return None
+        if isinstance(layout, Dense):
+            session.warn_once(f"layout:{adapter.name}", str(layout))
+            return None
+        grid = layout.grid
+        if adapter.family == "wan":
+            named = adapter.arguments(args, kwargs)
+            if grid.video_tokens in adapter.cross_attention_lengths(named):
+                # Self- and cross-attention calls then have the same shapes and cannot be told apart (Wan pads its
+                # text to 512 tokens): a sparse mask on cross-attention would be wrong, so this call stays dense.
+                session.warn_once("cross-length", f"the video has {grid.video_tokens} tokens, as many as the text or "
+                                  "image tokens of cross-attention; attention stays dense for it (change the size "
+                                  "or frame count by a little to get sparse attention)")
+                return None
         sigmas = transformer_options.get("sigmas")
         sigma = float(sigmas.flatten()[0]) if sigmas is not None else None
-        return session.forward_context(grid, sigma, transformer_options.get("sample_sigmas"),
-                                       text_after_video=family == "hunyuan",
-                                       conditionings=len(transformer_options.get("cond_or_uncond") or ()))
+        ctx = session.forward_context(grid, sigma, transformer_options.get("sample_sigmas"),
+                                      leading_tokens=layout.leading_tokens,
+                                      conditionings=len(transformer_options.get("cond_or_uncond") or ()),
+                                      blocks=adapter.blocks, reported=layout.reported)
+        return ctx
 
     def diffusion_model_call(executor, *args, **kwargs):
         in_args = isinstance(args[-1], dict) and "transformer_options" not in kwargs
@@ -150,14 +141,16 @@ def install(model, session: SparseAttentionSession):
             args = (*args[:-1], with_ctx)
         else:
             kwargs["transformer_options"] = with_ctx
-        return executor(*args, **kwargs)
+        out = executor(*args, **kwargs)
+        session.end_forward(ctx, adapter.name)
+        return out
 
     def on_load(patcher, device_to, *args):
         if device_to is not None:
-            session.move_caches(device_to)
+            session.move_caches(device_to, of=patcher.load_device)
 
     def on_detach(patcher, unpatch_all):
-        session.move_caches(patcher.offload_device)
+        session.move_caches(patcher.offload_device, of=patcher.load_device)
 
     patched.set_attachments(WRAPPER_KEY, session)
     # Caches a planner keeps on the device (SVG2's centroids) follow the model when ComfyUI loads or offloads it.

@@ -10,6 +10,7 @@ Nothing here imports ComfyUI at import time: :func:`setup` does, once, and only 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import types
@@ -104,66 +105,108 @@ def wrap(base_model) -> "comfy.model_patcher.ModelPatcher":  # noqa: F821
     return comfy.model_patcher.ModelPatcher(base_model, load_device=CPU, offload_device=CPU)
 
 
-def _build(config_cls, unet_config: dict, seed: int, dtype=torch.float32):
-    cfg = config_cls(unet_config)
-    cfg.set_inference_dtype(dtype, None)
-    base = cfg.get_model({}, device=CPU)
+def detected_config(checkpoint: dict, **sizes):
+    """The supported-model config ComfyUI's own detection (comfy.model_detection) picks for a checkpoint holding
+    ``checkpoint``'s keys ({key: shape}), with its size fields replaced by ``sizes`` (tiny heads: detection assumes
+    head_dim 128, as real checkpoints have). Each ComfyUI version fills the fields it needs: the model class and
+    its config are that version's own."""
+    import comfy.model_detection
+    state_dict = {key: torch.empty(shape) for key, shape in checkpoint.items()}
+    config = comfy.model_detection.model_config_from_unet(state_dict, "")
+    if config is None:
+        raise AssertionError(f"ComfyUI detects no model in a checkpoint with keys {sorted(checkpoint)}")
+    config.unet_config.update(sizes)
+    return config
+
+
+def build(config, seed: int = 0, dtype=torch.float32, manual_cast=None):
+    """A ModelPatcher of the model ``config`` describes, with seeded weights stored in ``dtype`` (cast per layer to
+    ``manual_cast`` when given: ComfyUI's manual_cast ops, as for fp8 checkpoints)."""
+    config.set_inference_dtype(dtype, manual_cast)
+    base = config.get_model({}, device=CPU)
     init_weights(base.diffusion_model, seed)
     return wrap(base)
 
 
+def _blocks(prefix: str, count: int, suffix: str, shape: tuple) -> dict:
+    return {f"{prefix}.{i}.{suffix}": shape for i in range(count)}
+
+
 WAN_DIM, WAN_HEADS, WAN_LAYERS, WAN_TEXT_DIM, WAN_CLIP_DIM = 64, 2, 3, 32, 1280
+WAN_FFN = 128
 HUNYUAN_DIM, HUNYUAN_HEADS, HUNYUAN_TEXT_DIM, HUNYUAN_VEC_DIM = 64, 2, 32, 32
 HUNYUAN_DOUBLE, HUNYUAN_SINGLE = 2, 2
 
 
-def _wan_config(**extra) -> dict:
-    return dict(image_model="wan2.1", model_type="t2v", dim=WAN_DIM, num_heads=WAN_HEADS, num_layers=WAN_LAYERS,
-                ffn_dim=128, freq_dim=32, text_dim=WAN_TEXT_DIM, out_dim=16, in_dim=16, patch_size=(1, 2, 2),
-                text_len=16, eps=1e-6, **extra)
+def wan_checkpoint(in_dim: int = 16, dim: int = WAN_DIM, layers: int = WAN_LAYERS, i2v: bool = False) -> dict:
+    """The keys (and the shapes detection reads) of a Wan 2.1 checkpoint; ``i2v`` adds the CLIP image embedding."""
+    keys = {"head.modulation": (1, 2, dim), "head.head.weight": (16 * 4, dim), "patch_embedding.weight": (dim, in_dim, 1, 2, 2),
+            **_blocks("blocks", layers, "ffn.0.weight", (WAN_FFN, dim))}
+    if i2v:
+        keys["img_emb.proj.0.bias"] = (WAN_CLIP_DIM,)
+    return keys
+
+
+def wan_config(checkpoint: dict, dim: int = WAN_DIM, heads: int = WAN_HEADS):
+    return detected_config(checkpoint, dim=dim, num_heads=heads, ffn_dim=WAN_FFN, freq_dim=32, text_dim=WAN_TEXT_DIM,
+                           text_len=16)
 
 
 def tiny_wan_t2v(seed: int = 0, dtype=torch.float32):
-    """Wan 2.1 T2V (supported_models.WAN21_T2V): dim 64, 2 heads of 32, 3 blocks, 16 latent channels."""
-    import comfy.supported_models
-    return _build(comfy.supported_models.WAN21_T2V, _wan_config(), seed, dtype)
+    """Wan 2.1 T2V as ComfyUI detects it (supported_models.WAN21_T2V): dim 64, 2 heads of 32, 3 blocks."""
+    return build(wan_config(wan_checkpoint()), seed, dtype)
 
 
 def tiny_wan_i2v(seed: int = 0, dtype=torch.float32):
     """Wan 2.1 I2V (supported_models.WAN21_I2V): 36 input channels (noise + mask + image latent) and ``img_emb``,
     which turns CLIP vision tokens (1280 wide) into extra cross-attention keys in front of the text."""
-    import comfy.supported_models
-    return _build(comfy.supported_models.WAN21_I2V, {**_wan_config(), "model_type": "i2v", "in_dim": 36}, seed, dtype)
+    return build(wan_config(wan_checkpoint(in_dim=36, i2v=True)), seed, dtype)
+
+
+def hunyuan_checkpoint(patch: tuple = (1, 2, 2), double: int = HUNYUAN_DOUBLE, single: int = HUNYUAN_SINGLE,
+                       in_channels: int = 16) -> dict:
+    """The keys of a HunyuanVideo checkpoint (guidance-distilled, with the CLIP-L pooled vector); 33 input channels
+    is HunyuanVideo I2V (noise, start-image latent and mask)."""
+    hidden = HUNYUAN_DIM
+    return {"txt_in.individual_token_refiner.blocks.0.norm1.weight": (hidden,),
+            "txt_in.input_embedder.weight": (hidden, HUNYUAN_TEXT_DIM),
+            "img_in.proj.weight": (hidden, in_channels, *patch), "final_layer.linear.weight": (16 * math.prod(patch), hidden),
+            "vector_in.in_layer.weight": (hidden, HUNYUAN_VEC_DIM), "guidance_in.in_layer.weight": (hidden, 256),
+            **_blocks("double_blocks", double, "img_attn.qkv.weight", (3 * hidden, hidden)),
+            **_blocks("single_blocks", single, "linear1.weight", (3 * hidden, hidden))}
+
+
+def _hunyuan_sizes(axes_dim: list) -> dict:
+    return dict(num_heads=HUNYUAN_HEADS, axes_dim=axes_dim, mlp_ratio=2.0, vec_in_dim=HUNYUAN_VEC_DIM)
 
 
 def tiny_hunyuan_video(seed: int = 0, dtype=torch.float32):
-    """HunyuanVideo (supported_models.HunyuanVideo): hidden 64, 2 heads of 32, 2 double + 2 single blocks, guidance
-    embedding (so cfg 1.0 as in real use), text tokens appended after the video tokens in self-attention."""
-    import comfy.supported_models
-    unet = dict(image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=HUNYUAN_VEC_DIM,
-                context_in_dim=HUNYUAN_TEXT_DIM, hidden_size=HUNYUAN_DIM, mlp_ratio=2.0, num_heads=HUNYUAN_HEADS,
-                depth=HUNYUAN_DOUBLE, depth_single_blocks=HUNYUAN_SINGLE, axes_dim=[8, 12, 12], theta=256,
-                patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False)
-    return _build(comfy.supported_models.HunyuanVideo, unet, seed, dtype)
+    """HunyuanVideo as ComfyUI detects it (supported_models.HunyuanVideo): hidden 64, 2 heads of 32, 2 double + 2
+    single blocks, guidance embedding (so cfg 1.0 as in real use). Where its text sits in self-attention depends on
+    the ComfyUI version (after the video up to 0.3.x, in front of it since)."""
+    return build(detected_config(hunyuan_checkpoint(), **_hunyuan_sizes([8, 12, 12])), seed, dtype)
+
+
+def tiny_hunyuan_video_i2v(seed: int = 0, dtype=torch.float32):
+    """HunyuanVideo I2V (supported_models.HunyuanVideoI2V): the start image's latent and a mask concatenated to the
+    noise as input channels; the token layout is the T2V one."""
+    return build(detected_config(hunyuan_checkpoint(in_channels=33), **_hunyuan_sizes([8, 12, 12])), seed, dtype)
 
 
 def tiny_flux(seed: int = 0):
     """A tiny Flux (image model): not a video model, the pack must leave it alone."""
-    import comfy.supported_models
-    unet = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32, hidden_size=64,
-                mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000,
-                patch_size=2, qkv_bias=True, guidance_embed=True)
-    return _build(comfy.supported_models.Flux, unet, seed)
+    hidden = 64
+    checkpoint = {"img_in.weight": (hidden, 16 * 4), "txt_in.weight": (hidden, 32),
+                  "vector_in.in_layer.weight": (hidden, 32), "guidance_in.in_layer.weight": (hidden, 256),
+                  "double_blocks.0.img_attn.norm.key_norm.scale": (32,), "single_blocks.0.linear1.weight": (hidden,)}
+    return build(detected_config(checkpoint, hidden_size=hidden, num_heads=2, axes_dim=[8, 12, 12], mlp_ratio=2.0,
+                                 context_in_dim=32, vec_in_dim=32), seed)
 
 
 def tiny_hunyuan_image(seed: int = 0):
     """ComfyUI's HunyuanVideo class with a 2D patch (how ComfyUI runs HunyuanImage): an image model."""
-    import comfy.supported_models
-    unet = dict(image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=HUNYUAN_VEC_DIM,
-                context_in_dim=HUNYUAN_TEXT_DIM, hidden_size=HUNYUAN_DIM, mlp_ratio=2.0, num_heads=HUNYUAN_HEADS,
-                depth=1, depth_single_blocks=1, axes_dim=[16, 16], theta=256, patch_size=[2, 2], qkv_bias=True,
-                guidance_embed=True, byt5=False, meanflow=False)
-    return _build(comfy.supported_models.HunyuanVideo, unet, seed)
+    checkpoint = hunyuan_checkpoint(patch=(2, 2), double=1, single=1)
+    return build(detected_config(checkpoint, **_hunyuan_sizes([16, 16])), seed)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,17 +227,18 @@ def wan_conds(seed: int, text_tokens: int = 16, clip_tokens: int | None = None, 
     return out[0], out[1]
 
 
-def hunyuan_conds(seed: int, text_tokens: int = 12, valid_tokens: int = 8):
+def hunyuan_conds(seed: int, text_tokens: int = 12, valid_tokens: int | None = 8, **extra):
     """(positive, negative) for HunyuanVideo: a text of ``text_tokens`` of which the last ones are padding
-    (``attention_mask`` 1 = keep, 0 = pad, as ComfyUI's Llama text encoder returns it)."""
+    (``attention_mask`` 1 = keep, 0 = pad, as ComfyUI's Llama text encoder returns it; None: no mask, as the
+    encoder returns a text without padding). ``extra``: more conditioning (``ref_latent``, ``guiding_frame_index``,
+    ``concat_latent_image``...)."""
     gen = torch.Generator().manual_seed(seed)
-    mask = torch.zeros(1, text_tokens, dtype=torch.long)
-    mask[:, :valid_tokens] = 1
     out = []
     for _ in range(2):
-        extra = {"pooled_output": torch.randn(1, HUNYUAN_VEC_DIM, generator=gen), "attention_mask": mask.clone(),
-                 "guidance": 6.0}
-        out.append([[torch.randn(1, text_tokens, HUNYUAN_TEXT_DIM, generator=gen), extra]])
+        cond = {"pooled_output": torch.randn(1, HUNYUAN_VEC_DIM, generator=gen), "guidance": 6.0, **extra}
+        if valid_tokens is not None:
+            cond["attention_mask"] = (torch.arange(text_tokens) < valid_tokens).long().view(1, -1)
+        out.append([[torch.randn(1, text_tokens, HUNYUAN_TEXT_DIM, generator=gen), cond]])
     return out[0], out[1]
 
 

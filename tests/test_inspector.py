@@ -207,20 +207,22 @@ def test_call_timer_and_timed_override_on_cpu():
     assert isinstance(session.timer, timing.CallTimer)
     assert core.SparseAttentionSession(RADIAL, core.SparseSchedule()).timer is None  # off: nothing timed
     session.begin_run()
+    ctx = session.forward_context(core.VideoGrid(2, 4, 4), 1.0, [1.0, 0.0])
 
     def inner(func, *args, **kwargs):
-        if kwargs.get("video"):
-            session.stats.record(3, 7, 0.4)
+        if kwargs.pop("video"):
+            session.record_sparse(ctx, 7, ctx.video, 0.4)
         return func(*args)
 
-    timed = timing.timed_override(session, inner)
+    timed = timing.timed_override(session, inner, core.CONTEXT_KEY)
     q = torch.ones(2, 2)
-    assert torch.equal(timed(torch.add, q, q, video=True), q + q)
-    timed(torch.add, q, q, video=False)  # not recorded: not timed
+    options = {core.CONTEXT_KEY: ctx}
+    assert torch.equal(timed(torch.add, q, q, video=True, transformer_options=options), q + q)
+    timed(torch.add, q, q, video=False, transformer_options=options)  # not booked: not timed
     session.end_run()
     assert len(session.stats.timings) == 1
     step, layer, density, ms = session.stats.timings[0]
-    assert (step, layer, density) == (3, 7, 0.4) and ms >= 0.0
+    assert (step, layer, density) == (0, 7, 0.4) and ms >= 0.0
 
 
 def test_end_run_logs_the_summary(caplog):

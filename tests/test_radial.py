@@ -351,7 +351,7 @@ def make_session():
 
 
 def call(override, session, grid, q, k, v, mask):
-    ctx = session.forward_context(grid, 1.0, [1.0, 0.0], text_after_video=True)
+    ctx = session.forward_context(grid, 1.0, [1.0, 0.0])
     return override(dense_attention, q, k, v, q.shape[1], mask=mask, skip_reshape=True,
                     transformer_options={core.CONTEXT_KEY: ctx})
 
@@ -411,10 +411,8 @@ def test_calls_that_are_not_video_self_attention_pass_through():
     assert ctx.layer == 1 and session.stats.sparse_calls == 1
 
 
-def test_exact_text_length_for_text_after_video():
-    """With the text length known, only video + text tokens is the video's self-attention (not the text alone)."""
-    ctx = core.ForwardContext(video=VideoGrid(2, 4, 4, text_tokens=40), step=0, total_steps=2, text_after_video=True)
+def test_only_the_exact_text_and_video_length_is_the_video():
+    """With the text known, only video + text tokens is the video's self-attention (not the text alone)."""
+    ctx = core.ForwardContext(video=VideoGrid(2, 4, 4, text_tokens=40), step=0, total_steps=2)
     assert ctx.grid_for(72) == VideoGrid(2, 4, 4, text_tokens=40)
     assert ctx.grid_for(40) is None and ctx.grid_for(60) is None and ctx.grid_for(32) is None
-    loose = core.ForwardContext(video=VideoGrid(2, 4, 4), step=0, total_steps=2, text_after_video=True)
-    assert loose.grid_for(45) == VideoGrid(2, 4, 4, text_tokens=13)

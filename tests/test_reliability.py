@@ -214,7 +214,7 @@ def test_fp32_on_cuda(backend, tol, chunk, caplog, monkeypatch):
     """float32 q/k/v on a GPU: the Triton kernel runs them in bf16 (cast a few heads at a time, here also one head
     per launch) and the result comes back in float32; the reference backend keeps float32 throughout."""
     if chunk == "one-head":
-        monkeypatch.setattr(import_pack("core.dispatcher"), "CAST_CHUNK_BYTES", 1)
+        monkeypatch.setattr(import_pack("core.dispatcher"), "STAGE_CHUNK_BYTES", 1)
     grid = core.VideoGrid(5, 16, 16)
     session = make_session(backend)
     override = core.attention_override(session)
@@ -369,12 +369,8 @@ def test_node_ranges_agree_with_the_core(nodes):
 def tiny_wan(dim=comfy_env.WAN_DIM, heads=comfy_env.WAN_HEADS, seed=0, dtype=torch.float32, manual_cast=None):
     """A tiny Wan 2.1 T2V of any head size (dim / heads), optionally with weights stored in ``dtype`` and cast to
     ``manual_cast`` per layer (ComfyUI's manual_cast ops, as for fp8 checkpoints)."""
-    import comfy.supported_models
-    cfg = comfy.supported_models.WAN21_T2V({**comfy_env._wan_config(), "dim": dim, "num_heads": heads})
-    cfg.set_inference_dtype(dtype, manual_cast)
-    base = cfg.get_model({}, device=comfy_env.CPU)
-    comfy_env.init_weights(base.diffusion_model, seed)
-    return comfy_env.wrap(base)
+    config = comfy_env.wan_config(comfy_env.wan_checkpoint(dim=dim), dim=dim, heads=heads)
+    return comfy_env.build(config, seed, dtype, manual_cast)
 
 
 @comfyui

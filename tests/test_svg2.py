@@ -424,7 +424,7 @@ def test_cache_moves_when_comfyui_loads_and_offloads_the_model(nodes, bridge, mo
     patched = patch(nodes, comfy_env.tiny_wan_t2v(seed=14), svg2_node(nodes))
     session = bridge.session_of(patched)
     moves = []
-    monkeypatch.setattr(session, "move_caches", lambda device: moves.append(torch.device(device)))
+    monkeypatch.setattr(session, "move_caches", lambda device, of=None: moves.append(torch.device(device)))
     comfy_env.sample(patched, latent(frames=3), pos, neg, steps=2, seed=15)
     assert moves and moves[0] == patched.load_device  # loaded for sampling
     moves.clear()
