@@ -29,7 +29,8 @@ What this planner does, and where it departs from the paper:
     gave a dense output at later searches too): the per-tile mass accumulation inside the flash loop cost more
     than a separate QK-only pass.
   * Search steps: the paper's {10, 30} of 50 as fractions of the run (0.2, 0.6), or step indices. A call that
-    finds no pattern for its shape (the first sparse step of a layer, a new resolution) searches too.
+    finds no pattern for its shape (the first sparse step of a layer, a new resolution) searches too; a search step
+    whose model call did not run (a step cache skipped it) searches at the next step that runs.
   * Per head the number of key blocks per query block is the fewest whose kept mass reaches ``recall`` of the
     head's searched mass, clamped to [min_density, max_density] of the searched columns: the paper's criterion
     (recall 0.8) and its range of per-head sparsity (0.7..0.9 around 0.8) as settings. The diagonal block is
@@ -264,7 +265,11 @@ class AdaSpaPlanner:
         entries, key = self._entries(call)
         entry = entries.get(key)
         searches = self._search_steps(call.total_steps)
-        if entry is None or entry.pattern is None or (call.step in searches and entry.searched_step != call.step):
+        # The search due is the last search step reached: a step cache (EasyCache, LazyCache) that skipped the
+        # search step's model call moves the search to the next step that runs, never drops it.
+        due = max((s for s in searches if call.step is not None and s <= call.step), default=None)
+        if entry is None or entry.pattern is None or (due is not None and (entry.searched_step is None
+                                                                           or entry.searched_step < due)):
             return self._search(call, entries, key, entry, searches)
         return self._sparse(call, entry.pattern), entry.pattern.density
 

@@ -113,6 +113,18 @@ def density_text(stats) -> str:
     return f"{sparse}, {stats.mean_density:.3f} overall: attention FLOPs saved {100 * (1 - stats.mean_density):.1f}%"
 
 
+def skipped_steps_text(stats) -> str | None:
+    """The steps of the run whose model call never reached attention (a step cache skipped them), or None."""
+    if not stats.total_steps:
+        return None
+    ran = {s for s, _ in stats.calls if s is not None}
+    skipped = [s for s in range(stats.total_steps) if s not in ran]
+    if not skipped or not ran:
+        return None
+    return (f"{len(skipped)} of {stats.total_steps} steps ran no attention (steps {ranges(skipped)}: a step cache "
+            "such as EasyCache reused an earlier result there)")
+
+
 def run_summary(session) -> str:
     """A few lines: method and settings, calls, schedule, density and FLOPs saved, time (if measured), fallbacks."""
     stats = session.stats
@@ -128,8 +140,8 @@ def run_summary(session) -> str:
         "  schedule: " + schedule_text(session.schedule, stats.total_steps, stats.num_layers),
         "  " + density_text(stats),
     ]
-    timing = timing_text(stats.timings)
-    if timing:
-        lines.append("  " + timing)
+    for extra in (skipped_steps_text(stats), timing_text(stats.timings)):
+        if extra:
+            lines.append("  " + extra)
     lines += ["  " + line for line in fallback_lines(stats)]
     return "\n".join(lines)

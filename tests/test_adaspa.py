@@ -383,6 +383,20 @@ def test_scheduled_searches_use_the_cached_lse(monkeypatch):
     assert sum(planner.cache_bytes().values()) == entry_of(planner).pattern.nbytes
 
 
+def test_a_skipped_search_step_searches_at_the_next_step_that_runs(monkeypatch):
+    """A step cache (EasyCache, LazyCache) that skips the search step's model call: the search runs at the next step
+    that does, once, and never again for that search step."""
+    gen = new_generator()
+    q, k, v = video_inputs(GRID, gen=gen)
+    planner = adaspa.AdaSpaSettings(search_steps=(3.0, 6.0), max_density=1.0).make_planner()
+    spy = SearchSpy(monkeypatch)
+    searched = []
+    for step in (0, 1, 2, 4, 5, 8, 9):  # steps 3, 6 and 7 skipped
+        planner.attend(call(GRID, q, k, v, step=step, total=10))
+        searched.append(entry_of(planner).searched_step)
+    assert searched == [0, 0, 0, 4, 4, 8, 8] and spy.exact == [True, False, False], f"seed={gen.initial_seed()}"
+
+
 def test_later_search_reaches_the_recall(monkeypatch):
     """A later search (masses against the cached LSE) of the same q and k finds a layout holding the recall of
     the exact attention; the step's output is the sparse attention of that layout."""
