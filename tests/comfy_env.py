@@ -254,3 +254,55 @@ def sample(model, latent, positive, negative, steps: int = 4, cfg: float = 3.0, 
 def pack_nodes():
     """The pack's nodes package (imports ComfyUI: call after setup())."""
     return import_pack("nodes")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Wan variants (tests/test_comfy_wan_variants.py). ComfyUI's detection tells each from the Wan 2.1 keys plus the one
+# key that marks it; only the presence of that key is read, so its shape here is nominal.
+
+WAN_VACE_LAYERS = 4  # VACE blocks run after every num_layers // vace_layers-th block: 2 of them, after blocks 0 and 2
+WAN_VACE_BLOCKS = 2
+WAN_VACE_IN = 96  # the VACE context: 32 channels of control latents (inactive + reactive) and a 64-channel mask
+
+
+def tiny_wan_vace(seed: int = 0):
+    """Wan 2.1 VACE (supported_models.WAN21_Vace, VaceWanModel): 4 blocks and 2 VACE blocks, each of which runs a
+    self-attention of its own over the VACE context (same length as the video) after blocks 0 and 2."""
+    keys = {**wan_checkpoint(layers=WAN_VACE_LAYERS), "vace_patch_embedding.weight": (WAN_DIM, WAN_VACE_IN, 1, 2, 2),
+            **_blocks("vace_blocks", WAN_VACE_BLOCKS, "after_proj.weight", (WAN_DIM, WAN_DIM))}
+    return build(wan_config(keys), seed)
+
+
+def tiny_wan22_fun_control(seed: int = 0):
+    """Wan 2.2 Fun Control (plain WanModel, detected as WAN21_T2V): 52 input channels (noise, control latent, mask,
+    start-image latent) and ``ref_conv``, which turns a reference image's latent into one frame of tokens in front
+    of the video."""
+    keys = {**wan_checkpoint(in_dim=52), "ref_conv.weight": (WAN_DIM, 16, 2, 2)}
+    return build(wan_config(keys), seed)
+
+
+def tiny_wan_humo(seed: int = 0):
+    """HuMo 1.7B (supported_models.WAN21_HuMo, HumoWanModel): 16 input channels; its reference latent's frames are
+    patchified like the video and appended behind it; audio goes through a per-frame cross-attention."""
+    return build(wan_config({**wan_checkpoint(), "audio_proj.audio_proj_glob_1.layer.bias": (512,)}), seed)
+
+
+def tiny_wan_animate(seed: int = 0):
+    """Wan 2.2 Animate (supported_models.WAN22_Animate, AnimateWanModel): 36 input channels, CLIP image tokens,
+    pose latents added to frames 1.. (frame 0 is the reference image, inside the latent)."""
+    keys = {**wan_checkpoint(in_dim=36, i2v=True), "face_adapter.fuser_blocks.0.k_norm.weight": (WAN_DIM // WAN_HEADS,)}
+    return build(wan_config(keys), seed)
+
+
+def tiny_wan_s2v(seed: int = 0):
+    """Wan 2.2 S2V (supported_models.WAN22_S2V, WanModel_S2V): reference frames and FramePack motion tokens (at three
+    resolutions) appended behind the video."""
+    keys = {**wan_checkpoint(), "casual_audio_encoder.encoder.final_linear.weight": (WAN_DIM, WAN_DIM)}
+    return build(wan_config(keys), seed)
+
+
+def tiny_wan_scail(seed: int = 0):
+    """SCAIL (supported_models.WAN21_SCAIL, SCAILWanModel; ComfyUI 0.33+): 20 input channels, reference frames in
+    front of the video, pose tokens (from their own patch embedding, possibly at half resolution) behind it."""
+    keys = {**wan_checkpoint(in_dim=20, i2v=True), "patch_embedding_pose.weight": (WAN_DIM, 20, 1, 2, 2)}
+    return build(wan_config(keys), seed)
