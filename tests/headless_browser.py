@@ -22,7 +22,10 @@ from pathlib import Path
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--no-default-browser-check", "--mute-audio", "--hide-scrollbars")
+                  "--disable-dev-shm-usage", "--no-default-browser-check", "--mute-audio", "--hide-scrollbars",
+                  # The page talks to the local server only: other hosts (a workflow's model download links, which
+                  # the frontend asks for file sizes) fail the same way with or without internet.
+                  "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1")
 
 
 def own_group_dying_with_parent() -> None:

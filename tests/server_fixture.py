@@ -50,13 +50,9 @@ STARTUP_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 15.0
 
 # Settings the frontend reads at start: no first-run template browser, no update popups (the test machine has no
-# internet), the missing-nodes warning on (what the browser test looks for), the missing-models warning off (the
-# workflows name real model files, with download links, that a test server does not have: expected, and the
-# workflow tests check those names), no minimap over the canvas (the README screenshot).
+# internet), no minimap over the canvas (the README screenshot).
 FRONTEND_SETTINGS = {
     "Comfy.TutorialCompleted": True,
-    "Comfy.Workflow.ShowMissingNodesWarning": True,
-    "Comfy.Workflow.ShowMissingModelsWarning": False,
     "Comfy.Notification.ShowVersionUpdates": False,
     "Comfy.Minimap.Visible": False,
 }
@@ -90,7 +86,9 @@ def write_tiny_wan(path: Path, seed: int = 0) -> dict:
 # The server log: what counts as a problem.
 
 _TRACEBACK = "Traceback (most recent call last):"
-_CANNOT_IMPORT = re.compile(r"^Cannot import (?P<path>.+?) module for custom nodes: (?P<why>.*)$")
+# ComfyUI 0.33 starts each log record with its level, coloured ("\x1b[32m[INFO]\x1b[0m got prompt"); 0.3.x does not.
+_ANSI = re.compile(r"\x1b\[[\d;]*m")
+_LEVEL = re.compile(r"^\[(DEBUG|DETAIL|INFO|WARNING|ERROR|CRITICAL)\] ?")
 _PROBLEM_LINES = [
     re.compile(p) for p in (
         r"\bERROR\b",
@@ -100,7 +98,7 @@ _PROBLEM_LINES = [
         r"invalid prompt",
         r"\(IMPORT FAILED\)",  # the custom-node import summary: only our two packs are in this custom_nodes/
         r"(?i)failed to initialize database",
-        r"Cannot import",
+        r"Cannot import",  # a custom node, or one of ComfyUI's own (tests/requirements.txt installs all they import)
         r"IMPORT FAILED",
         r"Exception in thread",
         r"^Skip .* module for custom nodes",
@@ -110,51 +108,39 @@ _PROBLEM_LINES = [
 ]
 
 
-def log_problems(text: str, comfy_root: Path, allow: tuple[str, ...] = ()) -> list[str]:
-    """Problems in a ComfyUI server log, each with its lines. Allowed, explicitly: ComfyUI's OWN optional node files
-    (comfy_extras/, comfy_api_nodes/) that fail to import for a missing optional module (torchaudio, kornia,
-    spandrel...: not in tests/requirements.txt), with their summary lines "IMPORT FAILED: nodes_x.py". Anything else
-    (a traceback, "Cannot import" of a custom node, our pack or the test pack, an exception while executing a prompt)
-    is a problem. ``allow``: regular expressions of further lines a caller expects (searched in each line)."""
-    lines = text.splitlines()
-    optional_dirs = tuple(str(comfy_root / d) + os.sep for d in ("comfy_extras", "comfy_api_nodes"))
-    allowed_files: set[str] = set()
+def _level_and_message(line: str) -> tuple[str | None, str]:
+    line = _ANSI.sub("", line)
+    level = _LEVEL.match(line)
+    return (level[1], line[level.end():]) if level else (None, line)
+
+
+def log_problems(text: str, allow: tuple[str, ...] = ()) -> list[str]:
+    """Problems in a ComfyUI server log, each with its lines: a traceback (with the "Cannot import ..." line that
+    names what failed to import, when one follows), a record at ERROR level or above, a line saying something failed
+    (_PROBLEM_LINES). ``allow``: regular expressions of lines a caller expects (searched in each line, its level tag
+    removed); a traceback is never allowed."""
+    records = [_level_and_message(line) for line in text.splitlines()]
+    lines = [message for _, message in records]
     problems: list[str] = []
-    consumed: set[int] = set()
     i = 0
     while i < len(lines):
-        if lines[i].strip() != _TRACEBACK:
+        if lines[i].strip() == _TRACEBACK:
+            start = i
             i += 1
-            continue
-        start = i
+            # Frames are indented; chained tracebacks repeat the header; the first unindented line is the exception.
+            while i < len(lines) and (lines[i].startswith(" ") or not lines[i].strip() or lines[i].strip() == _TRACEBACK
+                                      or lines[i].startswith("During handling") or lines[i].startswith("The above")):
+                i += 1
+            end = i + 1
+            while end < len(lines) and not lines[end].strip():
+                end += 1
+            if end < len(lines) and lines[end].startswith("Cannot import"):
+                i = end
+            problems.append("\n".join(lines[start:i + 1]))
+        elif ((records[i][0] in ("ERROR", "CRITICAL") or any(p.search(lines[i]) for p in _PROBLEM_LINES))
+              and not any(re.search(a, lines[i]) for a in allow)):
+            problems.append(lines[i])
         i += 1
-        # Frames are indented; chained tracebacks repeat the header; the first unindented line is the exception.
-        while i < len(lines) and (lines[i].startswith(" ") or not lines[i].strip() or lines[i].strip() == _TRACEBACK
-                                  or lines[i].startswith("During handling") or lines[i].startswith("The above")):
-            i += 1
-        exception = lines[i] if i < len(lines) else ""
-        end = i
-        j = i + 1
-        while j < len(lines) and not lines[j].strip():
-            j += 1
-        context = _CANNOT_IMPORT.match(lines[j]) if j < len(lines) else None
-        block = lines[start:end + 1]
-        if (context and exception.startswith("ModuleNotFoundError:")
-                and context["path"].startswith(optional_dirs) and context["why"].startswith("No module named")):
-            allowed_files.add(os.path.basename(context["path"]))
-            consumed.update(range(start, j + 1))
-        else:
-            problems.append("\n".join(block + ([lines[j]] if context else [])))
-            consumed.update(range(start, (j if context else end) + 1))
-        i = end + 1
-    for n, line in enumerate(lines):
-        if n in consumed:
-            continue
-        summary = re.match(r"^IMPORT FAILED: (\S+)$", line.strip())
-        if summary and summary[1] in allowed_files:
-            continue
-        if any(p.search(line) for p in _PROBLEM_LINES) and not any(re.search(a, line) for a in allow):
-            problems.append(line)
     return problems
 
 
@@ -271,7 +257,7 @@ class ComfyServer:
         return len(self.log_text())
 
     def problems(self, since: int = 0, until: int | None = None, allow: tuple[str, ...] = ()) -> list[str]:
-        return log_problems(self.log_text()[since:until], self.comfy_root, allow)
+        return log_problems(self.log_text()[since:until], allow)
 
     # -- HTTP -----------------------------------------------------------------------------------------------------
 
@@ -305,11 +291,11 @@ class ComfyServer:
 
 
 @pytest.fixture(scope="session")
-def comfy_server(tmp_path_factory):
+def comfy_server(tmp_path_factory, unavailable):
     """A started ComfyUI server with the pack, the test-only pack and a tiny Wan model (see the module docstring)."""
     root, note = comfy_env.setup()
     if root is None:
-        pytest.skip(f"needs ComfyUI: {note}")
+        unavailable(f"needs ComfyUI: {note}")
     server = ComfyServer(root, tmp_path_factory.mktemp("comfy_server"))
     server.prepare()
     server.tiny_wan_config = write_tiny_wan(server.models_dir / "diffusion_models" / TINY_WAN_FILE)

@@ -4,33 +4,39 @@ workflow of workflows/ the way the Templates menu does, and nothing is missing o
 For each workflow file:
 * ComfyUI serves it as a template of the pack (``/api/workflow_templates/<pack folder>/<file>``), byte for byte;
 * the frontend loads it (``app.loadGraphData``) with no missing node type (its own missing-node list, caught by a probe
-  extension, and its "Some Nodes Are Missing" dialog), no node in error, no dialog or error toast, no uncaught
-  exception or console error, and every node's widget values read back exactly as the file has them;
-* the prompt the frontend builds from it (``app.graphToPrompt``, what the Run button queues) passes ComfyUI's
-  server-side validation except for the model files, which a test server does not have.
+  extension, and its error list), no error but the model files a test server does not have (its Errors tab lists
+  exactly the workflow's model files and flags only their loaders), no dialog or error toast, no uncaught exception
+  or console error, and every node's widget values read back as tests/workflow_check.py says the frontend loads them
+  (the file's values, then the defaults of widgets the file predates);
+* the prompt the frontend builds from it (``app.graphToPrompt``, what the Run button queues) is the one
+  tests/workflow_check.py builds, and passes ComfyUI's server-side validation except for the model files.
 
+The frontend is the one tests/requirements.txt pins (ComfyUI 0.33's); its error lists are read from its stores.
 A control workflow with an unknown node type must be caught by the same checks (so they can fail). One loaded
 workflow is screenshotted; ``SVA_UPDATE_SCREENSHOT=1`` writes it to docs/workflow_screenshot.png for the README
 (install a CJK font first, e.g. Debian's fonts-wqy-microhei: Wan's usual negative prompt is Chinese).
 
 Needs Chromium (Debian: ``apt-get install chromium``; .ci/run installs it) and ComfyUI; skipped with the reason
-otherwise. The browser is driven over the DevTools protocol (tests/headless_browser.py): no extra Python package.
+otherwise, or failed in strict mode (conftest.py). The browser is driven over the DevTools protocol
+(tests/headless_browser.py): no extra Python package.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
 import pytest
 
+import workflow_check as wc
 from headless_browser import Browser, find_chromium
 from pack import REPO_ROOT
 from server_fixture import PACK_FOLDER
 
-pytestmark = pytest.mark.comfyui  # skipped, loudly, without ComfyUI (conftest.py)
+pytestmark = pytest.mark.comfyui  # skipped, loudly, without ComfyUI, or failed in strict mode (conftest.py)
 
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 WORKFLOWS = sorted(p.name for p in WORKFLOWS_DIR.glob("*.json"))
@@ -38,14 +44,7 @@ SCREENSHOT = REPO_ROOT / "docs" / "workflow_screenshot.png"
 SCREENSHOT_WORKFLOWS = ("wan2.1_t2v_1.3b_radial.json", "wan2.1_t2v_radial.json")  # first present wins
 SCREENSHOT_MAX_BYTES = 500_000
 UPDATE_SCREENSHOT = "SVA_UPDATE_SCREENSHOT"
-MODEL_FILE_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pt2", ".pth", ".bin", ".gguf")
 PAGE_TIMEOUT_S = 90
-# The frontend (1.27) maps model folders to these loader nodes; if one of them is not on the server (a ComfyUI whose
-# comfy_extras/nodes_upscale_model.py failed to import because the optional package spandrel is missing), creating
-# ANY node with a model-file combo throws and the node shows as missing: UNETLoader, VAELoader, CheckpointLoader...
-FRONTEND_MODEL_LOADERS = ("CheckpointLoaderSimple", "ImageOnlyCheckpointLoader", "LoraLoader", "LoraLoaderModelOnly",
-                          "VAELoader", "ControlNetLoader", "UNETLoader", "UpscaleModelLoader", "StyleModelLoader",
-                          "GLIGENLoader")
 # A frontend that registered fewer node types than this has not finished reading /object_info.
 MIN_NODE_TYPES = 100
 
@@ -56,13 +55,14 @@ READY_JS = f"""(() => {{
   return ok ? Object.keys(LiteGraph.registered_node_types).length : 0;
 }})()"""
 
-# A frontend extension that records the missing node types the frontend finds when it configures a graph.
+# A frontend extension that records the missing node types the frontend finds when it configures a graph (their
+# names: the frontend lists each as a name or as an object with its type).
 PROBE_JS = """(() => {
   window.__svaMissing = null;
   if (!window.__svaProbe) {
     window.__svaProbe = true;
     app.registerExtension({name: "SparseVideoAttention.TestProbe",
-                           afterConfigureGraph(missing) { window.__svaMissing = JSON.parse(JSON.stringify(missing)); }});
+                           afterConfigureGraph(missing) { window.__svaMissing = missing.map((t) => t.type ?? t); }});
   }
   return true;
 })()"""
@@ -83,11 +83,25 @@ LOAD_DATA_JS = """(async () => {
   return true;
 })()"""
 
-# What the page shows after a load: the graph's nodes as the frontend holds them, dialogs, toasts, the prompt.
+# What the page shows after a load: the graph's nodes as the frontend holds them, dialogs, toasts, the error overlay,
+# the frontend's error lists (what its Errors tab shows: its pinia stores, by id), the prompt.
 STATE_JS = """(async () => {
   const visible = (el) => !!(el.offsetWidth || el.offsetHeight || el.getClientRects().length);
+  const stores = document.querySelector("#vue-app").__vue_app__.config.globalProperties.$pinia._s;
+  const store = (id) => {
+    if (!stores.has(id)) throw new Error("the frontend has no store " + id);
+    return stores.get(id);
+  };
+  const errors = {
+    count: store("executionError").totalErrorCount,
+    missing_models: (store("missingModel").missingModelCandidates || []).map((m) => ({
+      node: String(m.nodeId), widget: m.widgetName, name: m.name, url: m.url ?? null})),
+    missing_nodes: (store("missingNodesError").missingNodesError?.nodeTypes || []).map((t) => t.type ?? t),
+  };
+  const overlay = Array.from(document.querySelectorAll("[data-testid=error-overlay]")).filter(visible)
+    .map((o) => o.innerText);
   const nodes = app.graph.nodes.map((n) => ({
-    id: n.id, type: n.type, registered: LiteGraph.registered_node_types[n.type] !== undefined,
+    id: String(n.id), type: n.type, registered: LiteGraph.registered_node_types[n.type] !== undefined,
     has_errors: !!n.has_errors, widgets_values: n.serialize().widgets_values ?? null,
   }));
   const dialogs = Array.from(document.querySelectorAll(".p-dialog")).filter(visible).map((d) => ({
@@ -96,7 +110,7 @@ STATE_JS = """(async () => {
     severity: (t.className.match(/p-toast-message-(\\w+)/) || [])[1], text: t.innerText.slice(0, 600)}));
   let prompt = null, promptError = null;
   try { prompt = (await app.graphToPrompt()).output; } catch (e) { promptError = String(e && e.stack || e); }
-  return {missing: window.__svaMissing, nodes, dialogs, toasts, prompt, promptError};
+  return {missing: window.__svaMissing, nodes, dialogs, toasts, overlay, errors, prompt, promptError};
 })()"""
 
 # The README screenshot: the whole graph in view at full detail, no source badge on the pack's nodes (it would show
@@ -122,7 +136,7 @@ SCREENSHOT_VIEW_JS = """(async () => {
 
 CLOSE_DIALOGS_JS = """(() => {
   const buttons = document.querySelectorAll(".p-dialog .p-dialog-close-button, .p-dialog [aria-label='Close']," +
-                                            " .p-toast-close-button");
+                                            " .p-toast-close-button, [data-testid=error-overlay-dismiss]");
   buttons.forEach((b) => b.click());
   return buttons.length;
 })()"""
@@ -133,16 +147,11 @@ def fail_message(name: str, what: str, detail) -> str:
 
 
 @pytest.fixture(scope="module")
-def page(comfy_server, tmp_path_factory):
+def page(comfy_server, tmp_path_factory, unavailable):
     """The ComfyUI page in headless Chromium, node definitions loaded, the probe extension registered."""
     chromium = find_chromium()
     if chromium is None:
-        pytest.skip("needs Chromium for the browser test: apt-get install chromium (Debian), or put chromium on PATH")
-    info = comfy_server.get("/object_info")
-    absent = [n for n in FRONTEND_MODEL_LOADERS if n not in info]
-    assert not absent, (f"the server lacks {absent}: this ComfyUI frontend then fails to create every loader node "
-                        "(they show as missing). Install ComfyUI's optional requirements (spandrel: "
-                        "tests/requirements.txt has it)\n" + comfy_server.log_tail())
+        unavailable("needs Chromium for the browser test: apt-get install chromium (Debian), or put chromium on PATH")
     browser = Browser(chromium, tmp_path_factory.mktemp("chromium") / "profile", width=1920, height=1080)
     try:
         browser.navigate(comfy_server.url + "/")
@@ -183,7 +192,7 @@ def validation_problems(comfy_server, prompt: dict) -> list:
         for error in node.get("errors", []):
             value = error.get("extra_info", {}).get("received_value")
             model_file = (error.get("type") == "value_not_in_list" and isinstance(value, str)
-                          and value.lower().endswith(MODEL_FILE_EXTENSIONS))
+                          and value.lower().endswith(wc.MODEL_FILE_EXTENSIONS))
             if not model_file:
                 problems.append({"node": node_id, "class_type": node.get("class_type"), **error})
     return problems
@@ -214,8 +223,20 @@ def test_page_opens_with_the_pack(page, comfy_server):
         f"ComfyUI's template list for {PACK_FOLDER}: {templates.get(PACK_FOLDER)}")
 
 
+def model_files(data: dict) -> list[tuple[str, str]]:
+    """(node id, file name) of every model file the workflow's nodes name."""
+    return sorted((str(n["id"]), v) for n in data["nodes"] for v in n.get("widgets_values") or []
+                  if isinstance(v, str) and v.lower().endswith(wc.MODEL_FILE_EXTENSIONS))
+
+
+def loaded_widget_values(catalog, node: dict):
+    """The widget values the frontend holds after loading ``node``, as tests/workflow_check.py models it."""
+    d, values = catalog.get(node["type"]), node.get("widgets_values")
+    return values if d is None or values is None else wc.loaded_values(d.widget_slots(values), values)
+
+
 @pytest.mark.parametrize("name", WORKFLOWS)
-def test_workflow_loads_in_the_page(page, comfy_server, name):
+def test_workflow_loads_in_the_page(page, comfy_server, catalog, name):
     page.evaluate(CLOSE_DIALOGS_JS)
     settle(page, 0.2)
     events = len(page.events)
@@ -231,27 +252,47 @@ def test_workflow_loads_in_the_page(page, comfy_server, name):
     assert not state["dialogs"], fail_message(name, "dialogs shown", state["dialogs"])
     errors = [t for t in state["toasts"] if t["severity"] in ("error", "warn")]
     assert not errors, fail_message(name, "error / warning toasts", errors)
-    bad = [n for n in state["nodes"] if not n["registered"] or n["has_errors"]]
-    assert not bad, fail_message(name, "nodes unknown to the frontend or in error", bad)
-    page_errors = page.errors(events)
+    # The one kind of error expected: the model files, which a test server does not have. The frontend lists each one,
+    # flags its loader and asks its download link for the file size (which fails: the page is kept offline).
+    missing_models = state["errors"]["missing_models"]
+    assert sorted((m["node"], m["name"]) for m in missing_models) == model_files(data), fail_message(
+        name, "the frontend's missing models are not the workflow's model files", missing_models)
+    assert state["errors"]["count"] == len(missing_models), fail_message(name, "errors besides missing models",
+                                                                         state["errors"])
+    model_nodes = {m["node"] for m in missing_models}
+    bad = [n for n in state["nodes"] if not n["registered"] or n["has_errors"] != (n["id"] in model_nodes)]
+    assert not bad, fail_message(name, "nodes unknown to the frontend, or in error for another reason", bad)
+    size_requests = {f"log (network): Failed to load resource: net::ERR_NAME_NOT_RESOLVED {m['url']}"
+                     for m in missing_models}
+    page_errors = [e for e in page.errors(events) if e not in size_requests]
     assert not page_errors, fail_message(name, "page errors while loading", page_errors)
 
-    want = {n["id"]: n.get("widgets_values") for n in data["nodes"]}
+    want = {str(n["id"]): loaded_widget_values(catalog, n) for n in data["nodes"]}
     got = {n["id"]: n["widgets_values"] for n in state["nodes"]}
     assert sorted(got) == sorted(want), fail_message(name, "node ids after loading", {"file": sorted(want),
                                                                                      "page": sorted(got)})
-    changed = {i: {"file": want[i], "page": got[i]} for i in want if want[i] is not None and got[i] != want[i]}
+    changed = {i: {"expected": want[i], "page": got[i]} for i in want if want[i] and got[i] != want[i]}
     assert not changed, fail_message(name, "widget values the frontend read differently", changed)
 
     assert state["prompt"], fail_message(name, "the frontend could not build a prompt", state["promptError"])
+    frontend, checker = ({i: (v["class_type"], v["inputs"]) for i, v in prompt.items()}
+                         for prompt in (state["prompt"], wc.to_api_prompt(data, catalog)))
+    assert frontend == checker, fail_message(name, "the frontend's prompt differs from tests/workflow_check.py's",
+                                             {"frontend": frontend, "checker": checker})
     types = sorted(n["class_type"] for n in state["prompt"].values())
     ours = [t for t in types if t in ("SparseAttentionPatch", "RadialAttentionMask")]
     assert "SparseAttentionPatch" in ours, fail_message(name, "prompt without Sparse Attention Patch", types)
     problems = validation_problems(comfy_server, state["prompt"])
     assert not problems, fail_message(name, "ComfyUI rejects the prompt for more than missing model files", problems)
 
-    log = comfy_server.problems(since=log_start, allow=(r"^Failed to validate prompt for output",
-                                                        r"^invalid prompt: \{'type': 'prompt_outputs_failed_validation'"))
+    # ComfyUI logs why it rejects the prompt (ComfyUI 0.33 at ERROR level): the missing model files, nothing else.
+    class_types = {str(n["id"]): n["type"] for n in data["nodes"]}
+    rejection = [r"^Failed to validate prompt for output \d+:$", r"^Output will be ignored$",
+                 r"^invalid prompt: \{'type': 'prompt_outputs_failed_validation'"]
+    for m in missing_models:
+        rejection += [rf"^\* {class_types[m['node']]} {m['node']}:$",
+                      rf"^  - Value not in list: {m['widget']}: {re.escape(repr(m['name']))} not in \["]
+    log = comfy_server.problems(since=log_start, allow=tuple(rejection))
     assert not log, f"{name}: server log problems:\n\n" + "\n\n".join(log)
 
 
@@ -266,9 +307,10 @@ def test_unknown_node_type_is_caught(page):
     state = page.evaluate(STATE_JS)
     page.evaluate(CLOSE_DIALOGS_JS)
     assert state["missing"] == ["SVANoSuchNodeType"], state["missing"]
-    assert any(d["key"] == "global-load-workflow-warning" and "SVANoSuchNodeType" in d["text"]
-               for d in state["dialogs"]), state["dialogs"]
-    assert [n for n in state["nodes"] if n["type"] == "SVANoSuchNodeType" and not n["registered"] and n["has_errors"]]
+    assert state["errors"]["missing_nodes"] == ["SVANoSuchNodeType"], state["errors"]
+    assert state["errors"]["count"] == len(state["errors"]["missing_models"]) + 1, state["errors"]
+    assert state["overlay"], "the frontend showed no error overlay"
+    assert [n for n in state["nodes"] if n["type"] == "SVANoSuchNodeType" and not n["registered"]], state["nodes"]
 
 
 def test_screenshot_of_a_loaded_workflow(page, tmp_path):
@@ -279,6 +321,7 @@ def test_screenshot_of_a_loaded_workflow(page, tmp_path):
     settle(page, 0.3)
     state = page.evaluate(STATE_JS)
     assert state["missing"] == [] and not state["dialogs"], state
+    page.evaluate(CLOSE_DIALOGS_JS)  # the overlay saying the models are missing (this server has none)
     scale = page.evaluate(SCREENSHOT_VIEW_JS)
     assert scale > 0.3, f"the graph would be drawn at {scale:.2f}x: unreadable"
     time.sleep(0.8)  # the canvas redraws on the next animation frames

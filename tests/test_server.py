@@ -1,7 +1,7 @@
 """The pack in a real ComfyUI server: ``python main.py --cpu`` with the pack in custom_nodes/ under an arbitrary folder
 name (tests/server_fixture.py), driven over HTTP as the web page drives it.
 
-* the server starts with the pack imported and nothing but ComfyUI's own optional extras failing to import;
+* the server starts with the pack imported and nothing failing to import (ComfyUI's own nodes included);
 * ``/object_info`` lists every node of the pack with all its inputs, each with a tooltip;
 * a tiny Wan 2.1 T2V file in models/diffusion_models/ is loaded by the stock UNETLoader as WAN21_T2V, and a queued
   workflow (UNETLoader -> Radial Mask + Sparse Attention Patch -> KSampler) runs to the end with the sparse path
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import pytest
 
@@ -88,31 +87,43 @@ def _traceback(root: str, where: str, exception: str) -> list[str]:
             exception, ""]
 
 
+def _tagged(level: str, lines: list[str]) -> list[str]:
+    """A log record as ComfyUI 0.33 writes it: its first line starts with the level, coloured."""
+    return [f"\x1b[1m\x1b[33m[{level}]\x1b[0m {lines[0]}", *lines[1:]]
+
+
 def test_log_rules():
-    """What the server-log check lets through (ComfyUI's own optional extras missing a module) and what it does not."""
+    """What the server-log check reports (a traceback with the import it broke, a failed import of any node file,
+    ComfyUI's own included, an exception while running a prompt, an ERROR record) and what it lets through, in
+    ComfyUI 0.3's plain log lines and 0.33's level-tagged ones."""
     root = "/opt/ComfyUI"
-    extra = f"{root}/comfy_extras/nodes_audio.py"
-    allowed = (_traceback(root, extra, "ModuleNotFoundError: No module named 'torchaudio'")
-               + [f"Cannot import {extra} module for custom nodes: No module named 'torchaudio'", "",
-                  "WARNING: some comfy_extras/ nodes did not import correctly.", "IMPORT FAILED: nodes_audio.py",
-                  "got prompt", "Prompt executed in 0.35 seconds"])
-    assert log_problems("\n".join(allowed), Path(root)) == []
+    normal = ["got prompt", "Prompt executed in 0.35 seconds"]
+    assert log_problems("\n".join(normal)) == []
+    assert log_problems("\n".join(_tagged("INFO", [line])[0] for line in normal)) == []
 
     ours = f"/tmp/base/custom_nodes/{PACK_FOLDER}"
     broken_pack = (_traceback(root, f"{ours}/__init__.py", "ModuleNotFoundError: No module named 'triton'")
                    + [f"Cannot import {ours} module for custom nodes: No module named 'triton'", "",
                       "Import times for custom nodes:", f"   0.0 seconds (IMPORT FAILED): {ours}"])
-    problems = log_problems("\n".join(broken_pack), Path(root))
-    assert len(problems) == 2 and "triton" in problems[0] and "IMPORT FAILED" in problems[1], problems
+    problems = log_problems("\n".join(broken_pack))
+    assert len(problems) == 2 and "triton" in problems[0] and "Cannot import" in problems[0], problems
+    assert "IMPORT FAILED" in problems[1], problems
 
-    other_extra_error = _traceback(root, extra, "ValueError: bad") + [
-        f"Cannot import {extra} module for custom nodes: bad"]
-    assert len(log_problems("\n".join(other_extra_error), Path(root))) == 1
+    extra = f"{root}/comfy_extras/nodes_canny.py"
+    missing_extra = (_tagged("WARNING", _traceback(root, extra, "ModuleNotFoundError: No module named 'kornia'"))
+                     + _tagged("WARNING", [f"Cannot import {extra} module for custom nodes: No module named 'kornia'"])
+                     + _tagged("WARNING", ["IMPORT FAILED: nodes_canny.py"]))
+    problems = log_problems("\n".join(missing_extra))
+    assert len(problems) == 2 and "kornia" in problems[0] and problems[1] == "IMPORT FAILED: nodes_canny.py", problems
+
     run_failure = ["got prompt", "!!! Exception during processing !!! boom"] + _traceback(
         root, f"{ours}/nodes/bridge.py", "RuntimeError: boom")
-    assert len(log_problems("\n".join(run_failure), Path(root))) == 2
-    unlisted_summary = ["IMPORT FAILED: nodes_audio.py"]  # a summary line without its allowed traceback
-    assert log_problems("\n".join(unlisted_summary), Path(root)) == unlisted_summary
+    assert len(log_problems("\n".join(run_failure))) == 2
+    assert log_problems(_tagged("ERROR", ["something went wrong"])[0]) == ["something went wrong"]
+
+    rejected = _tagged("ERROR", ["Failed to validate prompt for output 14:"])
+    assert log_problems(rejected[0]) == ["Failed to validate prompt for output 14:"]
+    assert log_problems(rejected[0], allow=(r"^Failed to validate prompt for output",)) == []
 
 
 @comfyui

@@ -2,9 +2,10 @@
 
 Every JSON in workflows/ is checked (tests/workflow_check.py says how): node types exist in ComfyUI (nodes.py +
 comfy_extras) or this pack, links are consistent and typed, required inputs are linked or set, widget values are in
-the order of INPUT_TYPES and accepted (combos, min / max, booleans), and ComfyUI's own server-side validation accepts
-the prompt the frontend would queue. Model-file names are free (they depend on the local models folders) but must
-be named, with their folder, in the workflow's notes.
+the order the frontend makes the widgets (dynamic combos expanded, trailing optional defaults) and accepted (combos,
+min / max, booleans), and ComfyUI's own server-side validation accepts the prompt the frontend would queue.
+Model-file names are free (they depend on the local models folders) but must be named, with their folder, in the
+workflow's notes.
 
 The set of workflows is checked too: one per supported model family (recognised by the diffusion model files its
 loaders name), each with the reference Radial settings of its family, exactly one dense-vs-sparse comparison that
@@ -12,8 +13,8 @@ is fair (same model, prompt, latent, seed and sampler settings on both sides), e
 ComfyUI's template browser lists and serves every file of workflows/ (app/custom_node_manager.py, with the pack in a
 temporary custom_nodes folder).
 
-Needs ComfyUI (found as DESIGN.md says); without it the ComfyUI tests are skipped loudly (conftest.py). ComfyUI's
-node classes are loaded once per session (about 10-15 s, most of it importing ComfyUI).
+Needs ComfyUI (found as DESIGN.md says); without it the ComfyUI tests are skipped loudly, or fail in strict mode
+(conftest.py). ComfyUI's node classes are loaded once per session (about 10-15 s, most of it importing ComfyUI).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import json
 import logging
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 
 import pytest
@@ -92,19 +92,6 @@ FAMILIES = {
     "HunyuanVideo T2V": Family((r"hunyuan_video_t2v",), HUNYUAN_RADIAL, 720, files=(r"llava_llama3",),
                                nodes=frozenset({"DualCLIPLoader"}), svg2=HUNYUAN_SVG2, svg=HUNYUAN_SVG),
 }
-
-
-class WorkflowCheckUnavailable(pytest.PytestWarning):
-    """ComfyUI was found but its node classes could not be loaded: the workflow checks are skipped."""
-
-
-@pytest.fixture(scope="module")
-def catalog():
-    try:
-        return wc.load_catalog()
-    except wc.ComfyUIUnavailable as why:
-        warnings.warn(WorkflowCheckUnavailable(f"workflow checks SKIPPED: {why}"))
-        pytest.skip(f"needs ComfyUI's node classes: {why}")
 
 
 def nodes_of(wf, type_name=None):
@@ -185,7 +172,7 @@ def families_of(wf) -> list[str]:
 
 
 def widget(catalog, n, input_name):
-    slots = catalog.get(n["type"]).widget_slots()
+    slots = catalog.get(n["type"]).widget_slots(n["widgets_values"])
     index = next(i for i, (inp, role) in enumerate(slots) if inp.name == input_name and role == "value")
     return n["widgets_values"][index]
 
@@ -276,6 +263,43 @@ def test_readme_names_every_workflow():
     assert not missing, f"README.md's workflow table does not name {missing}"
 
 
+def _dynamic(**options):
+    """A dynamic combo as /object_info gives it: option key -> that option's inputs."""
+    return [wc.DYNAMIC_COMBO, {"options": [{"key": key, "inputs": inputs} for key, inputs in options.items()]}]
+
+
+# Shaped like ComfyUI 0.33's SaveVideo (format -> codec -> encoding) and CreateVideo (bit_depth: optional, added after
+# the inputs older files store), trimmed.
+_ENCODING = _dynamic(auto={}, **{"re-encode": {"required": {"crf": ["FLOAT", {"default": 23.0}]}}})
+_CODEC = _dynamic(auto={}, h264={"optional": {"encoding": _ENCODING}})
+VIDEO_NODE = wc.node_def_from_info("VideoNode", {"input": {
+    "required": {"video": ["VIDEO", {}], "prefix": ["STRING", {"default": "video"}],
+                 "format": _dynamic(mp4={"required": {"codec": _CODEC}}, webm={})},
+    "optional": {"bit_depth": ["INT", {"default": 8, "min": 8, "max": 10}]}}, "output": ["VIDEO"]})
+_H264 = "prefix format format.codec format.codec.encoding"
+
+
+@pytest.mark.parametrize("values, widgets, loaded", [
+    (["v", "mp4", "auto"], "prefix format format.codec bit_depth", ["v", "mp4", "auto", 8]),
+    (["v", "mp4", "h264"], f"{_H264} bit_depth", ["v", "mp4", "h264", "auto", 8]),
+    (["v", "mp4", "h264", "re-encode", 18.0, 10], f"{_H264} format.codec.encoding.crf bit_depth",
+     ["v", "mp4", "h264", "re-encode", 18.0, 10]),
+    (["v", "webm"], "prefix format bit_depth", ["v", "webm", 8]),
+    # a required widget left out: a truncated or shifted list, not a file older than an input
+    (["v", "mp4"], "prefix format format.codec bit_depth", None),
+    (["v", "mp4", "h264", "re-encode"], f"{_H264} format.codec.encoding.crf bit_depth", None),
+    (["v", "mkv", "auto"], "prefix format bit_depth", ["v", "mkv", "auto"]),  # no such option: no widgets of its own
+], ids=["codec-auto", "encoding-default", "all-set", "option-without-inputs", "codec-missing", "crf-missing",
+        "unknown-option"])
+def test_dynamic_combo_widgets_as_the_frontend_loads_them(values, widgets, loaded):
+    """A dynamic combo's value is followed by the widgets of the option it selects, recursively, named
+    "combo.input"; trailing optional widgets with a default may be left out (the frontend gives them that default),
+    nothing else may."""
+    slots = VIDEO_NODE.widget_slots(values)
+    assert " ".join(inp.name for inp, _ in slots) == widgets
+    assert wc.loaded_values(slots, values) == loaded
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Against ComfyUI's node definitions
 
@@ -339,7 +363,8 @@ def test_notes_name_every_model_file_and_folder(path, catalog):
         if d is None:
             continue
         offered = {m.get("name"): m.get("directory") for m in n.get("properties", {}).get("models", [])}
-        for (inp, role), value in zip(d.widget_slots(), n.get("widgets_values", [])):
+        values = n.get("widgets_values", [])
+        for (inp, role), value in zip(d.widget_slots(values), values):
             folder = wc.MODEL_FILE_INPUTS.get((n["type"], inp.name))
             if role != "value" or folder is None or folder == "input":
                 continue
@@ -428,7 +453,7 @@ def test_comparison_renders_dense_and_sparse_from_the_same_inputs(catalog):
     if d["widgets_values"] != sp["widgets_values"]:
         problems.append(f"sampler settings differ: dense {d['widgets_values']}, sparse {sp['widgets_values']}")
     for n in (d, sp):
-        for (inp, role), value in zip(catalog.get(n["type"]).widget_slots(), n["widgets_values"]):
+        for (inp, role), value in zip(catalog.get(n["type"]).widget_slots(n["widgets_values"]), n["widgets_values"]):
             if role == "control" and value != "fixed":
                 problems.append(f"node {n['id']} ({n['type']}) input '{inp.name}': control_after_generate "
                                 f"{value!r}, expected 'fixed' (the two renders must keep the same seed)")
@@ -512,7 +537,7 @@ def _first(wf, type_name):
 
 def _set_widget(catalog, wf, type_name, input_name, value):
     n = _first(wf, type_name)
-    slots = catalog.get(type_name).widget_slots()
+    slots = catalog.get(type_name).widget_slots(n["widgets_values"])
     index = next(i for i, (inp, role) in enumerate(slots) if inp.name == input_name and role == "value")
     n["widgets_values"][index] = value
     return n
@@ -594,9 +619,38 @@ def link_missing_on_output(catalog, wf):
     return dst, None, [f"link {lid} from node {loader['id']} (VAELoader)", "do not list it"]
 
 
+def video_format_not_an_option(catalog, wf):
+    return _set_widget(catalog, wf, "SaveVideo", "format", "mov"), "format", ["'mov'", "not one of"]
+
+
+def video_codec_dropped(catalog, wf):
+    """SaveVideo without its codec (a dynamic combo's nested widget in ComfyUI 0.33): not a trailing default."""
+    n = _first(wf, "SaveVideo")
+    del n["widgets_values"][2]
+    return n, None, ["2 widgets_values", "codec"]
+
+
+def video_values_shifted(catalog, wf):
+    n = _first(wf, "SaveVideo")
+    n["widgets_values"].insert(0, n["widgets_values"].pop(1))  # the format key first, the file prefix in its place
+    return n, "format", ["'video/ComfyUI'", "not one of"]
+
+
 MUTATIONS = [rename_type, cfg_above_max, decay_below_min, dense_layers_not_int, backend_not_an_option,
              block_size_as_string, sink_not_bool, sampler_not_an_option, control_value_dropped, positive_disconnected,
-             method_fed_a_model, link_missing_on_output]
+             method_fed_a_model, link_missing_on_output, video_format_not_an_option, video_codec_dropped,
+             video_values_shifted]
+
+
+@comfyui
+def test_save_video_with_a_codec_chosen_passes(catalog):
+    """SaveVideo as a ComfyUI 0.3.x frontend saves it with a container and codec chosen (prefix, format, codec): in
+    ComfyUI 0.33 format is a dynamic combo, mp4 brings the codec widget, h264 an optional encoding widget the file
+    leaves to its default. Both layers accept it, whichever ComfyUI."""
+    wf = copy.deepcopy(wc.load_workflow(wc.WORKFLOWS_DIR / MUTATION_SOURCE))
+    _first(wf, "SaveVideo")["widgets_values"] = ["video/ComfyUI", "mp4", "h264"]
+    assert not wc.check_workflow(wf, MUTATION_SOURCE, catalog)
+    assert not wc.comfyui_validation_errors(wf, MUTATION_SOURCE, catalog)
 
 
 @comfyui

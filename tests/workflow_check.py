@@ -6,7 +6,9 @@ files, and this pack's nodes):
 1. :func:`check_workflow` reads the file as the ComfyUI frontend loads it: every node type exists, every link is
    recorded the same way in the ``links`` array and in both nodes' ``inputs`` / ``outputs``, joins an output to an
    input of a matching type, every required input is linked or has a widget value, and ``widgets_values`` holds one
-   accepted value per widget, in the order the frontend creates the widgets from ``INPUT_TYPES``.
+   accepted value per widget, in the order the frontend creates the widgets from ``INPUT_TYPES`` (a dynamic combo's
+   key followed by the widgets of its selected option; trailing optional widgets with a default may be left out,
+   the frontend gives them that default).
 2. :func:`comfyui_validation_errors` turns the workflow into the API prompt the frontend would queue and runs it
    through ComfyUI's own server-side check (``execution.validate_prompt``). Model-file names are the one thing it may
    reject here (they depend on the local ``models/`` folders), so ``value_not_in_list`` on those inputs is ignored.
@@ -66,7 +68,9 @@ MODEL_FILE_INPUTS = {
 MODEL_FILE_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pt2", ".pth", ".bin", ".gguf")
 
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
-WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+# A combo whose every option brings its own inputs (ComfyUI's comfy_api io.DynamicCombo, e.g. SaveVideo's format).
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", DYNAMIC_COMBO)
 UPLOAD_OPTIONS = ("image_upload", "animated_image_upload", "video_upload")
 
 
@@ -79,16 +83,25 @@ class ComfyUIUnavailable(RuntimeError):
 
 @dataclass
 class InputDef:
-    name: str
+    name: str                      # a dynamic combo's nested input: "combo.input" (the frontend's and server's name)
     type: str                      # socket type, or "COMBO" for a list of options
     options: dict
-    required: bool
-    choices: list | None = None    # the combo's options
+    required: bool                 # a dynamic combo's nested input: required in its option
+    choices: list | None = None    # the combo's options (a dynamic combo's option keys)
+    nested: dict | None = None     # a dynamic combo's inputs per option key
 
     @property
     def widget(self) -> bool:
         """The frontend makes a widget (a value in widgets_values) for it, not a socket."""
         return self.type in WIDGET_TYPES and not self.options.get("forceInput", False)
+
+    @property
+    def default(self):
+        """The value the frontend gives a new widget: a dynamic combo its first option, a combo its default or first
+        option, any other widget its declared default; None without one (the frontend then makes up 0 or "")."""
+        if self.type == DYNAMIC_COMBO or (self.type == "COMBO" and not self.options.get("default")):
+            return self.choices[0] if self.choices else None
+        return self.options.get("default")
 
     @property
     def control_after_generate(self) -> bool:
@@ -111,21 +124,54 @@ class NodeDef:
     def __post_init__(self):
         self.by_name = {i.name: i for i in self.inputs}
 
-    def widget_slots(self) -> list[tuple[InputDef, str]]:
-        """(input, role) per entry of widgets_values, in the frontend's order; role: value / control / filter /
-        upload."""
+    def widget_slots(self, values=()) -> list[tuple[InputDef, str]]:
+        """(input, role) per widget the frontend makes for a node saved with widgets_values ``values``, in its order;
+        role: value / control / filter / upload. The frontend assigns the values one by one, and assigning a dynamic
+        combo's key inserts the widgets of that option's inputs right after it, which take the next values (so
+        recursively); a combo left without a value keeps its default option."""
         slots = []
-        for inp in self.inputs:
-            if not inp.widget:
-                continue
-            slots.append((inp, "value"))
-            if inp.control_after_generate:
-                slots.append((inp, "control"))
-                if inp.type == "COMBO":
-                    slots.append((inp, "filter"))
-            if any(inp.options.get(key) for key in UPLOAD_OPTIONS):
-                slots.append((inp, "upload"))
+
+        def add(inputs):
+            for inp in inputs:
+                if not inp.widget:
+                    continue
+                slots.append((inp, "value"))
+                if inp.nested is not None:
+                    key = values[len(slots) - 1] if len(slots) <= len(values) else inp.default
+                    add(inp.nested.get(key, []) if isinstance(key, str) else [])
+                if inp.control_after_generate:
+                    slots.append((inp, "control"))
+                    if inp.type == "COMBO":
+                        slots.append((inp, "filter"))
+                if any(inp.options.get(key) for key in UPLOAD_OPTIONS):
+                    slots.append((inp, "upload"))
+
+        add(self.inputs)
         return slots
+
+
+def loaded_values(slots: list[tuple[InputDef, str]], values: list) -> list | None:
+    """The widget values the frontend holds after loading ``values`` into ``slots``: it assigns the saved values in
+    order and leaves the widgets after them at their defaults. That is how a file saved before a node gained an
+    optional input loads (CreateVideo's bit_depth, SaveVideo's hidden codec), so those widgets may be left out; any
+    other shortfall (a required widget, one without a default, a control widget) is a shifted or truncated list:
+    None."""
+    rest = slots[len(values):]
+    if len(values) > len(slots) or not all(role == "value" and not inp.required and inp.default is not None
+                                           for inp, role in rest):
+        return None
+    return list(values) + [inp.default for inp, _ in rest]
+
+
+def _inputs(specs: dict, order: dict | None = None, prefix: str = "") -> list[InputDef]:
+    """Input definitions from an ``input`` dict ({"required": {...}, "optional": {...}}), in ``order`` (the
+    server's ``input_order``) or the dicts' own order."""
+    inputs = []
+    for category in ("required", "optional"):
+        section = specs.get(category) or {}
+        for name in (order or {}).get(category) or list(section):
+            inputs.append(_input_def(prefix + name, section[name], category == "required"))
+    return inputs
 
 
 def _input_def(name: str, spec, required: bool) -> InputDef:
@@ -136,17 +182,16 @@ def _input_def(name: str, spec, required: bool) -> InputDef:
         return InputDef(name, "COMBO", options, required, list(kind))
     if kind == "COMBO":
         return InputDef(name, "COMBO", options, required, list(options.get("options", [])))
+    if kind == DYNAMIC_COMBO:
+        nested = {o["key"]: _inputs(o.get("inputs") or {}, prefix=name + ".")
+                  for o in options.get("options", [])}
+        return InputDef(name, DYNAMIC_COMBO, options, required, list(nested), nested)
     return InputDef(name, str(kind), options, required)
 
 
 def node_def_from_info(type_name: str, info: dict) -> NodeDef:
     """From ComfyUI's /object_info entry of a node (``input``, optional ``input_order``, ``output``...)."""
-    order = info.get("input_order") or {}
-    inputs = []
-    for category in ("required", "optional"):
-        specs = (info.get("input") or {}).get(category) or {}
-        for name in order.get(category) or list(specs):
-            inputs.append(_input_def(name, specs[name], category == "required"))
+    inputs = _inputs(info.get("input") or {}, info.get("input_order"))
     outputs = [("COMBO" if isinstance(t, (list, tuple)) else str(t)) for t in info.get("output") or ()]
     names = list(info.get("output_name") or outputs)
     return NodeDef(type_name, inputs, outputs, names)
@@ -264,7 +309,7 @@ def _value_problem(node_type: str, inp: InputDef, role: str, value):
     if role in ("filter", "upload"):
         return None
     kind, opts = inp.type, inp.options
-    if kind == "COMBO":
+    if kind in ("COMBO", DYNAMIC_COMBO):
         folder = MODEL_FILE_INPUTS.get((node_type, inp.name))
         if folder is not None:
             if not isinstance(value, str) or not value:
@@ -441,21 +486,21 @@ def _check_node(n: dict, d: NodeDef, where: str, err) -> None:
             err(f"{where} input '{spec.name}': required input ({spec.type}) is not connected")
 
     outs = n.get("outputs") or []
-    if len(outs) != len(d.outputs):
-        err(f"{where}: {len(outs)} outputs saved, {d.type} has {len(d.outputs)} ({', '.join(d.outputs)})")
+    if len(outs) > len(d.outputs):  # fewer is fine: the frontend adds the rest (a node that gained an output)
+        err(f"{where}: {len(outs)} outputs saved, {d.type} has {len(d.outputs)} ({', '.join(d.outputs) or 'none'})")
     for slot, (out, t) in enumerate(zip(outs, d.outputs)):
         if out.get("type") != t:
             err(f"{where} output {slot} '{out.get('name')}': saved with type {out.get('type')!r}, {d.type} returns "
                 f"{t!r}")
 
     values = n.get("widgets_values", [])
-    slots = d.widget_slots()
     if isinstance(values, dict):  # some custom frontends save widgets by name
-        values = [values.get(inp.name) if role == "value" else None for inp, role in slots]
+        values = [values.get(inp.name) if role == "value" else None for inp, role in d.widget_slots()]
     if not isinstance(values, list):
         err(f"{where}: widgets_values is {type(values).__name__}, not a list")
         return
-    if len(values) != len(slots):
+    slots = d.widget_slots(values)
+    if loaded_values(slots, values) is None:
         expected = ", ".join(inp.name if role == "value" else f"{inp.name}:{role}" for inp, role in slots)
         err(f"{where}: {len(values)} widgets_values for {len(slots)} widgets ({expected or 'none'}): {values!r}")
     for (inp, role), value in zip(slots, values):
@@ -469,7 +514,8 @@ def _check_node(n: dict, d: NodeDef, where: str, err) -> None:
 
 def to_api_prompt(workflow: dict, catalog: Catalog) -> dict:
     """The API-format prompt of a (valid) UI workflow, as the frontend's graphToPrompt builds it: muted nodes and
-    frontend-only nodes left out, links through bypassed nodes and reroutes followed."""
+    frontend-only nodes left out, links through bypassed nodes and reroutes followed, every widget's value (defaults
+    included) under its name, a dynamic combo's nested ones as "combo.input" (how ComfyUI's comfy_api reads them)."""
     nodes = {n["id"]: n for n in workflow["nodes"]}
     links = {link[0]: link for link in workflow["links"]}
 
@@ -498,8 +544,10 @@ def to_api_prompt(workflow: dict, catalog: Catalog) -> dict:
         if n["type"] in FRONTEND_ONLY or n.get("mode", 0) in (2, 4):
             continue
         d = catalog.get(n["type"])
+        values = n.get("widgets_values") or []
+        slots = d.widget_slots(values)
         inputs = {}
-        for (inp, role), value in zip(d.widget_slots(), n.get("widgets_values") or []):
+        for (inp, role), value in zip(slots, loaded_values(slots, values) or values):
             if role == "value":
                 inputs[inp.name] = {"__value__": value} if isinstance(value, list) else value
         for inp in n.get("inputs") or []:
