@@ -1,10 +1,11 @@
-"""End-to-end: one denoising step of ComfyUI's own WanModel, dense against Radial (GPU).
+"""End-to-end: one denoising step of ComfyUI's own WanModel / HunyuanVideo, dense against Radial (GPU).
 
-Builds ComfyUI's WanModel at the real Wan 2.1 configurations with random bf16 weights, samples a few steps
-through ComfyUI's sampler with the unpatched model and with the model patched by our Sparse Attention Patch,
-and reports the time of a sparse step against a dense step, and the attention share of a dense step.
+Builds ComfyUI's model at the real configuration (as ComfyUI's model detection configures it from a checkpoint's
+keys) with random bf16 weights, samples a few steps through ComfyUI's sampler with the unpatched model and with the
+model patched by our Sparse Attention Patch (Radial at the reference settings of its workflow), and reports the time
+of a sparse step against a dense step, and the attention share of a dense step.
 
-    python benchmarks/e2e.py --comfyui PATH [--configs 14b-720p 1.3b-480p] [--steps 3] [--json out.json]
+    python benchmarks/e2e.py --comfyui PATH [--configs 14b-720p hunyuan-720p] [--steps 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -20,20 +21,36 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-WAN = {
-    "14b": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
-    "1.3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
-}
-LATENTS = {"720p": (21, 90, 160), "480p": (21, 60, 104)}  # 81 frames; Wan VAE: 4x time, 8x space
+WAN = {"14b": dict(dim=5120, ffn=13824, layers=40), "1.3b": dict(dim=1536, ffn=8960, layers=30)}
+LATENTS = {"720p": (21, 90, 160), "480p": (21, 60, 104)}  # Wan 81 frames; Wan VAE: 4x time, 8x space
+HUNYUAN_LATENT = (33, 90, 160)  # HunyuanVideo 720p, 129 frames
+HUNYUAN_TEXT = 256  # LLM text tokens (ComfyUI's HunyuanVideo text encoder crops to at most 256)
 
 
-def build_model(size: str, device):
+def wan_checkpoint(size: str) -> dict:
+    w = WAN[size]
+    return {"head.modulation": (1, 2, w["dim"]), "head.head.weight": (64, w["dim"]),
+            "patch_embedding.weight": (w["dim"], 16, 1, 2, 2),
+            **{f"blocks.{i}.ffn.0.weight": (w["ffn"], w["dim"]) for i in range(w["layers"])}}
+
+
+def hunyuan_checkpoint() -> dict:
+    """HunyuanVideo T2V 720p (13B): hidden 3072, 20 double and 40 single blocks, guidance-distilled."""
+    keys = {"txt_in.individual_token_refiner.blocks.0.norm1.weight": (3072,), "txt_in.input_embedder.weight": (3072, 4096),
+            "img_in.proj.weight": (3072, 16, 1, 2, 2), "final_layer.linear.weight": (64, 3072),
+            "vector_in.in_layer.weight": (3072, 768), "guidance_in.in_layer.weight": (3072, 256)}
+    keys.update({f"double_blocks.{i}.img_attn.qkv.weight": (9216, 3072) for i in range(20)})
+    keys.update({f"single_blocks.{i}.linear1.weight": (21504, 3072) for i in range(40)})
+    return keys
+
+
+def build_model(checkpoint: dict, device):
+    """ComfyUI's model as its detection configures it for ``checkpoint``'s keys, with random bf16 weights."""
+    import comfy.model_detection
     import comfy.model_patcher
-    import comfy.supported_models
 
-    unet = dict(image_model="wan2.1", model_type="t2v", in_dim=16, out_dim=16, text_dim=4096, freq_dim=256,
-                patch_size=(1, 2, 2), text_len=512, eps=1e-6, **WAN[size])
-    config = comfy.supported_models.WAN21_T2V(unet)
+    meta = {key: torch.empty(shape, device="meta") for key, shape in checkpoint.items()}
+    config = comfy.model_detection.model_config_from_unet(meta, "")
     config.set_inference_dtype(torch.bfloat16, None)
     model = config.get_model({}, device=device)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -43,7 +60,7 @@ def build_model(size: str, device):
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
 
 
-def sample_step_times(model, latent, steps, context):
+def sample_step_times(model, latent, steps, cond):
     """Wall time (s) of each denoising step of one sampling run (cfg 1: one model call per step)."""
     import comfy.sample
 
@@ -56,13 +73,12 @@ def sample_step_times(model, latent, steps, context):
     torch.cuda.synchronize()
     marks.append(time.perf_counter())
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
-    cond = [[context, {}]]
     comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", cond, cond, latent, seed=0,
                         callback=on_step, disable_pbar=True)
     return [b - a for a, b in zip(marks, marks[1:])]
 
 
-def attention_seconds(model, latent, context):
+def attention_seconds(model, latent, cond):
     """Time spent inside attention during one dense step, by an override that times every call."""
     spent = []
 
@@ -76,44 +92,64 @@ def attention_seconds(model, latent, context):
 
     timed = model.clone()
     timed.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = timing_override
-    sample_step_times(timed, latent, 1, context)
+    sample_step_times(timed, latent, 1, cond)
     torch.cuda.synchronize()
     return sum(a.elapsed_time(b) for a, b in spent) / 1e3
 
 
-def run_config(name, nodes, device, steps):
+def setup(name, nodes, device):
+    """(model, latent, conditioning, Radial settings, dense_layers, tokens) of a config, as its workflow runs it."""
+    gen = torch.Generator().manual_seed(1)
+    if name == "hunyuan-720p":
+        model = build_model(hunyuan_checkpoint(), device)
+        latent = torch.zeros(1, 16, *HUNYUAN_LATENT)
+        cond = [[torch.randn(1, HUNYUAN_TEXT, 4096, generator=gen),
+                 {"pooled_output": torch.randn(1, 768, generator=gen), "guidance": 6.0}]]
+        method = nodes.RadialMask().settings(decay_factor=0.95, block_size=128, attention_sink=False, text_dense=True)[0]
+        t, h, w = HUNYUAN_LATENT
+        return model, latent, cond, method, 0, t * (h // 2) * (w // 2) + HUNYUAN_TEXT
     size, res = name.split("-")
-    model = build_model(size, device)
+    model = build_model(wan_checkpoint(size), device)
     latent = torch.zeros(1, 16, *LATENTS[res])
-    context = torch.randn(1, 512, 4096, generator=torch.Generator().manual_seed(1))
+    cond = [[torch.randn(1, 512, 4096, generator=gen), {}]]
     method = nodes.RadialMask().settings(decay_factor=0.2, block_size=128, attention_sink=True, text_dense=True)[0]
-    patched = nodes.SparseAttentionPatch().patch(model, dense_steps=1, sparse_end=1.0, dense_layers=1,
+    t, h, w = LATENTS[res]
+    return model, latent, cond, method, 1, t * (h // 2) * (w // 2)
+
+
+def run_config(name, nodes, device, steps, attention_share=True):
+    model, latent, cond, method, dense_layers, tokens = setup(name, nodes, device)
+    patched = nodes.SparseAttentionPatch().patch(model, dense_steps=1, sparse_end=1.0, dense_layers=dense_layers,
                                                  backend="auto", verbose=False, method=method)[0]
-    dense = sample_step_times(model, latent, steps, context)
-    sparse = sample_step_times(patched, latent, steps + 1, context)  # its first step is dense
-    density = nodes.session_of(patched).stats.mean_density
-    attn = attention_seconds(model, latent, context)
+    dense = sample_step_times(model, latent, steps, cond)
+    sparse = sample_step_times(patched, latent, steps + 1, cond)  # its first step is dense
+    stats = nodes.session_of(patched).stats
+    assert stats.sparse_calls and not stats.fallbacks, f"{name}: no sparse step ({stats.fallback_messages})"
+    attn = attention_seconds(model, latent, cond) if attention_share else None
     dense_step = min(dense[1:] or dense)
     sparse_step = min(sparse[1:])
-    tokens = LATENTS[res][0] * (LATENTS[res][1] // 2) * (LATENTS[res][2] // 2)
     del model, patched
     torch.cuda.empty_cache()
     return dict(config=name, tokens=tokens, dense_step_s=dense_step, sparse_step_s=sparse_step,
-                speedup=dense_step / sparse_step, radial_mean_density=density, attention_share=attn / dense_step, dense_steps_s=dense,
+                speedup=dense_step / sparse_step, radial_mean_density=stats.sparse_density,
+                attention_share=None if attn is None else attn / dense_step, dense_steps_s=dense,
                 sparse_steps_s=sparse)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", str(Path.home() / "comfy/ComfyUI")))
-    parser.add_argument("--configs", nargs="+", default=["1.3b-480p", "14b-720p"])
+    parser.add_argument("--configs", nargs="+", default=["1.3b-480p", "14b-720p", "hunyuan-720p"])
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--no-attention-share", action="store_true",
+                        help="skip the timed dense step that measures attention's share (the same on any ComfyUI)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("this benchmark needs a CUDA GPU")
     sys.path.insert(0, args.comfyui)
     import comfy.cli_args
+    import comfyui_version
 
     comfy.cli_args.args.highvram = True  # keep the whole model on the GPU: time attention, not weight streaming
     from pack import import_pack
@@ -122,15 +158,18 @@ def main(argv=None):
     device = torch.device("cuda")
     results = []
     for name in args.configs:
-        results.append(run_config(name, nodes, device, args.steps))
+        results.append(run_config(name, nodes, device, args.steps, not args.no_attention_share))
+        results[-1]["comfyui"] = comfyui_version.__version__
         print(json.dumps(results[-1]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
-    print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | {time.strftime('%Y-%m-%d')}")
-    print(f"{'config':<12}{'tokens':>8}{'dense step s':>14}{'radial step s':>15}{'speedup':>9}{'attn share':>12}")
+    print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | ComfyUI {comfyui_version.__version__} | "
+          f"{time.strftime('%Y-%m-%d')}")
+    print(f"{'config':<14}{'tokens':>8}{'dense step s':>14}{'radial step s':>15}{'speedup':>9}{'attn share':>12}")
     for r in results:
-        print(f"{r['config']:<12}{r['tokens']:>8}{r['dense_step_s']:>14.3f}{r['sparse_step_s']:>15.3f}"
-              f"{r['speedup']:>8.2f}x{r['attention_share']:>11.0%}")
+        share = "-" if r["attention_share"] is None else f"{r['attention_share']:.0%}"
+        print(f"{r['config']:<14}{r['tokens']:>8}{r['dense_step_s']:>14.3f}{r['sparse_step_s']:>15.3f}"
+              f"{r['speedup']:>8.2f}x{share:>12}")
 
 
 if __name__ == "__main__":

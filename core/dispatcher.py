@@ -125,46 +125,49 @@ def _sparse_call(session, ctx, layer, args, kwargs, prime=False):
     q4, k4, v4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4))
 
     skip_output_reshape = kwargs.get("skip_output_reshape", False)
-    # Write straight into the layout the caller wants: (B, L, H, D) memory for (B, L, H*D) output.
-    buffer = torch.empty((B, H, L, D) if skip_output_reshape else (B, L, H, D), device=q.device, dtype=q.dtype)
-    out_view = buffer if skip_output_reshape else buffer.transpose(1, 2)
+    # Write straight into the layout the caller wants: (B, L, H, D) memory for (B, L, H*D) output. With ``lead``
+    # tokens in front of the video the buffer has ``lead`` rows more: the planners write their order (the video, then
+    # those tokens) from row ``lead`` on, which puts the video where the caller wants it and the leading tokens past
+    # row L; only they are copied to the front.
+    rows = L + lead
+    buffer = torch.empty((B, H, rows, D) if skip_output_reshape else (B, rows, H, D), device=q.device, dtype=q.dtype)
+    heads_first = buffer if skip_output_reshape else buffer.transpose(1, 2)
+    out_view = heads_first[:, :, lead:]
     grid = ctx.grid_for(L)
     run = session.prime if prime else session.attend
     if compute_dtype != q.dtype or lead:
-        # Staged copies (bf16 for float32 on a GPU; the non-video tokens in front moved behind the video) of a few
+        # Staged copies of q, k, v (bf16 of float32 on a GPU; the leading tokens moved behind the video) of a few
         # heads at a time, so they add a bounded amount to the call's peak memory, not copies of whole tensors.
         step = max(1, STAGE_CHUNK_BYTES // (B * L * D * torch.finfo(compute_dtype).bits // 8))
         work = 0.0
         for h0 in range(0, H, step):
             part = slice(h0, h0 + step)
-            staged = (_video_first(t[:, part], lead).to(compute_dtype) for t in (q4, k4, v4))
-            result, density = run(ctx, layer, *staged, kv_length=kv_length, head_offset=h0)
-            _write_model_order(out_view[:, part], result, lead)
-            work += density * result.shape[1]
-            del result
+            staged = [_video_first(t[:, part], lead).to(compute_dtype) for t in (q4, k4, v4)]
+            if compute_dtype == q.dtype:
+                _, density = run(ctx, layer, *staged, kv_length=kv_length, out=out_view[:, part], head_offset=h0)
+            else:
+                result, density = run(ctx, layer, *staged, kv_length=kv_length, head_offset=h0)
+                out_view[:, part].copy_(result)
+            work += density * staged[0].shape[1]
+            del staged
         density = work / H
     else:
         _, density = run(ctx, layer, q4, k4, v4, kv_length=kv_length, out=out_view)
+    if lead:
+        heads_first[:, :, :lead].copy_(heads_first[:, :, L:])
     if prime:
         session.record_dense(ctx, layer)
     else:
         session.record_sparse(ctx, layer, grid, density)
-    return buffer if skip_output_reshape else buffer.view(B, L, H * D)
+    out = buffer.narrow(2 if skip_output_reshape else 1, 0, L)
+    if not out.is_contiguous():  # the extra rows sit between batch elements: hand the caller a plain tensor
+        out = out.contiguous()
+    return out if skip_output_reshape else out.view(B, L, H * D)
 
 
 def _video_first(t: torch.Tensor, lead: int) -> torch.Tensor:
     """(B, H, L, D) in the model's order -> the planners' order: the ``lead`` tokens in front moved behind."""
     return t if not lead else torch.cat((t[:, :, lead:], t[:, :, :lead]), dim=2)
-
-
-def _write_model_order(out: torch.Tensor, result: torch.Tensor, lead: int) -> None:
-    """Copy a planner's (B, H, L, D) result back into the model's token order."""
-    if not lead:
-        out.copy_(result)
-        return
-    rest = result.shape[2] - lead
-    out[:, :, :lead].copy_(result[:, :, rest:])
-    out[:, :, lead:].copy_(result[:, :, :rest])
 
 
 def _memo_key_padding_lengths(ctx: ForwardContext, mask, batch: int, length: int, lead: int = 0):

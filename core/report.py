@@ -381,7 +381,7 @@ def timing_image(timings, title: str = "Attention time per step", subtitle_lines
     bar_w = max(1, round(slot * 0.7))
     for step in range(n_steps):
         x0 = box[0] + step * slot + (slot - bar_w) // 2
-        y_dense = box[3] - dense_ms[step] * scale
+        y_dense = min(box[3] - dense_ms[step] * scale, box[3] - 1)  # a bar under a pixel still shows as one
         y_sparse = y_dense - sparse_ms[step] * scale
         if dense_ms[step] > 0:
             fig.draw.rectangle((x0, y_dense, x0 + bar_w - 1, box[3] - 1), fill=DENSE_BAR)

@@ -133,7 +133,12 @@ def install(model, session: SparseAttentionSession):
     def diffusion_model_call(executor, *args, **kwargs):
         in_args = isinstance(args[-1], dict) and "transformer_options" not in kwargs
         transformer_options = args[-1] if in_args else kwargs.get("transformer_options", {})
-        ctx = forward_context(args, kwargs, transformer_options)
+        try:
+            ctx = forward_context(args, kwargs, transformer_options)
+        except Exception as why:  # a ComfyUI whose model changed in a way the adapter did not foresee: never a crash
+            session.warn_once(f"adapter:{adapter.name}", f"reading the token layout of {adapter.name} failed "
+                              f"({type(why).__name__}: {why}): this ComfyUI changed the model; attention stays dense")
+            ctx = None
         if ctx is None:
             return executor(*args, **kwargs)
         with_ctx = {**transformer_options, CONTEXT_KEY: ctx}

@@ -206,3 +206,22 @@ def test_unknown_forward_arguments_stay_dense_with_one_warning(nodes, bridge, ca
     torch.testing.assert_close(out, dense, rtol=0, atol=0)
     messages = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
     assert len(messages) == 1 and "HunyuanVideo" in messages[0] and "arguments" in messages[0]
+
+
+@comfyui
+def test_a_model_the_adapter_cannot_read_stays_dense_with_one_warning(nodes, bridge, caplog, monkeypatch):
+    """The adapter failing on a model ComfyUI changed (here: an attribute it reads gone): dense, one warning."""
+    pos, neg = comfy_env.hunyuan_conds(seed=21)
+    base = comfy_env.tiny_hunyuan_video(seed=22)
+    patched = patch(nodes, base, radial(nodes))
+    adapter_cls = type(bridge.adapter_for(base.get_model_object("diffusion_model")))
+
+    def broken(self, x, named):
+        raise AttributeError("'HunyuanVideo' object has no attribute 'byt5_in'")
+
+    monkeypatch.setattr(adapter_cls, "layout", broken)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        out = comfy_env.sample(patched, latent(), pos, neg, steps=2, cfg=1.0, seed=23)
+    assert torch.isfinite(out).all() and not bridge.session_of(patched).stats.calls
+    messages = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
+    assert len(messages) == 1 and "byt5_in" in messages[0] and "stays dense" in messages[0]

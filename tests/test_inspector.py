@@ -125,6 +125,8 @@ def test_timing_image_and_message_card():
     bottom = y0 + round(0.5 * 400)
     assert pixel(image, x0 + 0.5 * slot, bottom - 10 * scale) == report.DENSE_BAR  # step 0: 20 ms dense
     assert pixel(image, x0 + 1.5 * slot, bottom - 12 * scale) == report.SPARSE_BAR  # step 1: 10 dense + 4 sparse
+    # a step whose dense time is far under a pixel (measured times vary a lot on a busy CPU) still draws
+    report.timing_image([(0, 0, 1.0, 1e-4), (1, 0, 0.3, 500.0)], "time", max_size=400)
     card = report.message_image("Nothing here", ["why and what to do"], max_size=300)
     arr = np.asarray(card)
     assert card.width == 300 and card.info["title"] == "Nothing here"

@@ -238,7 +238,7 @@ def test_fp32_on_cuda(backend, tol, chunk, caplog, monkeypatch):
 @gpu
 def test_cpu_tensors_on_a_cuda_machine(caplog):
     """CPU tensors where a GPU exists (a model offloaded to the CPU): 'auto' and 'triton' fall back to ComfyUI's
-    attention with one warning each; 'reference' runs them. Layouts are cached per device, never shared."""
+    attention with one warning each; 'reference' runs them. Each device has its own planner and cached layouts."""
     grid = core.VideoGrid(3, 4, 8)
     q, k, v = random_inputs(1, 2, grid.total_tokens, 32, torch.bfloat16)
     for backend, key in (("auto", "no-triton"), ("triton", "kernel-rejected")):
@@ -256,9 +256,9 @@ def test_cpu_tensors_on_a_cuda_machine(caplog):
     qc, kc, vc = (t.cuda() for t in (q, k, v))
     out_cuda = call(override, session, grid, qc, kc, vc, 2)
     check_sparse(out_cuda, qc, kc, vc, 2, grid, session, "wan")
-    plans = session.planner._plans
-    assert {key[1].type for key in plans} == {"cpu", "cuda"}
-    for (g, device), plan in plans.items():
+    plans = [planner._plans for planner in session.planners()]  # one planner per device
+    assert [{key[1].type for key in p} for p in plans] == [{"cpu"}, {"cuda"}]
+    for (g, device), plan in (item for p in plans for item in p.items()):
         assert plan.kv_indices.device.type == device.type and plan.kv_counts.device.type == device.type
 
 
