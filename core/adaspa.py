@@ -325,7 +325,7 @@ class AdaSpaPlanner:
         return out, 1.0
 
     def _sparse(self, call, pattern):
-        q, k, v = call.q, call.k, call.v
+        q, k = call.q, call.k
         out = call.out if call.out is not None else torch.empty_like(q)
         rows = min(q.shape[2], pattern.video_blocks * self.block_size)
         lses = []  # per launch, in token order (the planner never permutes tokens)

@@ -11,7 +11,6 @@ import torch
 from ..kernels import BACKENDS
 from .grid import VideoGrid
 from .method import AttentionCall
-from .radial import RadialSettings
 from .schedule import SparseSchedule, step_index
 from .summary import run_summary
 from .timing import CallTimer

@@ -18,7 +18,7 @@ query cluster keeps, and the text padding lies past the last key offset, so it i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 

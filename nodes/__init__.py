@@ -1,7 +1,7 @@
 """ComfyUI nodes of the pack. The only package that imports ComfyUI."""
 
 from .adaspa import AdaSpaSearch
-from .bridge import session_of
+from .bridge import session_of  # noqa: F401  (for scripts: the session a patched model carries)
 from .inspector import SparseAttentionInspector
 from .patch_nodes import RadialMask, SparseAttentionPatch
 from .svg2_nodes import SVG2KMeansSettings

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pack import import_pack
+from test_radial import dense_attention as comfy_attention  # a stand-in for ComfyUI's attention function
 
 core = import_pack("core")
 dispatcher = import_pack("core.dispatcher")
@@ -20,16 +21,6 @@ dispatcher = import_pack("core.dispatcher")
 VideoGrid, BlockLayers = core.VideoGrid, core.BlockLayers
 LOGGER = "sparse_video_attention"
 GRID = VideoGrid(5, 8, 8, text_tokens=20)  # 320 video tokens, then 20 text: 6 blocks of 64
-
-
-def comfy_attention(q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False, **kwargs):
-    """A stand-in for ComfyUI's attention function: (B, L, H*D) unless skip_reshape, additive (1, 1, L) mask."""
-    if not skip_reshape:
-        q, k, v = (t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
-    if mask is not None and mask.ndim == 3:
-        mask = mask.unsqueeze(1)
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out if skip_output_reshape else out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
 
 
 def session(decay=0.05, **schedule):
