@@ -2,7 +2,7 @@
 
 * an OUTER_SAMPLE wrapper marks the start and end of each sampling run (per-run state is reset there) and settles,
   for the run, who holds ComfyUI's attention hook (nodes.composition);
-* a DIFFUSION_MODEL wrapper reads the forward's token layout through the model's adapter (nodes.model_adapters)
+* a DIFFUSION_MODEL wrapper reads the forward's token layout through the model's adapter (nodes.models)
   and the current sigma, and hands the attention calls of that forward a ForwardContext through
   transformer_options;
 * ``optimized_attention_override`` receives every attention call (core.dispatcher routes it).
@@ -19,7 +19,7 @@ import comfy.patcher_extension as patcher_extension
 
 from ..core import CONTEXT_KEY, SparseAttentionSession, attention_override, timed_override
 from . import composition
-from .model_adapters import Dense, adapter_for
+from .models import Dense, adapter_for
 
 log = logging.getLogger("sparse_video_attention")
 

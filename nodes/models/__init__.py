@@ -1,0 +1,23 @@
+"""One small adapter per model family: which ComfyUI model it is, the token layout of its video self-attention in
+one forward, which attention calls are that self-attention, and how ComfyUI's block metadata numbers its layers.
+A family is added here and nowhere else (the bridge asks ``adapter_for``)."""
+
+from __future__ import annotations
+
+from comfy.ldm.hunyuan_video.model import HunyuanVideo
+from comfy.ldm.wan.model import WanModel
+
+from .base import Dense, ForwardLayout, ModelAdapter
+from .hunyuan_video import HunyuanVideoAdapter
+from .wan import WanAdapter
+
+__all__ = ["Dense", "ForwardLayout", "ModelAdapter", "adapter_for"]
+
+
+def adapter_for(diffusion_model) -> ModelAdapter | None:
+    """The adapter of a video model the pack knows, None for anything else (image models included)."""
+    if isinstance(diffusion_model, WanModel):
+        return WanAdapter(diffusion_model)
+    if isinstance(diffusion_model, HunyuanVideo) and len(diffusion_model.patch_size) == 3:
+        return HunyuanVideoAdapter(diffusion_model)
+    return None
