@@ -41,7 +41,17 @@ SHIPPED = ("wan2.1_t2v_1.3b_radial.json", "wan2.1_t2v_14b_radial.json", "wan2.1_
            "hunyuanvideo_t2v_adaspa.json")
 MUTATION_SOURCE = "wan2.1_t2v_14b_radial.json"  # the broken copies below start from it
 FILES = wc.workflow_files()
-IDS = [p.name for p in FILES]
+PARAMS = wc.workflow_params()
+
+
+@pytest.fixture(autouse=True)
+def comfyui_new_enough(request):
+    """A workflow's checks against ComfyUI's nodes need the ComfyUI it was made for (wc.min_comfyui)."""
+    path = getattr(request.node, "callspec", None) and request.node.callspec.params.get("path")
+    if path is not None and "comfyui" in request.keywords:
+        why = wc.too_new_for_this_comfyui(path)
+        if why:
+            pytest.skip(why)
 SAMPLER_MODEL_INPUTS = {"KSampler", "KSamplerAdvanced", "BasicGuider", "CFGGuider", "DualCFGGuider", "SamplerCustom"}
 LOADERS = {"UNETLoader", "CheckpointLoaderSimple", "UnetLoaderGGUF"}
 COMPARISON_MARK = "_dense_vs_"  # the comparison workflow's file name holds it; every other workflow is all sparse
@@ -185,7 +195,7 @@ def test_shipped_workflows_present():
     assert not missing, f"workflows missing from {wc.WORKFLOWS_DIR}: {missing}"
 
 
-@pytest.mark.parametrize("path", FILES, ids=IDS)
+@pytest.mark.parametrize("path", PARAMS)
 def test_workflow_is_ui_format_json(path):
     try:
         wf = wc.load_workflow(path)
@@ -197,7 +207,7 @@ def test_workflow_is_ui_format_json(path):
     assert wf["version"] == 0.4, f"{path.name}: version {wf['version']}"
 
 
-@pytest.mark.parametrize("path", FILES, ids=IDS)
+@pytest.mark.parametrize("path", PARAMS)
 def test_every_sampler_model_goes_through_sparse_attention(path):
     """Each model a sampler uses comes from a loader through an active Sparse Attention Patch, whose method input is
     connected to a settings node: the workflow actually runs sparse attention. The one exception is the comparison
@@ -227,7 +237,7 @@ def test_every_sampler_model_goes_through_sparse_attention(path):
     assert not problems, f"{path.name}:\n" + "\n".join(problems)
 
 
-@pytest.mark.parametrize("path", FILES, ids=IDS)
+@pytest.mark.parametrize("path", PARAMS)
 def test_workflow_is_one_supported_model_family(path):
     """Its UNETLoaders name the diffusion model files of exactly one family the pack supports (by file name)."""
     wf = wc.load_workflow(path)
@@ -304,14 +314,14 @@ def test_dynamic_combo_widgets_as_the_frontend_loads_them(values, widgets, loade
 # Against ComfyUI's node definitions
 
 @comfyui
-@pytest.mark.parametrize("path", FILES, ids=IDS)
+@pytest.mark.parametrize("path", PARAMS)
 def test_workflow_matches_node_definitions(path, catalog):
     errors = wc.check_workflow(wc.load_workflow(path), path.name, catalog)
     assert not errors, "\n".join(errors)
 
 
 @comfyui
-@pytest.mark.parametrize("path", FILES, ids=IDS)
+@pytest.mark.parametrize("path", PARAMS)
 def test_workflow_passes_comfyui_prompt_validation(path, catalog):
     wf = wc.load_workflow(path)
     assert not wc.check_workflow(wf, path.name, catalog), "the file check fails first"
@@ -320,7 +330,7 @@ def test_workflow_passes_comfyui_prompt_validation(path, catalog):
 
 
 @comfyui
-@pytest.mark.parametrize("path", FILES, ids=IDS)
+@pytest.mark.parametrize("path", PARAMS)
 def test_pack_nodes_run_with_the_workflow_settings(path, catalog):
     """The pack's nodes of the workflow, called with its values as ComfyUI would (settings nodes first, then the
     patch on a tiny Wan model), build their settings without error: the values are valid for the code too."""
@@ -350,7 +360,7 @@ def test_pack_nodes_run_with_the_workflow_settings(path, catalog):
 
 
 @comfyui
-@pytest.mark.parametrize("path", FILES, ids=IDS)
+@pytest.mark.parametrize("path", PARAMS)
 def test_notes_name_every_model_file_and_folder(path, catalog):
     """Each model file a loader uses is named in a Note / MarkdownNote with its models/ folder, and the loader's
     ``properties.models`` (the frontend's download offer) gives the same name and folder."""
@@ -381,7 +391,7 @@ def test_notes_name_every_model_file_and_folder(path, catalog):
 
 
 @comfyui
-@pytest.mark.parametrize("path", FILES, ids=IDS)
+@pytest.mark.parametrize("path", PARAMS)
 def test_reference_settings_and_video_size_of_the_family(path, catalog):
     """Every method settings node has the reference settings of the workflow's family (Radial Mask, Wan: decay 0.2,
     sink on; HunyuanVideo: decay 0.95, sink off. SVG2: the family's 720p preset. SVG Settings, Wan: sparsity 0.3,

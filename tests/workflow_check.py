@@ -610,3 +610,31 @@ def load_workflow(path: Path) -> dict:
 
 def workflow_files() -> list[Path]:
     return sorted(WORKFLOWS_DIR.glob("*.json"))
+
+
+# A workflow for a model only newer ComfyUI runs says so in its extra data: {"sparse_video_attention":
+# {"min_comfyui": "0.33.0"}}. Its checks against ComfyUI's nodes are marked newer_comfyui (CI's run on the oldest
+# supported ComfyUI deselects them) and skipped, saying why, against an older ComfyUI.
+OLDEST_COMFYUI = "0.3.64"
+
+
+def _version(text: str) -> tuple:
+    return tuple(int(part) for part in text.split(".")[:3])
+
+
+def min_comfyui(workflow: dict) -> str:
+    return ((workflow.get("extra") or {}).get("sparse_video_attention") or {}).get("min_comfyui", OLDEST_COMFYUI)
+
+
+def workflow_params() -> list:
+    """One pytest parameter per shipped workflow, marked newer_comfyui where it needs a newer ComfyUI."""
+    import pytest
+    return [pytest.param(p, id=p.name, marks=[pytest.mark.newer_comfyui] * (
+        _version(min_comfyui(load_workflow(p))) > _version(OLDEST_COMFYUI))) for p in workflow_files()]
+
+
+def too_new_for_this_comfyui(path: Path) -> str | None:
+    """Why this ComfyUI cannot run the workflow's nodes (it is older than the workflow needs), else None."""
+    import comfyui_version
+    need, have = min_comfyui(load_workflow(path)), comfyui_version.__version__
+    return f"{path.name} needs ComfyUI {need} or newer, this is {have}" if _version(have) < _version(need) else None
