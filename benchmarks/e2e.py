@@ -15,33 +15,59 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-WAN = {"14b": dict(dim=5120, ffn=13824, layers=40), "1.3b": dict(dim=1536, ffn=8960, layers=30)}
-LATENTS = {"720p": (21, 90, 160), "480p": (21, 60, 104)}  # Wan 81 frames; Wan VAE: 4x time, 8x space
-HUNYUAN_LATENT = (33, 90, 160)  # HunyuanVideo 720p, 129 frames
-HUNYUAN_TEXT = 256  # LLM text tokens (ComfyUI's HunyuanVideo text encoder crops to at most 256)
-
-
-def wan_checkpoint(size: str) -> dict:
-    w = WAN[size]
-    return {"head.modulation": (1, 2, w["dim"]), "head.head.weight": (64, w["dim"]),
-            "patch_embedding.weight": (w["dim"], 16, 1, 2, 2),
-            **{f"blocks.{i}.ffn.0.weight": (w["ffn"], w["dim"]) for i in range(w["layers"])}}
+def wan_checkpoint(dim: int, ffn: int, layers: int) -> dict:
+    return {"head.modulation": (1, 2, dim), "head.head.weight": (64, dim), "patch_embedding.weight": (dim, 16, 1, 2, 2),
+            **{f"blocks.{i}.ffn.0.weight": (ffn, dim) for i in range(layers)}}
 
 
 def hunyuan_checkpoint() -> dict:
     """HunyuanVideo T2V 720p (13B): hidden 3072, 20 double and 40 single blocks, guidance-distilled."""
-    keys = {"txt_in.individual_token_refiner.blocks.0.norm1.weight": (3072,), "txt_in.input_embedder.weight": (3072, 4096),
-            "img_in.proj.weight": (3072, 16, 1, 2, 2), "final_layer.linear.weight": (64, 3072),
+    keys = {"txt_in.individual_token_refiner.blocks.0.norm1.weight": (3072,),
+            "txt_in.input_embedder.weight": (3072, 4096), "img_in.proj.weight": (3072, 16, 1, 2, 2),
+            "final_layer.linear.weight": (64, 3072),
             "vector_in.in_layer.weight": (3072, 768), "guidance_in.in_layer.weight": (3072, 256)}
     keys.update({f"double_blocks.{i}.img_attn.qkv.weight": (9216, 3072) for i in range(20)})
     keys.update({f"single_blocks.{i}.linear1.weight": (21504, 3072) for i in range(40)})
     return keys
+
+
+def text(tokens: int, width: int, **extra):
+    """ComfyUI conditioning: one text of ``tokens`` x ``width`` and the extra inputs its model takes."""
+    gen = torch.Generator().manual_seed(1)
+    return [[torch.randn(1, tokens, width, generator=gen), extra]]
+
+
+@dataclass(frozen=True)
+class Config:
+    """One model at a typical size of its workflows: what detection builds, the latent, the conditioning, and the
+    Radial settings and dense layers of the pack's workflow for it."""
+
+    checkpoint: Callable[[], dict]
+    latent: tuple
+    cond: Callable[[], list]
+    radial: dict
+    dense_layers: int
+
+
+WAN_RADIAL = dict(decay_factor=0.2, block_size=128, attention_sink=True, text_dense=True)
+CONFIGS = {
+    "1.3b-480p": Config(lambda: wan_checkpoint(1536, 8960, 30), (16, 21, 60, 104), lambda: text(512, 4096),
+                        WAN_RADIAL, 1),
+    "14b-720p": Config(lambda: wan_checkpoint(5120, 13824, 40), (16, 21, 90, 160), lambda: text(512, 4096),
+                       WAN_RADIAL, 1),
+    # 129 frames; ComfyUI's HunyuanVideo text encoder crops the LLM text to at most 256 tokens
+    "hunyuan-720p": Config(hunyuan_checkpoint, (16, 33, 90, 160),
+                           lambda: text(256, 4096, pooled_output=torch.randn(1, 768), guidance=6.0),
+                           dict(decay_factor=0.95, block_size=128, attention_sink=False, text_dense=True), 0),
+}
 
 
 def build_model(checkpoint: dict, device):
@@ -97,29 +123,12 @@ def attention_seconds(model, latent, cond):
     return sum(a.elapsed_time(b) for a, b in spent) / 1e3
 
 
-def setup(name, nodes, device):
-    """(model, latent, conditioning, Radial settings, dense_layers, tokens) of a config, as its workflow runs it."""
-    gen = torch.Generator().manual_seed(1)
-    if name == "hunyuan-720p":
-        model = build_model(hunyuan_checkpoint(), device)
-        latent = torch.zeros(1, 16, *HUNYUAN_LATENT)
-        cond = [[torch.randn(1, HUNYUAN_TEXT, 4096, generator=gen),
-                 {"pooled_output": torch.randn(1, 768, generator=gen), "guidance": 6.0}]]
-        method = nodes.RadialMask().settings(decay_factor=0.95, block_size=128, attention_sink=False, text_dense=True)[0]
-        t, h, w = HUNYUAN_LATENT
-        return model, latent, cond, method, 0, t * (h // 2) * (w // 2) + HUNYUAN_TEXT
-    size, res = name.split("-")
-    model = build_model(wan_checkpoint(size), device)
-    latent = torch.zeros(1, 16, *LATENTS[res])
-    cond = [[torch.randn(1, 512, 4096, generator=gen), {}]]
-    method = nodes.RadialMask().settings(decay_factor=0.2, block_size=128, attention_sink=True, text_dense=True)[0]
-    t, h, w = LATENTS[res]
-    return model, latent, cond, method, 1, t * (h // 2) * (w // 2)
-
-
 def run_config(name, nodes, device, steps, attention_share=True):
-    model, latent, cond, method, dense_layers, tokens = setup(name, nodes, device)
-    patched = nodes.SparseAttentionPatch().patch(model, dense_steps=1, sparse_end=1.0, dense_layers=dense_layers,
+    config = CONFIGS[name]
+    model = build_model(config.checkpoint(), device)
+    latent, cond = torch.zeros(1, *config.latent), config.cond()
+    method = nodes.RadialMask().settings(**config.radial)[0]
+    patched = nodes.SparseAttentionPatch().patch(model, dense_steps=1, sparse_end=1.0, dense_layers=config.dense_layers,
                                                  backend="auto", verbose=False, method=method)[0]
     dense = sample_step_times(model, latent, steps, cond)
     sparse = sample_step_times(patched, latent, steps + 1, cond)  # its first step is dense
@@ -130,7 +139,7 @@ def run_config(name, nodes, device, steps, attention_share=True):
     sparse_step = min(sparse[1:])
     del model, patched
     torch.cuda.empty_cache()
-    return dict(config=name, tokens=tokens, dense_step_s=dense_step, sparse_step_s=sparse_step,
+    return dict(config=name, tokens=stats.grid.total_tokens, dense_step_s=dense_step, sparse_step_s=sparse_step,
                 speedup=dense_step / sparse_step, radial_mean_density=stats.sparse_density,
                 attention_share=None if attn is None else attn / dense_step, dense_steps_s=dense,
                 sparse_steps_s=sparse)
@@ -139,7 +148,7 @@ def run_config(name, nodes, device, steps, attention_share=True):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", str(Path.home() / "comfy/ComfyUI")))
-    parser.add_argument("--configs", nargs="+", default=["1.3b-480p", "14b-720p", "hunyuan-720p"])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--no-attention-share", action="store_true",
                         help="skip the timed dense step that measures attention's share (the same on any ComfyUI)")
