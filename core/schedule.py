@@ -10,7 +10,8 @@ from dataclasses import dataclass
 class SparseSchedule:
     """Sparse attention runs on steps [start, end) of the run, in layers >= dense_layers.
 
-    dense_steps: below 1 a fraction of the run's steps (0.25 = the first quarter), from 1 up a step count.
+    dense_steps: below 1 a fraction of the run's steps (0.25 = the first quarter, at least one step), from 1 up a
+    step count.
     sparse_end: fraction of the run after which attention is dense again (1.0 = sparse to the end).
     dense_layers: the first transformer blocks that always run dense.
     """
@@ -30,7 +31,11 @@ class SparseSchedule:
             raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
 
     def sparse_step_range(self, total_steps: int) -> range:
-        first = math.floor(self.dense_steps * total_steps + 0.5) if self.dense_steps < 1 else int(self.dense_steps)
+        if self.dense_steps >= 1:
+            first = int(self.dense_steps)
+        else:  # a fraction above 0 keeps at least the first step dense, however few steps the run has (4-step LoRAs)
+            first = math.floor(self.dense_steps * total_steps + 0.5)
+            first = max(first, 1) if self.dense_steps > 0 else first
         return range(first, math.ceil(self.sparse_end * total_steps - 1e-9))
 
     def is_sparse(self, step: int, total_steps: int, layer: int) -> bool:

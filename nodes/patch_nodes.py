@@ -22,7 +22,8 @@ class SparseAttentionPatch:
                 "dense_steps": ("FLOAT", {
                     "default": 0.25, "min": 0.0, "max": 1000.0, "step": 0.01,
                     "tooltip": "The first steps run dense: they lay out the composition. Below 1 it is a fraction "
-                               "of the run's steps (0.25 = the first quarter); from 1 up, a number of steps."}),
+                               "of the run's steps (0.25 = the first quarter, at least one step); from 1 up, a "
+                               "number of steps."}),
                 "sparse_end": ("FLOAT", {
                     "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                     "tooltip": "Sparse attention stops after this fraction of the steps (1.0 = to the end). Lower "
@@ -78,7 +79,8 @@ class RadialMask:
                 "text_dense": ("BOOLEAN", {
                     "default": True,
                     "tooltip": "Video tokens attend to all text tokens (HunyuanVideo, which mixes text into "
-                               "self-attention). Wan has no text there; it is ignored."}),
+                               "self-attention), to LTX-2's guide frames (LTXVAddGuide) and to the tokens Wan S2V, "
+                               "SCAIL and in-context latents put behind the video (motion, pose, references)."}),
             }
         }
 

@@ -232,6 +232,9 @@ SparseSchedule, step_index = core.SparseSchedule, core.step_index
     (0.5, 1.0, 5, range(3, 5)),     # halves round up: half of 5 steps is 3 dense steps
     (0.25, 1.0, 50, range(13, 50)),
     (0.0, 0.0, 8, range(0, 0)),
+    (0.1, 1.0, 4, range(1, 4)),     # few-step runs: a fraction above 0 never rounds to no dense step
+    (0.05, 1.0, 8, range(1, 8)),
+    (0.25, 1.0, 4, range(1, 4)),
 ])
 def test_sparse_step_range(dense_steps, sparse_end, total, want):
     got = SparseSchedule(dense_steps=dense_steps, sparse_end=sparse_end).sparse_step_range(total)
