@@ -40,7 +40,7 @@ class AdaSpaSearch:
                     "default": True,
                     "tooltip": "Video tokens attend to all text tokens (HunyuanVideo mixes its text into "
                                "self-attention; the paper's text sink). Off: text blocks are searched like video "
-                               "ones. Wan has no text there; ignored."}),
+                               "ones. Wan's S2V motion, SCAIL pose and in-context latent tokens count as text."}),
             }
         }
 

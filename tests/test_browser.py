@@ -4,12 +4,13 @@ workflow of workflows/ the way the Templates menu does, and nothing is missing o
 For each workflow file:
 * ComfyUI serves it as a template of the pack (``/api/workflow_templates/<pack folder>/<file>``), byte for byte;
 * the frontend loads it (``app.loadGraphData``) with no missing node type (its own missing-node list, caught by a probe
-  extension, and its error list), no error but the model files a test server does not have (its Errors tab lists
-  exactly the workflow's model files and flags only their loaders), no dialog or error toast, no uncaught exception
+  extension, and its error list), no error but the model files and the user's own media (an audio or control video
+  for Load Audio / Load Video) a test server does not have (its Errors tab lists exactly the workflow's model and
+  media files and flags only their loaders), no dialog or error toast, no uncaught exception
   or console error, and every node's widget values read back as tests/workflow_check.py says the frontend loads them
   (the file's values, then the defaults of widgets the file predates);
 * the prompt the frontend builds from it (``app.graphToPrompt``, what the Run button queues) is the one
-  tests/workflow_check.py builds, and passes ComfyUI's server-side validation except for the model files.
+  tests/workflow_check.py builds, and passes ComfyUI's server-side validation except for the model and media files.
 
 The frontend is the one tests/requirements.txt pins (ComfyUI 0.33's); its error lists are read from its stores.
 A control workflow with an unknown node type must be caught by the same checks (so they can fail). One loaded
@@ -27,6 +28,7 @@ import json
 import os
 import re
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,8 @@ STATE_JS = """(async () => {
     missing_models: (store("missingModel").missingModelCandidates || []).map((m) => ({
       node: String(m.nodeId), widget: m.widgetName, name: m.name, url: m.url ?? null})),
     missing_nodes: (store("missingNodesError").missingNodesError?.nodeTypes || []).map((t) => t.type ?? t),
+    missing_media: (store("missingMedia").missingMediaCandidates || []).map((m) => ({
+      node: String(m.nodeId), widget: m.widgetName, name: m.name})),
   };
   const overlay = Array.from(document.querySelectorAll("[data-testid=error-overlay]")).filter(visible)
     .map((o) => o.innerText);
@@ -176,9 +180,10 @@ def load_template(page, name: str) -> str:
     return page.evaluate(LOAD_TEMPLATE_JS % {"folder": json.dumps(PACK_FOLDER), "name": json.dumps(name)})
 
 
-def validation_problems(comfy_server, prompt: dict) -> list:
-    """POST the frontend's prompt as the Run button does; every validation error except model files not on this server.
-    A prompt that validates would be queued and run; none of the shipped workflows can (their models are absent)."""
+def validation_problems(comfy_server, prompt: dict, media_loaders: set) -> list:
+    """POST the frontend's prompt as the Run button does; every validation error except model files not on this server
+    and the media files its input folder lacks (of the nodes ``media_loaders``). A prompt that validates would be
+    queued and run; none of the shipped workflows can (their models are absent)."""
     import requests
     response = requests.post(comfy_server.url + "/prompt", json={"prompt": prompt, "client_id": "sva-browser-test"},
                              timeout=30)
@@ -193,7 +198,8 @@ def validation_problems(comfy_server, prompt: dict) -> list:
             value = error.get("extra_info", {}).get("received_value")
             model_file = (error.get("type") == "value_not_in_list" and isinstance(value, str)
                           and value.lower().endswith(wc.MODEL_FILE_EXTENSIONS))
-            if not model_file:
+            media_file = error.get("type") == "custom_validation_failed" and node_id in media_loaders
+            if not (model_file or media_file):
                 problems.append({"node": node_id, "class_type": node.get("class_type"), **error})
     return problems
 
@@ -229,6 +235,14 @@ def model_files(data: dict) -> list[tuple[str, str]]:
                   if isinstance(v, str) and v.lower().endswith(wc.MODEL_FILE_EXTENSIONS))
 
 
+def media_files(data: dict, input_dir: Path) -> list[tuple[str, str]]:
+    """(node id, file name) of every file of the user's (an input-folder file: audio, control video) the workflow's
+    active loaders name that the server's input folder does not hold."""
+    loaders = {node_type for (node_type, _), folder in wc.MODEL_FILE_INPUTS.items() if folder == "input"}
+    return sorted((str(n["id"]), n["widgets_values"][0]) for n in data["nodes"] if n.get("mode", 0) == 0
+                  and n["type"] in loaders and not (input_dir / n["widgets_values"][0]).exists())
+
+
 def loaded_widget_values(catalog, node: dict):
     """The widget values the frontend holds after loading ``node``, as tests/workflow_check.py models it."""
     d, values = catalog.get(node["type"]), node.get("widgets_values")
@@ -257,14 +271,22 @@ def test_workflow_loads_in_the_page(page, comfy_server, catalog, name):
     missing_models = state["errors"]["missing_models"]
     assert sorted((m["node"], m["name"]) for m in missing_models) == model_files(data), fail_message(
         name, "the frontend's missing models are not the workflow's model files", missing_models)
-    assert state["errors"]["count"] == len(missing_models), fail_message(name, "errors besides missing models",
-                                                                         state["errors"])
-    model_nodes = {m["node"] for m in missing_models}
+    # The user's own media (a speech to lip-sync, a control video), which no fresh ComfyUI has, are listed as models
+    # are; the loader's preview asks the server for the file (which answers 404).
+    missing_media = state["errors"]["missing_media"]
+    media = media_files(data, comfy_server.base / "input")
+    assert sorted((m["node"], m["name"]) for m in missing_media) == media, fail_message(
+        name, "the frontend's missing media are not the workflow's own media files", missing_media)
+    assert state["errors"]["count"] == len(missing_models) + len(missing_media), fail_message(
+        name, "errors besides missing models and media", state["errors"])
+    model_nodes = {m["node"] for m in missing_models + missing_media}
     bad = [n for n in state["nodes"] if not n["registered"] or n["has_errors"] != (n["id"] in model_nodes)]
     assert not bad, fail_message(name, "nodes unknown to the frontend, or in error for another reason", bad)
     size_requests = {f"log (network): Failed to load resource: net::ERR_NAME_NOT_RESOLVED {m['url']}"
                      for m in missing_models}
-    page_errors = [e for e in page.errors(events) if e not in size_requests]
+    previews = [f"filename={urllib.parse.quote(file)}" for _, file in media]
+    page_errors = [e for e in page.errors(events) if e not in size_requests
+                   and not ("404 (Not Found)" in e and "/api/view?" in e and any(p in e for p in previews))]
     assert not page_errors, fail_message(name, "page errors while loading", page_errors)
 
     want = {str(n["id"]): loaded_widget_values(catalog, n) for n in data["nodes"]}
@@ -282,16 +304,21 @@ def test_workflow_loads_in_the_page(page, comfy_server, catalog, name):
     types = sorted(n["class_type"] for n in state["prompt"].values())
     ours = [t for t in types if t in ("SparseAttentionPatch", "RadialAttentionMask")]
     assert "SparseAttentionPatch" in ours, fail_message(name, "prompt without Sparse Attention Patch", types)
-    problems = validation_problems(comfy_server, state["prompt"])
-    assert not problems, fail_message(name, "ComfyUI rejects the prompt for more than missing model files", problems)
+    problems = validation_problems(comfy_server, state["prompt"], {node_id for node_id, _ in media})
+    assert not problems, fail_message(name, "ComfyUI rejects the prompt for more than missing model and media files",
+                                           problems)
 
-    # ComfyUI logs why it rejects the prompt (ComfyUI 0.33 at ERROR level): the missing model files, nothing else.
+    # ComfyUI logs why it rejects the prompt (ComfyUI 0.33 at ERROR level): the missing model and media files, nothing
+    # else.
     class_types = {str(n["id"]): n["type"] for n in data["nodes"]}
     rejection = [r"^Failed to validate prompt for output \d+:$", r"^Output will be ignored$",
                  r"^invalid prompt: \{'type': 'prompt_outputs_failed_validation'"]
     for m in missing_models:
         rejection += [rf"^\* {class_types[m['node']]} {m['node']}:$",
                       rf"^  - Value not in list: {m['widget']}: {re.escape(repr(m['name']))} not in \["]
+    for m in missing_media:
+        rejection += [rf"^\* {class_types[m['node']]} {m['node']}:$", rf"^  - Custom validation failed for node: "
+                      rf"{m['widget']} - Invalid \w+ file: {re.escape(m['name'])}$"]
     log = comfy_server.problems(since=log_start, allow=tuple(rejection))
     assert not log, f"{name}: server log problems:\n\n" + "\n\n".join(log)
 

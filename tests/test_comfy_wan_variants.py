@@ -1,12 +1,15 @@
 """The Wan variants in real ComfyUI: each built tiny by ComfyUI's own detection from the keys that mark it (VACE, Fun
-Control's ``ref_conv``, HuMo, Animate, S2V, SCAIL) or given the conditioning that changes its token layout (Phantom's
-``time_dim_concat``, Bernini's ``context_latents``), sampled through ComfyUI's sampler, patched and unpatched.
+Control's ``ref_conv``, HuMo, Animate, S2V, SCAIL; Animate 2 by its metadata) or given the conditioning that changes
+its token layout (Phantom's ``time_dim_concat``, Bernini's ``context_latents``), sampled through ComfyUI's sampler,
+patched and unpatched.
 
-Supported: self-attention over video frames, plus whole frames of the same grid in front (Fun's reference image) or
-behind (Phantom's subjects, HuMo's reference). A layout that keeps every tile through the sparse path must give the
-unpatched model's output; a sparse one must make every layer sparse over the grid counting those frames.
-Unsupported: tokens that are not whole frames of the grid (S2V's motion, SCAIL's pose, Bernini's in-context
-latents): attention stays dense, exactly as unpatched, with one warning naming the model class and why.
+Supported: self-attention over video frames, plus whole frames of the same grid in front (Fun's and SCAIL's
+reference images) or behind (Phantom's subjects, HuMo's and S2V's references), plus tokens of other sizes behind the
+video (S2V's motion, SCAIL's pose, Bernini's in-context latents), which the planners take as text: dense rows and
+columns. A layout that keeps every tile through the sparse path must give the unpatched model's output; a sparse
+one must make every layer sparse over the grid counting those frames and tokens.
+Unsupported (Animate 2 given pose frames, S2V on a ComfyUI whose S2V blocks never see the attention options):
+attention stays dense, exactly as unpatched, with one warning naming the model class and why.
 
 Sizes: dim 64, 2 heads of 32; latents 16 x 16 (8 x 8 tokens: one 64-token block per frame).
 """
@@ -14,12 +17,15 @@ Sizes: dim 64, 2 heads of 32; latents 16 x 16 (8 x 8 tokens: one 64-token block 
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
+import json
 import logging
 from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import comfy_env
 from pack import import_pack
@@ -63,15 +69,35 @@ def comfyui_version() -> str:
     return version.__version__
 
 
-def wan_class(name):
-    import comfy.ldm.wan.model as wan
-    return getattr(wan, name, None)
+def wan_class(name, module="model"):
+    try:
+        return getattr(importlib.import_module(f"comfy.ldm.wan.{module}"), name, None)
+    except ImportError:
+        return None
+
+
+def blocks_get_attention_options(cls) -> bool:
+    """Whether a Wan class hands its blocks ComfyUI's attention options (0.3.x's S2V does not), read off its source."""
+    return "transformer_options=transformer_options" in inspect.getsource(cls.forward_orig)
+
+
+def tiny_wan_animate2(seed: int = 0):
+    """Wan Animate 2 (supported_models.WAN_Animate2, WanAnimate2Model; ComfyUI 0.33+): a Wan 2.1 I2V checkpoint
+    whose metadata names the model type, which is how ComfyUI's detection tells the two apart."""
+    import comfy.model_detection
+    state_dict = {key: torch.empty(shape) for key, shape in comfy_env.wan_checkpoint(in_dim=36, i2v=True).items()}
+    metadata = {"config": json.dumps({"transformer": {"model_type": "animate2"}})}
+    config = comfy.model_detection.model_config_from_unet(state_dict, "", metadata=metadata)
+    config.unet_config.update(dim=comfy_env.WAN_DIM, num_heads=comfy_env.WAN_HEADS, ffn_dim=comfy_env.WAN_FFN,
+                              freq_dim=32, text_dim=comfy_env.WAN_TEXT_DIM, text_len=16)
+    return comfy_env.build(config, seed)
 
 
 @functools.cache
 def model(name):
     """One tiny model per variant for the whole module (patching clones it; the original is never changed)."""
-    return getattr(comfy_env, name)(seed=3)
+    builder = globals().get(name) or getattr(comfy_env, name)
+    return builder(seed=3)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -80,14 +106,26 @@ def release_models():
     model.cache_clear()  # while ComfyUI is still importable: its ModelPatcher.__del__ needs it
 
 
+@dataclass(frozen=True)
+class SparseCall:
+    """One call through the sparse path: its grid and layer, (B, H, L, D) q, k, v and what it returned."""
+    grid: object
+    layer: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+
+
 def spy_attend(monkeypatch, session):
-    """Record the grid and layer of every sparse-path call of ``session`` and pass it through."""
+    """Record every sparse-path call of ``session`` and pass it through."""
     calls = []
     original = session.attend
 
     def attend(ctx, layer, q, k, v, **kwargs):
-        calls.append((ctx.grid_for(q.shape[2]), layer))
-        return original(ctx, layer, q, k, v, **kwargs)
+        out, density = original(ctx, layer, q, k, v, **kwargs)
+        calls.append(SparseCall(ctx.grid_for(q.shape[2]), layer, q, k, v, out.clone()))
+        return out, density
 
     monkeypatch.setattr(session, "attend", attend)
     return calls
@@ -99,14 +137,19 @@ def spy_attend(monkeypatch, session):
 @dataclass(frozen=True)
 class Variant:
     name: str
-    builder: str  # comfy_env function
+    builder: str  # a tiny-model builder, of this module or comfy_env
     layers: int  # video self-attention calls per forward
     extra_frames: int = 0  # whole frames of the grid the model adds to the video's
     conds: object = None  # (frames) -> extra values of the positive and negative conditioning
+    appended: object = None  # (frames) -> tokens of other sizes the model puts behind the video (the grid's text)
     clip_tokens: int | None = None
-    needs: str | None = None  # a wan model class this variant needs in the ComfyUI under test
+    needs: tuple | None = None  # (module, class) of comfy.ldm.wan this variant needs in the ComfyUI under test
     needs_cond: str | None = None  # a conditioning key WAN21.extra_conds must know
-    reason: str = ""  # unsupported: what the warning says
+
+    def grid(self, core, frames):
+        """The grid of a run over ``frames`` video latent frames."""
+        text = 0 if self.appended is None else self.appended(frames)
+        return core.VideoGrid(frames + self.extra_frames, 8, 8, text)
 
 
 def vace_conds(frames):
@@ -154,10 +197,23 @@ def s2v_conds(frames):
     return values, values
 
 
+def s2v_reference_other_size_conds(frames):
+    # S2V given a reference latent of another size than the video's (ComfyUI's node resizes it; the model does not)
+    values = dict(reference_latents=[noise(34, 1, 16, 1, 12, 20)],
+                  reference_motion=noise(29, 1, 16, 19, SIDE, SIDE))
+    return values, values
+
+
 def scail_conds(frames):
     # SCAIL: a reference frame in front, pose latents at half resolution behind
     values = dict(reference_latents=[noise(30, 1, 16, 1, SIDE, SIDE)],
                   pose_video_latent=noise(31, 1, 16, frames, SIDE // 2, SIDE // 2))
+    return values, values
+
+
+def animate2_conds(frames):
+    # WanAnimate2ToVideo with a pose video: its latents for every frame but frame 0 (the reference image's slot)
+    values = dict(pose_video_latent=noise(33, 1, 16, frames - 1, SIDE, SIDE))
     return values, values
 
 
@@ -168,6 +224,23 @@ def bernini_conds(frames):
 
 
 VACE_CALLS = comfy_env.WAN_VACE_LAYERS + comfy_env.WAN_VACE_BLOCKS  # 4 blocks, 2 VACE blocks: 6 self-attentions
+S2V = ("model", "WanModel_S2V")
+
+# The tokens each variant appends behind the video, counted by hand from ComfyUI's code (8 x 8 tokens per frame):
+# S2V's FramePack motion: its nearest frame at (1, 2, 2) -> 8 x 8, the next 2 frames at (2, 4, 4) -> 1 x 4 x 4, the
+# farthest 16 at (4, 8, 8) -> 4 x 2 x 2; SCAIL's pose at half resolution, (1, 2, 2) -> 4 x 4 a frame; a 12 x 20
+# latent (S2V's reference of another size, Bernini's reference) -> 6 x 10.
+S2V_MOTION = 8 * 8 + 4 * 4 + 4 * 2 * 2
+APPENDED = [
+    Variant("s2v", "tiny_wan_s2v", comfy_env.WAN_LAYERS, extra_frames=1, conds=s2v_conds,
+            appended=lambda frames: S2V_MOTION, needs=S2V),
+    Variant("s2v_reference_other_size", "tiny_wan_s2v", comfy_env.WAN_LAYERS, conds=s2v_reference_other_size_conds,
+            appended=lambda frames: 6 * 10 + S2V_MOTION, needs=S2V),
+    Variant("scail", "tiny_wan_scail", comfy_env.WAN_LAYERS, extra_frames=1, conds=scail_conds,
+            appended=lambda frames: frames * 4 * 4, clip_tokens=4, needs=("model", "SCAILWanModel")),
+    Variant("context_latents", "tiny_wan_t2v", comfy_env.WAN_LAYERS, conds=bernini_conds,
+            appended=lambda frames: 6 * 10, needs_cond="context_latents"),
+]
 
 SUPPORTED = [
     Variant("vace", "tiny_wan_vace", VACE_CALLS, conds=vace_conds),
@@ -175,22 +248,28 @@ SUPPORTED = [
     Variant("fun_control_ref", "tiny_wan22_fun_control", comfy_env.WAN_LAYERS, extra_frames=1, conds=fun_control_conds),
     Variant("humo", "tiny_wan_humo", comfy_env.WAN_LAYERS, extra_frames=1, conds=humo_conds),
     Variant("animate", "tiny_wan_animate", comfy_env.WAN_LAYERS, conds=animate_conds, clip_tokens=4),
+    *APPENDED,
 ]
 
-UNSUPPORTED = [
-    Variant("s2v", "tiny_wan_s2v", comfy_env.WAN_LAYERS, conds=s2v_conds, needs="WanModel_S2V",
-            reason="motion-frame tokens"),
-    Variant("scail", "tiny_wan_scail", comfy_env.WAN_LAYERS, conds=scail_conds, clip_tokens=4, needs="SCAILWanModel",
-            reason="pose tokens"),
-    Variant("context_latents", "tiny_wan_t2v", comfy_env.WAN_LAYERS, conds=bernini_conds, needs_cond="context_latents",
-            reason="context_latents"),
-]
+
+def params(variants):
+    """pytest params of ``variants``: those that need more than ComfyUI 0.3.64 offers are marked newer_comfyui
+    (deselected in CI's run on it)."""
+    return [pytest.param(v, id=v.name, marks=[pytest.mark.newer_comfyui] * (v.needs is not None or
+                                                                           v.needs_cond is not None))
+            for v in variants]
 
 
 def require(variant):
-    """Skip a variant this ComfyUI does not have (a version without it, not a missing ComfyUI)."""
-    if variant.needs is not None and wan_class(variant.needs) is None:
-        pytest.skip(f"ComfyUI {comfyui_version()} has no {variant.needs}")
+    """Skip a variant this ComfyUI does not have or does not let the patch see (a version without it, not a missing
+    ComfyUI)."""
+    if variant.needs is not None:
+        cls = wan_class(variant.needs[1], variant.needs[0])
+        if cls is None:
+            pytest.skip(f"ComfyUI {comfyui_version()} has no {variant.needs[1]}")
+        if not blocks_get_attention_options(cls):
+            pytest.skip(f"ComfyUI {comfyui_version()}'s {variant.needs[1]} does not pass the attention options to its "
+                        "blocks: the patch cannot see its attention (tested dense)")
     if variant.needs_cond is not None:
         import comfy.model_base
         if variant.needs_cond not in inspect.getsource(comfy.model_base.WAN21.extra_conds):
@@ -221,21 +300,23 @@ def every_call(variant):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Supported: a layout that keeps every tile equals the unpatched model; a sparse one covers the extra frames.
+# Supported: a layout that keeps every tile equals the unpatched model; a sparse one covers the extra frames and takes
+# the appended tokens as text.
 
 @comfyui
-@pytest.mark.parametrize("variant", SUPPORTED, ids=lambda v: v.name)
+@pytest.mark.parametrize("variant", params(SUPPORTED))
 def test_full_layout_equals_unpatched(nodes, bridge, core, monkeypatch, variant):
+    require(variant)
     frames = 3 - variant.extra_frames  # 3 frames in all: Radial with decay 4 keeps every tile
     method = radial(nodes, decay=4.0)
-    grid = core.VideoGrid(3, 8, 8)
-    assert bool(core.radial_block_mask(grid, method).all())
+    grid = variant.grid(core, frames)
+    assert grid.frames == 3 and bool(core.radial_block_mask(grid, method).all())
 
     dense, sparse, session, calls = run(variant, nodes, bridge, method, frames, monkeypatch)
 
     assert session.forwards >= STEPS
     assert len(calls) == session.forwards * variant.layers  # every video self-attention took the sparse path
-    assert {grid_ for grid_, _ in calls} == {grid}
+    assert {call.grid for call in calls} == {grid}
     assert set(session.stats.calls) == every_call(variant)  # booked every (step, layer)
     assert all(density == 1.0 for density in session.stats.calls.values())
     assert not session.stats.fallbacks, session.stats.fallback_messages
@@ -243,22 +324,49 @@ def test_full_layout_equals_unpatched(nodes, bridge, core, monkeypatch, variant)
 
 
 @comfyui
-@pytest.mark.parametrize("variant", SUPPORTED, ids=lambda v: v.name)
+@pytest.mark.parametrize("variant", params(SUPPORTED))
 def test_radial_sparse_over_the_whole_frames(nodes, bridge, core, monkeypatch, variant):
+    require(variant)
     frames = 5
-    grid = core.VideoGrid(frames + variant.extra_frames, 8, 8)
+    grid = variant.grid(core, frames)
     method = radial(nodes, decay=0.05)
     assert not bool(core.radial_block_mask(grid, method).all())
 
     dense, sparse, session, calls = run(variant, nodes, bridge, method, frames, monkeypatch)
 
     assert session.stats.grid == grid
-    assert {grid_ for grid_, _ in calls} == {grid}
+    assert {call.grid for call in calls} == {grid}
     assert set(session.stats.calls) == every_call(variant)
     assert session.stats.sparse_calls == len(session.stats.calls)  # every layer of every step sparse
     assert not session.stats.fallbacks, session.stats.fallback_messages
     assert torch.isfinite(sparse).all()
     assert not torch.equal(sparse, dense)
+
+
+@comfyui
+@pytest.mark.parametrize("variant", params(APPENDED))
+def test_appended_tokens_keep_dense_rows_and_columns(nodes, bridge, core, monkeypatch, variant):
+    """Each sparse call over a variant with appended tokens: its layout keeps the rows and columns of those tokens
+    whole while the video part is sparse, and its output is attention under that layout (so the appended tokens'
+    rows equal dense attention)."""
+    require(variant)
+    frames = 5
+    grid = variant.grid(core, frames)
+    method = radial(nodes, decay=0.05)
+    _, _, session, calls = run(variant, nodes, bridge, method, frames, monkeypatch)
+
+    assert calls and {call.grid for call in calls} == {grid}
+    video, length = grid.video_tokens, grid.total_tokens
+    assert video % BLOCK == 0  # whole frames of 64 tokens: the first text block holds only appended tokens
+    blocks = core.radial_block_mask(grid, method)
+    assert blocks[video // BLOCK:].all() and blocks[:, video // BLOCK:].all()
+    assert not blocks[:video // BLOCK, :video // BLOCK].all()
+    keep = blocks.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)[:length, :length]
+    for call in calls:
+        torch.testing.assert_close(call.out, F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=keep),
+                                   rtol=1e-5, atol=1e-5)
+        dense_rows = F.scaled_dot_product_attention(call.q[:, :, video:], call.k, call.v)
+        torch.testing.assert_close(call.out[:, :, video:], dense_rows, rtol=1e-5, atol=1e-5)
 
 
 @comfyui
@@ -316,7 +424,7 @@ def test_phantom_negative_without_subjects(nodes, bridge, core, monkeypatch):
     out = comfy_env.sample(patched, latent(5), pos, neg, steps=2, seed=5)
 
     assert session.forwards == 4
-    assert {grid for grid, _ in calls} == {core.VideoGrid(7, 8, 8), core.VideoGrid(5, 8, 8)}
+    assert {call.grid for call in calls} == {core.VideoGrid(7, 8, 8), core.VideoGrid(5, 8, 8)}
     assert len(calls) == 4 * comfy_env.WAN_LAYERS and not session.stats.fallbacks
     assert torch.isfinite(out).all()
 
@@ -324,14 +432,7 @@ def test_phantom_negative_without_subjects(nodes, bridge, core, monkeypatch):
 # ------------------------------------------------------------------------------------------------------------------
 # Unsupported: dense, exactly as unpatched, one warning naming the model and why.
 
-NEWER = {"scail", "context_latents"}  # models and inputs ComfyUI added after 0.3.64 (deselected in CI's run on it)
-
-
-@comfyui
-@pytest.mark.parametrize("variant", [pytest.param(v, id=v.name, marks=[pytest.mark.newer_comfyui] * (v.name in NEWER))
-                                     for v in UNSUPPORTED])
-def test_unsupported_stays_dense_with_one_warning(nodes, bridge, caplog, monkeypatch, variant):
-    require(variant)
+def assert_dense_with_one_warning(variant, nodes, bridge, caplog, monkeypatch, reason):
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         dense, sparse, session, calls = run(variant, nodes, bridge, radial(nodes, decay=0.05), 5, monkeypatch)
 
@@ -343,4 +444,25 @@ def test_unsupported_stays_dense_with_one_warning(nodes, bridge, caplog, monkeyp
     warnings = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno >= logging.WARNING]
     class_name = type(model(variant.builder).model.diffusion_model).__name__
     assert len(warnings) == 1, warnings
-    assert class_name in warnings[0] and variant.reason in warnings[0] and "dense" in warnings[0], warnings[0]
+    assert class_name in warnings[0] and reason in warnings[0] and "dense" in warnings[0], warnings[0]
+
+
+@comfyui
+def test_s2v_whose_blocks_miss_the_attention_options_stays_dense(nodes, bridge, caplog, monkeypatch):
+    """ComfyUI 0.3.x's S2V runs its blocks without the attention options: the patch could never see their calls."""
+    variant = APPENDED[0]
+    if blocks_get_attention_options(wan_class(S2V[1])):
+        pytest.skip(f"ComfyUI {comfyui_version()}'s S2V passes the attention options to its blocks (tested sparse)")
+    assert_dense_with_one_warning(variant, nodes, bridge, caplog, monkeypatch,
+                                  reason="does not pass ComfyUI's attention options")
+
+
+@comfyui
+@pytest.mark.newer_comfyui
+def test_animate2_with_pose_frames_stays_dense(nodes, bridge, caplog, monkeypatch):
+    """Animate 2 given pose frames runs its generation attention per frame: no self-attention over a grid."""
+    variant = Variant("animate2", "tiny_wan_animate2", comfy_env.WAN_LAYERS, conds=animate2_conds, clip_tokens=4,
+                      needs=("model_animate2", "WanAnimate2Model"))
+    require(variant)
+    assert_dense_with_one_warning(variant, nodes, bridge, caplog, monkeypatch, reason="runs its generation attention "
+                                  "per frame")

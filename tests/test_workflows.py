@@ -57,7 +57,8 @@ LOADERS = {"UNETLoader", "CheckpointLoaderSimple", "UnetLoaderGGUF"}
 COMPARISON_MARK = "_dense_vs_"  # the comparison workflow's file name holds it; every other workflow is all sparse
 JOIN_NODES = {"ImageStitch", "ImageBatch"}
 VIDEO_OUTPUTS = {"SaveVideo", "SaveAnimatedWEBP", "SaveAnimatedPNG", "SaveWEBM"}
-LATENT_SIZE_NODES = {"EmptyHunyuanLatentVideo", "WanImageToVideo", "Wan22ImageToVideoLatent"}
+LATENT_SIZE_NODES = {"EmptyHunyuanLatentVideo", "WanImageToVideo", "Wan22ImageToVideoLatent",
+                     "Wan22FunControlToVideo", "WanFunInpaintToVideo", "WanSoundImageToVideo", "WanVaceToVideo"}
 
 WAN_RADIAL = {"decay_factor": 0.2, "attention_sink": True}       # the Radial reference settings for Wan
 HUNYUAN_RADIAL = {"decay_factor": 0.95, "attention_sink": False}  # and for HunyuanVideo
@@ -99,6 +100,17 @@ FAMILIES = {
                                nodes=frozenset({"KSamplerAdvanced"})),
     "Wan 2.2 TI2V 5B": Family((r"wan2\.2_ti2v_5b",), WAN_RADIAL, 704, files=(r"wan2\.2_vae",),
                               nodes=frozenset({"Wan22ImageToVideoLatent", "LoadImage"})),
+    "Wan 2.2 A14B Fun Control": Family((r"wan2\.2_fun_control_high_noise_14b", r"wan2\.2_fun_control_low_noise_14b"),
+                                       WAN_RADIAL, 720, nodes=frozenset({"KSamplerAdvanced", "Wan22FunControlToVideo",
+                                                                         "LoadImage", "LoadVideo"})),
+    "Wan 2.2 A14B Fun Inpaint": Family((r"wan2\.2_fun_inpaint_high_noise_14b", r"wan2\.2_fun_inpaint_low_noise_14b"),
+                                       WAN_RADIAL, 720, nodes=frozenset({"KSamplerAdvanced", "WanFunInpaintToVideo",
+                                                                         "LoadImage"})),
+    "Wan 2.2 S2V 14B": Family((r"wan2\.2_s2v_14b",), WAN_RADIAL, 720, files=(r"wav2vec2",),
+                              nodes=frozenset({"AudioEncoderLoader", "LoadAudio", "LoadImage", "WanSoundImageToVideo",
+                                               "WanSoundImageToVideoExtend"})),
+    "Wan 2.1 VACE 14B": Family((r"wan2\.1_vace_14b",), WAN_RADIAL, 720,
+                               nodes=frozenset({"LoadImage", "WanVaceToVideo", "TrimVideoLatent"})),
     "HunyuanVideo T2V": Family((r"hunyuan_video_t2v",), HUNYUAN_RADIAL, 720, files=(r"llava_llama3",),
                                nodes=frozenset({"DualCLIPLoader"}), svg2=HUNYUAN_SVG2, svg=HUNYUAN_SVG),
 }

@@ -63,7 +63,10 @@ MODEL_FILE_INPUTS = {
     ("CLIPVisionLoader", "clip_name"): "clip_vision",
     ("ControlNetLoader", "control_net_name"): "controlnet",
     ("UpscaleModelLoader", "model_name"): "upscale_models",
+    ("AudioEncoderLoader", "audio_encoder_name"): "audio_encoders",
     ("LoadImage", "image"): "input",
+    ("LoadAudio", "audio"): "input",
+    ("LoadVideo", "file"): "input",
 }
 MODEL_FILE_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pt2", ".pth", ".bin", ".gguf")
 
@@ -126,8 +129,8 @@ class NodeDef:
 
     def widget_slots(self, values=()) -> list[tuple[InputDef, str]]:
         """(input, role) per widget the frontend makes for a node saved with widgets_values ``values``, in its order;
-        role: value / control / filter / upload. The frontend assigns the values one by one, and assigning a dynamic
-        combo's key inserts the widgets of that option's inputs right after it, which take the next values (so
+        role: value / control / filter / player / upload. The frontend assigns the values one by one, and assigning a
+        dynamic combo's key inserts the widgets of that option's inputs right after it, which take the next values (so
         recursively); a combo left without a value keeps its default option."""
         slots = []
 
@@ -143,7 +146,9 @@ class NodeDef:
                     slots.append((inp, "control"))
                     if inp.type == "COMBO":
                         slots.append((inp, "filter"))
-                if any(inp.options.get(key) for key in UPLOAD_OPTIONS):
+                if inp.options.get("audio_upload"):  # Load Audio: the frontend's audio player, then its upload button
+                    slots.extend([(inp, "player"), (inp, "upload")])
+                elif any(inp.options.get(key) for key in UPLOAD_OPTIONS):
                     slots.append((inp, "upload"))
 
         add(self.inputs)
@@ -306,7 +311,7 @@ def _value_problem(node_type: str, inp: InputDef, role: str, value):
     """Why a widget value is not accepted, or None."""
     if role == "control":
         return None if value in CONTROL_VALUES else f"control_after_generate value {value!r} is not one of {CONTROL_VALUES}"
-    if role in ("filter", "upload"):
+    if role in ("filter", "player", "upload"):
         return None
     kind, opts = inp.type, inp.options
     if kind in ("COMBO", DYNAMIC_COMBO):
@@ -597,6 +602,8 @@ def comfyui_validation_errors(workflow: dict, label: str, catalog: Catalog) -> l
             name = (e.get("extra_info") or {}).get("input_name")
             if e.get("type") == "value_not_in_list" and (class_type, name) in MODEL_FILE_INPUTS:
                 continue  # a model file not in this machine's models folder
+            if e.get("type") == "custom_validation_failed" and MODEL_FILE_INPUTS.get((class_type, name)) == "input":
+                continue  # a file of the user's (audio, control video) not in this machine's input folder
             problems.append(f"{label}: node {nid} ({class_type}) input '{name}': ComfyUI's validation: "
                             f"{e.get('message')}: {e.get('details')}")
     if not valid and error and error.get("type") != "prompt_outputs_failed_validation":
