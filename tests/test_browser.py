@@ -230,8 +230,10 @@ def test_page_opens_with_the_pack(page, comfy_server):
 
 
 def model_files(data: dict) -> list[tuple[str, str]]:
-    """(node id, file name) of every model file the workflow's nodes name."""
-    return sorted((str(n["id"]), v) for n in data["nodes"] for v in n.get("widgets_values") or []
+    """(node id, file name) of every model file the workflow's active nodes name (the frontend does not look for
+    the files of bypassed or muted loaders: they do not run)."""
+    return sorted((str(n["id"]), v) for n in data["nodes"] if n.get("mode", 0) == 0
+                  for v in n.get("widgets_values") or []
                   if isinstance(v, str) and v.lower().endswith(wc.MODEL_FILE_EXTENSIONS))
 
 

@@ -38,7 +38,8 @@ SHIPPED = ("wan2.1_t2v_1.3b_radial.json", "wan2.1_t2v_14b_radial.json", "wan2.1_
            "wan2.2_a14b_t2v_radial.json", "wan2.2_ti2v_5b_radial.json", "hunyuanvideo_t2v_radial.json",
            "wan2.1_t2v_1.3b_dense_vs_radial.json", "wan2.1_t2v_14b_svg2.json", "hunyuanvideo_t2v_svg2.json",
            "wan2.1_t2v_14b_svg.json", "hunyuanvideo_t2v_svg.json", "wan2.1_t2v_14b_adaspa.json",
-           "hunyuanvideo_t2v_adaspa.json")
+           "hunyuanvideo_t2v_adaspa.json", "hunyuanvideo1.5_t2v_720p_radial.json",
+           "hunyuanvideo1.5_i2v_720p_radial.json")
 MUTATION_SOURCE = "wan2.1_t2v_14b_radial.json"  # the broken copies below start from it
 FILES = wc.workflow_files()
 PARAMS = wc.workflow_params()
@@ -58,7 +59,8 @@ COMPARISON_MARK = "_dense_vs_"  # the comparison workflow's file name holds it; 
 JOIN_NODES = {"ImageStitch", "ImageBatch"}
 VIDEO_OUTPUTS = {"SaveVideo", "SaveAnimatedWEBP", "SaveAnimatedPNG", "SaveWEBM"}
 LATENT_SIZE_NODES = {"EmptyHunyuanLatentVideo", "WanImageToVideo", "Wan22ImageToVideoLatent",
-                     "Wan22FunControlToVideo", "WanFunInpaintToVideo", "WanSoundImageToVideo", "WanVaceToVideo"}
+                     "Wan22FunControlToVideo", "WanFunInpaintToVideo", "WanSoundImageToVideo", "WanVaceToVideo",
+                     "EmptyHunyuanVideo15Latent", "HunyuanVideo15ImageToVideo"}
 
 WAN_RADIAL = {"decay_factor": 0.2, "attention_sink": True}       # the Radial reference settings for Wan
 HUNYUAN_RADIAL = {"decay_factor": 0.95, "attention_sink": False}  # and for HunyuanVideo
@@ -113,6 +115,17 @@ FAMILIES = {
                                nodes=frozenset({"LoadImage", "WanVaceToVideo", "TrimVideoLatent"})),
     "HunyuanVideo T2V": Family((r"hunyuan_video_t2v",), HUNYUAN_RADIAL, 720, files=(r"llava_llama3",),
                                nodes=frozenset({"DualCLIPLoader"}), svg2=HUNYUAN_SVG2, svg=HUNYUAN_SVG),
+    # No paper has settings for 1.5: HunyuanVideo's, as its 720p video is the same token grid (31 x 45 x 80 tokens,
+    # HunyuanVideo 33 x 45 x 80), head size and text in self-attention. Its 1080p super-resolution model is optional.
+    "HunyuanVideo 1.5 T2V 720p": Family((r"hunyuanvideo1\.5_720p_t2v",), HUNYUAN_RADIAL, 720,
+                                        files=(r"qwen_2\.5_vl_7b", r"byt5_small_glyphxl"),
+                                        nodes=frozenset({"EmptyHunyuanVideo15Latent"}), svg2=HUNYUAN_SVG2,
+                                        svg=HUNYUAN_SVG),
+    "HunyuanVideo 1.5 I2V 720p": Family((r"hunyuanvideo1\.5_720p_i2v",), HUNYUAN_RADIAL, 720,
+                                        files=(r"qwen_2\.5_vl_7b", r"byt5_small_glyphxl", r"sigclip_vision"),
+                                        nodes=frozenset({"CLIPVisionEncode", "LoadImage",
+                                                         "HunyuanVideo15ImageToVideo"}),
+                                        svg2=HUNYUAN_SVG2, svg=HUNYUAN_SVG),
 }
 
 

@@ -63,6 +63,7 @@ MODEL_FILE_INPUTS = {
     ("CLIPVisionLoader", "clip_name"): "clip_vision",
     ("ControlNetLoader", "control_net_name"): "controlnet",
     ("UpscaleModelLoader", "model_name"): "upscale_models",
+    ("LatentUpscaleModelLoader", "model_name"): "latent_upscale_models",
     ("AudioEncoderLoader", "audio_encoder_name"): "audio_encoders",
     ("LoadImage", "image"): "input",
     ("LoadAudio", "audio"): "input",
