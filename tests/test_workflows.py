@@ -39,7 +39,7 @@ SHIPPED = ("wan2.1_t2v_1.3b_radial.json", "wan2.1_t2v_14b_radial.json", "wan2.1_
            "wan2.1_t2v_1.3b_dense_vs_radial.json", "wan2.1_t2v_14b_svg2.json", "hunyuanvideo_t2v_svg2.json",
            "wan2.1_t2v_14b_svg.json", "hunyuanvideo_t2v_svg.json", "wan2.1_t2v_14b_adaspa.json",
            "hunyuanvideo_t2v_adaspa.json", "hunyuanvideo1.5_t2v_720p_radial.json",
-           "hunyuanvideo1.5_i2v_720p_radial.json")
+           "hunyuanvideo1.5_i2v_720p_radial.json", "kandinsky5_lite_t2v_radial.json")
 MUTATION_SOURCE = "wan2.1_t2v_14b_radial.json"  # the broken copies below start from it
 FILES = wc.workflow_files()
 PARAMS = wc.workflow_params()
@@ -60,7 +60,7 @@ JOIN_NODES = {"ImageStitch", "ImageBatch"}
 VIDEO_OUTPUTS = {"SaveVideo", "SaveAnimatedWEBP", "SaveAnimatedPNG", "SaveWEBM"}
 LATENT_SIZE_NODES = {"EmptyHunyuanLatentVideo", "WanImageToVideo", "Wan22ImageToVideoLatent",
                      "Wan22FunControlToVideo", "WanFunInpaintToVideo", "WanSoundImageToVideo", "WanVaceToVideo",
-                     "EmptyHunyuanVideo15Latent", "HunyuanVideo15ImageToVideo"}
+                     "EmptyHunyuanVideo15Latent", "HunyuanVideo15ImageToVideo", "Kandinsky5ImageToVideo"}
 
 WAN_RADIAL = {"decay_factor": 0.2, "attention_sink": True}       # the Radial reference settings for Wan
 HUNYUAN_RADIAL = {"decay_factor": 0.95, "attention_sink": False}  # and for HunyuanVideo
@@ -126,6 +126,13 @@ FAMILIES = {
                                         nodes=frozenset({"CLIPVisionEncode", "LoadImage",
                                                          "HunyuanVideo15ImageToVideo"}),
                                         svg2=HUNYUAN_SVG2, svg=HUNYUAN_SVG),
+    # No paper has settings for Kandinsky 5: Wan's for every method, as its attention is laid out as Wan's is
+    # (self-attention over the video alone, the text by cross-attention) and its Lite model (2B) sits between Wan's
+    # 1.3B and 14B.
+    "Kandinsky 5 Video Lite T2V": Family((r"kandinsky5lite_t2v",), WAN_RADIAL, 512,
+                                         files=(r"qwen_2\.5_vl_7b", r"clip_l", r"hunyuan_video_vae"),
+                                         nodes=frozenset({"DualCLIPLoader", "Kandinsky5ImageToVideo"}),
+                                         svg2=WAN_SVG2, svg=WAN_SVG),
 }
 
 

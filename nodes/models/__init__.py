@@ -9,6 +9,7 @@ from comfy.ldm.wan.model import WanModel
 
 from .base import Dense, ForwardLayout, ModelAdapter
 from .hunyuan_video import HunyuanVideoAdapter
+from .kandinsky5 import Kandinsky5Adapter, is_video_model as is_kandinsky5_video
 from .wan import WanAdapter
 
 __all__ = ["Dense", "ForwardLayout", "ModelAdapter", "adapter_for"]
@@ -20,4 +21,6 @@ def adapter_for(diffusion_model) -> ModelAdapter | None:
         return WanAdapter(diffusion_model)
     if isinstance(diffusion_model, HunyuanVideo) and len(diffusion_model.patch_size) == 3:
         return HunyuanVideoAdapter(diffusion_model)
+    if is_kandinsky5_video(diffusion_model):
+        return Kandinsky5Adapter(diffusion_model)
     return None
