@@ -17,7 +17,8 @@ from .svg import SVG_PRESETS, SVGPlanner, SVGSettings
 from .timing import CallTimer, timed_override
 
 __all__ = [
-    "CONTEXT_KEY", "attention_override", "VideoGrid", "latent_grid", "AttentionCall", "run_block_plan", "BlockPlan", "RadialPlanner",
+    "CONTEXT_KEY", "attention_override", "VideoGrid", "latent_grid", "AttentionCall", "run_block_plan", "BlockPlan",
+    "RadialPlanner",
     "RadialSettings", "radial_block_mask", "SparseSchedule", "step_index", "BlockLayers", "ForwardContext", "RunStats",
     "SparseAttentionSession", "run_summary", "CallTimer", "timed_override",
     "SVG2_PRESETS", "SVG2Planner", "SVG2Settings",

@@ -185,7 +185,8 @@ def _key_padding_lengths(mask, batch: int, length: int):
     """A mask that only hides a suffix of the keys (text padding) becomes per-batch key lengths."""
     if mask is None:
         return None
-    # ComfyUI reads a 2D mask as (Lq, Lk), 3D as (B, Lq, Lk), 4D as (B, H, Lq, Lk): only Lq = H = 1 is a key mask.
+    # ComfyUI reads a 2D mask as (Lq, Lk), 3D as (B, Lq, Lk), 4D as (B, H, Lq, Lk): only Lq = H = 1 is a key
+    # mask.
     per_query = mask.shape[:-1] if mask.ndim == 2 else mask.shape[1:-1]
     if mask.shape[-1] != length or any(s != 1 for s in per_query) or (mask.ndim > 2 and mask.shape[0] not in (1, batch)):
         raise Unsupported("mask-shape", f"an attention mask of shape {tuple(mask.shape)} is not a key-padding mask")

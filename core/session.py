@@ -42,6 +42,10 @@ class ForwardContext:
     a call that reports another value is over a layout the pack did not understand.
     ``owner``: the session that made it; only that session's override acts on it (None: any, a context built by
     hand). A model patched twice then has one session at work, never two counting the same layers.
+    ``call_layers``: without block metadata, the layer of the n-th video self-attention call where some blocks make
+    none (LTX-2's STG pass skips the self-attention of a few blocks); None: the n-th call is layer n.
+    ``other_self_attention``: the lengths of the self-attention calls that are not the video's (LTX-2's audio); a
+    self-attention call of any other length is a layout the pack did not understand (None: not checked).
     """
 
     video: VideoGrid
@@ -55,6 +59,8 @@ class ForwardContext:
     memo: dict = field(default_factory=dict)  # per-forward results every layer shares (e.g. the text mask)
     owner: object = field(default=None, repr=False, compare=False)
     last_call: tuple | None = None  # (step, layer, density) of the last call booked in this forward (timing)
+    call_layers: tuple | None = None
+    other_self_attention: frozenset | None = None
 
     def __post_init__(self):
         if not 0 <= self.leading_tokens <= self.video.text_tokens:
@@ -82,7 +88,8 @@ class ForwardContext:
 
     def next_layer(self) -> int:
         self.layer += 1
-        return self.layer - 1
+        n = self.layer - 1
+        return self.call_layers[n] if self.call_layers is not None and n < len(self.call_layers) else n
 
     def layout_mismatch(self, transformer_options: dict) -> str | None:
         """What ComfyUI reports for this call that contradicts the layout (None: nothing does)."""
@@ -93,10 +100,14 @@ class ForwardContext:
         return None
 
     def note_other_self_attention(self, transformer_options: dict, length: int) -> None:
-        """A self-attention call of a reported block over another length than the video's (kept dense)."""
+        """A self-attention call over another length than the video's (kept dense): of a reported block, or, where the
+        layout says which other lengths to expect, of none of them."""
         kind, index = transformer_options.get("block_type"), transformer_options.get("block_index")
+        others = self.memo.setdefault("other lengths", {})
         if self.blocks is not None and kind in self.blocks.offsets and isinstance(index, int):
-            self.memo.setdefault("other lengths", {})[self.blocks.offsets[kind] + index] = length
+            others[self.blocks.offsets[kind] + index] = length
+        elif self.other_self_attention is not None and length not in self.other_self_attention:
+            others[("call", len(others))] = length
 
     def unrecognised_blocks(self) -> dict:
         """{layer: length} of the blocks whose self-attention never matched the video in this forward."""
@@ -221,7 +232,8 @@ class SparseAttentionSession:
     def end_run(self) -> None:
         """The run is over: resolve the measured times and log the run summary (always, a few lines)."""
         self.stats.finished = True
-        if self.forwards and not self.stats.calls and self.stood_down is None and self.layout_error is None:
+        if self.forwards and not self.stats.calls and self.stood_down is None and self.layout_error is None \
+                and "unrecognised-blocks" not in self.stats.fallbacks:
             self.warn_once("hook-not-reached", "no attention call of this model reached the patch in this run: a node "
                            "applied after Sparse Attention Patch replaced ComfyUI's attention hook, or this model "
                            "does not pass ComfyUI's attention options to its blocks; sparse attention did nothing")
@@ -239,7 +251,8 @@ class SparseAttentionSession:
 
     def forward_context(self, video: VideoGrid, sigma: float | None, sample_sigmas, leading_tokens: int = 0,
                         conditionings: int = 1, blocks: BlockLayers | None = None,
-                        reported: dict | None = None) -> ForwardContext:
+                        reported: dict | None = None, call_layers: tuple | None = None,
+                        other_self_attention: frozenset | None = None) -> ForwardContext:
         step = total = None
         if sigma is not None and sample_sigmas is not None and len(sample_sigmas) > 1:
             step, total = step_index(sigma, sample_sigmas), len(sample_sigmas) - 1
@@ -251,7 +264,7 @@ class SparseAttentionSession:
         self.forwards += 1
         return ForwardContext(video=video, step=step, total_steps=total, leading_tokens=leading_tokens,
                               conditionings=max(1, conditionings), blocks=blocks, reported=dict(reported or {}),
-                              owner=self)
+                              owner=self, call_layers=call_layers, other_self_attention=other_self_attention)
 
     def end_forward(self, ctx: ForwardContext, model_name: str) -> None:
         """After a forward: blocks whose self-attention never matched the video grid are a layout not understood."""

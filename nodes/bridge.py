@@ -69,8 +69,9 @@ def install(model, session: SparseAttentionSession):
     diffusion_model = model.get_model_object("diffusion_model")
     adapter = adapter_for(diffusion_model)
     if adapter is None:
-        log.warning("sparse attention: %s is not a video model this pack knows (Wan 2.1/2.2, HunyuanVideo); "
-                    "the model passes through unchanged with dense attention", type(diffusion_model).__name__)
+        log.warning("sparse attention: %s is not a video model this pack knows (Wan 2.1/2.2, HunyuanVideo 1.0/1.5, "
+                    "LTX-2, Kandinsky 5); the model passes through unchanged with dense attention",
+                    type(diffusion_model).__name__)
         return model
     check_comfyui_supports_override()
     patched = model.clone()
@@ -113,26 +114,25 @@ def install(model, session: SparseAttentionSession):
             session.warn_once(f"layout:{adapter.name}", str(layout))
             return None
         grid = layout.grid
-        if adapter.family == "wan":
-            named = adapter.arguments(args, kwargs)
-            if grid.video_tokens in adapter.cross_attention_lengths(named):
-                # Self- and cross-attention calls then have the same shapes and cannot be told apart (Wan pads its
-                # text to 512 tokens): a sparse mask on cross-attention would be wrong, so this call stays dense.
-                session.warn_once("cross-length", f"the video has {grid.video_tokens} tokens, as many as the text or "
-                                  "image tokens of cross-attention; attention stays dense for it (change the size "
-                                  "or frame count by a little to get sparse attention)")
-                return None
+        # A video self-attention of the same shape as another attention call of the forward (a cross-attention, or
+        # another stream's self-attention, as long as the video) cannot be told apart from it: a sparse mask there
+        # would be wrong, so the forward stays dense.
+        collision = adapter.length_collision(adapter.arguments(args, kwargs), grid)
+        if collision is not None:
+            session.warn_once("cross-length", collision)
+            return None
         sigmas = transformer_options.get("sigmas")
         sigma = float(sigmas.flatten()[0]) if sigmas is not None else None
         ctx = session.forward_context(grid, sigma, transformer_options.get("sample_sigmas"),
                                       leading_tokens=layout.leading_tokens,
                                       conditionings=len(transformer_options.get("cond_or_uncond") or ()),
-                                      blocks=adapter.blocks, reported=layout.reported)
+                                      blocks=adapter.blocks, reported=layout.reported,
+                                      call_layers=layout.call_layers,
+                                      other_self_attention=layout.other_self_attention)
         return ctx
 
     def diffusion_model_call(executor, *args, **kwargs):
-        in_args = isinstance(args[-1], dict) and "transformer_options" not in kwargs
-        transformer_options = args[-1] if in_args else kwargs.get("transformer_options", {})
+        transformer_options = adapter.transformer_options(args, kwargs)
         try:
             ctx = forward_context(args, kwargs, transformer_options)
         except Exception as why:  # a ComfyUI whose model changed in a way the adapter did not foresee: never a crash
@@ -141,11 +141,7 @@ def install(model, session: SparseAttentionSession):
             ctx = None
         if ctx is None:
             return executor(*args, **kwargs)
-        with_ctx = {**transformer_options, CONTEXT_KEY: ctx}
-        if in_args:
-            args = (*args[:-1], with_ctx)
-        else:
-            kwargs["transformer_options"] = with_ctx
+        args, kwargs = adapter.with_transformer_options(args, kwargs, {**transformer_options, CONTEXT_KEY: ctx})
         out = executor(*args, **kwargs)
         session.end_forward(ctx, adapter.name)
         return out

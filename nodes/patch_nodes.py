@@ -51,7 +51,8 @@ class SparseAttentionPatch:
     RETURN_NAMES = ("model",)
     FUNCTION = "patch"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Makes video self-attention sparse (training-free). Place it between the model loader and the sampler."
+    DESCRIPTION = ("Makes video self-attention sparse (training-free). Place it between the model loader and the "
+                   "sampler.")
 
     def patch(self, model, dense_steps, sparse_end, dense_layers, backend, verbose, method=None):
         schedule = SparseSchedule(dense_steps=dense_steps, sparse_end=sparse_end, dense_layers=dense_layers)

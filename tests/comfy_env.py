@@ -244,9 +244,15 @@ def hunyuan_conds(seed: int, text_tokens: int = 12, valid_tokens: int | None = 8
 
 def sample(model, latent, positive, negative, steps: int = 4, cfg: float = 3.0, sampler: str = "euler",
            scheduler: str = "simple", seed: int = 0, **kwargs):
-    """ComfyUI's own sampling (comfy.sample.sample) from seeded noise."""
+    """ComfyUI's own sampling (comfy.sample.sample) from seeded noise; a NestedTensor latent (LTX-2's video and
+    audio) gets seeded noise for each of its tensors."""
     import comfy.sample
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    if isinstance(latent, torch.Tensor):
+        noise = torch.randn(latent.shape, generator=generator)
+    else:
+        import comfy.nested_tensor
+        noise = comfy.nested_tensor.NestedTensor([torch.randn(t.shape, generator=generator) for t in latent.unbind()])
     return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent, seed=seed,
                                disable_pbar=True, **kwargs)
 
@@ -306,3 +312,64 @@ def tiny_wan_scail(seed: int = 0):
     front of the video, pose tokens (from their own patch embedding, possibly at half resolution) behind it."""
     keys = {**wan_checkpoint(in_dim=20, i2v=True), "patch_embedding_pose.weight": (WAN_DIM, 20, 1, 2, 2)}
     return build(wan_config(keys), seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LTX-2 (tests/test_comfy_ltx_av.py; ComfyUI 0.33+): LTXAV, video with audio. Detection reads the keys that mark an
+# LTX model (adaln_single) and its audio stream (audio_adaln_single), the block count, and the head size from the
+# text cross-attention's key projection (as 32 heads); the sizes below replace those of the real 19B model.
+
+LTX_HEADS, LTX_HEAD_DIM = 2, 32            # video stream: 2 heads of 32 (dim 64)
+LTX_AUDIO_HEADS, LTX_AUDIO_HEAD_DIM = 2, 16  # audio stream: 2 heads of 16 (dim 32)
+LTX_LAYERS = 3
+LTX_CAPTION = 24  # the text as the model receives it (after ComfyUI's text connectors): 2 x 24 channels
+LTX_CHANNELS = 128  # video latent channels (LTX-2's VAE)
+LTX_AUDIO_SHAPE = (8, 16)  # audio latent channels and frequency bins (LTX-2's audio VAE)
+
+
+def ltx_checkpoint(layers: int = LTX_LAYERS, audio: bool = True) -> dict:
+    """The keys detection reads of an LTX-2 checkpoint (``audio``) or an LTX-Video one (video only)."""
+    dim = LTX_HEADS * LTX_HEAD_DIM
+    keys = {"adaln_single.emb.timestep_embedder.linear_1.bias": (dim,),
+            **_blocks("transformer_blocks", layers, "attn2.to_k.weight", (32 * LTX_HEAD_DIM, dim))}
+    if audio:
+        audio_dim = LTX_AUDIO_HEADS * LTX_AUDIO_HEAD_DIM
+        keys["audio_adaln_single.linear.weight"] = (6 * audio_dim, audio_dim)
+    return keys
+
+
+def tiny_ltx_av(seed: int = 0, layers: int = LTX_LAYERS):
+    """LTX-2 as ComfyUI detects it (supported_models.LTXAV, model_base.LTXAV, LTXAVModel): video dim 64 (2 heads of
+    32), audio dim 32 (2 heads of 16), ``layers`` blocks, small text connectors (the text given to it is already
+    connected, so they do not run)."""
+    dim, audio_dim = LTX_HEADS * LTX_HEAD_DIM, LTX_AUDIO_HEADS * LTX_AUDIO_HEAD_DIM
+    config = detected_config(ltx_checkpoint(layers), num_attention_heads=LTX_HEADS, attention_head_dim=LTX_HEAD_DIM,
+                             cross_attention_dim=dim, audio_num_attention_heads=LTX_AUDIO_HEADS,
+                             audio_attention_head_dim=LTX_AUDIO_HEAD_DIM, audio_cross_attention_dim=audio_dim,
+                             caption_channels=LTX_CAPTION, connector_attention_head_dim=8,
+                             connector_num_attention_heads=2, connector_num_layers=1)
+    return build(config, seed)
+
+
+def tiny_ltxv(seed: int = 0):
+    """LTX-Video (supported_models.LTXV, LTXVModel): the video-only LTX model, which the pack does not take."""
+    dim = LTX_HEADS * LTX_HEAD_DIM
+    config = detected_config(ltx_checkpoint(audio=False), num_attention_heads=LTX_HEADS,
+                             attention_head_dim=LTX_HEAD_DIM, cross_attention_dim=dim, caption_channels=LTX_CAPTION)
+    return build(config, seed)
+
+
+def ltx_conds(seed: int, text_tokens: int = 7, frame_rate: float = 24.0, **extra):
+    """(positive, negative) for LTX-2: text embeddings as its connectors return them (video and audio halves), and
+    the frame rate (LTXVConditioning)."""
+    gen = torch.Generator().manual_seed(seed)
+    return tuple([[torch.randn(1, text_tokens, 2 * LTX_CAPTION, generator=gen), {"frame_rate": frame_rate, **extra}]]
+                 for _ in range(2))
+
+
+def av_latent(frames: int, height: int = 8, width: int = 8, audio_frames: int = 10, video=None):
+    """An LTX-2 latent as LTXVConcatAVLatent makes it: the video latent (or ``video``) and an audio latent."""
+    import comfy.nested_tensor
+    video = torch.zeros(1, LTX_CHANNELS, frames, height, width) if video is None else video
+    audio = torch.zeros(1, LTX_AUDIO_SHAPE[0], audio_frames, LTX_AUDIO_SHAPE[1])
+    return comfy.nested_tensor.NestedTensor((video, audio))

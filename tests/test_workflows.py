@@ -39,7 +39,7 @@ SHIPPED = ("wan2.1_t2v_1.3b_radial.json", "wan2.1_t2v_14b_radial.json", "wan2.1_
            "wan2.1_t2v_1.3b_dense_vs_radial.json", "wan2.1_t2v_14b_svg2.json", "hunyuanvideo_t2v_svg2.json",
            "wan2.1_t2v_14b_svg.json", "hunyuanvideo_t2v_svg.json", "wan2.1_t2v_14b_adaspa.json",
            "hunyuanvideo_t2v_adaspa.json", "hunyuanvideo1.5_t2v_720p_radial.json",
-           "hunyuanvideo1.5_i2v_720p_radial.json", "kandinsky5_lite_t2v_radial.json")
+           "hunyuanvideo1.5_i2v_720p_radial.json", "kandinsky5_lite_t2v_radial.json", "ltx2_t2v_radial.json")
 MUTATION_SOURCE = "wan2.1_t2v_14b_radial.json"  # the broken copies below start from it
 FILES = wc.workflow_files()
 PARAMS = wc.workflow_params()
@@ -59,8 +59,9 @@ COMPARISON_MARK = "_dense_vs_"  # the comparison workflow's file name holds it; 
 JOIN_NODES = {"ImageStitch", "ImageBatch"}
 VIDEO_OUTPUTS = {"SaveVideo", "SaveAnimatedWEBP", "SaveAnimatedPNG", "SaveWEBM"}
 LATENT_SIZE_NODES = {"EmptyHunyuanLatentVideo", "WanImageToVideo", "Wan22ImageToVideoLatent",
+                     "EmptyHunyuanVideo15Latent", "HunyuanVideo15ImageToVideo", "Kandinsky5ImageToVideo",
                      "Wan22FunControlToVideo", "WanFunInpaintToVideo", "WanSoundImageToVideo", "WanVaceToVideo",
-                     "EmptyHunyuanVideo15Latent", "HunyuanVideo15ImageToVideo", "Kandinsky5ImageToVideo"}
+                     "EmptyLTXVLatentVideo"}
 
 WAN_RADIAL = {"decay_factor": 0.2, "attention_sink": True}       # the Radial reference settings for Wan
 HUNYUAN_RADIAL = {"decay_factor": 0.95, "attention_sink": False}  # and for HunyuanVideo
@@ -133,6 +134,13 @@ FAMILIES = {
                                          files=(r"qwen_2\.5_vl_7b", r"clip_l", r"hunyuan_video_vae"),
                                          nodes=frozenset({"DualCLIPLoader", "Kandinsky5ImageToVideo"}),
                                          svg2=WAN_SVG2, svg=WAN_SVG),
+    # LTX-2 loads its diffusion model from a checkpoint (with its video and audio VAEs). No paper has settings for it:
+    # Wan's, as its video's attention is laid out as Wan's is (self-attention over the video alone, the text by
+    # cross-attention); 1280 x 704 is its 720p (the VAE's 32-pixel tokens).
+    "LTX-2 19B T2V": Family((r"ltx-2-19b-dev",), WAN_RADIAL, 704, files=(r"gemma_3_12b",),
+                            nodes=frozenset({"LTXAVTextEncoderLoader", "LTXVAudioVAELoader", "LTXVEmptyLatentAudio",
+                                             "LTXVConcatAVLatent", "LTXVSeparateAVLatent", "LTXVAudioVAEDecode"}),
+                            svg2=WAN_SVG2, svg=WAN_SVG),
 }
 
 
@@ -191,7 +199,9 @@ def is_comparison(path) -> bool:
 
 
 def unet_files(wf) -> list[str]:
-    return [n["widgets_values"][0] for n in nodes_of(wf, "UNETLoader") if active(n)]  # widget 0: unet_name
+    """The diffusion model files: UNETLoader's unet_name, or a checkpoint's (LTX-2's, with its VAEs)."""
+    return [n["widgets_values"][0] for n in wf["nodes"]  # widget 0: unet_name / ckpt_name
+            if n["type"] in ("UNETLoader", "CheckpointLoaderSimple") and active(n)]
 
 
 def model_files(wf) -> list[str]:

@@ -57,6 +57,9 @@ MODEL_FILE_INPUTS = {
     ("QuadrupleCLIPLoader", "clip_name4"): "text_encoders",
     ("VAELoader", "vae_name"): "vae",
     ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
+    ("LTXAVTextEncoderLoader", "text_encoder"): "text_encoders",
+    ("LTXAVTextEncoderLoader", "ckpt_name"): "checkpoints",
+    ("LTXVAudioVAELoader", "ckpt_name"): "checkpoints",
     ("ImageOnlyCheckpointLoader", "ckpt_name"): "checkpoints",
     ("LoraLoader", "lora_name"): "loras",
     ("LoraLoaderModelOnly", "lora_name"): "loras",
@@ -95,9 +98,15 @@ class InputDef:
     nested: dict | None = None     # a dynamic combo's inputs per option key
 
     @property
+    def widget_type(self) -> str:
+        """The type of its widget: its own, or for an input of several types (a V3 MultiType such as LTX-2's
+        "FLOAT,INT" frame rates) the one ComfyUI names for its widget (``widgetType``)."""
+        return self.type if self.type in WIDGET_TYPES else self.options.get("widgetType", self.type)
+
+    @property
     def widget(self) -> bool:
         """The frontend makes a widget (a value in widgets_values) for it, not a socket."""
-        return self.type in WIDGET_TYPES and not self.options.get("forceInput", False)
+        return self.widget_type in WIDGET_TYPES and not self.options.get("forceInput", False)
 
     @property
     def default(self):
@@ -314,7 +323,7 @@ def _value_problem(node_type: str, inp: InputDef, role: str, value):
         return None if value in CONTROL_VALUES else f"control_after_generate value {value!r} is not one of {CONTROL_VALUES}"
     if role in ("filter", "player", "upload"):
         return None
-    kind, opts = inp.type, inp.options
+    kind, opts = inp.widget_type, inp.options
     if kind in ("COMBO", DYNAMIC_COMBO):
         folder = MODEL_FILE_INPUTS.get((node_type, inp.name))
         if folder is not None:

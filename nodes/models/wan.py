@@ -167,3 +167,13 @@ class WanAdapter(ModelAdapter):
         if self.model.img_emb is not None:
             lengths.add(token_count(named.get("clip_fea")))
         return lengths - {0}
+
+    def length_collision(self, named, grid):
+        # Self- and cross-attention calls then have the same shapes and cannot be told apart (Wan pads its text to
+        # 512 tokens): a sparse mask on cross-attention would be wrong, so the forward stays dense. The queries of
+        # both are the whole self-attention sequence, appended tokens included.
+        if grid.total_tokens in self.cross_attention_lengths(named):
+            return (f"the video self-attention has {grid.total_tokens} tokens, as many as the text or image tokens "
+                    "of cross-attention; attention stays dense for it (change the size or frame count by a little to "
+                    "get sparse attention)")
+        return None
