@@ -39,6 +39,39 @@ def hunyuan_checkpoint() -> dict:
     return keys
 
 
+def wan14b_checkpoint(in_dim: int = 16, **extra) -> dict:
+    """Wan 14B with a variant's marking keys (detection picks the variant from them)."""
+    keys = wan_checkpoint(5120, 13824, 40)
+    keys["patch_embedding.weight"] = (5120, in_dim, 1, 2, 2)
+    return {**keys, **extra}
+
+
+def hunyuan15_checkpoint() -> dict:
+    """HunyuanVideo 1.5 720p (8.3B): hidden 2048 (16 heads of 128), 54 double blocks, no single ones, patch 1x1x1,
+    byT5 and SigLIP inputs."""
+    keys = {"txt_in.individual_token_refiner.blocks.0.norm1.weight": (2048,),
+            "txt_in.input_embedder.weight": (2048, 3584), "img_in.proj.weight": (2048, 65, 1, 1, 1),
+            "final_layer.linear.weight": (32, 2048), "byt5_in.fc1.weight": (2048, 1472),
+            "cond_type_embedding.weight": (3, 2048), "vision_in.proj.0.weight": (1152,)}
+    keys.update({f"double_blocks.{i}.img_attn.qkv.weight": (6144, 2048) for i in range(54)})
+    return keys
+
+
+def kandinsky5_checkpoint(model_dim=4096, time_dim=1024, ff_dim=16384, head_dim=128, text_blocks=4,
+                          visual_blocks=60) -> dict:
+    """Kandinsky 5 Video Pro (19B): 32 heads of 128, 60 visual blocks; 132 input channels (a (1, 2, 2) patch of noise,
+    start-image latent and mask)."""
+    keys = {"visual_embeddings.in_layer.weight": (model_dim, 132), "visual_embeddings.in_layer.bias": (model_dim,),
+            "time_embeddings.in_layer.bias": (time_dim,),
+            "visual_transformer_blocks.0.cross_attention.key_norm.weight": (head_dim,),
+            "visual_transformer_blocks.0.feed_forward.in_layer.weight": (ff_dim, model_dim)}
+    keys.update({f"text_transformer_blocks.{i}.self_attention.to_query.weight": (model_dim, model_dim)
+                 for i in range(text_blocks)})
+    keys.update({f"visual_transformer_blocks.{i}.self_attention.to_query.weight": (model_dim, model_dim)
+                 for i in range(visual_blocks)})
+    return keys
+
+
 def text(tokens: int, width: int, **extra):
     """ComfyUI conditioning: one text of ``tokens`` x ``width`` and the extra inputs its model takes."""
     gen = torch.Generator().manual_seed(1)
@@ -58,6 +91,7 @@ class Config:
 
 
 WAN_RADIAL = dict(decay_factor=0.2, block_size=128, attention_sink=True, text_dense=True)
+HUNYUAN_RADIAL = dict(decay_factor=0.95, block_size=128, attention_sink=False, text_dense=True)
 CONFIGS = {
     "1.3b-480p": Config(lambda: wan_checkpoint(1536, 8960, 30), (16, 21, 60, 104), lambda: text(512, 4096),
                         WAN_RADIAL, 1),
@@ -66,7 +100,22 @@ CONFIGS = {
     # 129 frames; ComfyUI's HunyuanVideo text encoder crops the LLM text to at most 256 tokens
     "hunyuan-720p": Config(hunyuan_checkpoint, (16, 33, 90, 160),
                            lambda: text(256, 4096, pooled_output=torch.randn(1, 768), guidance=6.0),
-                           dict(decay_factor=0.95, block_size=128, attention_sink=False, text_dense=True), 0),
+                           HUNYUAN_RADIAL, 0),
+    # 121 frames: 31 x 45 x 80 video tokens behind 128 text tokens (no pooled vector: HunyuanVideo 1.5 has none)
+    "hunyuan15-720p": Config(hunyuan15_checkpoint, (32, 31, 45, 80), lambda: text(128, 3584, pooled_output=None),
+                             HUNYUAN_RADIAL, 0),
+    # Kandinsky 5 Video Pro, 1280x720, 121 frames: 31 x 45 x 80 tokens; Qwen2.5-VL text and a CLIP-L pooled vector
+    "kandinsky5-pro-720p": Config(kandinsky5_checkpoint, (16, 31, 90, 160),
+                                  lambda: text(256, 3584, pooled_output=torch.randn(1, 768)), WAN_RADIAL, 1),
+    # Wan 2.2 S2V, an extension chunk of 77 frames: 20 frames, the reference frame behind them, 5,360 FramePack
+    # motion tokens behind those (dense rows and columns)
+    "wan22-s2v-720p": Config(lambda: wan14b_checkpoint(**{"casual_audio_encoder.encoder.final_linear.weight":
+                                                         (5120, 5120)}),
+                             (16, 20, 90, 160),
+                             lambda: text(512, 4096, reference_latents=[torch.randn(1, 16, 1, 90, 160)],
+                                          reference_motion=torch.randn(1, 16, 19, 90, 160),
+                                          audio_embed=torch.randn(1, 25, 1024, 80),
+                                          control_video=torch.zeros(1, 16, 20, 90, 160)), WAN_RADIAL, 1),
 }
 
 
@@ -167,7 +216,12 @@ def main(argv=None):
     device = torch.device("cuda")
     results = []
     for name in args.configs:
-        results.append(run_config(name, nodes, device, args.steps, not args.no_attention_share))
+        try:
+            results.append(run_config(name, nodes, device, args.steps, not args.no_attention_share))
+        except Exception as why:  # one model's failure must not lose the others' figures
+            print(f"{name} FAILED: {type(why).__name__}: {why}", flush=True)
+            torch.cuda.empty_cache()
+            continue
         results[-1]["comfyui"] = comfyui_version.__version__
         print(json.dumps(results[-1]), flush=True)
     if args.json:
