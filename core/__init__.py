@@ -4,6 +4,7 @@ Never imports ComfyUI: nodes/ adapts ComfyUI's objects to this package.
 """
 
 from .adaspa import AdaSpaPlanner, AdaSpaSettings, parse_search_steps
+from .check import CHECK_KEY, CheckResults, CheckSettings, parse_steps, psnr
 from .dispatcher import CONTEXT_KEY, attention_override
 from .grid import VideoGrid, latent_grid
 from .method import AttentionCall, run_block_plan
@@ -24,4 +25,5 @@ __all__ = [
     "SVG2_PRESETS", "SVG2Planner", "SVG2Settings",
     "SVG_PRESETS", "SVGPlanner", "SVGSettings",
     "AdaSpaPlanner", "AdaSpaSettings", "parse_search_steps",
+    "CHECK_KEY", "CheckResults", "CheckSettings", "parse_steps", "psnr",
 ]

@@ -51,7 +51,7 @@ def attention_override(session: SparseAttentionSession, previous=None):
         mismatch = ctx.layout_mismatch(options)
         if mismatch is not None:
             session.fail_layout(mismatch)
-        if session.stood_down is not None or session.layout_error is not None:
+        if session.stood_down is not None or session.layout_error is not None or ctx.dense:
             return dense(func, args, kwargs)
         layer = ctx.layer_of(options)
         if not session.wants_sparse(ctx, layer):

@@ -289,11 +289,40 @@ def density_image(calls: dict, total_steps: int | None = None, num_layers: int |
     for (step, layer), d in calls.items():
         if step is not None:
             values[layer, step] = d
+    legend = [("box", KEPT, "1 = dense (all tiles)"), ("box", _rgb(colormap(0.3)), "lower = sparser")]
+    image = _heatmap(values, title, subtitle_lines, "denoising step", legend, max_size)
+    image.info["title"] = title
+    return image
+
+
+def check_image(check, title: str, subtitle_lines=(), max_size: int = DEFAULT_SIZE, marked: int = 5) -> Image.Image:
+    """Heatmap of the attention mass each (layer, head) kept at the checked steps: heads across, layers down; the
+    ``marked`` worst cells under the floor framed."""
+    recall = check.head_recall()
+    n_layers = 1 + max(layer for layer, _ in recall)
+    n_heads = 1 + max(head for _, head in recall)
+    values = np.full((n_layers, n_heads), np.nan)
+    for (layer, head), r in recall.items():
+        values[layer, head] = r
+    worst = check.worst_heads()[:marked]
+    legend = [("box", KEPT, "1 = all the attention mass kept"), ("box", _rgb(colormap(0.5)), "lower = more lost"),
+              ("line", TEXT_LINE, f"worst, under {check.settings.floor:.0%}")]
+    image = _heatmap(values, title, subtitle_lines, "attention head", legend, max_size,
+                     marked=[key for _, key in worst], missing="not checked (a dense layer)")
+    image.info["title"] = title
+    return image
+
+
+def _heatmap(values: np.ndarray, title: str, subtitle_lines, x_label: str, legend: list, max_size: int,
+             marked=(), missing: str = "no call") -> Image.Image:
+    """values (layers, columns) in [0, 1] (NaN: no call) as coloured cells, layer 0 on top, a colour bar, and the
+    (layer, column) cells in ``marked`` framed."""
+    n_layers, n_cols = values.shape
     body, small, _ = _sizes(max_size)
     left, right = round(body * 4.2), round(body * 6.5)
-    cell_w = max(1, (max_size - left - right) // n_steps)
+    cell_w = max(1, (max_size - left - right) // n_cols)
     cell_h = int(min(max(2, round(0.55 * max_size / n_layers)), max(cell_w, 2 * line_height(font(small)))))
-    pw, ph = cell_w * n_steps, cell_h * n_layers
+    pw, ph = cell_w * n_cols, cell_h * n_layers
     fig = _Figure(max(max_size, left + pw + right), max_size, title, list(subtitle_lines))
     rgb = colormap(np.nan_to_num(values, nan=0.0))
     rgb[np.isnan(values)] = MISSING
@@ -302,10 +331,8 @@ def density_image(calls: dict, total_steps: int | None = None, num_layers: int |
         pixels[:, cell_w - 1::cell_w] = BACKGROUND
     if cell_h >= 6:
         pixels[cell_h - 1::cell_h, :] = BACKGROUND
-
-    legend = [("box", KEPT, "1 = dense (all tiles)"), ("box", _rgb(colormap(0.3)), "lower = sparser")]
     if np.isnan(values).any():
-        legend.append(("box", MISSING, "no call"))
+        legend = legend + [("box", MISSING, missing)]
     tick_h = line_height(font(small)) + 8
     axis_label_h = line_height(font(body)) + 4
     legend_h = fig.legend_height(legend)
@@ -318,18 +345,22 @@ def density_image(calls: dict, total_steps: int | None = None, num_layers: int |
     label_font = font(small)
     if cell_w >= text_size("0.00", label_font)[0] + 4 and cell_h >= line_height(label_font):
         for layer in range(n_layers):
-            for step in range(n_steps):
-                v = values[layer, step]
+            for col in range(n_cols):
+                v = values[layer, col]
                 if not np.isnan(v):
                     colour = (0, 0, 0) if v > 0.55 else (255, 255, 255)
-                    fig.text((box[0] + (step + 0.5) * cell_w, box[1] + (layer + 0.5) * cell_h),
+                    fig.text((box[0] + (col + 0.5) * cell_w, box[1] + (layer + 0.5) * cell_h),
                              "1" if v >= 1 else f"{v:.2f}".lstrip("0"), size=small, fill=colour, align="center",
                              valign="middle")
-    fig.x_ticks(box, _ticks(0, n_steps - 1, max(2, pw // (body * 3))), lambda v: (v + 0.5) * cell_w)
+    for layer, col in marked:
+        x0, y0 = box[0] + col * cell_w, box[1] + layer * cell_h
+        fig.draw.rectangle((x0, y0, x0 + max(cell_w - 2, 1), y0 + max(cell_h - 2, 1)), outline=TEXT_LINE,
+                           width=max(1, min(3, cell_w // 6, cell_h // 6)))
+    fig.x_ticks(box, _ticks(0, n_cols - 1, max(2, pw // (body * 3))), lambda v: (v + 0.5) * cell_w)
     fig.y_ticks(box, _ticks(0, n_layers - 1, max(2, ph // (body * 2))), lambda v: (v + 0.5) * cell_h)
-    fig.text((box[0] + pw / 2, box[1] + ph + tick_h), "denoising step", align="center")
+    fig.text((box[0] + pw / 2, box[1] + ph + tick_h), x_label, align="center")
     fig.vertical_text((round(body * 1.1), box[1] + ph / 2), "layer (transformer block)")
-    # colour bar: 1 (dense) on top
+    # colour bar: 1 on top
     bx0, bw = box[2] + round(body * 1.5), max(8, body)
     bar = colormap(np.linspace(1, 0, ph))[:, None, :].repeat(bw, 1)
     fig.image.paste(Image.fromarray(bar, "RGB"), (bx0, box[1]))
@@ -339,7 +370,7 @@ def density_image(calls: dict, total_steps: int | None = None, num_layers: int |
         fig.draw.line((bx0 + bw, y, bx0 + bw + 4, y), fill=MUTED)
         fig.text((bx0 + bw + 6, y), _num(v), size=small, fill=MUTED, valign="middle")
     fig.legend(box[1] + max(ph, 4 * body) + tick_h + axis_label_h + fig.pad // 2, legend)
-    fig.image.info.update(title=title, plot=(box[0], box[1], cell_h, cell_w))  # cell (layer, step) at x0 + step * w
+    fig.image.info.update(plot=(box[0], box[1], cell_h, cell_w))  # cell (layer, column) at x0 + column * w
     return fig.image
 
 
@@ -431,6 +462,7 @@ NOT_PATCHED = "This model has no Sparse Attention Patch"
 NOT_RUN = "No sampling run yet"
 NO_VIDEO = "No video attention in the last run"
 NO_TIMING = "No attention timing in the last run"
+NO_CHECK = "No check in the last run"
 
 
 def _layer_layout(session, layer: int):
@@ -451,22 +483,23 @@ def _layer_layout(session, layer: int):
 
 
 def inspect(session, layer: int = 1, head: int = 0, max_size: int = DEFAULT_SIZE) -> list[Image.Image]:
-    """[layout, density, timing] pictures of a session's last run; message cards where there is nothing to draw."""
+    """[layout, density, timing, check] pictures of a session's last run; message cards where there is nothing to
+    draw."""
     if session is None:
         card = message_image(NOT_PATCHED, [
             "Connect the MODEL output of Sparse Attention Patch (the same model the sampler used). An unpatched "
-            "model, or one the patch does not know (not Wan / HunyuanVideo), has nothing to show."], max_size)
-        return [card, card, card]
+            "model, or one the patch does not know, has nothing to show (and nothing to check)."], max_size)
+        return [card] * 4
     stats = session.stats
     if session.runs == 0:
         card = message_image(NOT_RUN, [
             f"{method_text(session.method)}: the patched model has not sampled yet. Connect the sampler's LATENT "
             "output to 'samples' so the Inspector runs after the sampler, then queue the workflow."], max_size)
-        return [card, card, card]
+        return [card] * 4
     if not stats.calls or stats.grid is None:
         lines = ["No video self-attention call reached the patch in the last run."] + fallback_lines(stats)
         card = message_image(NO_VIDEO, lines, max_size)
-        return [card, card, card]
+        return [card] * 4
 
     name = method_name(session.method)
     layers = stats.num_layers
@@ -510,4 +543,16 @@ def inspect(session, layer: int = 1, head: int = 0, max_size: int = DEFAULT_SIZE
             "Attention time against dense was not measured. Turn on 'verbose' in Sparse Attention Patch to time "
             "each attention call (CUDA events; small overhead), then run the sampler again.",
             density_text(stats) + " (counted, not timed)."], max_size)
-    return [layout, density_picture, timing]
+    return [layout, density_picture, timing, _check_picture(session, name, max_size)]
+
+
+def _check_picture(session, name: str, max_size: int) -> Image.Image:
+    check = session.check
+    if check is None:
+        return message_image(NO_CHECK, [
+            "Wire Sparse Attention Check between Sparse Attention Patch and the sampler to measure, during the run, "
+            "how much of the attention mass each layer and head keeps and how far its output moves."], max_size)
+    lines = check.summary_lines(session.schedule.dense_layers)
+    if not check.recall:
+        return message_image(NO_CHECK, lines, max_size)
+    return check_image(check, f"{name}: attention mass kept per layer and head (checked steps)", lines, max_size)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels import BACKENDS
+from .check import CheckResults, CheckSettings
 from .grid import VideoGrid
 from .method import AttentionCall
 from .schedule import SparseSchedule, step_index
@@ -46,6 +47,7 @@ class ForwardContext:
     none (LTX-2's STG pass skips the self-attention of a few blocks); None: the n-th call is layer n.
     ``other_self_attention``: the lengths of the self-attention calls that are not the video's (LTX-2's audio); a
     self-attention call of any other length is a layout the pack did not understand (None: not checked).
+    ``check``: the Sparse Attention Check's results when this forward's step is one it checks.
     """
 
     video: VideoGrid
@@ -61,6 +63,8 @@ class ForwardContext:
     last_call: tuple | None = None  # (step, layer, density) of the last call booked in this forward (timing)
     call_layers: tuple | None = None
     other_self_attention: frozenset | None = None
+    check: CheckResults | None = None  # this step is checked: the sparse calls record into it (core.check)
+    dense: bool = False  # a forward run dense on purpose (the check's whole-step comparison): every call passes
 
     def __post_init__(self):
         if not 0 <= self.leading_tokens <= self.video.text_tokens:
@@ -201,6 +205,8 @@ class SparseAttentionSession:
         self.stood_down: str | None = None  # why another node does the sparse attention this run (None: we do)
         self.forwards = 0  # forwards of the model with a video layout this run
         self.layout_error: str | None = None  # a layout ComfyUI contradicted: dense from then on
+        self.check: CheckResults | None = None  # the last run's Sparse Attention Check, if the run had one
+        self.platform: dict = {}  # name -> version of what runs the model (ComfyUI), for the run summary's report line
         self._warned: set[str] = set()
 
     def planner_for(self, device) -> object:
@@ -221,6 +227,7 @@ class SparseAttentionSession:
     def begin_run(self) -> None:
         """A new sampling run: per-run state and statistics start afresh."""
         self.stats = RunStats()
+        self.check = None
         self.runs += 1
         self.stood_down = None
         self.forwards = 0
@@ -252,7 +259,8 @@ class SparseAttentionSession:
     def forward_context(self, video: VideoGrid, sigma: float | None, sample_sigmas, leading_tokens: int = 0,
                         conditionings: int = 1, blocks: BlockLayers | None = None,
                         reported: dict | None = None, call_layers: tuple | None = None,
-                        other_self_attention: frozenset | None = None) -> ForwardContext:
+                        other_self_attention: frozenset | None = None,
+                        check: CheckSettings | None = None) -> ForwardContext:
         step = total = None
         if sigma is not None and sample_sigmas is not None and len(sample_sigmas) > 1:
             step, total = step_index(sigma, sample_sigmas), len(sample_sigmas) - 1
@@ -264,7 +272,22 @@ class SparseAttentionSession:
         self.forwards += 1
         return ForwardContext(video=video, step=step, total_steps=total, leading_tokens=leading_tokens,
                               conditionings=max(1, conditionings), blocks=blocks, reported=dict(reported or {}),
-                              owner=self, call_layers=call_layers, other_self_attention=other_self_attention)
+                              owner=self, call_layers=call_layers, other_self_attention=other_self_attention,
+                              check=self._check_of(check, step, total))
+
+    def _check_of(self, settings: CheckSettings | None, step: int | None, total: int | None) -> CheckResults | None:
+        """The run's check results when ``step`` is one the check asks for (created with the run's first one)."""
+        if settings is None or step is None:
+            return None
+        inside, beyond = settings.step_indices(total)
+        with self._lock:
+            new = self.check is None or self.check.settings != settings
+            if new:
+                self.check = CheckResults(settings, skipped_steps=tuple(sorted(beyond)))
+        if new and beyond:
+            self.warn_once("check-steps", f"the check's steps {sorted(beyond)} are past this run's last step "
+                           f"(steps 0-{total - 1}): they are not checked; set steps inside the run")
+        return self.check if step in inside else None
 
     def end_forward(self, ctx: ForwardContext, model_name: str) -> None:
         """After a forward: blocks whose self-attention never matched the video grid are a layout not understood."""
@@ -310,7 +333,12 @@ class SparseAttentionSession:
                head_offset: int = 0) -> tuple[torch.Tensor, float]:
         """Sparse attention of (B, H, L, D) q/k/v over the video of ``ctx``: (output, density computed).
         ValueError for what it cannot run. The caller books the call (record_sparse) once per layer."""
-        return self.planner_for(q.device).attend(self._call(ctx, layer, q, k, v, kv_length, out, head_offset))
+        call = self._call(ctx, layer, q, k, v, kv_length, out, head_offset)
+        call.want_lse = ctx.check is not None  # the check compares the kept keys' LSE with the exact one
+        result, density = self.planner_for(q.device).attend(call)
+        if ctx.check is not None:
+            ctx.check.record(ctx.step, layer, q, k, v, result, call.lse, kv_length, head_offset)
+        return result, density
 
     def wants_prime(self, ctx: ForwardContext, layer: int) -> bool:
         """A dense call the planner wants to see (``prime``: e.g. AdaSpa takes the LSE its first search needs from

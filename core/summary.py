@@ -143,5 +143,26 @@ def run_summary(session) -> str:
     for extra in (skipped_steps_text(stats), timing_text(stats.timings)):
         if extra:
             lines.append("  " + extra)
+    if session.check is not None:
+        lines += ["  " + line for line in session.check.summary_lines(session.schedule.dense_layers)]
     lines += ["  " + line for line in fallback_lines(stats)]
-    return "\n".join(lines)
+    return "\n".join(lines + ["  " + report_line(session)])
+
+
+def report_line(session) -> str:
+    """One line an artist can paste into a bug report: versions, GPU, method and settings, what the run did."""
+    import torch
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
+    stats = session.stats
+    fallbacks = ", ".join(f"{key} x{n}" for key, n in stats.fallbacks.items()) or "none"
+    platform = " | ".join(f"{name} {version}" for name, version in session.platform.items())
+    return (f"for a bug report: {platform + ' | ' if platform else ''}torch {torch.__version__} | Triton "
+            f"{triton_version} | {gpu} | {method_text(session.method)} | backend {session.backend} | schedule "
+            f"dense_steps {session.schedule.dense_steps:g}, sparse_end {session.schedule.sparse_end:g}, dense_layers "
+            f"{session.schedule.dense_layers} | mean density {stats.mean_density:.3f} | fallbacks {fallbacks}")

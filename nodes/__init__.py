@@ -2,6 +2,7 @@
 
 from .adaspa import AdaSpaSearch
 from .bridge import session_of  # noqa: F401  (for scripts: the session a patched model carries)
+from .check import SparseAttentionCheck  # noqa: F401  (for scripts: the session a patched model carries)
 from .inspector import SparseAttentionInspector
 from .patch_nodes import RadialMask, SparseAttentionPatch
 from .svg2_nodes import SVG2KMeansSettings
@@ -14,6 +15,7 @@ NODE_CLASS_MAPPINGS = {
     "SVG2KMeansSettings": SVG2KMeansSettings,
     "SVGSettings": SVGSettingsNode,
     "AdaSpaSearch": AdaSpaSearch,
+    "SparseAttentionCheck": SparseAttentionCheck,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "SparseAttentionPatch": "Sparse Attention Patch",
@@ -22,4 +24,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SVG2KMeansSettings": "SVG2 K-Means Settings",
     "SVGSettings": "SVG Settings",
     "AdaSpaSearch": "AdaSpa Search",
+    "SparseAttentionCheck": "Sparse Attention Check",
 }

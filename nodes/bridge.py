@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -17,7 +18,8 @@ import torch
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.patcher_extension as patcher_extension
 
-from ..core import CONTEXT_KEY, SparseAttentionSession, attention_override, timed_override
+from ..core import CHECK_KEY, CONTEXT_KEY, CheckSettings, SparseAttentionSession, attention_override, psnr, \
+    timed_override
 from . import composition
 from .models import Dense, adapter_for
 
@@ -32,6 +34,14 @@ def check_comfyui_supports_override() -> None:
     if not hasattr(comfy_attention, "wrap_attn"):
         raise RuntimeError(f"Sparse Attention Patch needs ComfyUI {MIN_COMFYUI} or newer (this ComfyUI has no "
                            "attention override); update ComfyUI")
+
+
+def comfyui_version() -> str:
+    try:
+        import comfyui_version as version
+    except ImportError:  # ComfyUI run from a tree without its version file
+        return "unknown"
+    return version.__version__
 
 
 def session_of(model) -> SparseAttentionSession | None:
@@ -62,6 +72,12 @@ def settle_hook_for_run(guider, session: SparseAttentionSession) -> None:
         if hook is not None:
             session.warn_once("backend-after-patch", composition.BACKEND_AFTER)
         options[OVERRIDE_KEY] = make_hook(session, hook)
+
+
+def _check_settings(transformer_options) -> CheckSettings | None:
+    """The Sparse Attention Check's settings this model copy carries (see nodes/check.py), if any."""
+    settings = transformer_options.get(CHECK_KEY)
+    return settings if isinstance(settings, CheckSettings) else None
 
 
 def install(model, session: SparseAttentionSession):
@@ -128,7 +144,8 @@ def install(model, session: SparseAttentionSession):
                                       conditionings=len(transformer_options.get("cond_or_uncond") or ()),
                                       blocks=adapter.blocks, reported=layout.reported,
                                       call_layers=layout.call_layers,
-                                      other_self_attention=layout.other_self_attention)
+                                      other_self_attention=layout.other_self_attention,
+                                      check=_check_settings(transformer_options))
         return ctx
 
     def diffusion_model_call(executor, *args, **kwargs):
@@ -141,8 +158,16 @@ def install(model, session: SparseAttentionSession):
             ctx = None
         if ctx is None:
             return executor(*args, **kwargs)
+        compare = ctx.check is not None and ctx.check.settings.compares(ctx.step, ctx.total_steps)
+        if compare:  # the check's whole step: the same forward dense first, for the PSNR of the two predictions
+            dense_ctx = dataclasses.replace(ctx, dense=True, check=None, memo={})
+            dense_args, dense_kwargs = adapter.with_transformer_options(
+                args, kwargs, {**transformer_options, CONTEXT_KEY: dense_ctx})
+            dense_out = executor(*dense_args, **dense_kwargs)
         args, kwargs = adapter.with_transformer_options(args, kwargs, {**transformer_options, CONTEXT_KEY: ctx})
         out = executor(*args, **kwargs)
+        if compare:
+            ctx.check.psnr[ctx.step] = psnr(out, dense_out)
         session.end_forward(ctx, adapter.name)
         return out
 
@@ -153,6 +178,7 @@ def install(model, session: SparseAttentionSession):
     def on_detach(patcher, unpatch_all):
         session.move_caches(patcher.offload_device, of=patcher.load_device)
 
+    session.platform = {"ComfyUI": comfyui_version()}
     patched.set_attachments(WRAPPER_KEY, session)
     # Caches a planner keeps on the device (SVG2's centroids) follow the model when ComfyUI loads or offloads it.
     patched.add_callback_with_key(patcher_extension.CallbacksMP.ON_LOAD, WRAPPER_KEY, on_load)

@@ -12,8 +12,9 @@ log = logging.getLogger("sparse_video_attention")
 
 
 class SparseAttentionInspector:
-    """MODEL (patched, after a run) in; three IMAGEs out: the block layout of one layer, the density per step and
-    layer, and the measured attention time against dense (when verbose timed it)."""
+    """MODEL (patched, after a run) in; four IMAGEs out: the block layout of one layer, the density per step and
+    layer, the measured attention time against dense (when verbose timed it), and what the Sparse Attention Check
+    measured (when the run had one)."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -38,11 +39,13 @@ class SparseAttentionInspector:
             },
         }
 
-    RETURN_TYPES = ("IMAGE", "IMAGE", "IMAGE")
-    RETURN_NAMES = ("layout", "density", "timing")
+    RETURN_TYPES = ("IMAGE", "IMAGE", "IMAGE", "IMAGE")
+    RETURN_NAMES = ("layout", "density", "timing", "check")
     OUTPUT_TOOLTIPS = ("The block layout of the chosen layer: kept tiles bright, frame boundaries as lines.",
                        "The density each denoising step and layer ran at (1 = dense).",
-                       "Measured attention time per step against dense (turn on verbose in the patch to measure).")
+                       "Measured attention time per step against dense (turn on verbose in the patch to measure).",
+                       "The attention mass each layer and head kept at the checked steps, the worst framed, with "
+                       "advice (wire Sparse Attention Check before the sampler).")
     FUNCTION = "inspect"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Pictures of the last sampling run of a model patched by Sparse Attention Patch: the sparse "
@@ -58,5 +61,5 @@ class SparseAttentionInspector:
             log.exception("sparse attention: the Inspector could not draw the last run")
             card = report.message_image("The Inspector could not draw the last run",
                                         [f"{type(why).__name__}: {why}", "The log has the details."], max_size)
-            images = [card] * 3
+            images = [card] * 4
         return tuple(report.to_image_tensor(im) for im in images)

@@ -226,6 +226,6 @@ def test_inspector_and_run_summary(nodes, bridge, caplog):
     summaries = [r.getMessage() for r in caplog.records if r.name == LOGGER and "run summary" in r.getMessage()]
     assert len(summaries) == 1 and "Radial" in summaries[0] and f"dense layers 0 (1 of {DEPTH})" in summaries[0]
     images = nodes.SparseAttentionInspector().inspect(patched, {"samples": torch.zeros(1)}, 1, 0, 256)
-    assert len(images) == 3 and all(t.shape[0] == 1 and t.shape[2] == 256 and t.shape[3] == 3 for t in images)
+    assert len(images) == 4 and all(t.shape[0] == 1 and t.shape[2] == 256 and t.shape[3] == 3 for t in images)
     layout = import_pack("core.report").inspect(session, layer=1, max_size=256)[0]
     assert layout.info["title"] == f"Radial layout, layer 1 of {DEPTH}"

@@ -482,7 +482,7 @@ def test_import_as_custom_node_under_any_folder_name(tmp_path):
         spec.loader.exec_module(module)
         mappings = module.NODE_CLASS_MAPPINGS
         assert set(mappings) == {"SparseAttentionPatch", "RadialAttentionMask", "SparseAttentionInspector",
-                                 "SVG2KMeansSettings", "SVGSettings", "AdaSpaSearch"}
+                                 "SVG2KMeansSettings", "SVGSettings", "AdaSpaSearch", "SparseAttentionCheck"}
         assert set(module.NODE_DISPLAY_NAME_MAPPINGS) == set(mappings)
         for cls in mappings.values():
             assert cls.__module__.startswith(module_name + ".nodes")

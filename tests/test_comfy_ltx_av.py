@@ -553,9 +553,9 @@ def test_inspector_and_run_summary(nodes, bridge, core):
     assert "WARNING" not in text
 
     images = nodes.SparseAttentionInspector().inspect(patched, {"samples": torch.zeros(1)}, 1, 0, 384)
-    assert len(images) == 3 and all(t.shape[0] == 1 and t.shape[2] == 384 and t.shape[3] == 3 for t in images)
+    assert len(images) == 4 and all(t.shape[0] == 1 and t.shape[2] == 384 and t.shape[3] == 3 for t in images)
     session = bridge.session_of(patched)
-    layout, density, timing = report.inspect(session, layer=1, max_size=384)
+    layout, density, timing, _ = report.inspect(session, layer=1, max_size=384)
     assert layout.info["title"] == "Radial layout, layer 1 of 3" and timing.info["title"].endswith("(measured)")
     for t, picture in zip(images, (layout, density, timing)):
         assert torch.equal(t, report.to_image_tensor(picture))

@@ -144,12 +144,12 @@ def test_inspect_without_a_run_or_a_patch():
     for session, title in ((None, report.NOT_PATCHED),
                            (core.SparseAttentionSession(RADIAL, core.SparseSchedule()), report.NOT_RUN)):
         images = report.inspect(session, max_size=300)
-        assert len(images) == 3 and all(im.info["title"] == title and im.width == 300 for im in images)
+        assert len(images) == 4 and all(im.info["title"] == title and im.width == 300 for im in images)
 
 
 def test_inspect_simulated_run():
     session = simulated_session()
-    layout, density, timed = report.inspect(session, layer=1, max_size=400)
+    layout, density, timed, _ = report.inspect(session, layer=1, max_size=400)
     assert layout.info["title"] == "Radial layout, layer 1 of 3"
     assert timed.info["title"] == report.NO_TIMING  # verbose off: nothing was timed
     dense_layout = report.inspect(session, layer=0, max_size=400)[0]
@@ -249,7 +249,7 @@ def test_run_stats_hold_no_tensors():
 def test_example_picture_script(tmp_path, monkeypatch):
     """benchmarks/inspector_example.py (the README picture) runs on a CPU and writes a small PNG."""
     session = example.simulated_session(grid=core.VideoGrid(9, 16, 16), layers=6, steps=8)  # small: fast
-    layout, density, _ = report.inspect(session, layer=1, max_size=300)
+    layout, density, _, _ = report.inspect(session, layer=1, max_size=300)
     out = tmp_path / "example.png"
     report.side_by_side([layout, density]).save(out)
     assert out.stat().st_size < 300_000
@@ -302,7 +302,7 @@ def run_inspector(nodes, model, layer=1, head=0, max_size=384):
 def test_inspector_node_definition(nodes):
     cls = nodes.NODE_CLASS_MAPPINGS["SparseAttentionInspector"]
     assert nodes.NODE_DISPLAY_NAME_MAPPINGS["SparseAttentionInspector"] == "Sparse Attention Inspector"
-    assert cls.CATEGORY == "model_patches/sparse_attention" and cls.RETURN_TYPES == ("IMAGE",) * 3
+    assert cls.CATEGORY == "model_patches/sparse_attention" and cls.RETURN_TYPES == ("IMAGE",) * 4
     required = cls.INPUT_TYPES()["required"]
     assert required["model"][0] == "MODEL" and required["samples"][0] == "LATENT"
     assert "share" in required["head"][1]["tooltip"]  # Radial layouts are shared by heads: the tooltip says so
@@ -313,14 +313,15 @@ def test_inspector_after_a_run(nodes, sampled):
     session = sampled["session"]
     assert session.stats.sparse_calls == 3 * 2 and session.stats.finished and session.stats.timings
     images = run_inspector(nodes, sampled["patched"], layer=1, max_size=384)
-    assert len(images) == 3
+    assert len(images) == 4
     for t in images:
         assert t.ndim == 4 and t.shape[0] == 1 and t.shape[2] == 384 and t.shape[3] == 3
         assert t.dtype == torch.float32 and 0.0 <= float(t.min()) and float(t.max()) <= 1.0
     pictures = report.inspect(session, layer=1, max_size=384)  # the same pictures, as PIL, with their geometry
     for t, picture in zip(images, pictures):
         assert torch.equal(t, report.to_image_tensor(picture))
-    layout, density, timed = pictures
+    layout, density, timed, check = pictures
+    assert check.info["title"] == report.NO_CHECK  # no Sparse Attention Check was wired
     assert layout.info["title"] == "Radial layout, layer 1 of 3"
     assert timed.info["title"].endswith("(measured)")  # verbose: the run was timed
 

@@ -208,3 +208,29 @@ def test_queued_wan_workflow_runs_sparse(comfy_server):
     assert "Prompt executed in" in log_part, comfy_server.log_tail()
     problems = comfy_server.problems(since=start)
     assert not problems, "server log of the run has problems:\n\n" + "\n\n".join(problems)
+
+
+@comfyui
+def test_queued_workflow_with_the_check_returns_its_picture(comfy_server):
+    """Sparse Attention Check between the patch and the sampler, the Inspector's check output to Preview Image: the
+    prompt runs through the HTTP API, and the check's picture comes back from the server."""
+    import io
+
+    import requests
+    from PIL import Image
+
+    info = comfy_server.get("/object_info")
+    prompt = sparse_prompt(info)
+    node = lambda cls, **inputs: with_defaults(info, cls, inputs)  # noqa: E731
+    prompt["9"] = node("SparseAttentionCheck", model=["3", 0], steps="0.5", rows=32, compare_step=False, floor=0.8)
+    prompt["7"]["inputs"]["model"] = ["9", 0]
+    prompt["10"] = node("SparseAttentionInspector", model=["9", 0], samples=["7", 0], layer=1, head=0, max_size=512)
+    prompt["11"] = node("PreviewImage", images=["10", 3])
+    entry = comfy_server.run_prompt(prompt, timeout=180)
+    status = entry["status"]
+    assert status["status_str"] == "success", f"prompt failed: {status.get('messages')}\n{comfy_server.log_tail()}"
+    shown = entry["outputs"]["11"]["images"][0]
+    response = requests.get(comfy_server.url + "/view", params=shown, timeout=30)
+    assert response.status_code == 200, response.text[:500]
+    picture = Image.open(io.BytesIO(response.content))
+    assert picture.width == 512 and picture.height > 200
