@@ -38,15 +38,16 @@ class Kandinsky5Adapter(ModelAdapter):
         if type(self.model) is not Kandinsky5:
             return Dense(f"{self.name} is a variant of ComfyUI's Kandinsky5 the pack does not know (where its tokens "
                          "sit in self-attention): its attention stays dense")
-        grid = latent_grid(x.shape, self.model.patch_size)
-        text = token_count(named.get("context"))
-        if text == grid.video_tokens:
-            # The text blocks' self-attention and the cross-attention would then look like the video's: a sparse mask
-            # on them would be wrong.
-            return Dense(f"{self.name}: the video has {grid.video_tokens} tokens, as many as the text; its "
-                         "attention stays dense (change the width or height by 16 pixels, or the length by 4 "
-                         "frames, to get sparse attention)")
-        return ForwardLayout(grid)
+        return ForwardLayout(latent_grid(x.shape, self.model.patch_size))
+
+    def length_collision(self, named, grid):
+        # The text blocks' self-attention and the cross-attention would then look like the video's: a sparse mask
+        # on them would be wrong.
+        if token_count(named.get("context")) == grid.total_tokens:
+            return (f"{self.name}: the video has {grid.total_tokens} tokens, as many as the text; its attention stays "
+                    "dense (change the width or height by 16 pixels, or the length by 4 frames, to get sparse "
+                    "attention)")
+        return None
 
     @property
     def blocks(self) -> BlockLayers:
