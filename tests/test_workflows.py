@@ -8,7 +8,9 @@ Model-file names are free (they depend on the local models folders) but must be 
 workflow's notes.
 
 The set of workflows is checked too: one per supported model family (recognised by the diffusion model files its
-loaders name), each with the reference Radial settings of its family, exactly one dense-vs-sparse comparison that
+loaders name and the LoRA files applied to them), each with the reference Radial settings of its family (a
+step-distilled family: also its LoRA's steps and cfg, and the dense steps its schedule keeps), exactly one
+dense-vs-sparse comparison that
 is fair (same model, prompt, latent, seed and sampler settings on both sides), every file named in README.md, and
 ComfyUI's template browser lists and serves every file of workflows/ (app/custom_node_manager.py, with the pack in a
 temporary custom_nodes folder).
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 import pytest
 
 import workflow_check as wc
-from pack import REPO_ROOT
+from pack import REPO_ROOT, import_pack
 
 comfyui = pytest.mark.comfyui  # skipped, loudly, without ComfyUI (conftest.py)
 
@@ -75,6 +77,20 @@ HUNYUAN_SVG = {"SVGSettings": {"sparsity": 0.25, "attention_sink": False},
 # AdaSpa: the paper's defaults, the same for every family.
 ADASPA_PAPER = {"recall": 0.8, "search_steps": "0.2, 0.6", "block_size": 64, "min_density": 0.1, "max_density": 0.3}
 SETTINGS_NODES = ("RadialAttentionMask", "SVGSettings", "SVG2KMeansSettings", "AdaSpaSearch")
+LORA_LOADERS = {"LoraLoaderModelOnly", "LoraLoader"}
+
+
+@dataclass(frozen=True)
+class StepDistilled:
+    """A step-distill LoRA's run: the steps and cfg it was distilled for (every sampler of the workflow uses them), and
+    the steps of the run the workflow's patches keep dense (what its note promises)."""
+    steps: int
+    cfg: float
+    dense_steps: tuple
+
+
+# lightx2v's 4-step LoRAs: step 0 lays out the composition and stays dense, steps 1-3 run sparse.
+LIGHTX2V_4STEP = StepDistilled(steps=4, cfg=1.0, dense_steps=(0,))
 
 
 @dataclass(frozen=True)
@@ -82,7 +98,9 @@ class Family:
     """A model family the pack supports, as a workflow shows it: the diffusion model files its UNETLoaders name (one
     pattern per model it loads, all of them patched), other model files it needs, node types it needs, the video
     height it renders, and the reference settings of each method: Radial's, SVG2's and SVG's (per node type, with
-    the patch's schedule) for the families the references have them for (empty / None: no reference)."""
+    the patch's schedule) for the families the references have them for (empty / None: no reference). A family run
+    with LoRAs names their files too (one pattern per LoRA; a family without matches only workflows without LoRAs),
+    and a step-distill LoRA's run."""
     unets: tuple
     radial: dict
     height: int
@@ -90,6 +108,8 @@ class Family:
     nodes: frozenset = frozenset()
     svg2: dict = field(default_factory=dict)
     svg: dict | None = None
+    loras: tuple = ()
+    distilled: StepDistilled | None = None
 
 
 FAMILIES = {
@@ -101,6 +121,15 @@ FAMILIES = {
                                                "WanImageToVideo"})),
     "Wan 2.2 A14B T2V": Family((r"wan2\.2_t2v_high_noise_14b", r"wan2\.2_t2v_low_noise_14b"), WAN_RADIAL, 720,
                                nodes=frozenset({"KSamplerAdvanced"})),
+    "Wan 2.1 T2V 14B, lightx2v 4-step LoRA": Family((r"wan2\.1_t2v_14b",), WAN_RADIAL, 720,
+                                                   nodes=frozenset({"EmptyHunyuanLatentVideo"}),
+                                                   loras=(r"lightx2v_t2v_14b_cfg_step_distill",),
+                                                   distilled=LIGHTX2V_4STEP),
+    "Wan 2.2 A14B T2V, lightx2v 4-step LoRAs": Family((r"wan2\.2_t2v_high_noise_14b", r"wan2\.2_t2v_low_noise_14b"),
+                                                      WAN_RADIAL, 720, nodes=frozenset({"KSamplerAdvanced"}),
+                                                      loras=(r"wan2\.2_t2v_lightx2v_4steps_lora.*high_noise",
+                                                             r"wan2\.2_t2v_lightx2v_4steps_lora.*low_noise"),
+                                                      distilled=LIGHTX2V_4STEP),
     "Wan 2.2 TI2V 5B": Family((r"wan2\.2_ti2v_5b",), WAN_RADIAL, 704, files=(r"wan2\.2_vae",),
                               nodes=frozenset({"Wan22ImageToVideoLatent", "LoadImage"})),
     "Wan 2.2 A14B Fun Control": Family((r"wan2\.2_fun_control_high_noise_14b", r"wan2\.2_fun_control_low_noise_14b"),
@@ -211,16 +240,22 @@ def model_files(wf) -> list[str]:
             if isinstance(v, str) and v.lower().endswith(wc.MODEL_FILE_EXTENSIONS)]
 
 
+def lora_files(wf) -> list[str]:
+    return [n["widgets_values"][0] for n in wf["nodes"] if n["type"] in LORA_LOADERS and active(n)]  # lora_name
+
+
+def one_file_per_pattern(patterns, files) -> bool:
+    per_pattern = [[f for f in files if re.search(p, f, re.IGNORECASE)] for p in patterns]
+    covered = {f for hits in per_pattern for f in hits}
+    return all(len(hits) == 1 for hits in per_pattern) and covered == set(files) and len(files) == len(patterns)
+
+
 def families_of(wf) -> list[str]:
-    """The families whose diffusion-model patterns the workflow's UNETLoaders match, one file each, and nothing else."""
-    files = unet_files(wf)
-    found = []
-    for name, fam in FAMILIES.items():
-        per_pattern = [[f for f in files if re.search(p, f, re.IGNORECASE)] for p in fam.unets]
-        covered = {f for hits in per_pattern for f in hits}
-        if all(len(hits) == 1 for hits in per_pattern) and covered == set(files) and len(files) == len(fam.unets):
-            found.append(name)
-    return found
+    """The families whose diffusion-model patterns the workflow's UNETLoaders match, one file each, and nothing else,
+    and whose LoRA patterns its LoRA loaders match the same way."""
+    unets, loras = unet_files(wf), lora_files(wf)
+    return [name for name, fam in FAMILIES.items()
+            if one_file_per_pattern(fam.unets, unets) and one_file_per_pattern(fam.loras, loras)]
 
 
 def widget(catalog, n, input_name):
@@ -438,7 +473,8 @@ def test_reference_settings_and_video_size_of_the_family(path, catalog):
     """Every method settings node has the reference settings of the workflow's family (Radial Mask, Wan: decay 0.2,
     sink on; HunyuanVideo: decay 0.95, sink off. SVG2: the family's 720p preset. SVG Settings, Wan: sparsity 0.3,
     sink on, and on its patch dense_steps 0.2, dense_layers 1; HunyuanVideo: 0.25, sink off, 0.1, 1. AdaSpa Search:
-    the paper's defaults) and the video has the family's height (the resolution README's table gives)."""
+    the paper's defaults) and the video has the family's height (the resolution README's table gives). A
+    step-distilled family's samplers run the steps and cfg its LoRA was distilled for (lightx2v's: 4 steps, cfg 1)."""
     wf = wc.load_workflow(path)
     found = families_of(wf)
     assert len(found) == 1, f"{path.name}: not one family: {found}"
@@ -469,7 +505,46 @@ def test_reference_settings_and_video_size_of_the_family(path, catalog):
         if widget(catalog, n, "height") != fam.height:
             problems.append(f"node {n['id']} ({n['type']}) input 'height': {widget(catalog, n, 'height')}, "
                             f"expected {fam.height} for {found[0]}")
+    for n in active_samplers(wf) if fam.distilled else ():
+        for name in ("steps", "cfg"):
+            if widget(catalog, n, name) != getattr(fam.distilled, name):
+                problems.append(f"node {n['id']} ({n['type']}) input '{name}': {widget(catalog, n, name)!r}, its "
+                                f"LoRA is distilled for {getattr(fam.distilled, name)!r}")
     assert not problems, f"{path.name} ({found[0]}):\n" + "\n".join(problems)
+
+
+def sampler_steps(catalog, sampler) -> range:
+    """The steps of the run a KSampler / KSamplerAdvanced samples: ComfyUI cuts the run's sigmas at start_at_step and
+    end_at_step, and the patch's schedule counts the steps of what is left (the sigmas the sampler gets)."""
+    steps = widget(catalog, sampler, "steps")
+    if sampler["type"] == "KSampler":
+        return range(steps)
+    return range(widget(catalog, sampler, "start_at_step"), min(widget(catalog, sampler, "end_at_step"), steps))
+
+
+DISTILLED = [p for p in PARAMS if any(FAMILIES[f].distilled for f in families_of(wc.load_workflow(p.values[0])))]
+
+
+@comfyui
+@pytest.mark.parametrize("path", DISTILLED)
+def test_step_distilled_run_keeps_the_promised_steps_dense(path, catalog):
+    """Each sampler's patch, its schedule (core.SparseSchedule) over the steps that sampler runs, keeps dense exactly
+    the steps of the run its family promises (lightx2v's 4 steps: step 0), and the samplers cover the run once."""
+    sparse_schedule = import_pack("core").SparseSchedule
+    wf = wc.load_workflow(path)
+    distilled = FAMILIES[families_of(wf)[0]].distilled
+    run, dense = [], set()
+    for n in active_samplers(wf):
+        patch = next(p for p in model_path(wf, n)[0] if p["type"] == "SparseAttentionPatch")
+        schedule = sparse_schedule(**{name: widget(catalog, patch, name)
+                                      for name in ("dense_steps", "sparse_end", "dense_layers")})
+        steps = sampler_steps(catalog, n)
+        sparse = schedule.sparse_step_range(len(steps))
+        dense |= {step for i, step in enumerate(steps) if i not in sparse}
+        run += steps
+    assert sorted(run) == list(range(distilled.steps)), f"{path.name}: the samplers run steps {run}"
+    assert dense == set(distilled.dense_steps), (f"{path.name}: steps {sorted(dense)} of the run are dense, the family "
+                                                 f"promises {list(distilled.dense_steps)}")
 
 
 @comfyui
