@@ -135,20 +135,25 @@ def build_model(checkpoint: dict, device):
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
 
 
-def sample_step_times(model, latent, steps, cond):
+def sync():
+    if torch.cuda.is_available():  # the CPU smoke runs of benchmarks/check_cost.py time the same way
+        torch.cuda.synchronize()
+
+
+def sample_step_times(model, latent, steps, cond, cfg=1.0):
     """Wall time (s) of each denoising step of one sampling run (cfg 1: one model call per step)."""
     import comfy.sample
 
     marks = []
 
     def on_step(*_):
-        torch.cuda.synchronize()
+        sync()
         marks.append(time.perf_counter())
 
-    torch.cuda.synchronize()
+    sync()
     marks.append(time.perf_counter())
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
-    comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", cond, cond, latent, seed=0,
+    comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", cond, cond, latent, seed=0,
                         callback=on_step, disable_pbar=True)
     return [b - a for a, b in zip(marks, marks[1:])]
 
