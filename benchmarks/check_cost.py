@@ -1,7 +1,7 @@
 """What the Sparse Attention Check costs: one sparse step of ComfyUI's WanModel with the check off and on (GPU).
 
     python benchmarks/check_cost.py --comfyui PATH [--config 14b-720p] [--run-steps 30 4] [--json out.json]
-    python benchmarks/check_cost.py --comfyui PATH --tiny      # CPU: a tiny Wan, our torch reference (checks the script)
+    python benchmarks/check_cost.py --comfyui PATH --tiny     # CPU: a tiny Wan, the torch reference (checks the script)
 
 The model is built as benchmarks/e2e.py builds it (ComfyUI's own detection, random bf16 weights, the whole model on
 the GPU), patched with Radial at its workflow's settings, and the check is added through the Sparse Attention Check
@@ -170,7 +170,8 @@ def main(argv=None):
           f"{result['check_settings']['rows']}, compare_step {args.compare_step}")
     print(f"dense step {result['dense_step_s']:.3f} s, sparse step {result['sparse_step_s']:.3f} s, sparse step "
           f"checked {result['checked_step_s']:.3f} s: the check adds {result['check_extra_s']:.3f} s per checked "
-          f"step ({result['record_s']:.3f} s of it in the check's comparisons, {result['record_calls']} checked attention calls)")
+          f"step ({result['record_s']:.3f} s of it in the check's comparisons, {result['record_calls']} checked "
+          "attention calls)")
     print(f"{'run steps':>9} {'dense':>6} {'checked':>10} {'run s':>9} {'check s':>8} {'share':>7}  (target <= 10%)")
     for r in result["runs"]:
         print(f"{r['run_steps']:>9} {r['dense_steps']:>6} {str(r['checked_steps']):>10} {r['run_s']:>9.2f} "

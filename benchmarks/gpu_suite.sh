@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of the pack in one go; logs and JSON go to OUT_DIR.
 #   benchmarks/gpu_suite.sh OUT_DIR [tests] [sweep] [kernels] [cluster] [svg] [svg2] [adaspa] [quality] [demo] [e2e]
-#                                   [textorder] [memory] [sanitize] [comfy]
+#                                   [textorder] [memory] [sanitize] [comfy] [versus] [checkcost] [fewstep]
 #   (default: all)
-# COMFYUI_PATH points the end-to-end benchmark and the ComfyUI tests at a ComfyUI source tree.
+# COMFYUI_PATH points the end-to-end benchmarks and the ComfyUI tests at a ComfyUI source tree. versus compares with
+# comfy-kitchen's kernels (int8_attention, sol_attn: comfy-kitchen 0.2.40 or newer) and SageAttention where installed.
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUT_DIR [steps...]}; shift
-steps=${*:-tests sweep kernels cluster svg svg2 adaspa quality demo e2e textorder memory sanitize comfy}
+steps=${*:-tests sweep kernels cluster svg svg2 adaspa quality demo e2e textorder memory sanitize comfy versus checkcost fewstep}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 status=0
@@ -29,4 +30,8 @@ want textorder && run textorder python3 benchmarks/text_order.py --json "$out/te
 want memory && run memory python3 benchmarks/memory.py
 want sanitize && run sanitize bash benchmarks/sanitize.sh "$out/sanitize_full.log"
 want comfy && run comfy_tests python3 -m pytest -q -p no:cacheprovider -m comfyui
+want versus && run versus python3 benchmarks/versus.py --json "$out/versus.json"
+want checkcost && run check_cost python3 benchmarks/check_cost.py --config 14b-720p --json "$out/check_cost.json"
+want fewstep && run quality_4step python3 benchmarks/quality.py --steps 4 --cfg 1 --json "$out/quality_4step.json" --picture "$out/quality_4step.png"
+want fewstep && run quality_8step python3 benchmarks/quality.py --steps 8 --cfg 1 --json "$out/quality_8step.json" --picture "$out/quality_8step.png"
 exit $status

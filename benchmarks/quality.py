@@ -2,6 +2,8 @@
 
     python benchmarks/quality.py --comfyui PATH [--seeds 4] [--steps 20] [--densities 0.25 0.12] \
         [--methods radial svg svg2 adaspa] [--json out.json] [--picture out.png]
+    python benchmarks/quality.py --comfyui PATH --steps 4 --cfg 1      # few-step runs, as distilled LoRAs sample
+    python benchmarks/quality.py --comfyui PATH --methods svg --densities 0.25 --knob 0.2   # no calibration
 
 The proxy (benchmarks/proxy_model.py: ComfyUI's WanModel, 16 frames of 64 x 64 = 16,384 tokens) samples K seeds
 through ComfyUI's sampler, once unpatched (dense) and once per method through the pack's own nodes (Sparse
@@ -11,6 +13,9 @@ steps and the first block dense: the papers keep 10-25% of steps and ~3% of laye
 density: achieved density, PSNR / SSIM / relative L2 of the video against the dense video of the same seed,
 attention recall per layer (the attention mass kept, exp(LSE over kept keys - dense LSE), at the middle step),
 and the sampling time. A picture shows frames of the dense video and of each method, side by side.
+
+The proxy was trained for 20-step sampling and is not step-distilled: 4- or 8-step runs at cfg 1 show how a sparse
+step weighs when a run has few steps, not how a distilled LoRA (lightx2v) behaves. The output says so by the figures.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import proxy_model  # noqa: E402
 from pack import import_pack  # noqa: E402
 
 DENSE_STEPS, DENSE_LAYERS = 0.2, 1
+NOT_DISTILLED = "the proxy is not step-distilled: few-step figures show how much one sparse step weighs, not a " \
+                "distilled LoRA's quality"
 
 
 @dataclass(frozen=True)
@@ -166,10 +173,15 @@ def main(argv=None):
     parser.add_argument("--frames", type=int, default=proxy_model.FRAMES)
     parser.add_argument("--size", type=int, default=proxy_model.SIZE)
     parser.add_argument("--calibration", type=int, default=7, help="bisection runs per method and density")
+    parser.add_argument("--knob", type=float, default=None,
+                        help="the density knob's value to run (no calibration): one method and one density only")
     parser.add_argument("--backend", default="auto", help="auto on a GPU; reference for a (slow) CPU smoke run")
     parser.add_argument("--json", default=None)
     parser.add_argument("--picture", default=None)
     args = parser.parse_args(argv)
+    if args.knob is not None and (len(args.methods) != 1 or len(args.densities) != 1):
+        parser.error("--knob sets one method's knob: give one --methods and one --densities (the target it was "
+                     "calibrated for)")
 
     proxy_model.use_comfyui(args.comfyui)
     nodes, bridge = import_pack("nodes"), import_pack("nodes.bridge")
@@ -182,18 +194,21 @@ def main(argv=None):
     dense_videos, dense_time = sample_seeds(proxy, proxy.model, seeds, args)
     summary = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                    torch=torch.__version__, steps=args.steps, cfg=args.cfg, seeds=seeds, dense_steps=DENSE_STEPS,
-                   dense_layers=DENSE_LAYERS, dense_seconds=dense_time, date=time.strftime("%Y-%m-%d"))
+                   dense_layers=DENSE_LAYERS, dense_seconds=dense_time, date=time.strftime("%Y-%m-%d"),
+                   step_distilled=False, note=NOT_DISTILLED)
     probe_step = args.steps // 2
     results, rows = [], [("dense", dense_videos[0])]
     for name in args.methods:
         method = METHODS[name]
         for target in args.densities:
-            knob, _ = calibrate(nodes, bridge, proxy, method, target, args, args.calibration)
+            knob = args.knob if args.knob is not None else \
+                calibrate(nodes, bridge, proxy, method, target, args, args.calibration)[0]
             videos, density, seconds, recall = run_method(nodes, bridge, proxy, method.build(nodes, knob), seeds,
                                                           args, probe_step=probe_step)
             scores = [(metrics.psnr(v, d), metrics.ssim(v, d), metrics.relative_error(v, d))
                       for v, d in zip(videos, dense_videos)]
-            results.append(dict(method=name, target_density=target, knob={method.knob: knob}, density=density,
+            results.append(dict(method=name, target_density=target, knob={method.knob: knob},
+                                calibrated=args.knob is None, density=density,
                                 psnr=statistics.mean(s[0] for s in scores), ssim=statistics.mean(s[1] for s in scores),
                                 rel_l2=statistics.mean(s[2] for s in scores), per_seed=scores,
                                 recall_per_layer=recall, recall=statistics.mean(recall) if recall else None,
@@ -211,7 +226,9 @@ def main(argv=None):
     if args.picture:
         picture(rows, args.picture)
     print(f"\nproxy quality: {len(seeds)} seeds, {args.steps} steps, cfg {args.cfg}, dense first {DENSE_STEPS:.0%} "
-          f"of steps and {DENSE_LAYERS} block; dense {dense_time:.2f} s/video on {summary['device']}")
+          f"of steps (at least one) and {DENSE_LAYERS} block; dense {dense_time:.2f} s/video on {summary['device']}"
+          + ("" if args.knob is None else f"; knob given ({args.knob:g}), not calibrated"))
+    print(f"note: {NOT_DISTILLED}")
     print(f"{'method':8s} {'target':>6s} {'density':>7s} {'PSNR':>6s} {'SSIM':>6s} {'relL2':>6s} {'recall':>6s} "
           f"{'s/video':>7s} {'speed':>6s}")
     for r in results:

@@ -192,7 +192,8 @@ def run_shape(name, dims, args, device, dtype):
         rows.append(row)
         free(device)
     for method, settings in our_methods(name, args.smoke):
-        row = dict(shape=name, kind="ours", method=method, settings=f"{KNOBS[method]} {getattr(settings, KNOBS[method])}",
+        knob = KNOBS[method]
+        row = dict(shape=name, kind="ours", method=method, settings=f"{knob} {getattr(settings, knob)}",
                    all_settings=describe(settings), backend=backend)
         try:
             first_ms, ms, density, err = time_planner(settings, grid, q, k, v, dense, backend, args, on_gpu)
@@ -239,10 +240,10 @@ def print_table(meta, rows):
     print(f"\n{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | comfy-kitchen "
           f"{meta['comfy_kitchen'] or 'not installed'} | sageattention {meta['sageattention'] or 'not installed'} | "
           f"{meta['date']}")
-    print(f"sol_attn is ComfyUI's built-in sparse kernel (extra_tokens {SOL_EXTRA_TOKENS}, the node's default), measured "
-          "per call: its node (Model Sparse Attention) needs a newer ComfyUI than the pack's tests run. ms: a later "
-          f"step's call (step {LATER_STEP} of {RUN_STEPS} for ours); 1st call: ours building their state (k-means, "
-          "search with nothing primed, head profile). Error: relative L2 against dense SDPA on the same inputs.")
+    print(f"sol_attn is ComfyUI's built-in sparse kernel (extra_tokens {SOL_EXTRA_TOKENS}, the node's default), "
+          "measured per call: its node (Model Sparse Attention) needs a newer ComfyUI than the pack's tests run.\n"
+          f"ms: a later step's call (step {LATER_STEP} of {RUN_STEPS} for ours); 1st call: ours building their state "
+          "(k-means, search with nothing primed, head profile). Error: relative L2 against dense SDPA, same inputs.")
     header = f"{'shape':13s} {'method':29s} {'settings':22s} {'ms':>9s} {'vs SDPA':>8s} {'1st call':>9s} " \
              f"{'density':>7s} {'rel.err':>7s}"
     print(header + "\n" + "-" * len(header))
@@ -261,7 +262,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--sol-taus", nargs="+", type=float, default=[SOL_DEFAULT_TAU, 1.0, 2.0],
-                        help="sol_attn thresholds (the node's tooltip: 1.0 keeps ~16%% of key blocks exact, 2.0 ~2.7%%)")
+                        help="sol_attn thresholds (its node's tooltip: 1.0 keeps ~16%% of key blocks exact, "
+                             "2.0 ~2.7%%)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per row (median)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
