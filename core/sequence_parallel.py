@@ -190,6 +190,8 @@ def ulysses_override(sp: SequenceParallel, inner):
         options = kwargs.get("transformer_options") or {}
         ctx = options.get(CONTEXT_KEY)
         length = q.shape[2] if skip_reshape else q.shape[1]
+        # As on one GPU, a call is self-attention by its shapes: a cross-attention whose text is exactly as long as
+        # the rank's shard would be taken for one (the same limit the dispatcher has for the whole video).
         sharded = isinstance(ctx, ForwardContext) and sp.world > 1 and q.shape == k.shape == v.shape \
             and length == sp.shard_length(ctx.video.total_tokens)
         if not sharded:
