@@ -23,7 +23,8 @@ Failure modes, each a clear error on every rank and never a hang:
   fingerprint of the settings and of the call's shape, and every rank raises ``SequenceParallelError`` naming the
   ranks that differ;
 * a rank that dies or stops calling: the others' collectives fail, at the latest after the process group's timeout
-  (``init_process_group(timeout=...)`` / ``new_group(timeout=...)``), re-raised as ``SequenceParallelError``.
+  (``init_process_group(timeout=...)`` / ``new_group(timeout=...)``), re-raised as ``SequenceParallelError`` where
+  the backend raises (gloo; NCCL's watchdog instead ends the process after that timeout with its own message).
   ``SequenceParallelError`` is a RuntimeError, so the dispatcher never turns it into a one-rank dense fallback.
 
 Ring attention with the Radial mask (not built; the issue asks for it only where measurements on several GPUs show
