@@ -65,6 +65,7 @@ class ForwardContext:
     other_self_attention: frozenset | None = None
     check: CheckResults | None = None  # this step is checked: the sparse calls record into it (core.check)
     dense: bool = False  # a forward run dense on purpose (the check's whole-step comparison): every call passes
+    head_offset: int = 0  # the first head of this rank's calls under sequence parallelism (core.sequence_parallel)
 
     def __post_init__(self):
         if not 0 <= self.leading_tokens <= self.video.text_tokens:
@@ -208,6 +209,7 @@ class SparseAttentionSession:
         self.check: CheckResults | None = None  # the last run's Sparse Attention Check, if the run had one
         self.platform: dict = {}  # name -> version of what runs the model (ComfyUI), for the run summary's report line
         self._warned: set[str] = set()
+        self.sequence_parallel = None  # core.sequence_parallel.SequenceParallel when this rank is one of several
 
     def planner_for(self, device) -> object:
         """The planner of ``device`` (the first device gets ``self.planner``)."""
@@ -233,6 +235,8 @@ class SparseAttentionSession:
         self.forwards = 0
         for planner in self.planners():
             planner.reset()
+        if self.sequence_parallel is not None:
+            self.sequence_parallel.reset()
         if self.timer is not None:
             self.timer.reset()
 
@@ -337,7 +341,7 @@ class SparseAttentionSession:
         call.want_lse = ctx.check is not None  # the check compares the kept keys' LSE with the exact one
         result, density = self.planner_for(q.device).attend(call)
         if ctx.check is not None:
-            ctx.check.record(ctx.step, layer, q, k, v, result, call.lse, kv_length, head_offset)
+            ctx.check.record(ctx.step, layer, q, k, v, result, call.lse, kv_length, call.head_offset)
         return result, density
 
     def wants_prime(self, ctx: ForwardContext, layer: int) -> bool:
@@ -356,7 +360,7 @@ class SparseAttentionSession:
         chunks = ctx.conditionings if q.shape[0] % ctx.conditionings == 0 else 1
         return AttentionCall(grid=ctx.grid_for(q.shape[2]), layer=layer, step=ctx.step, total_steps=ctx.total_steps,
                              q=q, k=k, v=v, kv_length=kv_length, out=out, backend=self.backend,
-                             head_offset=head_offset, conditionings=chunks)
+                             head_offset=ctx.head_offset + head_offset, conditionings=chunks)
 
     def record_sparse(self, ctx: ForwardContext, layer: int, grid: VideoGrid, density: float) -> None:
         """Book a sparse call: its density, and its grid so the Inspector can rebuild the layer's layout."""

@@ -20,6 +20,7 @@ import comfy.patcher_extension as patcher_extension
 
 from ..core import CHECK_KEY, CONTEXT_KEY, CheckSettings, SparseAttentionSession, attention_override, psnr, \
     timed_override
+from ..core.sequence_parallel import ulysses_override
 from . import composition
 from .models import Dense, adapter_for
 
@@ -54,6 +55,8 @@ def make_hook(session: SparseAttentionSession, previous):
     override = attention_override(session, previous=previous)
     # verbose: time every video self-attention call for the run summary and the Inspector (no cost otherwise)
     hook = override if session.timer is None else timed_override(session, override, CONTEXT_KEY)
+    if session.sequence_parallel is not None:  # a rank of several, its forward sharding the sequence (raylight)
+        hook = ulysses_override(session.sequence_parallel, hook)
     return composition.mark(hook, session)
 
 
