@@ -346,16 +346,19 @@ class AdaSpaPlanner:
     def _search_heads(self, first, lse):
         """The pattern of the first conditioning chunk ``first`` against its ``lse``: the block masses and their
         selection a few heads at a time (core.memory: (B, H, NB, NB) float32 masses and their sort)."""
-        B, H, L, _ = first.q.shape
-        nb = num_blocks(L, self.block_size)
-        step = heads_per_chunk(first.q, (4 * B + 16) * nb * nb)  # masses of the batch, selection of one element
         parts = []
-        for part in head_parts(H, step):
+        for part in head_parts(first.q.shape[1], heads_per_chunk(first.q, self.search_head_bytes(first.q))):
             mass = block_mass(first.q[:, part], first.k[:, part], lse[:, part], block_size=self.block_size,
                               kv_length=first.kv_length, backend=first.backend)
             parts.append(search_pattern(mass, first.grid, self.settings))
             del mass
         return concat_patterns(parts)
+
+    def search_head_bytes(self, q) -> int:
+        """Temporaries per head of a search: float32 masses of the batch, the selection's sorted copy and int64
+        order of one batch element at a time."""
+        nb = num_blocks(q.shape[2], self.block_size)
+        return (4 * q.shape[0] + 16) * nb * nb
 
     def _sparse(self, call, pattern):
         q, k = call.q, call.k

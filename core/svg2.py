@@ -136,7 +136,7 @@ class SVG2Planner:
         out = call.out if call.out is not None else torch.empty_like(call.q)
         pairs = dense = 0.0
         lses = []
-        for part in head_parts(H, heads_per_chunk(call.q, self._head_bytes(call))):
+        for part in head_parts(H, heads_per_chunk(call.q, self.transient_head_bytes(call.q))):
             heads = heads_of(call, part, out)
             kept, total = self._attend_heads(heads)
             pairs, dense = pairs + kept, dense + total
@@ -145,12 +145,12 @@ class SVG2Planner:
             call.lse = torch.cat(lses, dim=1)
         return out, pairs / dense
 
-    def _head_bytes(self, call: AttentionCall) -> int:
-        """Temporaries per head while a few heads are processed: the permuted copies, the k-means tables and the
-        selection's (query cluster, key cluster) tables."""
-        B = call.q.shape[0]
+    def transient_head_bytes(self, q: torch.Tensor) -> int:
+        """Temporaries per head of a call whose queries are ``q`` while a few heads are processed: the permuted
+        copies, the k-means tables and the selection's (query cluster, key cluster) tables."""
+        B = q.shape[0]
         s = self.settings
-        return (PERMUTED_COPIES * head_bytes(call.q) + KMEANS_BYTES * B * call.q.shape[2]
+        return (PERMUTED_COPIES * head_bytes(q) + KMEANS_BYTES * B * q.shape[2]
                 + SELECTION_BYTES * B * s.query_clusters * s.key_clusters)
 
     def _attend_heads(self, call: AttentionCall) -> tuple[float, float]:

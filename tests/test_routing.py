@@ -4,6 +4,9 @@ reference; the table's CPU entries route nothing, so each test sets the break-ev
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -14,6 +17,7 @@ core = import_pack("core")
 break_even = import_pack("core.break_even")
 memory = import_pack("core.memory")
 
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 GRID = core.VideoGrid(4, 6, 9, text_tokens=13)  # 229 tokens: 4 blocks of 64
 SVG = core.SVGSettings(sparsity=0.35, block_size=64)
 
@@ -171,3 +175,16 @@ def test_break_even_table_entries():
     assert break_even.gpu_class("cpu") == "cpu"
     with pytest.raises(ValueError, match="known kernels"):
         break_even.break_even("block-32", "hopper")
+
+
+def test_break_even_benchmark_smoke(capsys):
+    """benchmarks/break_even.py runs every kernel at every density and prints the table's rows (CPU: the code path)."""
+    kernels = import_pack("kernels")
+    if not kernels.triton_available("cpu"):
+        pytest.skip("needs Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest without a GPU)")
+    spec = importlib.util.spec_from_file_location("_bench_break_even", BENCHMARKS / "break_even.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "SMOKE OK" in out and all(f"cpu       {k}" in out for k in break_even.KERNELS)
