@@ -27,6 +27,7 @@ at a time (4 x core.dispatcher.STAGE_CHUNK_BYTES).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -151,9 +152,9 @@ def method_rows(core, memory_budget, name, grid, qkv, heads, device, backend, re
             override = core.attention_override(session)
             warm_up, phases = PHASES[name]
             for step in warm_up:
-                measure(lambda: sparse_call(core, override, session, grid, *qkv, heads, step), device)
+                measure(functools.partial(sparse_call, core, override, session, grid, *qkv, heads, step), device)
             for phase, step, repeatable in phases:
-                call = lambda: sparse_call(core, override, session, grid, *qkv, heads, step)  # noqa: E731
+                call = functools.partial(sparse_call, core, override, session, grid, *qkv, heads, step)
                 before = sum(session.cache_bytes().values())
                 peak, seconds = measure(call, device)
                 growth = sum(session.cache_bytes().values()) - before

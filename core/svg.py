@@ -22,8 +22,8 @@ import torch
 
 from ..kernels import (block_mask_to_indices, block_sparse_attention, candidate_mask_errors, gather_head_rows,
                        scatter_head_rows, validate_layout)
-from .grid import VideoGrid
 from .break_even import block_kernel
+from .grid import VideoGrid
 from .memory import head_bytes, heads_per_chunk
 from .method import AttentionCall
 from .routing import keep_sparse

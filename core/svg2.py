@@ -9,6 +9,9 @@ other conditionings of the same latent, core.method):
      and at least min_key_ratio of them (kernels.cluster_select);
   3. q, k, v permuted so that every cluster is contiguous, attention over the kept (query cluster, key cluster)
      blocks of variable size (kernels.cluster_block_attention: no padding), the output scattered back in place.
+The three run a few heads at a time (core.memory: the permuted copies of q, k, v are 3 GB at the Wan 14B 720p shape
+all at once), the centroids kept per first head of each group; heads whose kept pairs are above the cluster kernel's
+break-even run on the dense attention (core.routing).
 
 HunyuanVideo's text tokens (after the video) are not clustered; as in the reference they stay dense: the text
 queries are one more query cluster that keeps every key cluster, the text keys one more key cluster that every
@@ -24,8 +27,8 @@ import torch
 
 from ..kernels import (ClusterSelection, batched_kmeans, cluster_block_attention, cluster_pair_count, permute_qkv,
                        select_key_clusters, unpermute_rows)
-from .cluster_view import cluster_tile_mask, pack_bits, unpack_bits
 from .break_even import CLUSTER
+from .cluster_view import cluster_tile_mask, pack_bits, unpack_bits
 from .grid import VideoGrid
 from .memory import head_bytes, head_parts, heads_of, heads_per_chunk
 from .method import AttentionCall, share_over_conditionings
@@ -122,7 +125,7 @@ class SVG2Planner:
 
     def attend(self, call: AttentionCall) -> tuple[torch.Tensor, float]:
         s = self.settings
-        B, H, L, D = call.q.shape
+        H, L = call.q.shape[1:3]
         grid = call.grid
         if grid is None or grid.total_tokens != L:
             raise ValueError(f"SVG2 needs the video grid of the call: {L} tokens, grid {grid}")

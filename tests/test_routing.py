@@ -133,7 +133,7 @@ def test_every_method_routes_a_plan_above_the_break_even(name, monkeypatch):
     sigmas = (1.0, 0.5, 0.0)
     session = None
     for step in range(2):
-        out, session, spy = run(METHODS[name], qkv, step=step, sigmas=sigmas, session=session)
+        out, session, _ = run(METHODS[name], qkv, step=step, sigmas=sigmas, session=session)
     assert torch.equal(out, heads_first(comfy_attention(*qkv, 2), 2))
     routed_steps = 1 if name == "adaspa" else 2
     assert session.stats.routed_heads == 2 * routed_steps and not session.stats.fallbacks
@@ -155,7 +155,7 @@ def test_the_check_sees_routed_heads_keep_every_key(monkeypatch):
     flags = (True, False, False, False) if temporal > spatial else (False, True, True, True)
     set_break_even(monkeypatch, (spatial + temporal) / 2)
     check = core.CheckSettings(steps=(0,), rows=8)
-    out, session, _ = run(SVG, inputs(), flags, monkeypatch=monkeypatch, check=check)
+    _, session, _ = run(SVG, inputs(), flags, monkeypatch=monkeypatch, check=check)
     routed = 0  # the one head of the denser class
     recall = session.check.head_recall()
     assert recall[(0, routed)] == pytest.approx(1.0, abs=1e-5)
