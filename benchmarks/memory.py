@@ -1,23 +1,34 @@
-"""Peak GPU memory of one video self-attention call: ComfyUI's dense attention against the Radial sparse path.
+"""Peak GPU memory of one video self-attention call: ComfyUI's dense attention against every sparse method.
 
     python benchmarks/memory.py                  # Wan 2.1 14B 720p: B=1, H=40, L=75600 (21 x 45 x 80), D=128, bf16
+    python benchmarks/memory.py --methods svg2   # one method (default: radial svg svg2 adaspa)
     python benchmarks/memory.py --dtype float32  # the same in float32 (the sparse path casts to bf16 for the kernel)
+    python benchmarks/memory.py --json out.json  # every row as JSON too
     python benchmarks/memory.py --smoke          # CPU: a tiny shape through the same code, no peak numbers
 
 Both paths get the same (B, L, H*D) q, k, v, as ComfyUI's Wan self-attention passes them, and return (B, L, H*D).
 Dense: ComfyUI's ``attention_pytorch`` (SDPA; reproduced here so ComfyUI is not needed). Sparse: the pack's
 ``core.attention_override`` with a session and a ForwardContext of a sparse step and layer, the dense function as
-``func``. A first call of each builds what it caches (the Radial layout) and compiles the kernel; the measured call is
-the next one. Peak = torch.cuda.max_memory_allocated during the call minus what was allocated before it (the inputs,
-and the session's cached layouts, whose bytes session.cache_bytes() reports and the table lists).
+``func``. Each method runs at its reference settings: warm-up calls first (they build what the method caches:
+layouts, centroids, the first search; and compile the kernels), then the measured phases (AdaSpa: a later search
+with its cached LSE, then a sparse step). Peak = torch.cuda.max_memory_allocated during the call minus what was
+allocated before it (the inputs and the session's caches; the bytes a call adds to the caches, e.g. a new searched
+layout, are allowed and listed).
 
-Exit status 1 if the sparse peak is above the dense peak + the cache bytes + a slack (--slack-mib, default 64), plus
-for float32 on the GPU the bf16 copies the kernel needs, a few heads at a time (4 x core.dispatcher.STAGE_CHUNK_BYTES).
+Every phase runs twice, in two sessions: with the planners' memory budget (core.memory: stages of a few heads at a
+time within TRANSIENT_SHARE of the output) and with every head at once, so the table shows what the budget saves and
+what it costs in time (median of --repeat calls where the phase can repeat; one call for a search).
+
+Exit status 1 if a sparse peak (with the budget) is above dense's peak + TRANSIENT_SHARE of the output + the cache
+growth + a slack (--slack-mib, default 64), plus for float32 on the GPU the bf16 copies the kernel needs, a few heads
+at a time (4 x core.dispatcher.STAGE_CHUNK_BYTES).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import math
 import sys
 import time
@@ -58,15 +69,37 @@ def comfy_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshape
     return out
 
 
-def make_session(core, backend: str):
-    method = core.RadialSettings(decay_factor=0.2, block_size=128, attention_sink=True)  # Wan's reference settings
+def method_settings(core, name: str, smoke: bool):
+    """Each method at its reference settings (Wan 2.1 14B: the workflows' and the papers'); at the smoke shape SVG2
+    gets fewer clusters than its tokens."""
+    if name == "radial":
+        return core.RadialSettings(decay_factor=0.2, block_size=128, attention_sink=True)
+    if name == "svg":
+        return core.SVGSettings(sparsity=0.3, block_size=128 if not smoke else 64)
+    if name == "svg2":
+        return core.SVG2_PRESETS["wan_720p"] if not smoke else core.SVG2Settings(8, 16, 0.9, 0.1, 2, 1)
+    return core.AdaSpaSettings()  # the paper's: recall 0.8, block 64, searches at 20% and 60% of the steps
+
+
+# Per method: the warm-up steps (of a 30-step run), then (phase, step, repeatable) measured. AdaSpa searches at steps
+# 6 and 18 of 30: step 17 is a first search (its own dense pass; the LSE kept for step 18), 18 a later search.
+PHASES = {
+    "radial": ((10,), (("sparse", 11, True),)),
+    "svg": ((10,), (("sparse, heads profiled", 11, True),)),
+    "svg2": ((10,), (("sparse, k-means warm", 11, True),)),
+    "adaspa": ((17,), (("later search", 18, False), ("sparse", 19, True))),
+}
+STEPS = 30
+
+
+def make_session(core, method, backend: str):
     schedule = core.SparseSchedule(dense_steps=0, dense_layers=0)  # every call of this benchmark is a sparse one
     return core.SparseAttentionSession(method, schedule, backend=backend)
 
 
-def sparse_call(core, override, session, grid, q, k, v, heads):
-    sample_sigmas = torch.linspace(1.0, 0.0, 31)  # a 30-step run; the call belongs to step 10
-    ctx = session.forward_context(grid, float(sample_sigmas[10]), sample_sigmas)
+def sparse_call(core, override, session, grid, q, k, v, heads, step=10):
+    sample_sigmas = torch.linspace(1.0, 0.0, STEPS + 1)
+    ctx = session.forward_context(grid, float(sample_sigmas[step]), sample_sigmas)
     return override(comfy_attention, q, k, v, heads, transformer_options={core.CONTEXT_KEY: ctx})
 
 
@@ -102,46 +135,97 @@ def fmt(nbytes) -> str:
     return f"{'n/a':>10}" if nbytes is None else f"{nbytes / MIB:10.1f}"
 
 
-def run(shape, dtype, device, slack: int, check_output: bool) -> int:
+def median_time(fn, device, repeat: int) -> float:
+    """Median seconds of ``repeat`` calls."""
+    times = sorted(measure(fn, device)[1] for _ in range(repeat))
+    return times[len(times) // 2]
+
+
+def method_rows(core, memory_budget, name, grid, qkv, heads, device, backend, repeat, smoke) -> list[dict]:
+    """The method's phases, with the memory budget and with every head at once: one row per phase."""
+    rows = {}
+    for share in (memory_budget.TRANSIENT_SHARE, None):
+        saved = memory_budget.TRANSIENT_SHARE
+        memory_budget.TRANSIENT_SHARE = saved if share is not None else 1e6
+        try:
+            session = make_session(core, method_settings(core, name, smoke), backend)
+            override = core.attention_override(session)
+            warm_up, phases = PHASES[name]
+            for step in warm_up:
+                measure(functools.partial(sparse_call, core, override, session, grid, *qkv, heads, step), device)
+            for phase, step, repeatable in phases:
+                call = functools.partial(sparse_call, core, override, session, grid, *qkv, heads, step)
+                before = sum(session.cache_bytes().values())
+                peak, seconds = measure(call, device)
+                growth = sum(session.cache_bytes().values()) - before
+                if repeatable and repeat > 1:
+                    seconds = median_time(call, device, repeat)
+                row = rows.setdefault(phase, dict(method=name, phase=phase))
+                key = "budget" if share is not None else "all_heads"
+                row[key] = dict(peak=peak, seconds=seconds, cache_growth=growth)
+            stats = session.stats
+            if stats.fallbacks or not stats.sparse_calls:
+                raise RuntimeError(f"{name} did not run sparse (fallbacks {stats.fallbacks}, calls {stats.calls})")
+            for row in rows.values():
+                row["density"] = stats.sparse_density
+                row["cache_bytes"] = sum(session.cache_bytes().values())
+        finally:
+            memory_budget.TRANSIENT_SHARE = saved
+    return list(rows.values())
+
+
+def run(shape, dtype, device, slack: int, check_output: bool, methods, repeat: int = 1, json_path=None) -> int:
     core = import_pack("core")
     dispatcher = import_pack("core.dispatcher")
+    memory_budget = import_pack("core.memory")
     B, H, D, T, Hh, W = shape
     grid = core.VideoGrid(T, Hh, W)
     L = grid.total_tokens
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(B, L, H * D, generator=gen, device=device, dtype=dtype) for _ in range(3))
     backend = "auto" if device.type == "cuda" else "reference"
-    session = make_session(core, backend)
-    override = core.attention_override(session)
 
     dense = lambda: comfy_attention(q, k, v, H)  # noqa: E731
-    sparse = lambda: sparse_call(core, override, session, grid, q, k, v, H)  # noqa: E731
-    first_dense = measure(dense, device)
-    first_sparse = measure(sparse, device)  # builds the layout, compiles the kernel
-    cache = sum(session.cache_bytes().values())
+    measure(dense, device)
     dense_peak, dense_s = measure(dense, device)
-    sparse_peak, sparse_s = measure(sparse, device)
-    stats = session.stats
-    if stats.fallbacks or stats.sparse_calls != 1:  # both calls are (step 10, layer 0): one entry
-        print(f"FAIL: the sparse path did not run sparse (fallbacks {stats.fallbacks}, calls {stats.calls})")
-        return 1
-    density = next(iter(stats.calls.values()))
-
     size = q.element_size() * q.numel()
     print(f"shape B={B} H={H} L={L} ({T} x {Hh} x {W}) D={D} {str(dtype).replace('torch.', '')} on {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}; "
-          f"one of q/k/v = {size / MIB:.1f} MiB; Radial density {density:.3f}")
-    print(f"{'path':<28}{'peak MiB':>10}{'first call MiB':>16}{'seconds':>10}")
-    print(f"{'dense (ComfyUI SDPA)':<28}{fmt(dense_peak)}{fmt(first_dense[0]):>16}{dense_s:10.3f}")
-    print(f"{'sparse (Radial override)':<28}{fmt(sparse_peak)}{fmt(first_sparse[0]):>16}{sparse_s:10.3f}")
-    print(f"{'cached layouts (persistent)':<28}{cache / MIB:10.2f}  {session.cache_bytes()}")
+          f"one of q/k/v = {size / MIB:.1f} MiB; dense (ComfyUI SDPA) peak {fmt(dense_peak).strip()} MiB, "
+          f"{dense_s * 1000:.1f} ms")
+    rows = []
+    for name in methods:
+        try:
+            rows += method_rows(core, memory_budget, name, grid, (q, k, v), H, device, backend, repeat,
+                                smoke=device.type != "cuda")
+        except RuntimeError as why:
+            print(f"FAIL: {why}")
+            return 1
     cast = 0
     if device.type == "cuda" and dtype not in (torch.float16, torch.bfloat16):  # q, k, v, result in bf16, a few heads
         cast = 4 * dispatcher.STAGE_CHUNK_BYTES
-        print(f"{'bf16 cast buffers (allowed)':<28}{cast / MIB:10.2f}  (float32 inputs: 4 x STAGE_CHUNK_BYTES)")
+        print(f"bf16 cast buffers allowed: {cast / MIB:.2f} MiB (float32 inputs: 4 x STAGE_CHUNK_BYTES)")
+    allowance = int(memory_budget.TRANSIENT_SHARE * size)  # the output is q's size
+    print(f"{'method':<8}{'phase':<24}{'density':>8}{'peak MiB':>10}{'all heads':>11}{'limit':>9}{'ms':>9}"
+          f"{'all heads':>11}{'time cost':>11}{'cached layouts':>16}")
+    ok = True
+    for row in rows:
+        budget, whole = row["budget"], row["all_heads"]
+        cost = budget["seconds"] / whole["seconds"] - 1 if whole["seconds"] > 0 else math.nan
+        limit = None if dense_peak is None else dense_peak + allowance + budget["cache_growth"] + cast + slack
+        row.update(dense_peak=dense_peak, dense_seconds=dense_s, limit=limit, time_cost=cost)
+        if dense_peak is not None:
+            row_ok, row["verdict"] = verdict(dense_peak, budget["peak"], allowance + budget["cache_growth"] + cast,
+                                             slack)
+            ok &= row_ok
+        print(f"{row['method']:<8}{row['phase']:<24}{row['density']:8.3f}{fmt(budget['peak'])}{fmt(whole['peak']):>11}"
+              f"{fmt(limit):>9}{budget['seconds'] * 1000:9.1f}{whole['seconds'] * 1000:11.1f}{100 * cost:10.1f}%"
+              f"{row['cache_bytes'] / MIB:16.2f}")
 
     if check_output:  # the tiny smoke shape: the override's output is the masked attention it claims to be
-        got = sparse_call(core, override, session, grid, q, k, v, H).view(B, L, H, D).transpose(1, 2).double()
+        session = make_session(core, method_settings(core, "radial", True), backend)
+        got = sparse_call(core, core.attention_override(session), session, grid, q, k, v, H)
+        got = got.view(B, L, H, D).transpose(1, 2).double()
         mask = core.radial_block_mask(grid, session.method)
         token = torch.arange(L, device=device) // session.method.block_size
         allowed = mask.to(device)[token][:, token]
@@ -151,11 +235,14 @@ def run(shape, dtype, device, slack: int, check_output: bool) -> int:
         if not err < 1e-4:
             print(f"FAIL: the sparse output is off the masked dense reference (relative error {err:.2e})")
             return 1
+    if json_path:
+        Path(json_path).write_text(json.dumps(dict(shape=shape, dtype=str(dtype), device=str(device), rows=rows),
+                                              indent=1))
     if dense_peak is None:
-        print("SMOKE OK: the sparse path ran sparse and matches its reference (no CUDA: peaks not measured)")
+        print("SMOKE OK: every method ran sparse; Radial matches its reference (no CUDA: peaks not measured)")
         return 0
-    ok, line = verdict(dense_peak, sparse_peak, cache + cast, slack)
-    print(line)
+    for row in rows:
+        print(f"{row['method']} {row['phase']}: {row['verdict']}")
     return 0 if ok else 1
 
 
@@ -165,16 +252,20 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--slack-mib", type=float, default=64.0, help="allowed excess of the sparse peak (MiB)")
     p.add_argument("--smoke", action="store_true", help="tiny shape on the CPU (torch reference backend)")
+    p.add_argument("--methods", nargs="+", choices=list(PHASES), default=list(PHASES))
+    p.add_argument("--repeat", type=int, default=5, help="calls per repeatable phase (median time)")
+    p.add_argument("--json", help="write every row here")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     slack = int(math.ceil(args.slack_mib * MIB))
     if args.smoke:
         return run(SMOKE_SHAPE, torch.float32 if args.dtype == "bfloat16" else dtype, torch.device("cpu"), slack,
-                   check_output=True)
+                   check_output=True, methods=args.methods, repeat=1, json_path=args.json)
     if not torch.cuda.is_available():
         print("FAIL: needs a CUDA GPU (use --smoke on the CPU)")
         return 1
-    return run(SHAPES[args.shape], dtype, torch.device("cuda"), slack, check_output=False)
+    return run(SHAPES[args.shape], dtype, torch.device("cuda"), slack, check_output=False, methods=args.methods,
+               repeat=args.repeat, json_path=args.json)
 
 
 if __name__ == "__main__":

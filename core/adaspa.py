@@ -58,8 +58,11 @@ import torch
 
 from ..kernels import (block_mass, block_sparse_attention, dense_attention_with_lse, full_layout,
                        indices_to_block_mask, num_blocks, validate_layout)
+from .break_even import block_kernel
 from .grid import VideoGrid
+from .memory import head_parts, heads_per_chunk
 from .method import AttentionCall, share_over_conditionings
+from .routing import keep_sparse
 
 log = logging.getLogger("sparse_video_attention")
 
@@ -175,7 +178,8 @@ def select_row_wise(mass: torch.Tensor, *, recall: float, low: int, high: int):
 class AdaSpaPattern:
     """The searched layout of one cache entry: video query rows (the first ``video_blocks`` query blocks) keep
     ``kv_counts`` key blocks listed in ``kv_indices`` (int16 when it fits: stored for every layer); the query
-    blocks after them (text) are dense. ``recall``: (B, H) share of the searched mass each head kept, on CPU."""
+    blocks after them (text) are dense. ``recall``: (B, H) share of the searched mass each head kept, on CPU.
+    ``head_density``: per head, the share of the tiles its layout keeps (mean over the batch; routing)."""
 
     kv_indices: torch.Tensor
     kv_counts: torch.Tensor
@@ -183,6 +187,7 @@ class AdaSpaPattern:
     num_blocks: int
     density: float
     recall: torch.Tensor
+    head_density: tuple
 
     @property
     def nbytes(self) -> int:
@@ -199,7 +204,7 @@ def search_pattern(mass: torch.Tensor, grid: VideoGrid, settings: AdaSpaSettings
     if video == 0:  # no whole block of video: every row is a text row, all dense
         return AdaSpaPattern(kv_indices=torch.zeros(B, H, 0, 1, device=mass.device, dtype=torch.int16),
                              kv_counts=torch.zeros(B, H, 0, device=mass.device, dtype=torch.int32), video_blocks=0,
-                             num_blocks=nb, density=1.0, recall=torch.ones(B, H))
+                             num_blocks=nb, density=1.0, recall=torch.ones(B, H), head_density=(1.0,) * H)
     low, high = density_bounds(settings.min_density, settings.max_density, columns)
     per_head = max(1, video * columns * 16)  # float masses (a copy, sorted) and their int64 order
     chunk = max(1, SELECT_CHUNK_BYTES // per_head)
@@ -225,10 +230,26 @@ def search_pattern(mass: torch.Tensor, grid: VideoGrid, settings: AdaSpaSettings
         text = torch.arange(video, nb, device=mass.device, dtype=dtype).expand(B * H, video, -1)
         indices.scatter_(-1, slots, text)
     kv_counts = (k + text_columns).to(torch.int32)[:, None].expand(-1, video).reshape(B, H, video).contiguous()
-    kept_tiles = float(kv_counts.sum()) + B * H * (nb - video) * nb
+    head_tiles = kv_counts.sum(-1, dtype=torch.float64).cpu() + (nb - video) * nb  # (B, H)
     return AdaSpaPattern(kv_indices=indices.view(B, H, video, width), kv_counts=kv_counts, video_blocks=video,
-                         num_blocks=nb, density=kept_tiles / (B * H * nb * nb),
-                         recall=torch.cat(reached).view(B, H).cpu())
+                         num_blocks=nb, density=float(head_tiles.mean()) / (nb * nb),
+                         recall=torch.cat(reached).view(B, H).cpu(),
+                         head_density=tuple((head_tiles.mean(0) / (nb * nb)).tolist()))
+
+
+def concat_patterns(parts: list) -> AdaSpaPattern:
+    """The pattern of consecutive head ranges searched apart (core.memory), as one."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p.kv_indices.shape[-1] for p in parts)
+    indices = torch.cat([torch.cat([p.kv_indices, p.kv_indices[..., :1].expand(*p.kv_indices.shape[:-1],
+                                                                                width - p.kv_indices.shape[-1])], -1)
+                         for p in parts], dim=1)  # entries past a row's count repeat its first
+    head_density = sum((p.head_density for p in parts), ())
+    return AdaSpaPattern(kv_indices=indices, kv_counts=torch.cat([p.kv_counts for p in parts], dim=1),
+                         video_blocks=parts[0].video_blocks, num_blocks=parts[0].num_blocks,
+                         density=sum(head_density) / len(head_density),
+                         recall=torch.cat([p.recall for p in parts], dim=1), head_density=head_density)
 
 
 def share_pattern(pattern: AdaSpaPattern, call: AttentionCall) -> AdaSpaPattern:
@@ -311,9 +332,7 @@ class AdaSpaPlanner:
         if cached is None:
             out, lse = dense_attention_with_lse(call.q, call.k, call.v, kv_length=call.kv_length, out=call.out,
                                                 backend=call.backend)
-        mass = block_mass(first.q, first.k, lse[:n] if cached is None else cached, block_size=self.block_size,
-                          kv_length=first.kv_length, backend=call.backend)
-        pattern = share_pattern(search_pattern(mass, call.grid, self.settings), call)
+        pattern = share_pattern(self._search_heads(first, lse[:n] if cached is None else cached), call)
         validate_layout(pattern.kv_indices.to(torch.int32), pattern.kv_counts, num_kv_blocks=pattern.num_blocks)
         later = call.step is not None and any(s > call.step for s in searches)
         keep = (lse[:n].half() if cached is None else cached) if later else None
@@ -324,17 +343,39 @@ class AdaSpaPlanner:
             call.lse = lse
         return out, 1.0
 
+    def _search_heads(self, first, lse):
+        """The pattern of the first conditioning chunk ``first`` against its ``lse``: the block masses and their
+        selection a few heads at a time (core.memory: (B, H, NB, NB) float32 masses and their sort)."""
+        parts = []
+        for part in head_parts(first.q.shape[1], heads_per_chunk(first.q, self.search_head_bytes(first.q))):
+            mass = block_mass(first.q[:, part], first.k[:, part], lse[:, part], block_size=self.block_size,
+                              kv_length=first.kv_length, backend=first.backend)
+            parts.append(search_pattern(mass, first.grid, self.settings))
+            del mass
+        return concat_patterns(parts)
+
+    def search_head_bytes(self, q) -> int:
+        """Temporaries per head of a search: float32 masses of the batch, the selection's sorted copy and int64
+        order of one batch element at a time."""
+        nb = num_blocks(q.shape[2], self.block_size)
+        return (4 * q.shape[0] + 16) * nb * nb
+
     def _sparse(self, call, pattern):
         q, k = call.q, call.k
         out = call.out if call.out is not None else torch.empty_like(q)
+        route = call.route(block_kernel(self.block_size), pattern.head_density)
         rows = min(q.shape[2], pattern.video_blocks * self.block_size)
         lses = []  # per launch, in token order (the planner never permutes tokens)
-        if rows:
-            self._launch(call, q[:, :, :rows], pattern.kv_indices.to(torch.int32), pattern.kv_counts,
-                         out[:, :, :rows], lses)
-        if rows < q.shape[2]:  # text rows: every key block
-            layout = self._full_layout(q.shape[2] - rows, k.shape[2], self.block_size, q.device)
-            self._launch(call, q[:, :, rows:], *layout, out[:, :, rows:], lses)
+        if route.whole:  # these heads all run dense (a few heads of a call split for memory)
+            lses.append(torch.full(q.shape[:3], -math.inf, device=q.device))
+        else:
+            if rows:
+                self._launch(call, q[:, :, :rows], pattern.kv_indices.to(torch.int32),
+                             keep_sparse(pattern.kv_counts, route), out[:, :, :rows], lses)
+            if rows < q.shape[2]:  # text rows: every key block
+                layout = self._full_layout(q.shape[2] - rows, k.shape[2], self.block_size, q.device)
+                self._launch(call, q[:, :, rows:], *layout, out[:, :, rows:], lses)
+        call.fill_dense(route, out)
         if call.want_lse:
             call.lse = torch.cat(lses, dim=-1)
         return out

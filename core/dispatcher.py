@@ -9,9 +9,13 @@ that was asked for.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..kernels import MAX_TRITON_HEAD_DIM, resolve_backend
+from .break_even import gpu_class
+from .routing import DenseCall, Router
 from .session import ForwardContext, SparseAttentionSession
 
 CONTEXT_KEY = "sparse_video_attention"
@@ -63,7 +67,10 @@ def attention_override(session: SparseAttentionSession, previous=None):
             session.record_dense(ctx, layer)
             return dense(func, args, kwargs)
         try:
-            return _sparse_call(session, ctx, layer, args, kwargs)
+            return _sparse_call(session, ctx, layer, args, kwargs, dense_of=lambda a, kw: dense(func, a, kw))
+        except DenseCall as why:  # most heads' plans are above the kernel's break-even: dense is faster
+            session.record_routed_call(ctx, layer, why.route)
+            return dense(func, args, kwargs)
         except Unsupported as why:
             session.warn_once(why.key, f"{why}; this attention runs dense")
         except ValueError as why:  # the kernel's input checks: never crash a render over them
@@ -101,8 +108,9 @@ def _self_attention_length(args, kwargs) -> int | None:
     return q.shape[2] if skip_reshape else q.shape[1]
 
 
-def _sparse_call(session, ctx, layer, args, kwargs, prime=False):
-    """The call through the planner: ``attend`` (sparse), or ``prime`` (a dense step the planner wants to see)."""
+def _sparse_call(session, ctx, layer, args, kwargs, dense_of=None, prime=False):
+    """The call through the planner: ``attend`` (sparse), or ``prime`` (a dense step the planner wants to see).
+    ``dense_of(args, kwargs)``: the user's dense attention, for the heads routed to it (core.routing)."""
     q, k, v, heads, mask = _call_parts(args, kwargs)
     if kwargs.get("skip_reshape", False):
         B, H, L, D = q.shape
@@ -134,35 +142,61 @@ def _sparse_call(session, ctx, layer, args, kwargs, prime=False):
     heads_first = buffer if skip_output_reshape else buffer.transpose(1, 2)
     out_view = heads_first[:, :, lead:]
     grid = ctx.grid_for(L)
-    run = session.prime if prime else session.attend
+    if prime:
+        run = session.prime
+    else:
+        router = Router(gpu_class(q.device), H, _dense_heads(dense_of, q4, k4, v4, mask, lead, kwargs))
+        run = functools.partial(session.attend, router=router)
     if compute_dtype != q.dtype or lead:
-        # Staged copies of q, k, v (bf16 of float32 on a GPU; the leading tokens moved behind the video) of a few
-        # heads at a time, so they add a bounded amount to the call's peak memory, not copies of whole tensors.
-        step = max(1, STAGE_CHUNK_BYTES // (B * L * D * torch.finfo(compute_dtype).bits // 8))
-        work = 0.0
-        for h0 in range(0, H, step):
-            part = slice(h0, h0 + step)
-            staged = [_video_first(t[:, part], lead).to(compute_dtype) for t in (q4, k4, v4)]
-            if compute_dtype == q.dtype:
-                _, density = run(ctx, layer, *staged, kv_length=kv_length, out=out_view[:, part], head_offset=h0)
-            else:
-                result, density = run(ctx, layer, *staged, kv_length=kv_length, head_offset=h0)
-                out_view[:, part].copy_(result)
-            work += density * staged[0].shape[1]
-            del staged
-        density = work / H
+        work = _staged(run, ctx, layer, (q4, k4, v4), out_view, kv_length, lead, compute_dtype)
     else:
         _, density = run(ctx, layer, q4, k4, v4, kv_length=kv_length, out=out_view)
+        work = density * H
     if lead:
         heads_first[:, :, :lead].copy_(heads_first[:, :, L:])
     if prime:
         session.record_dense(ctx, layer)
     else:
-        session.record_sparse(ctx, layer, grid, density)
+        session.record_sparse(ctx, layer, grid, (work + router.added_work) / H, router.routes)
     out = buffer.narrow(2 if skip_output_reshape else 1, 0, L)
     if not out.is_contiguous():  # the extra rows sit between batch elements: hand the caller a plain tensor
         out = out.contiguous()
     return out if skip_output_reshape else out.view(B, L, H * D)
+
+
+def _staged(run, ctx, layer, qkv, out_view, kv_length, lead, compute_dtype) -> float:
+    """Run the planner on staged copies of q, k, v (bf16 of float32 on a GPU; the leading tokens moved behind) of a
+    few heads at a time, so they add a bounded amount to the call's peak memory, not copies of whole tensors.
+    Returns the attention work done, in heads (density x heads)."""
+    q4 = qkv[0]
+    B, H, L, D = q4.shape
+    step = max(1, STAGE_CHUNK_BYTES // (B * L * D * torch.finfo(compute_dtype).bits // 8))
+    work = 0.0
+    for h0 in range(0, H, step):
+        part = slice(h0, h0 + step)
+        staged = [_video_first(t[:, part], lead).to(compute_dtype) for t in qkv]
+        if compute_dtype == q4.dtype:
+            _, density = run(ctx, layer, *staged, kv_length=kv_length, out=out_view[:, part], head_offset=h0)
+        else:
+            result, density = run(ctx, layer, *staged, kv_length=kv_length, head_offset=h0)
+            out_view[:, part].copy_(result)
+        work += density * staged[0].shape[1]
+        del staged
+    return work
+
+
+def _dense_heads(dense_of, q4, k4, v4, mask, lead: int, kwargs):
+    """(the layer's head indices) -> (B, n, L, D): the user's dense attention of those heads, called as ComfyUI calls
+    it (heads first, the call's mask and options), in the planners' token order."""
+    options = {key: value for key, value in kwargs.items() if key != "heads"}
+    options.update(mask=mask, skip_reshape=True, skip_output_reshape=True)
+
+    def run(heads: list) -> torch.Tensor:
+        index = torch.tensor(heads, device=q4.device)
+        part = [t.index_select(1, index) for t in (q4, k4, v4)]
+        return _video_first(dense_of((*part, len(heads)), options), lead)
+
+    return run
 
 
 def _video_first(t: torch.Tensor, lead: int) -> torch.Tensor:

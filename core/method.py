@@ -6,8 +6,13 @@ centroids, LSE, head classes). It implements:
 
   * ``attend(call) -> (output, density)``: sparse attention of one video self-attention call. ``output`` is
     (B, H, L, D), written into ``call.out`` when given. ``density`` is the fraction of the dense attention work
-    computed (kept query-key pairs over all pairs), for the run's statistics. A ValueError makes the call run
-    dense with one warning (the dispatcher's fallback), never a broken render.
+    the plan keeps (kept query-key pairs over all pairs), every head counted at its plan's density, for the run's
+    statistics (the dispatcher adds what routed heads do). A ValueError makes the call run dense with one warning
+    (the dispatcher's fallback), never a broken render. Once the plan is known and before its kernel launches,
+    ``attend`` calls ``call.route(kernel, densities)`` with each head's plan density: the heads it returns as
+    dense are left out of the launch (``core.routing.keep_sparse``) and written by ``call.fill_dense`` (the user's
+    dense attention: a sparse kernel is slower than dense above its break-even, core.break_even). A planner keeps
+    its transient memory (copies of q, k, v, scores) to ``core.memory``'s budget, a few heads at a time.
   * ``reset()``: a new sampling run begins; per-run state (anything learned from the last run's q/k) is dropped.
   * ``block_mask(grid, layer)``: CPU bool (NQB, NKB) or per-head (H, NQB, NKB) mask over ``block_size`` tiles, in
     the original token order, of ``layer``'s last sparse call (what the Inspector draws); None if there is none.
@@ -35,8 +40,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..kernels import block_sparse_attention
+from .break_even import block_kernel
 from .grid import VideoGrid
 from .plan import BlockPlan
+from .routing import Route, Router, keep_sparse
 
 
 @dataclass
@@ -49,7 +56,7 @@ class AttentionCall:
     'auto', 'triton' or 'reference' (kernels.BACKENDS). ``head_offset``: q holds heads head_offset..head_offset+H-1
     of the layer (float32 calls on a GPU arrive a few heads at a time); per-head state is keyed by the true head.
     ``conditionings``: the batch is this many chunks of the same latents under different conditionings (1: every
-    element its own).
+    element its own). ``router``: routes heads above the kernel's break-even to the dense attention (None: none are).
     """
 
     grid: VideoGrid
@@ -66,6 +73,19 @@ class AttentionCall:
     want_lse: bool = False
     lse: torch.Tensor | None = None
     conditionings: int = 1
+    router: Router | None = None
+
+    def route(self, kernel: str, densities) -> Route:
+        """Which heads of the call run dense (core.routing): call with each head's plan density before launching
+        ``kernel``; raises core.routing.DenseCall when the whole call runs dense."""
+        if self.router is None:
+            return Route(kernel, 1.0, "none", self.head_offset, tuple(float(d) for d in densities), ())
+        return self.router.route(kernel, densities, self.head_offset)
+
+    def fill_dense(self, route: Route, out: torch.Tensor) -> None:
+        """The user's dense attention of the heads ``route`` sends dense, written into ``out`` (B, H, L, D)."""
+        if self.router is not None:
+            self.router.fill(route, out)
 
     @property
     def latents(self) -> int:
@@ -87,10 +107,13 @@ def share_over_conditionings(t: torch.Tensor, call: AttentionCall) -> torch.Tens
 
 
 def run_block_plan(call: AttentionCall, plan: BlockPlan) -> tuple[torch.Tensor, float]:
-    """Run a fixed-block layout (validated once when it was built) on the block-sparse kernel."""
-    result = block_sparse_attention(call.q, call.k, call.v, plan.kv_indices, plan.kv_counts,
+    """Run a fixed-block layout (validated once when it was built) on the block-sparse kernel; every head has the
+    layout's density, so routing sends all of them dense or none."""
+    route = call.route(block_kernel(plan.block_size), [plan.density] * call.q.shape[1])
+    result = block_sparse_attention(call.q, call.k, call.v, plan.kv_indices, keep_sparse(plan.kv_counts, route),
                                     block_size=plan.block_size, kv_length=call.kv_length, out=call.out,
                                     backend=call.backend, check_layout=False, return_lse=call.want_lse)
     if call.want_lse:
         result, call.lse = result
+    call.fill_dense(route, result)
     return result, plan.density

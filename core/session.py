@@ -12,6 +12,7 @@ from ..kernels import BACKENDS
 from .check import CheckResults, CheckSettings
 from .grid import VideoGrid
 from .method import AttentionCall
+from .routing import Route, Router, dense_lse_of_routed
 from .schedule import SparseSchedule, step_index
 from .summary import run_summary
 from .timing import CallTimer
@@ -127,7 +128,9 @@ class RunStats:
     calls: per (step, layer) the density used (1.0 for a dense call). fallbacks: per reason (key) how many times
     attention fell back to dense, with the first message of each in fallback_messages. layouts: per layer the
     video grid of its last sparse call (the planner rebuilds that call's block mask from it). timings: per timed
-    call (verbose only) (step, layer, density, milliseconds), filled when the run ends.
+    call (verbose only) (step, layer, density, milliseconds), filled when the run ends. routed: per reason
+    (core.routing.Route.reason) [heads run on the dense attention, calls run dense whole]; planned_heads: the heads
+    whose plans were routed (the sparse path's heads).
     """
 
     calls: dict = field(default_factory=dict)
@@ -138,9 +141,25 @@ class RunStats:
     total_steps: int | None = None
     timings: list = field(default_factory=list)
     finished: bool = False
+    routed: dict = field(default_factory=dict)
+    planned_heads: int = 0
 
     def record(self, step, layer: int, density: float) -> None:
         self.calls[(step, layer)] = density
+
+    def record_routes(self, routes) -> None:
+        for route in routes:
+            self.planned_heads += len(route.densities)
+            if route.dense:
+                self.routed.setdefault(route.reason, [0, 0])[0] += len(route.dense)
+
+    def record_routed_call(self, route) -> None:
+        self.record_routes([route])
+        self.routed[route.reason][1] += 1
+
+    @property
+    def routed_heads(self) -> int:
+        return sum(heads for heads, _ in self.routed.values())
 
     @property
     def sparse_calls(self) -> int:
@@ -334,12 +353,18 @@ class SparseAttentionSession:
         self._record(ctx, layer, 1.0)
 
     def attend(self, ctx: ForwardContext, layer: int, q, k, v, kv_length=None, out=None,
-               head_offset: int = 0) -> tuple[torch.Tensor, float]:
-        """Sparse attention of (B, H, L, D) q/k/v over the video of ``ctx``: (output, density computed).
-        ValueError for what it cannot run. The caller books the call (record_sparse) once per layer."""
+               head_offset: int = 0, router: Router | None = None) -> tuple[torch.Tensor, float]:
+        """Sparse attention of (B, H, L, D) q/k/v over the video of ``ctx``: (output, density of the plan).
+        ValueError for what it cannot run; core.routing.DenseCall when the call is to run dense (``router``: heads
+        above the kernel's break-even run on the dense attention). The caller books the call (record_sparse) once
+        per layer."""
         call = self._call(ctx, layer, q, k, v, kv_length, out, head_offset)
+        call.router = router
         call.want_lse = ctx.check is not None  # the check compares the kept keys' LSE with the exact one
+        decided = len(router.routes) if router is not None else 0
         result, density = self.planner_for(q.device).attend(call)
+        if call.want_lse and router is not None:
+            dense_lse_of_routed(call, router.routes[decided:])
         if ctx.check is not None:
             ctx.check.record(ctx.step, layer, q, k, v, result, call.lse, kv_length, call.head_offset)
         return result, density
@@ -362,11 +387,19 @@ class SparseAttentionSession:
                              q=q, k=k, v=v, kv_length=kv_length, out=out, backend=self.backend,
                              head_offset=ctx.head_offset + head_offset, conditionings=chunks)
 
-    def record_sparse(self, ctx: ForwardContext, layer: int, grid: VideoGrid, density: float) -> None:
-        """Book a sparse call: its density, and its grid so the Inspector can rebuild the layer's layout."""
+    def record_sparse(self, ctx: ForwardContext, layer: int, grid: VideoGrid, density: float, routes=()) -> None:
+        """Book a sparse call: its density, its grid so the Inspector can rebuild the layer's layout, and what
+        routing decided for its heads."""
         self._record(ctx, layer, density)
         with self._lock:
             self.stats.layouts[layer] = grid
+            self.stats.record_routes(routes)
+
+    def record_routed_call(self, ctx: ForwardContext, layer: int, route: Route) -> None:
+        """Book a call that routing ran dense whole (most heads' plans above the kernel's break-even)."""
+        self._record(ctx, layer, 1.0)
+        with self._lock:
+            self.stats.record_routed_call(route)
 
     def _record(self, ctx: ForwardContext, layer: int, density: float) -> None:
         with self._lock:

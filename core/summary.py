@@ -113,6 +113,18 @@ def density_text(stats) -> str:
     return f"{sparse}, {stats.mean_density:.3f} overall: attention FLOPs saved {100 * (1 - stats.mean_density):.1f}%"
 
 
+def routing_text(stats) -> str | None:
+    """How many heads ran on the dense attention because their plan was above the kernel's break-even, and why
+    (core.routing); None when none did."""
+    if not stats.routed:
+        return None
+    whole = sum(calls for _, calls in stats.routed.values())
+    reasons = "; ".join(f"{reason}: {heads} heads" + (f" ({calls} calls whole)" if calls else "")
+                        for reason, (heads, calls) in stats.routed.items())
+    return (f"routed to the dense attention: {stats.routed_heads} of {stats.planned_heads} heads, {whole} calls "
+            f"whole, as faster than sparse there ({reasons})")
+
+
 def skipped_steps_text(stats) -> str | None:
     """The steps of the run whose model call never reached attention (a step cache skipped them), or None."""
     if not stats.total_steps:
@@ -140,7 +152,7 @@ def run_summary(session) -> str:
         "  schedule: " + schedule_text(session.schedule, stats.total_steps, stats.num_layers),
         "  " + density_text(stats),
     ]
-    for extra in (skipped_steps_text(stats), timing_text(stats.timings)):
+    for extra in (routing_text(stats), skipped_steps_text(stats), timing_text(stats.timings)):
         if extra:
             lines.append("  " + extra)
     if session.check is not None:

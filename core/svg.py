@@ -15,22 +15,26 @@ output in the original order (kernels.row_gather). Text tokens keep their place 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ..kernels import (block_mask_to_indices, block_sparse_attention, candidate_mask_errors, gather_head_rows,
                        scatter_head_rows, validate_layout)
+from .break_even import block_kernel
 from .grid import VideoGrid
+from .memory import head_bytes, heads_per_chunk
 from .method import AttentionCall
+from .routing import keep_sparse
 from .svg_layout import (sampled_rows, svg_block_masks, temporal_mask_in_original_order, token_major_order,
                          token_major_position)
 
 BLOCK_SIZES = (64, 128)
 MAX_PLANS = 4  # cached device layouts per planner: a few resolutions at most are alive at once
-# Temporal heads are reordered this many bytes (of one q/k/v copy) at a time: the four buffers (q, k, v, output)
-# add at most ~4x this to the call's peak memory, however many heads are temporal.
-TEMPORAL_CHUNK_BYTES = 128 << 20
+# Temporal heads are reordered a few at a time into four buffers (q, k, v, output) of one head's size each per head:
+# the heads per chunk keep them within core.memory's budget, however many heads are temporal.
+TEMPORAL_COPIES = 4
 
 
 @dataclass(frozen=True)
@@ -160,34 +164,36 @@ class SVGPlanner:
             raise ValueError(f"q has {q.shape[2]} tokens but the grid {call.grid} has {call.grid.total_tokens}")
         plan = self.plan(call.grid, q.device)
         classes = self.head_classes(call, plan)
+        nb = plan.keep.shape[2]
+        tiles = [plan.temporal_tiles if temporal else plan.spatial_tiles for temporal in classes.temporal]
+        route = call.route(block_kernel(self.block_size), [t / (nb * nb) for t in tiles])
         out = call.out if call.out is not None else torch.empty_like(q)
-        heads = q.shape[1]
-        temporal = classes.temporal_heads.numel()
+        temporal_heads = _without(classes.temporal_heads, route.dense)
+        spatial = [h for h, temporal in enumerate(classes.temporal) if not temporal and h not in route.dense]
         lse = None
-        if temporal < heads:  # every spatial head in one launch, in place (temporal heads' LSE rows: -inf here)
-            result = block_sparse_attention(q, call.k, call.v, plan.spatial_indices.expand(1, heads, -1, -1),
-                                            classes.spatial_counts, block_size=self.block_size,
+        if spatial:  # every spatial head in one launch, in place (the other heads' LSE rows: -inf here)
+            result = block_sparse_attention(q, call.k, call.v, plan.spatial_indices.expand(1, q.shape[1], -1, -1),
+                                            keep_sparse(classes.spatial_counts, route), block_size=self.block_size,
                                             kv_length=call.kv_length, out=out, backend=call.backend,
                                             check_layout=False, return_lse=call.want_lse)
             if call.want_lse:
                 lse = result[1]
         elif call.want_lse:
-            lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
-        if temporal:
-            self._attend_temporal(call, plan, classes.temporal_heads, out, lse)
+            lse = torch.full(q.shape[:3], -math.inf, device=q.device, dtype=torch.float32)
+        if temporal_heads.numel():
+            self._attend_temporal(call, plan, temporal_heads, out, lse)
+        call.fill_dense(route, out)
         if call.want_lse:
             call.lse = lse
-        nb = plan.keep.shape[2]
-        tiles = (heads - temporal) * plan.spatial_tiles + temporal * plan.temporal_tiles
-        return out, tiles / (heads * nb * nb)
+        return out, sum(tiles) / (len(tiles) * nb * nb)
 
     def _attend_temporal(self, call: AttentionCall, plan: SVGPlan, temporal_heads: torch.Tensor, out, lse) -> None:
         """Temporal heads in token-major order, a few at a time, scattered back into ``out`` (and their LSE rows
         into ``lse``, (B, H, L) float32 in the original order, when it is given)."""
         B, _, L, D = call.q.shape
-        step = max(1, TEMPORAL_CHUNK_BYTES // (B * L * D * call.q.element_size()))
+        step = heads_per_chunk(call.q, TEMPORAL_COPIES * head_bytes(call.q))
         size = min(step, temporal_heads.numel())
-        buffers = torch.empty(4, B, size, L, D, device=call.q.device, dtype=call.q.dtype)
+        buffers = torch.empty(TEMPORAL_COPIES, B, size, L, D, device=call.q.device, dtype=call.q.dtype)
         for h0 in range(0, temporal_heads.numel(), step):
             heads = temporal_heads[h0:h0 + step]
             qt, kt, vt, ot = (buf[:, :heads.numel()] for buf in buffers)
@@ -249,3 +255,10 @@ class SVGPlanner:
     def reset(self) -> None:
         """A new run: head classes are learned from this run's q and k, so they are dropped; layouts stay."""
         self._classes.clear()
+
+
+def _without(heads: torch.Tensor, dropped: tuple) -> torch.Tensor:
+    """The head indices ``heads`` (a device int32 tensor) less ``dropped`` (routed dense)."""
+    if not dropped:
+        return heads
+    return heads[~torch.isin(heads, torch.tensor(dropped, device=heads.device, dtype=heads.dtype))]

@@ -9,6 +9,9 @@ other conditionings of the same latent, core.method):
      and at least min_key_ratio of them (kernels.cluster_select);
   3. q, k, v permuted so that every cluster is contiguous, attention over the kept (query cluster, key cluster)
      blocks of variable size (kernels.cluster_block_attention: no padding), the output scattered back in place.
+The three run a few heads at a time (core.memory: the permuted copies of q, k, v are 3 GB at the Wan 14B 720p shape
+all at once), the centroids kept per first head of each group; heads whose kept pairs are above the cluster kernel's
+break-even run on the dense attention (core.routing).
 
 HunyuanVideo's text tokens (after the video) are not clustered; as in the reference they stay dense: the text
 queries are one more query cluster that keeps every key cluster, the text keys one more key cluster that every
@@ -24,11 +27,20 @@ import torch
 
 from ..kernels import (ClusterSelection, batched_kmeans, cluster_block_attention, cluster_pair_count, permute_qkv,
                        select_key_clusters, unpermute_rows)
+from .break_even import CLUSTER
 from .cluster_view import cluster_tile_mask, pack_bits, unpack_bits
 from .grid import VideoGrid
+from .memory import head_bytes, head_parts, heads_of, heads_per_chunk
 from .method import AttentionCall, share_over_conditionings
+from .routing import keep_sparse
 
 INSPECT_BLOCK = 128  # tile size of the Inspector's drawing
+# Temporaries per head (core.memory): q, k, v in cluster order and the output before it is unpermuted; per token the
+# labels, distances and orders of both k-means; per (query cluster, key cluster) pair the selection's scores, their
+# sort and the kept lists.
+PERMUTED_COPIES = 4
+KMEANS_BYTES = 32
+SELECTION_BYTES = 28
 MAX_CLUSTERS = 16384
 MAX_ITERATIONS = 1000
 
@@ -113,8 +125,7 @@ class SVG2Planner:
 
     def attend(self, call: AttentionCall) -> tuple[torch.Tensor, float]:
         s = self.settings
-        q, k, v = call.q, call.k, call.v
-        B, H, L, D = q.shape
+        H, L = call.q.shape[1:3]
         grid = call.grid
         if grid is None or grid.total_tokens != L:
             raise ValueError(f"SVG2 needs the video grid of the call: {L} tokens, grid {grid}")
@@ -125,7 +136,33 @@ class SVG2Planner:
                              "video has tens of thousands of tokens)")
         if call.kv_length is not None and not grid.text_tokens:
             raise ValueError("SVG2 takes key padding only after the video tokens (HunyuanVideo's text)")
+        out = call.out if call.out is not None else torch.empty_like(call.q)
+        pairs = dense = 0.0
+        lses = []
+        for part in head_parts(H, heads_per_chunk(call.q, self.transient_head_bytes(call.q))):
+            heads = heads_of(call, part, out)
+            kept, total = self._attend_heads(heads)
+            pairs, dense = pairs + kept, dense + total
+            lses.append(heads.lse)
+        if call.want_lse:
+            call.lse = torch.cat(lses, dim=1)
+        return out, pairs / dense
 
+    def transient_head_bytes(self, q: torch.Tensor) -> int:
+        """Temporaries per head of a call whose queries are ``q`` while a few heads are processed: the permuted
+        copies, the k-means tables and the selection's (query cluster, key cluster) tables."""
+        B = q.shape[0]
+        s = self.settings
+        return (PERMUTED_COPIES * head_bytes(q) + KMEANS_BYTES * B * q.shape[2]
+                + SELECTION_BYTES * B * s.query_clusters * s.key_clusters)
+
+    def _attend_heads(self, call: AttentionCall) -> tuple[float, float]:
+        """Plan, route and run the heads of ``call`` (written into ``call.out``): (pairs kept, all pairs)."""
+        s = self.settings
+        q, k, v = call.q, call.k, call.v
+        L, D = q.shape[2:]
+        grid = call.grid
+        video = grid.video_tokens
         first = call.first_conditioning()  # its clusters and selection serve the other conditionings
         q_km, k_km = self._cluster(call, first.q[:, :, :video], first.k[:, :, :video])
         selection = select_key_clusters(q_km.centroids, k_km.centroids, k_km.sizes, top_p=s.top_p,
@@ -134,23 +171,31 @@ class SVG2Planner:
         selection = ClusterSelection(share(selection.order), share(selection.counts), share(selection.kept_keys))
         layout = _with_text(share(q_km.offsets), share(k_km.offsets), selection, video, L, call.kv_length)
         q_order, k_order = share(q_km.order), share(k_km.order)
-        qp, kp, vp = permute_qkv(q, k, v, q_order, k_order, backend=call.backend)
-        out_perm = cluster_block_attention(qp, kp, vp, *layout, backend=call.backend, check_layout=False,
-                                           return_lse=call.want_lse)
-        del qp, kp, vp
-        if call.want_lse:
-            out_perm, lse_perm = out_perm
-            call.lse = _unpermute_lse(lse_perm, q_order)
-        out = unpermute_rows(out_perm, q_order, out=call.out, backend=call.backend)
-        tiles = self._tile_mask(q_km.labels[0], k_km.labels[0], layout, grid)
-        pairs = cluster_pair_count(*layout, check_layout=False)
-        dense = L * layout[1][..., -1].long()
-        density = float(pairs.sum()) / float(dense.sum())  # one device sync per call, after every launch
-        self._views.setdefault(call.layer, {})
-        if call.head_offset == 0:  # a new call of this layer (float32 calls arrive a few heads at a time)
-            self._views[call.layer].clear()
-        self._views[call.layer][call.head_offset] = _TileView(grid, pack_bits(tiles).cpu(), tiles.shape[-1])
-        return out, density
+        self._keep_view(call, self._tile_mask(q_km.labels[0], k_km.labels[0], layout, grid))
+        pairs = cluster_pair_count(*layout, check_layout=False).double()
+        dense = L * layout[1][..., -1].double()
+        route = call.route(CLUSTER, (pairs / dense).mean(0).tolist())  # one device sync, before the launch
+        if route.whole:  # these heads all run dense (a few heads of a call split for memory)
+            call.lse = torch.full(q.shape[:3], -math.inf, device=q.device) if call.want_lse else None
+        else:
+            qp, kp, vp = permute_qkv(q, k, v, q_order, k_order, backend=call.backend)
+            out_perm = cluster_block_attention(qp, kp, vp, *layout[:3], keep_sparse(layout[3], route),
+                                               backend=call.backend, check_layout=False, return_lse=call.want_lse)
+            del qp, kp, vp
+            if call.want_lse:
+                out_perm, lse_perm = out_perm
+                call.lse = _unpermute_lse(lse_perm, q_order)
+            unpermute_rows(out_perm, q_order, out=call.out, backend=call.backend)
+        call.fill_dense(route, call.out)
+        return float(pairs.sum()), float(dense.sum())
+
+    def _keep_view(self, call: AttentionCall, tiles: torch.Tensor) -> None:
+        """Keep batch element 0's tile mask of the call's heads for the Inspector (a new call of the layer starts at
+        head 0: float32 calls and calls split for memory arrive a few heads at a time)."""
+        views = self._views.setdefault(call.layer, {})
+        if call.head_offset == 0:
+            views.clear()
+        views[call.head_offset] = _TileView(call.grid, pack_bits(tiles).cpu(), tiles.shape[-1])
 
     def _cluster(self, call: AttentionCall, q_video, k_video):
         """k-means of the video queries and keys, warm-started from this layer's cache when it fits the call."""

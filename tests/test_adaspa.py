@@ -626,8 +626,9 @@ def record_calls(monkeypatch, session):
     calls = []
     original = session.attend
 
-    def attend(ctx, layer, q, k, v, kv_length=None, out=None, head_offset=0):
-        result, density = original(ctx, layer, q, k, v, kv_length=kv_length, out=out, head_offset=head_offset)
+    def attend(ctx, layer, q, k, v, kv_length=None, out=None, head_offset=0, **routing):
+        result, density = original(ctx, layer, q, k, v, kv_length=kv_length, out=out, head_offset=head_offset,
+                                   **routing)
         entries = session.planner._layers[layer].values()
         calls.append(dict(layer=layer, step=ctx.step, grid=ctx.grid_for(q.shape[2]), q=q.clone(), k=k.clone(),
                           v=v.clone(), kv_length=kv_length, out=result.clone(), density=density,

@@ -49,8 +49,9 @@ def spy_attend(monkeypatch, session):
     calls = []
     original = session.attend
 
-    def attend(ctx, layer, q, k, v, kv_length=None, out=None, head_offset=0):
-        result, density = original(ctx, layer, q, k, v, kv_length=kv_length, out=out, head_offset=head_offset)
+    def attend(ctx, layer, q, k, v, kv_length=None, out=None, head_offset=0, **routing):
+        result, density = original(ctx, layer, q, k, v, kv_length=kv_length, out=out, head_offset=head_offset,
+                                   **routing)
         calls.append(dict(grid=ctx.grid_for(q.shape[2]), layer=layer, step=ctx.step, q=q.detach().clone(),
                           k=k.detach().clone(), v=v.detach().clone(), kv_length=kv_length,
                           out=result.detach().clone()))

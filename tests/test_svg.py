@@ -372,7 +372,7 @@ def test_random_heads_equal_their_layout_in_a_strided_output(backend, gen, monke
     dtype = torch.bfloat16 if backend == "triton" else torch.float32
     q, k, v = (torch.randn(B, L, H, D, generator=gen).to(dtype).transpose(1, 2) for _ in range(3))
     st = SVGSettings(sparsity=0.35, block_size=64)
-    monkeypatch.setattr(svg, "TEMPORAL_CHUNK_BYTES", B * L * D * q.element_size())  # one head per chunk
+    assert svg.heads_per_chunk(q, svg.TEMPORAL_COPIES * svg.head_bytes(q)) == 1  # one head per chunk
     planner = st.make_planner()
     monkeypatch.setattr(planner, "profile", lambda call, plan: (True, False, True))
     buffer = torch.full((B, L, H, D), float("nan"), dtype=dtype)
@@ -404,7 +404,7 @@ def test_lse_of_the_kept_keys_in_the_original_order(backend, flags, gen, monkeyp
     dtype = torch.bfloat16 if backend == "triton" else torch.float32
     q, k, v = (torch.randn(B, H, L, D, generator=gen).to(dtype) for _ in range(3))
     st = SVGSettings(sparsity=0.35, block_size=64)
-    monkeypatch.setattr(svg, "TEMPORAL_CHUNK_BYTES", B * L * D * q.element_size())  # one head per chunk
+    assert svg.heads_per_chunk(q, svg.TEMPORAL_COPIES * svg.head_bytes(q)) == 1  # one head per chunk
     planner = st.make_planner()
     monkeypatch.setattr(planner, "profile", lambda call, plan: flags)
     kv_length = torch.tensor([L, L - 9])

@@ -22,6 +22,7 @@ from pack import import_pack
 K = import_pack("kernels")
 core = import_pack("core")
 svg2 = import_pack("core.svg2")
+memory = import_pack("core.memory")
 comfyui = pytest.mark.comfyui  # skipped, loudly, without ComfyUI (conftest.py)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -30,6 +31,13 @@ SMALL = core.SVG2Settings(query_clusters=5, key_clusters=9, top_p=0.6, min_key_r
                           later_iterations=1)
 WAN_GRID = core.VideoGrid(3, 4, 6)                    # 72 video tokens
 HUNYUAN_GRID = core.VideoGrid(3, 4, 5, text_tokens=7)  # 60 video tokens, then 7 text tokens
+
+
+@pytest.fixture(autouse=True)
+def whole_calls(monkeypatch):
+    """These tests read one call's state as one head range: every head at once. tests/test_memory.py checks that the
+    default (a few heads at a time) gives the same outputs and state."""
+    monkeypatch.setattr(memory, "TRANSIENT_SHARE", 1e6)
 
 
 @pytest.fixture
@@ -386,8 +394,9 @@ def test_hunyuan_sparse_run_keeps_text_dense(nodes, bridge, monkeypatch):
     calls = []
     original = session.attend
 
-    def attend(ctx, layer, q, k, v, kv_length=None, out=None, head_offset=0):
-        result, density = original(ctx, layer, q, k, v, kv_length=kv_length, out=out, head_offset=head_offset)
+    def attend(ctx, layer, q, k, v, kv_length=None, out=None, head_offset=0, **routing):
+        result, density = original(ctx, layer, q, k, v, kv_length=kv_length, out=out, head_offset=head_offset,
+                                   **routing)
         calls.append((q.clone(), k.clone(), v.clone(), kv_length, result.clone()))
         return result, density
 

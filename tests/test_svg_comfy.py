@@ -27,8 +27,9 @@ def spy_classes(monkeypatch, session):
     calls = []
     original = session.attend
 
-    def attend(ctx, layer, q, k, v, kv_length=None, out=None, head_offset=0):
-        result, density = original(ctx, layer, q, k, v, kv_length=kv_length, out=out, head_offset=head_offset)
+    def attend(ctx, layer, q, k, v, kv_length=None, out=None, head_offset=0, **routing):
+        result, density = original(ctx, layer, q, k, v, kv_length=kv_length, out=out, head_offset=head_offset,
+                                   **routing)
         grid = ctx.grid_for(q.shape[2])
         classes = session.planner._classes[(layer, grid, head_offset, q.shape[1])]
         calls.append(dict(grid=grid, layer=layer, step=ctx.step, q=q.detach().clone(), k=k.detach().clone(),

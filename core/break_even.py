@@ -1,0 +1,95 @@
+"""Break-even densities: per kernel and GPU class, the plan density above which the sparse kernel is slower than dense.
+
+A kernel computing a share ``d`` of the attention pairs at ``r(d)`` of SDPA's throughput per computed pair takes
+``d / r(d)`` of a dense call, so it is slower than dense above the density where ``d = r(d)``. The entries are
+throughput ratios measured near that density or below it; the kernels' ratio rises from density 1.0 towards 0.5
+(benchmarks/RESULTS.md, block-sparse table), so a ratio measured at density 1.0 or at a lower density than the
+break-even is a break-even that is never slower than dense. What a planner spent to find its plan is spent by the
+time the plan's density is known, so it is not part of the comparison (the planners' overheads are in RESULTS.md).
+
+Only measured values: every entry cites its line of benchmarks/RESULTS.md. A GPU class that was not measured takes
+the entry of the nearest measured class, lowered where that class runs a slower code path, and says so.
+``benchmarks/break_even.py`` measures the entries on a GPU and prints rows for this table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BLOCK_64, BLOCK_128, CLUSTER = "block-64", "block-128", "cluster"  # the kernels a planner's plan runs on
+KERNELS = (BLOCK_64, BLOCK_128, CLUSTER)
+
+
+def block_kernel(block_size: int) -> str:
+    """The table's name of the fixed-block kernel at ``block_size`` (64 or 128)."""
+    return f"block-{block_size}"
+
+
+@dataclass(frozen=True)
+class BreakEven:
+    """``density``: heads whose plan keeps more of the attention pairs run dense. ``source``: where it comes from."""
+
+    density: float
+    source: str
+
+
+_HOPPER = {
+    BLOCK_128: BreakEven(0.89, "measured, H100: the block-sparse kernel at density 1.000, banded, Wan 2.1 14B 720p "
+                               "and HunyuanVideo 720p, 0.89 of SDPA's throughput (RESULTS.md, 'Block-sparse "
+                               "attention kernel', rows '| | banded | 1.000 |')"),
+    BLOCK_64: BreakEven(0.70, "measured, H100: AdaSpa's sparse step at block 64, density 0.101, 28.7 ms against SDPA "
+                              "199.7 ms: 0.101 x 199.7 / 28.7 = 0.70 (RESULTS.md, 'AdaSpa: search cost', row "
+                              "'sparse step'); no block-64 point nearer the break-even was measured"),
+    CLUSTER: BreakEven(0.51, "measured, H100: the cluster kernel on ragged clusters keeping 12% of the pairs, 0.51 of "
+                             "SDPA's throughput, Wan 2.1 14B 720p (RESULTS.md, 'SVG2: stages, cluster attention "
+                             "kernel', row 'ragged, 12%'); 0.55 at 25%"),
+}
+# GPUs before Hopper run the kernel's pointer-load variant (no TMA): measured on the H100 at 62.9 ms against the TMA
+# variant's 53.9 ms (Wan 14B 720p, density 0.25, block 128, SDPA 205.65 ms): 0.25 x 205.65 / 62.9 = 0.82 (RESULTS.md,
+# 'What moved the kernel', the second run's sweep).
+_POINTER_LOADS = 0.82
+
+
+def _borrowed(entries: dict, cls: str, cap: float | None = None) -> dict:
+    """``entries`` of a measured class for an unmeasured one, each at most ``cap``."""
+    out = {}
+    for kernel, entry in entries.items():
+        density = entry.density if cap is None else min(entry.density, cap)
+        lowered = f", lowered to {cap} (pointer loads)" if density < entry.density else ""
+        out[kernel] = BreakEven(density, f"not measured on {cls}: Hopper's entry{lowered}. {entry.source}")
+    return out
+
+
+TABLE = {
+    "hopper": _HOPPER,
+    "blackwell": _borrowed(_HOPPER, "Blackwell (TMA loads, as Hopper)"),
+    "ada": _borrowed(_HOPPER, "Ada", _POINTER_LOADS),
+    "ampere": _borrowed(_HOPPER, "Ampere", _POINTER_LOADS),
+    # The torch reference is the correctness path (tests, backend 'reference'), never timed against dense: no head is
+    # routed there, so its outputs stay the method's own.
+    "cpu": {kernel: BreakEven(1.0, "the torch reference: not a speed path, nothing routed") for kernel in KERNELS},
+}
+
+
+def gpu_class(device) -> str:
+    """The table's class of ``device``: 'cpu' off CUDA, else by compute capability (sm_80/86/87 Ampere, sm_89 Ada,
+    sm_90 Hopper, sm_100 and up Blackwell; older GPUs count as Ampere, the oldest class the pack supports)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 10:
+        return "blackwell"
+    if major == 9:
+        return "hopper"
+    return "ada" if (major, minor) == (8, 9) else "ampere"
+
+
+def break_even(kernel: str, gpu: str) -> BreakEven:
+    """The entry of ``kernel`` on GPU class ``gpu``; ValueError naming the known ones otherwise."""
+    if gpu not in TABLE or kernel not in TABLE[gpu]:
+        raise ValueError(f"no break-even density for kernel {kernel!r} on {gpu!r}; known kernels {KERNELS}, "
+                         f"classes {tuple(TABLE)}")
+    return TABLE[gpu][kernel]

@@ -1,0 +1,42 @@
+"""Transient memory of a sparse call: at most a quarter of its output above what dense attention holds.
+
+Dense attention holds its output beyond q, k and v (about 0.74 GB for one Wan 14B 720p call); the sparse path writes
+its output in place of that one, so whatever a planner allocates besides (copies of q, k, v in another token order,
+scores, selection temporaries) is what it adds to the call's peak. A planner runs such a stage a few heads at a time,
+as many as fit in ``TRANSIENT_SHARE`` of the call's output, keeping every per-head state keyed by the true head
+(``head_offset``). Artists run 14B models on 16-24 GB cards: 3 GB of copies is the difference between a render and an
+out-of-memory error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+TRANSIENT_SHARE = 0.25
+
+
+def head_bytes(t: torch.Tensor) -> int:
+    """Bytes of one head of a (B, H, L, D) tensor: the unit a planner's temporaries are counted in."""
+    B, _, L, D = t.shape
+    return B * L * D * t.element_size()
+
+
+def heads_per_chunk(q: torch.Tensor, per_head_bytes: int) -> int:
+    """How many heads of the call whose queries are ``q`` (B, H, L, D) a stage holding ``per_head_bytes`` per head
+    may process at once: within TRANSIENT_SHARE of the call's output (q's size), at least one."""
+    budget = TRANSIENT_SHARE * q.numel() * q.element_size()
+    return max(1, min(q.shape[1], int(budget // max(1, per_head_bytes))))
+
+
+def head_parts(heads: int, step: int) -> list[slice]:
+    """Consecutive slices of ``step`` heads (the last one shorter) covering ``heads``."""
+    return [slice(h0, min(heads, h0 + step)) for h0 in range(0, heads, step)]
+
+
+def heads_of(call, part: slice, out: torch.Tensor | None):
+    """The AttentionCall of heads ``part`` of ``call``, writing into ``out[:, part]`` (per-head state keys on the
+    true head: head_offset)."""
+    return replace(call, q=call.q[:, part], k=call.k[:, part], v=call.v[:, part], lse=None,
+                   out=None if out is None else out[:, part], head_offset=call.head_offset + part.start)

@@ -1,0 +1,113 @@
+"""A sparse call holds at most a quarter of its output beyond dense attention's peak: the planners' memory-heavy
+stages run a few heads at a time (core.memory). The few-heads path gives the same output and the same per-head state
+as every head at once; the chunk sizes at the Wan 14B 720p shape are the largest the byte budget allows. (Peaks on the
+GPU: benchmarks/memory.py. Radial needs no stage of its own: it writes its output in place.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pack import import_pack
+
+core = import_pack("core")
+memory = import_pack("core.memory")
+svg = import_pack("core.svg")
+adaspa = import_pack("core.adaspa")
+
+GRID = core.VideoGrid(4, 6, 9, text_tokens=13)  # 216 video tokens, then 13 text: 4 blocks of 64
+WHOLE, FEW = 1e6, 1e-9  # TRANSIENT_SHARE: every head at once / one head at a time
+
+
+def make_call(step, H=3, B=2, D=32, seed=0):
+    gen = torch.Generator().manual_seed(seed + step)
+    L = GRID.total_tokens
+    q, k, v = (torch.randn(B, H, L, D, generator=gen) for _ in range(3))
+    return core.AttentionCall(grid=GRID, layer=1, step=step, total_steps=4, q=q, k=k, v=v,
+                              kv_length=torch.tensor([L, L - 5]), backend="reference")
+
+
+def run_steps(settings, share, monkeypatch, steps=2, **planner_patches):
+    """(outputs per step, planner) of ``steps`` calls with TRANSIENT_SHARE ``share``."""
+    monkeypatch.setattr(memory, "TRANSIENT_SHARE", share)
+    planner = settings.make_planner()
+    for name, value in planner_patches.items():
+        monkeypatch.setattr(planner, name, value)
+    outputs = [planner.attend(make_call(step))[0] for step in range(steps)]
+    return outputs, planner
+
+
+def count_heads(monkeypatch, module, name) -> list:
+    """Spy on ``module.name(q, ...)``: the head count of each call's q."""
+    heads, original = [], getattr(module, name)
+
+    def spy(q, *args, **kwargs):
+        heads.append(q.shape[1])
+        return original(q, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return heads
+
+
+def assert_same_outputs(few, whole):
+    for a, b in zip(few, whole):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_svg2_few_heads_equal_all_heads(monkeypatch):
+    """Cold then warm-started k-means: outputs, centroids per head (keyed by the true head) and drawings agree."""
+    settings = core.SVG2Settings(query_clusters=5, key_clusters=9, top_p=0.6, min_key_ratio=0.2, first_iterations=3,
+                                 later_iterations=1)
+    whole, all_heads = run_steps(settings, WHOLE, monkeypatch)
+    few, one_head = run_steps(settings, FEW, monkeypatch)
+    assert_same_outputs(few, whole)
+    assert set(all_heads.cache_bytes()) == {(1, 0)} and set(one_head.cache_bytes()) == {(1, 0), (1, 1), (1, 2)}
+    for part in ("queries", "keys"):
+        joined = torch.cat([getattr(one_head._centroids[(1, h)], part) for h in range(3)], dim=1)
+        torch.testing.assert_close(joined, getattr(all_heads._centroids[(1, 0)], part), rtol=1e-6, atol=1e-6)
+    assert torch.equal(one_head.block_mask(GRID, 1), all_heads.block_mask(GRID, 1))
+
+
+def test_adaspa_search_few_heads_equal_all_heads(monkeypatch):
+    """A search with its own dense pass (step 0), then the sparse step: the same pattern, recall and outputs."""
+    settings = core.AdaSpaSettings(recall=0.7, search_steps=(0,), block_size=64, min_density=0.2, max_density=0.8)
+    searched = count_heads(monkeypatch, adaspa, "block_mass")
+    whole, all_heads = run_steps(settings, WHOLE, monkeypatch)
+    few, one_head = run_steps(settings, FEW, monkeypatch)
+    assert searched == [3, 1, 1, 1]
+    assert_same_outputs(few, whole)
+    (a,), (b,) = (list(p._layers[1].values()) for p in (one_head, all_heads))
+    assert torch.equal(a.pattern.kv_counts, b.pattern.kv_counts) and torch.equal(a.pattern.recall, b.pattern.recall)
+    assert a.pattern.head_density == b.pattern.head_density and a.pattern.density == pytest.approx(b.pattern.density)
+    assert torch.equal(one_head.block_mask(GRID, 1), all_heads.block_mask(GRID, 1))
+
+
+def test_svg_temporal_heads_few_at_a_time_equal_all_at_once(monkeypatch):
+    settings = core.SVGSettings(sparsity=0.35, block_size=64)
+    flags = lambda call, plan: (True, False, True)  # noqa: E731  two temporal heads: two reorder chunks
+    launches = count_heads(monkeypatch, svg, "block_sparse_attention")
+    whole, all_heads = run_steps(settings, WHOLE, monkeypatch, profile=flags)
+    assert launches == [3, 2] * 2  # per step: the spatial launch (every head), the temporal heads together
+    launches.clear()
+    few, one_head = run_steps(settings, FEW, monkeypatch, profile=flags)
+    assert launches == [3, 1, 1] * 2
+    assert_same_outputs(few, whole)
+    assert torch.equal(one_head.block_mask(GRID, 1), all_heads.block_mask(GRID, 1))
+
+
+def wan14b_queries(dtype=torch.bfloat16):
+    """q of one Wan 2.1 14B 720p call (B=1, 40 heads, 75,600 tokens, head_dim 128), without memory (meta)."""
+    return torch.empty(1, 40, 75600, 128, dtype=dtype, device="meta")
+
+
+@pytest.mark.parametrize("method", ["svg2", "svg", "adaspa"])
+def test_chunks_at_wan14b_720p_are_the_largest_within_the_budget(method):
+    """Each stage's heads x its bytes per head fit in a quarter of the call's output, one head more would not."""
+    q = wan14b_queries()
+    per_head = {"svg2": lambda: core.SVG2Settings().make_planner().transient_head_bytes(q),
+                "svg": lambda: svg.TEMPORAL_COPIES * memory.head_bytes(q),
+                "adaspa": lambda: core.AdaSpaSettings().make_planner().search_head_bytes(q)}[method]()
+    heads = memory.heads_per_chunk(q, per_head)
+    budget = memory.TRANSIENT_SHARE * q.numel() * q.element_size()  # 185 MiB: a quarter of the 738 MiB output
+    assert heads * per_head <= budget < (heads + 1) * per_head
+    assert 1 < heads < 40  # a few heads: the stage is bounded, and not a head at a time
