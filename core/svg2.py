@@ -13,6 +13,9 @@ other conditionings of the same latent, core.method):
 HunyuanVideo's text tokens (after the video) are not clustered; as in the reference they stay dense: the text
 queries are one more query cluster that keeps every key cluster, the text keys one more key cluster that every
 query cluster keeps, and the text padding lies past the last key offset, so it is never attended.
+
+With ``call.compensate`` every non-empty key cluster a query cluster skips enters its rows' softmax through the
+cluster's pooled statistics (mean key, mean value, size: kernels.pool_key_clusters of the permuted keys).
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import (ClusterSelection, batched_kmeans, cluster_block_attention, cluster_pair_count, permute_qkv,
-                       select_key_clusters, unpermute_rows)
+                       pool_key_clusters, select_key_clusters, unpermute_rows)
 from .cluster_view import cluster_tile_mask, pack_bits, unpack_bits
 from .grid import VideoGrid
-from .method import AttentionCall, share_over_conditionings
+from .method import AttentionCall, share_over_conditionings, split_lse
 
 INSPECT_BLOCK = 128  # tile size of the Inspector's drawing
 MAX_CLUSTERS = 16384
@@ -105,6 +108,7 @@ class SVG2Planner:
     """Per patched model: the centroid cache across the steps of a run, and the Inspector's tile masks."""
 
     block_size = INSPECT_BLOCK
+    compensates = True
 
     def __init__(self, settings: SVG2Settings):
         self.settings = settings
@@ -135,12 +139,14 @@ class SVG2Planner:
         layout = _with_text(share(q_km.offsets), share(k_km.offsets), selection, video, L, call.kv_length)
         q_order, k_order = share(q_km.order), share(k_km.order)
         qp, kp, vp = permute_qkv(q, k, v, q_order, k_order, backend=call.backend)
+        pooled = pool_key_clusters(kp, vp, layout[1], backend=call.backend) if call.compensate else None
         out_perm = cluster_block_attention(qp, kp, vp, *layout, backend=call.backend, check_layout=False,
-                                           return_lse=call.want_lse)
+                                           return_lse=call.want_lse, pooled=pooled)
         del qp, kp, vp
         if call.want_lse:
-            out_perm, lse_perm = out_perm
+            out_perm, lse_perm, lse_c_perm = split_lse(out_perm, pooled)
             call.lse = _unpermute_lse(lse_perm, q_order)
+            call.lse_compensated = None if lse_c_perm is None else _unpermute_lse(lse_c_perm, q_order)
         out = unpermute_rows(out_perm, q_order, out=call.out, backend=call.backend)
         tiles = self._tile_mask(q_km.labels[0], k_km.labels[0], layout, grid)
         pairs = cluster_pair_count(*layout, check_layout=False)
