@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of the pack in one go; logs and JSON go to OUT_DIR.
 #   benchmarks/gpu_suite.sh OUT_DIR [tests] [sweep] [kernels] [cluster] [svg] [svg2] [adaspa] [quality] [demo] [e2e]
-#                                   [textorder] [memory] [sanitize] [comfy]
+#                                   [textorder] [memory] [sanitize] [comfy] [compensation]
 #   (default: all)
 # COMFYUI_PATH points the end-to-end benchmark and the ComfyUI tests at a ComfyUI source tree.
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUT_DIR [steps...]}; shift
-steps=${*:-tests sweep kernels cluster svg svg2 adaspa quality demo e2e textorder memory sanitize comfy}
+steps=${*:-tests sweep kernels cluster svg svg2 adaspa quality demo e2e textorder memory sanitize comfy compensation}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 status=0
@@ -29,4 +29,11 @@ want textorder && run textorder python3 benchmarks/text_order.py --json "$out/te
 want memory && run memory python3 benchmarks/memory.py
 want sanitize && run sanitize bash benchmarks/sanitize.sh "$out/sanitize_full.log"
 want comfy && run comfy_tests python3 -m pytest -q -p no:cacheprovider -m comfyui
+# Compensation of skipped keys (issue 17): its cost at the Wan 14B 720p shape, and the proxy's quality without and with
+# it at both sampling regimes (20 steps cfg 4; 4 steps cfg 1, as few-step distilled runs).
+want compensation && run compensation_cost python3 benchmarks/compensation_cost.py --json "$out/compensation_cost.json"
+want compensation && run quality_compensated python3 benchmarks/quality.py --compensate both --densities 0.40 0.25 0.12 \
+    --steps 20 --cfg 4 --json "$out/quality_compensated.json" --picture "$out/quality_compensated.png"
+want compensation && run quality_compensated_4step python3 benchmarks/quality.py --compensate both \
+    --densities 0.40 0.25 0.12 --steps 4 --cfg 1 --json "$out/quality_compensated_4step.json"
 exit $status

@@ -1,7 +1,7 @@
 """Quality of every sparse attention method on the trained proxy video model, against dense, same seeds (GPU).
 
-    python benchmarks/quality.py --comfyui PATH [--seeds 4] [--steps 20] [--densities 0.25 0.12] \
-        [--methods radial svg svg2 adaspa] [--json out.json] [--picture out.png]
+    python benchmarks/quality.py --comfyui PATH [--seeds 4] [--steps 20] [--cfg 4] [--densities 0.25 0.12] \
+        [--methods radial svg svg2 adaspa] [--compensate off|on|both] [--json out.json] [--picture out.png]
 
 The proxy (benchmarks/proxy_model.py: ComfyUI's WanModel, 16 frames of 64 x 64 = 16,384 tokens) samples K seeds
 through ComfyUI's sampler, once unpatched (dense) and once per method through the pack's own nodes (Sparse
@@ -11,6 +11,9 @@ steps and the first block dense: the papers keep 10-25% of steps and ~3% of laye
 density: achieved density, PSNR / SSIM / relative L2 of the video against the dense video of the same seed,
 attention recall per layer (the attention mass kept, exp(LSE over kept keys - dense LSE), at the middle step),
 and the sampling time. A picture shows frames of the dense video and of each method, side by side.
+
+``--compensate both`` runs every method and density twice, with the patch's compensate setting off and on (the
+skipped keys' pooled terms), at the knob calibrated without compensation: the two rows compare equal layouts.
 """
 
 from __future__ import annotations
@@ -106,11 +109,11 @@ def sample_seeds(proxy, model, seeds, args, after_each=None):
     return videos, statistics.median(seconds)
 
 
-def run_method(nodes, bridge, proxy, settings, seeds, args, probe_step=None):
+def run_method(nodes, bridge, proxy, settings, seeds, args, probe_step=None, compensate="off"):
     """(videos, mean sparse density, seconds per video, recall per layer) of one settings object."""
     patched = nodes.SparseAttentionPatch().patch(proxy.model, dense_steps=DENSE_STEPS, sparse_end=1.0,
                                                  dense_layers=DENSE_LAYERS, backend=args.backend, verbose=False,
-                                                 method=settings)[0]
+                                                 method=settings, compensate=compensate)[0]
     session = bridge.session_of(patched)
     probe = RecallProbe(session, probe_step) if probe_step is not None else None
     densities = []
@@ -167,6 +170,8 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=proxy_model.SIZE)
     parser.add_argument("--calibration", type=int, default=7, help="bisection runs per method and density")
     parser.add_argument("--backend", default="auto", help="auto on a GPU; reference for a (slow) CPU smoke run")
+    parser.add_argument("--compensate", choices=("off", "on", "both"), default="off",
+                        help="the patch's compensate setting; both: every row without and with it")
     parser.add_argument("--json", default=None)
     parser.add_argument("--picture", default=None)
     args = parser.parse_args(argv)
@@ -184,26 +189,31 @@ def main(argv=None):
                    torch=torch.__version__, steps=args.steps, cfg=args.cfg, seeds=seeds, dense_steps=DENSE_STEPS,
                    dense_layers=DENSE_LAYERS, dense_seconds=dense_time, date=time.strftime("%Y-%m-%d"))
     probe_step = args.steps // 2
+    modes = ("off", "on") if args.compensate == "both" else (args.compensate,)
+    summary["compensate"] = args.compensate
     results, rows = [], [("dense", dense_videos[0])]
     for name in args.methods:
         method = METHODS[name]
         for target in args.densities:
             knob, _ = calibrate(nodes, bridge, proxy, method, target, args, args.calibration)
-            videos, density, seconds, recall = run_method(nodes, bridge, proxy, method.build(nodes, knob), seeds,
-                                                          args, probe_step=probe_step)
-            scores = [(metrics.psnr(v, d), metrics.ssim(v, d), metrics.relative_error(v, d))
-                      for v, d in zip(videos, dense_videos)]
-            results.append(dict(method=name, target_density=target, knob={method.knob: knob}, density=density,
-                                psnr=statistics.mean(s[0] for s in scores), ssim=statistics.mean(s[1] for s in scores),
-                                rel_l2=statistics.mean(s[2] for s in scores), per_seed=scores,
-                                recall_per_layer=recall, recall=statistics.mean(recall) if recall else None,
-                                seconds=seconds, speedup=dense_time / seconds))
-            if target == args.densities[0]:
-                rows.append((f"{name}\ndensity {density:.3f}\nPSNR {results[-1]['psnr']:.1f}", videos[0]))
-            print(f"{name:8s} target {target:.2f} ({method.knob} {knob:.3g}): density {density:.3f}  "
-                  f"PSNR {results[-1]['psnr']:.2f}  SSIM {results[-1]['ssim']:.3f}", flush=True)
-            if args.json:  # after every row: a run cut short keeps what it measured
-                Path(args.json).write_text(json.dumps(dict(summary, results=results), indent=1))
+            for mode in modes:
+                videos, density, seconds, recall = run_method(nodes, bridge, proxy, method.build(nodes, knob), seeds,
+                                                              args, probe_step=probe_step, compensate=mode)
+                scores = [(metrics.psnr(v, d), metrics.ssim(v, d), metrics.relative_error(v, d))
+                          for v, d in zip(videos, dense_videos)]
+                results.append(dict(method=name, compensate=mode, target_density=target, knob={method.knob: knob},
+                                    density=density, psnr=statistics.mean(s[0] for s in scores),
+                                    ssim=statistics.mean(s[1] for s in scores),
+                                    rel_l2=statistics.mean(s[2] for s in scores), per_seed=scores,
+                                    recall_per_layer=recall, recall=statistics.mean(recall) if recall else None,
+                                    seconds=seconds, speedup=dense_time / seconds))
+                if target == args.densities[0]:
+                    rows.append((f"{name} (compensate {mode})\ndensity {density:.3f}\n"
+                                 f"PSNR {results[-1]['psnr']:.1f}", videos[0]))
+                print(f"{name:8s} compensate {mode:3s} target {target:.2f} ({method.knob} {knob:.3g}): density "
+                      f"{density:.3f}  PSNR {results[-1]['psnr']:.2f}  SSIM {results[-1]['ssim']:.3f}", flush=True)
+                if args.json:  # after every row: a run cut short keeps what it measured
+                    Path(args.json).write_text(json.dumps(dict(summary, results=results), indent=1))
 
     summary["results"] = results
     if args.json:
@@ -212,11 +222,12 @@ def main(argv=None):
         picture(rows, args.picture)
     print(f"\nproxy quality: {len(seeds)} seeds, {args.steps} steps, cfg {args.cfg}, dense first {DENSE_STEPS:.0%} "
           f"of steps and {DENSE_LAYERS} block; dense {dense_time:.2f} s/video on {summary['device']}")
-    print(f"{'method':8s} {'target':>6s} {'density':>7s} {'PSNR':>6s} {'SSIM':>6s} {'relL2':>6s} {'recall':>6s} "
-          f"{'s/video':>7s} {'speed':>6s}")
+    print(f"{'method':8s} {'comp':>4s} {'target':>6s} {'density':>7s} {'PSNR':>6s} {'SSIM':>6s} {'relL2':>6s} "
+          f"{'recall':>6s} {'s/video':>7s} {'speed':>6s}")
     for r in results:
         recall = f"{r['recall']:.3f}" if r["recall"] is not None else "-"
-        print(f"{r['method']:8s} {r['target_density']:6.2f} {r['density']:7.3f} {r['psnr']:6.2f} {r['ssim']:6.3f} "
+        print(f"{r['method']:8s} {r['compensate']:>4s} {r['target_density']:6.2f} {r['density']:7.3f} "
+              f"{r['psnr']:6.2f} {r['ssim']:6.3f} "
               f"{r['rel_l2']:6.3f} {recall:>6s} {r['seconds']:7.2f} {r['speedup']:5.2f}x")
 
 

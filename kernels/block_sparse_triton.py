@@ -319,7 +319,7 @@ def triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size,
     if out is None:
         out = torch.empty(B, H, LQ, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, LQ, device=q.device, dtype=torch.float32) if return_lse else out  # dummy when unused
-    compensation = _compensation_args(pooled, B, H, return_lse, lse, q.device)
+    compensation = _compensation_args(pooled, q, return_lse, lse)
     kv_indices = kv_indices.to(torch.int32)
     kv_counts = kv_counts.to(torch.int32)
     if kv_indices.stride(-1) != 1:
@@ -364,13 +364,16 @@ def triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size,
     return (out, lse, compensation["lse"]) if pooled is not None else (out, lse)
 
 
-def _compensation_args(pooled, B, H, return_lse, lse, device) -> dict:
-    """Kernel arguments of the compensation: pooled tensors (B * H, G, D) contiguous, their LSE buffer, the tile
-    constants. Without ``pooled`` the pointers are dummies the kernel never reads."""
+def _compensation_args(pooled, q, return_lse, lse) -> dict:
+    """Kernel arguments of the compensation: pooled tensors (B * H, G, D) contiguous in q's dtype (what tl.dot
+    multiplies), their LSE buffer, the tile constants. Without ``pooled`` the pointers are dummies the kernel never
+    reads."""
+    B, H, _, _ = q.shape
+    dtype, device = q.dtype, q.device
     if pooled is None:
         return dict(tensors=(lse, lse, lse, lse), groups=0, lse=None,
                     constants=dict(COMPENSATE=False, BLOCK_P=16, LIST_CHUNK=16))
-    keys, values = (t.expand(B, H, -1, -1).contiguous() for t in (pooled.keys, pooled.values))
+    keys, values = (t.expand(B, H, -1, -1).to(dtype).contiguous() for t in (pooled.keys, pooled.values))
     log_size = pooled.log_size.float().expand(B, H, -1).contiguous()
     lse_c = torch.empty_like(lse) if return_lse else log_size  # dummy when unused
     # 64 groups per tile on a GPU (one tensor-core tile against the query block); 16, the least tl.dot takes, on the

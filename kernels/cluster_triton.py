@@ -203,7 +203,7 @@ def triton_cluster_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_clus
     if out is None:
         out = torch.empty(B, H, LQ, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, LQ, device=q.device, dtype=torch.float32) if return_lse else out  # dummy when unused
-    compensation = _compensation_args(pooled, B, H, return_lse, lse, q.device)
+    compensation = _compensation_args(pooled, q, return_lse, lse)
     q_off, k_off, ids, counts = (t.to(torch.int32).contiguous()
                                  for t in (q_offsets, k_offsets, kv_clusters, kv_cluster_counts))
     if MAXK == 0:  # every count is 0: one unused slot gives the kernel a real pointer
