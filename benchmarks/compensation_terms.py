@@ -38,7 +38,7 @@ class Captured(Exception):
     """Raised once every sparse block of the step is captured: the sampling run stops there."""
 
 
-def capture(proxy, nodes, bridge, step: int, steps: int, cfg: float, seed: int):
+def capture(proxy, nodes, bridge, step: int, steps: int, cfg: float, seed: int, frames: int, size: int):
     """(the call's video grid, {layer: (q, k, v) (H, L, D) float32} of the conditional batch element at ``step``)."""
     method = nodes.RadialMask().settings(decay_factor=1.0, block_size=BLOCK, attention_sink=True, text_dense=True)[0]
     patched = nodes.SparseAttentionPatch().patch(proxy.model, dense_steps=float(step), sparse_end=1.0, dense_layers=1,
@@ -57,7 +57,8 @@ def capture(proxy, nodes, bridge, step: int, steps: int, cfg: float, seed: int):
 
     planner.attend = attend
     try:
-        proxy_model.sample(proxy, patched, proxy_model.PROCEDURAL_CLASS, seed, steps=steps, cfg=cfg)
+        proxy_model.sample(proxy, patched, proxy_model.PROCEDURAL_CLASS, seed, steps=steps, cfg=cfg, frames=frames,
+                           size=size)
     except Captured:
         return grids[0], seen
     raise RuntimeError(f"the run ended before step {step} captured every block")
@@ -130,13 +131,15 @@ def main(argv=None):
     parser.add_argument("--cfg", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rows", type=int, default=256, help="strided query rows per head")
+    parser.add_argument("--frames", type=int, default=proxy_model.FRAMES)
+    parser.add_argument("--size", type=int, default=proxy_model.SIZE)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
     proxy_model.use_comfyui(args.comfyui)
     nodes, bridge = import_pack("nodes"), import_pack("nodes.bridge")
     proxy = proxy_model.load(args.weights)
-    grid, captured = capture(proxy, nodes, bridge, args.step, args.steps, args.cfg, args.seed)
+    grid, captured = capture(proxy, nodes, bridge, args.step, args.steps, args.cfg, args.seed, args.frames, args.size)
     L = grid.total_tokens
     rows = torch.arange(args.rows) * L // args.rows + (L // args.rows) // 2
     results = {}
@@ -147,8 +150,8 @@ def main(argv=None):
         print(name, results[name], flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(step=args.step, steps=args.steps, cfg=args.cfg, rows=args.rows,
-                                                   results=results), indent=1))
-    print(f"\nproxy step {args.step} of {args.steps}, cfg {args.cfg}, {args.rows} rows per head, block {BLOCK}: "
+                                                   grid=str(grid), results=results), indent=1))
+    print(f"\nproxy {grid}, step {args.step} of {args.steps}, cfg {args.cfg}, {args.rows} rows per head, block {BLOCK}: "
           "relative L2 error of the output against exact attention, mean over blocks 1-7 and heads")
     print(f"{'layout':18s} {'density':>7s} {'recall':>6s} " + " ".join(f"{v:>23s}" for v in VARIANTS))
     for name, r in results.items():

@@ -172,6 +172,8 @@ class SVGPlanner:
         # with compensation); temporal heads' rows are written by their own launches.
         lses = (None, None)
         if temporal < heads:  # every spatial head in one launch, in place
+            # (temporal heads have empty lists here: with compensation they get every block's pooled term, a few
+            # tiles per query block, which their own launch then overwrites)
             pooled = pooled_key_blocks(call, self.block_size)
             result = block_sparse_attention(q, call.k, call.v, plan.spatial_indices.expand(1, heads, -1, -1),
                                             classes.spatial_counts, block_size=self.block_size,
