@@ -2,12 +2,13 @@
 # Every GPU check and benchmark of the pack in one go; logs and JSON go to OUT_DIR.
 #   benchmarks/gpu_suite.sh OUT_DIR [tests] [sweep] [kernels] [cluster] [svg] [svg2] [adaspa] [quality] [demo] [e2e]
 #                                   [textorder] [memory] [breakeven] [sanitize] [comfy] [versus] [checkcost] [fewstep]
+#                                   [compensation]
 #   (default: all)
 # COMFYUI_PATH points the end-to-end benchmarks and the ComfyUI tests at a ComfyUI source tree. versus compares with
 # comfy-kitchen's kernels (int8_attention, sol_attn: comfy-kitchen 0.2.40 or newer) and SageAttention where installed.
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUT_DIR [steps...]}; shift
-steps=${*:-tests sweep kernels cluster svg svg2 adaspa quality demo e2e textorder memory breakeven sanitize comfy versus checkcost fewstep}
+steps=${*:-tests sweep kernels cluster svg svg2 adaspa quality demo e2e textorder memory breakeven sanitize comfy versus checkcost fewstep compensation}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 status=0
@@ -35,4 +36,11 @@ want versus && run versus python3 benchmarks/versus.py --json "$out/versus.json"
 want checkcost && run check_cost python3 benchmarks/check_cost.py --config 14b-720p --json "$out/check_cost.json"
 want fewstep && run quality_4step python3 benchmarks/quality.py --steps 4 --cfg 1 --json "$out/quality_4step.json" --picture "$out/quality_4step.png"
 want fewstep && run quality_8step python3 benchmarks/quality.py --steps 8 --cfg 1 --json "$out/quality_8step.json" --picture "$out/quality_8step.png"
+# Compensation of skipped keys (issue 17): its cost at the Wan 14B 720p shape, and the proxy's quality without and with
+# it at both sampling regimes (20 steps cfg 4; 4 steps cfg 1, as few-step distilled runs).
+want compensation && run compensation_cost python3 benchmarks/compensation_cost.py --json "$out/compensation_cost.json"
+want compensation && run quality_compensated python3 benchmarks/quality.py --compensate both --densities 0.40 0.25 0.12 \
+    --steps 20 --cfg 4 --json "$out/quality_compensated.json" --picture "$out/quality_compensated.png"
+want compensation && run quality_compensated_4step python3 benchmarks/quality.py --compensate both \
+    --densities 0.40 0.25 0.12 --steps 4 --cfg 1 --json "$out/quality_compensated_4step.json"
 exit $status

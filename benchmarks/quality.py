@@ -1,7 +1,7 @@
 """Quality of every sparse attention method on the trained proxy video model, against dense, same seeds (GPU).
 
-    python benchmarks/quality.py --comfyui PATH [--seeds 4] [--steps 20] [--densities 0.25 0.12] \
-        [--methods radial svg svg2 adaspa] [--json out.json] [--picture out.png]
+    python benchmarks/quality.py --comfyui PATH [--seeds 4] [--steps 20] [--cfg 4] [--densities 0.25 0.12] \
+        [--methods radial svg svg2 adaspa] [--compensate off|on|both] [--json out.json] [--picture out.png]
     python benchmarks/quality.py --comfyui PATH --steps 4 --cfg 1      # few-step runs, as distilled LoRAs sample
     python benchmarks/quality.py --comfyui PATH --methods svg --densities 0.25 --knob 0.2   # no calibration
 
@@ -16,6 +16,9 @@ and the sampling time. A picture shows frames of the dense video and of each met
 
 The proxy was trained for 20-step sampling and is not step-distilled: 4- or 8-step runs at cfg 1 show how a sparse
 step weighs when a run has few steps, not how a distilled LoRA (lightx2v) behaves. The output says so by the figures.
+
+``--compensate both`` runs every method and density twice, with the patch's compensate setting off and on (the
+skipped keys' pooled terms), at the knob calibrated without compensation: the two rows compare equal layouts.
 """
 
 from __future__ import annotations
@@ -113,11 +116,11 @@ def sample_seeds(proxy, model, seeds, args, after_each=None):
     return videos, statistics.median(seconds)
 
 
-def run_method(nodes, bridge, proxy, settings, seeds, args, probe_step=None):
+def run_method(nodes, bridge, proxy, settings, seeds, args, probe_step=None, compensate="off"):
     """(videos, mean sparse density, seconds per video, recall per layer) of one settings object."""
     patched = nodes.SparseAttentionPatch().patch(proxy.model, dense_steps=DENSE_STEPS, sparse_end=1.0,
                                                  dense_layers=DENSE_LAYERS, backend=args.backend, verbose=False,
-                                                 method=settings)[0]
+                                                 method=settings, compensate=compensate)[0]
     session = bridge.session_of(patched)
     probe = RecallProbe(session, probe_step) if probe_step is not None else None
     densities = []
@@ -176,6 +179,8 @@ def main(argv=None):
     parser.add_argument("--knob", type=float, default=None,
                         help="the density knob's value to run (no calibration): one method and one density only")
     parser.add_argument("--backend", default="auto", help="auto on a GPU; reference for a (slow) CPU smoke run")
+    parser.add_argument("--compensate", choices=("off", "on", "both"), default="off",
+                        help="the patch's compensate setting; both: every row without and with it")
     parser.add_argument("--json", default=None)
     parser.add_argument("--picture", default=None)
     args = parser.parse_args(argv)
@@ -197,28 +202,33 @@ def main(argv=None):
                    dense_layers=DENSE_LAYERS, dense_seconds=dense_time, date=time.strftime("%Y-%m-%d"),
                    step_distilled=False, note=NOT_DISTILLED)
     probe_step = args.steps // 2
+    modes = ("off", "on") if args.compensate == "both" else (args.compensate,)
+    summary["compensate"] = args.compensate
     results, rows = [], [("dense", dense_videos[0])]
     for name in args.methods:
         method = METHODS[name]
         for target in args.densities:
             knob = args.knob if args.knob is not None else \
                 calibrate(nodes, bridge, proxy, method, target, args, args.calibration)[0]
-            videos, density, seconds, recall = run_method(nodes, bridge, proxy, method.build(nodes, knob), seeds,
-                                                          args, probe_step=probe_step)
-            scores = [(metrics.psnr(v, d), metrics.ssim(v, d), metrics.relative_error(v, d))
-                      for v, d in zip(videos, dense_videos)]
-            results.append(dict(method=name, target_density=target, knob={method.knob: knob},
-                                calibrated=args.knob is None, density=density,
-                                psnr=statistics.mean(s[0] for s in scores), ssim=statistics.mean(s[1] for s in scores),
-                                rel_l2=statistics.mean(s[2] for s in scores), per_seed=scores,
-                                recall_per_layer=recall, recall=statistics.mean(recall) if recall else None,
-                                seconds=seconds, speedup=dense_time / seconds))
-            if target == args.densities[0]:
-                rows.append((f"{name}\ndensity {density:.3f}\nPSNR {results[-1]['psnr']:.1f}", videos[0]))
-            print(f"{name:8s} target {target:.2f} ({method.knob} {knob:.3g}): density {density:.3f}  "
-                  f"PSNR {results[-1]['psnr']:.2f}  SSIM {results[-1]['ssim']:.3f}", flush=True)
-            if args.json:  # after every row: a run cut short keeps what it measured
-                Path(args.json).write_text(json.dumps(dict(summary, results=results), indent=1))
+            for mode in modes:
+                videos, density, seconds, recall = run_method(nodes, bridge, proxy, method.build(nodes, knob), seeds,
+                                                              args, probe_step=probe_step, compensate=mode)
+                scores = [(metrics.psnr(v, d), metrics.ssim(v, d), metrics.relative_error(v, d))
+                          for v, d in zip(videos, dense_videos)]
+                results.append(dict(method=name, compensate=mode, target_density=target, knob={method.knob: knob},
+                                    calibrated=args.knob is None, density=density,
+                                    psnr=statistics.mean(s[0] for s in scores),
+                                    ssim=statistics.mean(s[1] for s in scores),
+                                    rel_l2=statistics.mean(s[2] for s in scores), per_seed=scores,
+                                    recall_per_layer=recall, recall=statistics.mean(recall) if recall else None,
+                                    seconds=seconds, speedup=dense_time / seconds))
+                if target == args.densities[0]:
+                    rows.append((f"{name} (compensate {mode})\ndensity {density:.3f}\n"
+                                 f"PSNR {results[-1]['psnr']:.1f}", videos[0]))
+                print(f"{name:8s} compensate {mode:3s} target {target:.2f} ({method.knob} {knob:.3g}): density "
+                      f"{density:.3f}  PSNR {results[-1]['psnr']:.2f}  SSIM {results[-1]['ssim']:.3f}", flush=True)
+                if args.json:  # after every row: a run cut short keeps what it measured
+                    Path(args.json).write_text(json.dumps(dict(summary, results=results), indent=1))
 
     summary["results"] = results
     if args.json:
@@ -229,11 +239,12 @@ def main(argv=None):
           f"of steps (at least one) and {DENSE_LAYERS} block; dense {dense_time:.2f} s/video on {summary['device']}"
           + ("" if args.knob is None else f"; knob given ({args.knob:g}), not calibrated"))
     print(f"note: {NOT_DISTILLED}")
-    print(f"{'method':8s} {'target':>6s} {'density':>7s} {'PSNR':>6s} {'SSIM':>6s} {'relL2':>6s} {'recall':>6s} "
-          f"{'s/video':>7s} {'speed':>6s}")
+    print(f"{'method':8s} {'comp':>4s} {'target':>6s} {'density':>7s} {'PSNR':>6s} {'SSIM':>6s} {'relL2':>6s} "
+          f"{'recall':>6s} {'s/video':>7s} {'speed':>6s}")
     for r in results:
         recall = f"{r['recall']:.3f}" if r["recall"] is not None else "-"
-        print(f"{r['method']:8s} {r['target_density']:6.2f} {r['density']:7.3f} {r['psnr']:6.2f} {r['ssim']:6.3f} "
+        print(f"{r['method']:8s} {r['compensate']:>4s} {r['target_density']:6.2f} {r['density']:7.3f} "
+              f"{r['psnr']:6.2f} {r['ssim']:6.3f} "
               f"{r['rel_l2']:6.3f} {recall:>6s} {r['seconds']:7.2f} {r['speedup']:5.2f}x")
 
 

@@ -40,6 +40,8 @@ What this planner does, and where it departs from the paper:
   * ``call.want_lse``: a first search with a dense pass reports its dense LSE (it attended every key); a later
     search and a sparse call the LSE their launches return over the kept keys; tokens are never reordered: all in
     the original order.
+  * ``call.compensate``: a sparse call adds the pooled terms of the key blocks each query block skips; the search
+    still ranks the exact masses against the exact LSE (a first search's dense pass skips nothing).
 
 The pattern and LSE cache: per layer, one entry per (grid, batch size, device, first head, heads), holding the
 layout of every (batch element, head) (int16 indices; searched on the batch's first conditioning chunk and shared
@@ -61,7 +63,7 @@ from ..kernels import (block_mass, block_sparse_attention, dense_attention_with_
 from .break_even import block_kernel
 from .grid import VideoGrid
 from .memory import head_parts, heads_per_chunk
-from .method import AttentionCall, share_over_conditionings
+from .method import AttentionCall, pooled_key_blocks, share_over_conditionings, split_lse
 from .routing import keep_sparse
 
 log = logging.getLogger("sparse_video_attention")
@@ -271,6 +273,8 @@ class _Entry:
 class AdaSpaPlanner:
     """Searches at the search steps (and wherever a call finds no pattern for its shape), sparse otherwise."""
 
+    compensates = True
+
     def __init__(self, settings: AdaSpaSettings):
         self.settings = settings
         # layer -> {(grid, batch, device, first head, heads): _Entry}; one shape (grid, batch, device) per layer
@@ -339,8 +343,9 @@ class AdaSpaPlanner:
         entries[key] = _Entry(pattern, keep, call.step)
         if cached is not None:
             return self._sparse(call, pattern), pattern.density
-        if call.want_lse:  # the dense pass attended every key: its LSE is the dense one
+        if call.want_lse:  # the dense pass attended every key: its LSE is the dense one, nothing to compensate
             call.lse = lse
+            call.lse_compensated = lse if call.compensate else None
         return out, 1.0
 
     def _search_heads(self, first, lse):
@@ -365,27 +370,30 @@ class AdaSpaPlanner:
         out = call.out if call.out is not None else torch.empty_like(q)
         route = call.route(block_kernel(self.block_size), pattern.head_density)
         rows = min(q.shape[2], pattern.video_blocks * self.block_size)
-        lses = []  # per launch, in token order (the planner never permutes tokens)
+        lses = []  # per launch (exact, compensated), in token order (the planner never permutes tokens)
         if route.whole:  # these heads all run dense (a few heads of a call split for memory)
-            lses.append(torch.full(q.shape[:3], -math.inf, device=q.device))
+            lses.append((torch.full(q.shape[:3], -math.inf, device=q.device), None))
         else:
+            pooled = pooled_key_blocks(call, self.block_size)  # once for both launches
             if rows:
                 self._launch(call, q[:, :, :rows], pattern.kv_indices.to(torch.int32),
-                             keep_sparse(pattern.kv_counts, route), out[:, :, :rows], lses)
-            if rows < q.shape[2]:  # text rows: every key block
+                             keep_sparse(pattern.kv_counts, route), out[:, :, :rows], lses, pooled)
+            if rows < q.shape[2]:  # text rows: every key block, nothing to compensate
                 layout = self._full_layout(q.shape[2] - rows, k.shape[2], self.block_size, q.device)
-                self._launch(call, q[:, :, rows:], *layout, out[:, :, rows:], lses)
+                self._launch(call, q[:, :, rows:], *layout, out[:, :, rows:], lses, None)
         call.fill_dense(route, out)
         if call.want_lse:
-            call.lse = torch.cat(lses, dim=-1)
+            call.lse = torch.cat([exact for exact, _ in lses], dim=-1)
+            call.lse_compensated = torch.cat([exact if comp is None else comp for exact, comp in lses], dim=-1) \
+                if call.compensate else None
         return out
 
-    def _launch(self, call, q, kv_indices, kv_counts, out, lses):
+    def _launch(self, call, q, kv_indices, kv_counts, out, lses, pooled):
         result = block_sparse_attention(q, call.k, call.v, kv_indices, kv_counts, block_size=self.block_size,
                                         kv_length=call.kv_length, out=out, backend=call.backend,
-                                        check_layout=False, return_lse=call.want_lse)
+                                        check_layout=False, return_lse=call.want_lse, pooled=pooled)
         if call.want_lse:
-            lses.append(result[1])
+            lses.append(split_lse(result, pooled)[1:])
 
     def _full_layout(self, rows, keys, block_size, device):
         """The layout of ``rows`` query rows attending to all ``keys`` (text rows, a first search's dense pass)."""

@@ -38,5 +38,5 @@ def head_parts(heads: int, step: int) -> list[slice]:
 def heads_of(call, part: slice, out: torch.Tensor | None):
     """The AttentionCall of heads ``part`` of ``call``, writing into ``out[:, part]`` (per-head state keys on the
     true head: head_offset)."""
-    return replace(call, q=call.q[:, part], k=call.k[:, part], v=call.v[:, part], lse=None,
+    return replace(call, q=call.q[:, part], k=call.k[:, part], v=call.v[:, part], lse=None, lse_compensated=None,
                    out=None if out is None else out[:, part], head_offset=call.head_offset + part.start)

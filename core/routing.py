@@ -104,10 +104,12 @@ def keep_sparse(counts: torch.Tensor, route: Route) -> torch.Tensor:
 
 def dense_lse_of_routed(call, routes) -> None:
     """Where ``call.lse`` is wanted (the check, quality measurements), the rows of heads routed dense get the dense
-    LSE: they attended every key (the planner left them at -inf)."""
+    LSE: they attended every key (the planner left them at -inf), and so its compensated LSE, when kept."""
     heads = sorted({h - call.head_offset for route in routes for h in route.dense_heads})
     if heads:
         index = torch.tensor(heads, device=call.q.device)
         _, lse = dense_attention_with_lse(*(t.index_select(1, index) for t in (call.q, call.k, call.v)),
                                           kv_length=call.kv_length, backend=call.backend)
         call.lse[:, index] = lse
+        if call.lse_compensated is not None:
+            call.lse_compensated[:, index] = lse

@@ -209,14 +209,19 @@ class SparseAttentionSession:
     shared and booked under a lock.
     """
 
-    def __init__(self, method, schedule: SparseSchedule, backend: str = "auto", verbose: bool = False):
+    def __init__(self, method, schedule: SparseSchedule, backend: str = "auto", verbose: bool = False,
+                 compensate: bool = False):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.method = method
         self.schedule = schedule
         self.backend = backend
         self.verbose = verbose
+        self.compensate = bool(compensate)  # every sparse call adds the pooled terms of the keys it skips
         self.planner = make_planner(method)  # the first device's (what the Inspector draws)
+        if self.compensate and not getattr(self.planner, "compensates", False):
+            raise ValueError(f"compensate 'on' does not apply to the method {type(method).__name__}: its planner "
+                             "cannot add the skipped keys' pooled terms; set compensate to 'off'")
         self._planners: dict = {}  # device -> planner
         self._lock = threading.Lock()
         self.stats = RunStats()
@@ -385,7 +390,8 @@ class SparseAttentionSession:
         chunks = ctx.conditionings if q.shape[0] % ctx.conditionings == 0 else 1
         return AttentionCall(grid=ctx.grid_for(q.shape[2]), layer=layer, step=ctx.step, total_steps=ctx.total_steps,
                              q=q, k=k, v=v, kv_length=kv_length, out=out, backend=self.backend,
-                             head_offset=ctx.head_offset + head_offset, conditionings=chunks)
+                             head_offset=ctx.head_offset + head_offset, conditionings=chunks,
+                             compensate=self.compensate)
 
     def record_sparse(self, ctx: ForwardContext, layer: int, grid: VideoGrid, density: float, routes=()) -> None:
         """Book a sparse call: its density, its grid so the Inspector can rebuild the layer's layout, and what

@@ -11,6 +11,9 @@ Running a call: spatial heads run in place on the block-sparse kernel, one launc
 get empty key lists there). Temporal heads are gathered, a few at a time, into token-major order (the layout
 transform: their key blocks become a contiguous band), run with the temporal layout, and scattered back into the
 output in the original order (kernels.row_gather). Text tokens keep their place in both orders.
+
+With ``call.compensate`` each launch adds the pooled terms of the key blocks its layout skips, blocks in the order
+that launch runs in (frame-major for spatial heads, token-major for temporal ones: the layout transform's blocks).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from ..kernels import (block_mask_to_indices, block_sparse_attention, candidate_
 from .break_even import block_kernel
 from .grid import VideoGrid
 from .memory import head_bytes, heads_per_chunk
-from .method import AttentionCall
+from .method import AttentionCall, pooled_key_blocks, split_lse
 from .routing import keep_sparse
 from .svg_layout import (sampled_rows, svg_block_masks, temporal_mask_in_original_order, token_major_order,
                          token_major_position)
@@ -140,6 +143,8 @@ def build_plan(grid: VideoGrid, settings: SVGSettings, device: torch.device) -> 
 class SVGPlanner:
     """Per-head spatial / temporal layouts on the block-sparse kernel, classes profiled online."""
 
+    compensates = True
+
     def __init__(self, settings: SVGSettings):
         self.settings = settings
         self._plans: dict = {}    # (grid, device) -> SVGPlan; layouts depend on the grid only, they survive runs
@@ -170,26 +175,32 @@ class SVGPlanner:
         out = call.out if call.out is not None else torch.empty_like(q)
         temporal_heads = _without(classes.temporal_heads, route.dense)
         spatial = [h for h, temporal in enumerate(classes.temporal) if not temporal and h not in route.dense]
-        lse = None
-        if spatial:  # every spatial head in one launch, in place (the other heads' LSE rows: -inf here)
+        # (exact LSE, compensated LSE) rows, (B, H, L) in the original order, when asked for (the second one only
+        # with compensation); temporal heads' rows are written by their own launches, dense heads' stay -inf.
+        lses = (None, None)
+        if spatial:  # every spatial head in one launch, in place
+            # (temporal heads have empty lists here: with compensation they get every block's pooled term, a few
+            # tiles per query block, which their own launch then overwrites)
+            pooled = pooled_key_blocks(call, self.block_size)
             result = block_sparse_attention(q, call.k, call.v, plan.spatial_indices.expand(1, q.shape[1], -1, -1),
                                             keep_sparse(classes.spatial_counts, route), block_size=self.block_size,
                                             kv_length=call.kv_length, out=out, backend=call.backend,
-                                            check_layout=False, return_lse=call.want_lse)
+                                            check_layout=False, return_lse=call.want_lse, pooled=pooled)
             if call.want_lse:
-                lse = result[1]
+                lses = split_lse(result, pooled)[1:]
         elif call.want_lse:
-            lse = torch.full(q.shape[:3], -math.inf, device=q.device, dtype=torch.float32)
+            lses = tuple(torch.full(q.shape[:3], -math.inf, device=q.device, dtype=torch.float32) if wanted
+                         else None for wanted in (True, call.compensate))
         if temporal_heads.numel():
-            self._attend_temporal(call, plan, temporal_heads, out, lse)
+            self._attend_temporal(call, plan, temporal_heads, out, lses)
         call.fill_dense(route, out)
         if call.want_lse:
-            call.lse = lse
+            call.lse, call.lse_compensated = lses
         return out, sum(tiles) / (len(tiles) * nb * nb)
 
-    def _attend_temporal(self, call: AttentionCall, plan: SVGPlan, temporal_heads: torch.Tensor, out, lse) -> None:
+    def _attend_temporal(self, call: AttentionCall, plan: SVGPlan, temporal_heads: torch.Tensor, out, lses) -> None:
         """Temporal heads in token-major order, a few at a time, scattered back into ``out`` (and their LSE rows
-        into ``lse``, (B, H, L) float32 in the original order, when it is given)."""
+        into ``lses``, (exact, compensated) (B, H, L) float32 in the original order, each when it is given)."""
         B, _, L, D = call.q.shape
         step = heads_per_chunk(call.q, TEMPORAL_COPIES * head_bytes(call.q))
         size = min(step, temporal_heads.numel())
@@ -199,12 +210,16 @@ class SVGPlanner:
             qt, kt, vt, ot = (buf[:, :heads.numel()] for buf in buffers)
             for src, dst in ((call.q, qt), (call.k, kt), (call.v, vt)):
                 gather_head_rows(src, heads, plan.order, out=dst, backend=call.backend)
+            pooled = pooled_key_blocks(call, self.block_size, kt, vt)  # the token-major order's blocks
             result = block_sparse_attention(qt, kt, vt, plan.temporal_indices, plan.temporal_counts,
                                             block_size=self.block_size, kv_length=call.kv_length, out=ot,
-                                            backend=call.backend, check_layout=False, return_lse=lse is not None)
+                                            backend=call.backend, check_layout=False, return_lse=call.want_lse,
+                                            pooled=pooled)
             scatter_head_rows(ot, heads, plan.order, out, backend=call.backend)
-            if lse is not None:  # row t of the token-major order is original token order[t]
-                lse[:, heads.long()[:, None], plan.order.long()[None, :]] = result[1]
+            if call.want_lse:  # row t of the token-major order is original token order[t]
+                for lse, rows in zip(lses, split_lse(result, pooled)[1:]):
+                    if lse is not None:
+                        lse[:, heads.long()[:, None], plan.order.long()[None, :]] = rows
 
     def head_classes(self, call: AttentionCall, plan: SVGPlan) -> HeadClasses:
         """The cached classes of the call's heads, profiled anew when missing or ``reprofile_every`` steps old."""

@@ -16,6 +16,9 @@ break-even run on the dense attention (core.routing).
 HunyuanVideo's text tokens (after the video) are not clustered; as in the reference they stay dense: the text
 queries are one more query cluster that keeps every key cluster, the text keys one more key cluster that every
 query cluster keeps, and the text padding lies past the last key offset, so it is never attended.
+
+With ``call.compensate`` every non-empty key cluster a query cluster skips enters its rows' softmax through the
+cluster's pooled statistics (mean key, mean value, size: kernels.pool_key_clusters of the permuted keys).
 """
 
 from __future__ import annotations
@@ -26,12 +29,12 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import (ClusterSelection, batched_kmeans, cluster_block_attention, cluster_pair_count, permute_qkv,
-                       select_key_clusters, unpermute_rows)
+                       pool_key_clusters, select_key_clusters, unpermute_rows)
 from .break_even import CLUSTER
 from .cluster_view import cluster_tile_mask, pack_bits, unpack_bits
 from .grid import VideoGrid
 from .memory import head_bytes, head_parts, heads_of, heads_per_chunk
-from .method import AttentionCall, share_over_conditionings
+from .method import AttentionCall, share_over_conditionings, split_lse
 from .routing import keep_sparse
 
 INSPECT_BLOCK = 128  # tile size of the Inspector's drawing
@@ -117,6 +120,7 @@ class SVG2Planner:
     """Per patched model: the centroid cache across the steps of a run, and the Inspector's tile masks."""
 
     block_size = INSPECT_BLOCK
+    compensates = True
 
     def __init__(self, settings: SVG2Settings):
         self.settings = settings
@@ -138,14 +142,17 @@ class SVG2Planner:
             raise ValueError("SVG2 takes key padding only after the video tokens (HunyuanVideo's text)")
         out = call.out if call.out is not None else torch.empty_like(call.q)
         pairs = dense = 0.0
-        lses = []
+        lses, compensated = [], []
         for part in head_parts(H, heads_per_chunk(call.q, self.transient_head_bytes(call.q))):
             heads = heads_of(call, part, out)
             kept, total = self._attend_heads(heads)
             pairs, dense = pairs + kept, dense + total
             lses.append(heads.lse)
+            # a part routed dense whole has no compensated LSE: its exact one (-inf rows) stands in
+            compensated.append(heads.lse if heads.lse_compensated is None else heads.lse_compensated)
         if call.want_lse:
             call.lse = torch.cat(lses, dim=1)
+            call.lse_compensated = torch.cat(compensated, dim=1) if call.compensate else None
         return out, pairs / dense
 
     def transient_head_bytes(self, q: torch.Tensor) -> int:
@@ -177,14 +184,18 @@ class SVG2Planner:
         route = call.route(CLUSTER, (pairs / dense).mean(0).tolist())  # one device sync, before the launch
         if route.whole:  # these heads all run dense (a few heads of a call split for memory)
             call.lse = torch.full(q.shape[:3], -math.inf, device=q.device) if call.want_lse else None
+            call.lse_compensated = None
         else:
             qp, kp, vp = permute_qkv(q, k, v, q_order, k_order, backend=call.backend)
+            pooled = pool_key_clusters(kp, vp, layout[1], backend=call.backend) if call.compensate else None
             out_perm = cluster_block_attention(qp, kp, vp, *layout[:3], keep_sparse(layout[3], route),
-                                               backend=call.backend, check_layout=False, return_lse=call.want_lse)
+                                               backend=call.backend, check_layout=False, return_lse=call.want_lse,
+                                               pooled=pooled)
             del qp, kp, vp
             if call.want_lse:
-                out_perm, lse_perm = out_perm
+                out_perm, lse_perm, lse_c_perm = split_lse(out_perm, pooled)
                 call.lse = _unpermute_lse(lse_perm, q_order)
+                call.lse_compensated = None if lse_c_perm is None else _unpermute_lse(lse_c_perm, q_order)
             unpermute_rows(out_perm, q_order, out=call.out, backend=call.backend)
         call.fill_dense(route, call.out)
         return float(pairs.sum()), float(dense.sum())

@@ -12,6 +12,8 @@ from .layout import block_mask_to_indices, indices_to_block_mask, layout_density
 from .mask_errors import candidate_mask_errors, candidate_mask_outputs, reference_candidate_mask_outputs
 from .mass_reference import full_layout, reference_block_mass
 from .permute import permute_qkv, unpermute_rows
+from .pooled_keys import (PooledKeys, pool_key_blocks, pool_key_clusters, reference_pool_key_blocks,
+                          reference_pool_key_clusters)
 from .reference import reference_block_sparse_attention
 from .row_gather import gather_head_rows, scatter_head_rows
 
@@ -19,6 +21,8 @@ __all__ = [
     "BACKENDS", "MAX_TRITON_HEAD_DIM", "SUPPORTED_BLOCK_SIZES", "block_sparse_attention", "resolve_backend", "triton_available",
     "block_mask_to_indices", "indices_to_block_mask", "layout_density", "num_blocks", "validate_layout",
     "reference_block_sparse_attention",
+    # compensation of skipped keys
+    "PooledKeys", "pool_key_blocks", "pool_key_clusters", "reference_pool_key_blocks", "reference_pool_key_clusters",
     # SVG2
     "cluster_block_attention", "cluster_pair_count", "reference_cluster_block_attention",
     "ClusterSelection", "cluster_scores", "select_key_clusters",

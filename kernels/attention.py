@@ -9,6 +9,7 @@ import os
 import torch
 
 from .layout import num_blocks, validate_layout
+from .pooled_keys import PooledKeys
 from .reference import reference_block_sparse_attention
 
 BACKENDS = ("auto", "triton", "reference")
@@ -50,7 +51,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
 
 
 def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, scale=None, kv_length=None,
-                           return_lse=False, out=None, backend="auto", check_layout=True):
+                           return_lse=False, out=None, backend="auto", check_layout=True, pooled=None):
     """Attention of q over k/v restricted to key blocks listed per (batch, head, query block).
 
     Args:
@@ -68,8 +69,13 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, sc
         backend: 'auto' (Triton on CUDA, reference elsewhere), 'triton' or 'reference'.
         check_layout: verify that counts and indices are in range (reads them back: a device sync). Planners
             that validated a cached layout once pass False.
+        pooled: optional PooledKeys of k, v's key blocks (kernels.pool_key_blocks, same block_size and kv_length):
+            compensation of skipped keys. Every key block a row's list does not hold adds its pooled term (size x
+            exp(q.k_mean * scale), value v_mean) to that row's softmax. With return_lse the result is then
+            (out, lse, compensated lse): ``lse`` stays the LSE over the keys computed exactly.
 
-    Rows whose list is empty (or whose keys are all masked) give 0 and an LSE of -inf, never NaN.
+    Rows whose list is empty (or whose keys are all masked) give 0 and an LSE of -inf, never NaN (with ``pooled``:
+    the pooled terms alone, and 0 / -inf when every block is empty).
     """
     B, H, LQ, D, LK = validate_qkv(q, k, v, out)
     check_block_size(block_size)
@@ -79,20 +85,49 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, sc
     for name, t in (("kv_indices", kv_indices), ("kv_counts", kv_counts)):
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}; move the layout to the queries' device")
+    check_pooled(pooled, B, H, num_blocks(LK, block_size), D, q.device, "key blocks")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     kind = resolve_backend(backend, q.device, q.dtype)
     if kind == "reference":
         return reference_block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size=block_size, scale=scale,
-                                                kv_length=kv_length, return_lse=return_lse, out=out)
+                                                kv_length=kv_length, return_lse=return_lse, out=out, pooled=pooled)
     check_triton_head_dim(D)
     from .block_sparse_triton import triton_block_sparse_attention
 
     def launch(q, k, v, out):
         return triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size=block_size, scale=scale,
-                                             kv_length=kv_length, return_lse=return_lse, out=out)
+                                             kv_length=kv_length, return_lse=return_lse, out=out,
+                                             pooled=pad_pooled(pooled, q.shape[-1]))
 
     with shared_memory_guard("use block_size 64 or backend 'reference'"):
         return run_padded_head_dim(launch, q, k, v, out, return_lse)
+
+
+def check_pooled(pooled, batch: int, heads: int, groups: int, head_dim: int, device, what: str) -> None:
+    """Raise ValueError when ``pooled`` (None: no compensation) does not describe these keys' ``groups`` groups."""
+    if pooled is None:
+        return
+    if not isinstance(pooled, PooledKeys):
+        raise ValueError(f"pooled must be a PooledKeys (kernels.pool_key_blocks / pool_key_clusters), got "
+                         f"{type(pooled).__name__}")
+    lead_ok = lambda t: t.shape[0] in (1, batch) and t.shape[1] in (1, heads)  # noqa: E731
+    if not (pooled.keys.ndim == pooled.values.ndim == 4 and pooled.log_size.ndim == 3
+            and pooled.keys.shape[2:] == pooled.values.shape[2:] == (groups, head_dim)
+            and pooled.log_size.shape[2] == groups and all(map(lead_ok, (pooled.keys, pooled.values, pooled.log_size)))):
+        raise ValueError(f"pooled must hold {groups} {what} of head_dim {head_dim} for ({batch}, {heads}) batch and "
+                         f"heads; got keys {tuple(pooled.keys.shape)}, values {tuple(pooled.values.shape)}, log_size "
+                         f"{tuple(pooled.log_size.shape)}: pool the same k, v (and block size / clusters) the call uses")
+    if any(t.device != device for t in (pooled.keys, pooled.values, pooled.log_size)):
+        raise ValueError(f"pooled is on {pooled.keys.device} but q is on {device}; pool the call's own k and v")
+
+
+def pad_pooled(pooled, head_dim: int):
+    """``pooled`` with its keys and values zero-padded to ``head_dim`` (what run_padded_head_dim gives the kernel)."""
+    if pooled is None or pooled.keys.shape[-1] == head_dim:
+        return pooled
+    pad = (0, head_dim - pooled.keys.shape[-1])
+    return PooledKeys(torch.nn.functional.pad(pooled.keys, pad), torch.nn.functional.pad(pooled.values, pad),
+                      pooled.log_size)
 
 
 def check_triton_head_dim(D: int) -> None:
@@ -128,12 +163,12 @@ def run_padded_head_dim(launch, q, k, v, out, return_lse):
         return launch(q, k, v, out)
     pad = (0, padded - D)
     result = launch(*(torch.nn.functional.pad(t, pad) for t in (q, k, v)), None)
-    o, lse = result if return_lse else (result, None)
+    o, *lses = result if return_lse else (result,)  # the LSE, or the exact and the compensated LSE
     if out is None:
         out = o[..., :D].contiguous()
     else:
         out.copy_(o[..., :D])
-    return (out, lse) if return_lse else out
+    return (out, *lses) if return_lse else out
 
 
 def check_block_size(block_size) -> None:

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
+_LOG2E_C = tl.constexpr(_LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)  # globals read inside @triton.jit must be constexpr
 # A finite "minus infinity" for the running max: a tile whose keys are all masked then gives exp2(-inf) = 0
 # instead of exp2(-inf - -inf) = NaN.
@@ -52,6 +53,64 @@ def _softmax_update(s, v, qk_scale, m_i, l_i, acc):
     l_i = l_i * alpha + p_sum
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return m_new, l_i, acc, p_sum
+
+
+@triton.jit
+def _softmax_update_scaled(t, v, m_i, l_i, acc):
+    """_softmax_update for scores already in scaled log2 units (t = s * qk_scale + a log2 weight; -inf: none)."""
+    m_new = tl.maximum(m_i, tl.max(t, 1))
+    p = tl.math.exp2(t - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _compensate_skipped(q, KM, VM, LOGN, bh, G, list_base, count, qk_scale, m_i, l_i, acc,
+                        HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, LIST_CHUNK: tl.constexpr,
+                        UPCAST_DOT: tl.constexpr):
+    """Fold every pooled key group (kernels/pooled_keys.py) that is not among the ``count`` group ids at
+    ``list_base`` into the online softmax: one virtual key per group, score q.k_mean * scale + ln(size), value
+    v_mean, BLOCK_P groups per tile. KM, VM: (B * H, G, HEAD_DIM) contiguous; LOGN: (B * H, G) float32."""
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_c = tl.arange(0, LIST_CHUNK)
+    base = bh.to(tl.int64) * G
+    for p0 in range(0, G, BLOCK_P):
+        groups = p0 + offs_p
+        in_range = groups < G
+        kept = tl.zeros([BLOCK_P], dtype=tl.int32)
+        for c0 in range(0, count, LIST_CHUNK):
+            ids = tl.load(list_base + c0 + offs_c, mask=c0 + offs_c < count, other=-1)
+            kept += tl.sum((ids[None, :] == groups[:, None]).to(tl.int32), 1)
+        log_size = tl.load(LOGN + base + groups, mask=in_range, other=float("-inf"))
+        km = tl.load(KM + (base + groups)[None, :] * HEAD_DIM + offs_d[:, None], mask=in_range[None, :], other=0.0)
+        vm = tl.load(VM + (base + groups)[:, None] * HEAD_DIM + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        if UPCAST_DOT:
+            km = km.to(tl.float32)
+            vm = vm.to(tl.float32)
+        t = tl.dot(q, km) * qk_scale + (log_size * _LOG2E_C)[None, :]
+        t = tl.where((kept == 0)[None, :], t, float("-inf"))
+        m_i, l_i, acc = _softmax_update_scaled(t, vm, m_i, l_i, acc)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _finish_rows(q, KM, VM, LOGN, LSE_C, bh, G, list_base, count, qk_scale, m_i, l_i, acc, lse_rows, lse_mask,
+                 HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, LIST_CHUNK: tl.constexpr,
+                 UPCAST_DOT: tl.constexpr, COMPENSATE: tl.constexpr, RETURN_LSE: tl.constexpr):
+    """(output, exact LSE) of the rows; with COMPENSATE the output also holds the skipped groups' pooled terms,
+    and with RETURN_LSE their LSE with those terms is stored at LSE_C + lse_rows. The exact LSE stays the LSE
+    over the keys computed exactly."""
+    out, lse = _row_results(acc, m_i, l_i)
+    if COMPENSATE:
+        m_i, l_i, acc = _compensate_skipped(q, KM, VM, LOGN, bh, G, list_base, count, qk_scale, m_i, l_i, acc,
+                                            HEAD_DIM, BLOCK_P, LIST_CHUNK, UPCAST_DOT)
+        out, lse_c = _row_results(acc, m_i, l_i)
+        if RETURN_LSE:
+            tl.store(LSE_C + lse_rows, lse_c, mask=lse_mask)
+    return out, lse
 
 
 @triton.jit
@@ -128,7 +187,7 @@ def _program_layout(KV_IDX, KV_CNT, KV_LEN, stride_ib, stride_ih, stride_iq, str
 
 @triton.jit
 def _block_sparse_fwd(
-    Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_LEN,
+    Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_LEN, KM, VM, LOGN, LSE_C,
     qk_scale,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
@@ -136,10 +195,10 @@ def _block_sparse_fwd(
     stride_ob, stride_oh, stride_ol,
     stride_ib, stride_ih, stride_iq,
     stride_cb, stride_ch,
-    H, LQ, LK,
+    H, LQ, LK, G,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_KV_LEN: tl.constexpr, MASK_KEYS: tl.constexpr, EVEN_Q: tl.constexpr, RETURN_LSE: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, COMPENSATE: tl.constexpr, BLOCK_P: tl.constexpr, LIST_CHUNK: tl.constexpr,
 ):
     """Portable variant (any GPU Triton supports): pointer loads, boundary masks where lengths are ragged."""
     b, h, qb, idx_base, count, key_limit = _program_layout(
@@ -165,7 +224,9 @@ def _block_sparse_fwd(
         m_i, l_i, acc, _ = _softmax_step(q, k, v, start, offs_n, key_limit, qk_scale, m_i, l_i, acc, BLOCK_N,
                                          MASK_KEYS)
 
-    out, lse = _row_results(acc, m_i, l_i)
+    out, lse = _finish_rows(q, KM, VM, LOGN, LSE_C, b * H + h, G, idx_base, count, qk_scale, m_i, l_i, acc,
+                            (b * H + h) * LQ + offs_m, offs_m < LQ, HEAD_DIM, BLOCK_P, LIST_CHUNK, UPCAST_DOT,
+                            COMPENSATE, RETURN_LSE)
     _store_rows(O + b * stride_ob + h * stride_oh, out, offs_m, offs_d, stride_ol, LQ, EVEN_Q)
     if RETURN_LSE:
         lse_ptrs = LSE + (b * H + h) * LQ + offs_m
@@ -177,13 +238,14 @@ def _block_sparse_fwd(
 
 @triton.jit
 def _block_sparse_fwd_tma(
-    q_desc, k_desc, v_desc, o_desc, LSE, KV_IDX, KV_CNT, KV_LEN,
+    q_desc, k_desc, v_desc, o_desc, LSE, KV_IDX, KV_CNT, KV_LEN, KM, VM, LOGN, LSE_C,
     qk_scale,
     stride_ib, stride_ih, stride_iq,
     stride_cb, stride_ch,
-    H, LQ, LK,
+    H, LQ, LK, G,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_KV_LEN: tl.constexpr, MASK_KEYS: tl.constexpr, RETURN_LSE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    COMPENSATE: tl.constexpr, BLOCK_P: tl.constexpr, LIST_CHUNK: tl.constexpr,
 ):
     """Hopper+ variant: 4D tensor descriptors (B, H, L, D) feed tiles through the TMA copy engine, which
     zero-fills rows past the end on loads and clips them on stores, so no boundary masks on the loads."""
@@ -209,10 +271,12 @@ def _block_sparse_fwd_tma(
         m_i, l_i, acc, _ = _softmax_step(q, tl.trans(k), v, start, offs_n, key_limit, qk_scale, m_i, l_i, acc,
                                          BLOCK_N, MASK_KEYS)
 
-    out, lse = _row_results(acc, m_i, l_i)
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    out, lse = _finish_rows(q, KM, VM, LOGN, LSE_C, b * H + h, G, idx_base, count, qk_scale, m_i, l_i, acc,
+                            (b * H + h) * LQ + offs_m, offs_m < LQ, HEAD_DIM, BLOCK_P, LIST_CHUNK, UPCAST_DOT,
+                            COMPENSATE, RETURN_LSE)
     o_desc.store([b, h, qb * BLOCK_M, 0], out.to(o_desc.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
     if RETURN_LSE:
-        offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
         tl.store(LSE + (b * H + h) * LQ + offs_m, lse, mask=offs_m < LQ)
 
 
@@ -242,10 +306,12 @@ def _tma_compatible(*tensors) -> bool:
 
 
 def triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size, scale, kv_length=None,
-                                  return_lse=False, out=None, config=None):
+                                  return_lse=False, out=None, config=None, pooled=None):
     """Launch the kernel. Inputs are assumed validated; head_dim must be a power of two in [16, 128].
 
     ``config``: BLOCK_N, num_warps, num_stages and tma (use the TMA variant), default per GPU.
+    ``pooled``: PooledKeys of the key blocks (head dim as q's): each row also gets the pooled term of every block
+    its list skips; with return_lse the result is then (out, exact LSE, compensated LSE).
     """
     B, H, LQ, D = q.shape
     LK = k.shape[2]
@@ -253,6 +319,7 @@ def triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size,
     if out is None:
         out = torch.empty(B, H, LQ, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, LQ, device=q.device, dtype=torch.float32) if return_lse else out  # dummy when unused
+    compensation = _compensation_args(pooled, q, return_lse, lse)
     kv_indices = kv_indices.to(torch.int32)
     kv_counts = kv_counts.to(torch.int32)
     if kv_indices.stride(-1) != 1:
@@ -276,19 +343,42 @@ def triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size,
     common = dict(HEAD_DIM=D, BLOCK_M=block_size, KV_BLOCK=block_size, HAS_KV_LEN=has_len,
                   MASK_KEYS=has_len or LK % block_size != 0, RETURN_LSE=return_lse,
                   # Triton's CPU interpreter computes bfloat16 tl.dot wrongly (3.6 and 3.8): float32 tiles there.
-                  UPCAST_DOT=q.device.type == "cpu", **cfg)
+                  UPCAST_DOT=q.device.type == "cpu", **compensation["constants"], **cfg)
+    pooled_args = compensation["tensors"]
     if descriptor is not None:
         q_desc, o_desc = (descriptor.from_tensor(t, [1, 1, block_size, D]) for t in (q, out))
         k_desc, v_desc = (descriptor.from_tensor(t, [1, 1, cfg["BLOCK_N"], D]) for t in (k, v))
         _block_sparse_fwd_tma[(nqb, B * H)](
-            q_desc, k_desc, v_desc, o_desc, lse, kv_indices, kv_counts, kv_len, scale * _LOG2E,
-            *layout_strides, H, LQ, LK, **common)
+            q_desc, k_desc, v_desc, o_desc, lse, kv_indices, kv_counts, kv_len, *pooled_args, scale * _LOG2E,
+            *layout_strides, H, LQ, LK, compensation["groups"], **common)
     else:
         _block_sparse_fwd[(nqb, B * H)](
-            q, k, v, out, lse, kv_indices, kv_counts, kv_len, scale * _LOG2E,
+            q, k, v, out, lse, kv_indices, kv_counts, kv_len, *pooled_args, scale * _LOG2E,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
-            *layout_strides, H, LQ, LK, EVEN_Q=LQ % block_size == 0, **common)
-    return (out, lse) if return_lse else out
+            *layout_strides, H, LQ, LK, compensation["groups"], EVEN_Q=LQ % block_size == 0, **common)
+    if not return_lse:
+        return out
+    return (out, lse, compensation["lse"]) if pooled is not None else (out, lse)
+
+
+def _compensation_args(pooled, q, return_lse, lse) -> dict:
+    """Kernel arguments of the compensation: pooled tensors (B * H, G, D) contiguous in q's dtype (what tl.dot
+    multiplies), their LSE buffer, the tile constants. Without ``pooled`` the pointers are dummies the kernel never
+    reads."""
+    B, H, _, _ = q.shape
+    dtype, device = q.dtype, q.device
+    if pooled is None:
+        return dict(tensors=(lse, lse, lse, lse), groups=0, lse=None,
+                    constants=dict(COMPENSATE=False, BLOCK_P=16, LIST_CHUNK=16))
+    keys, values = (t.expand(B, H, -1, -1).to(dtype).contiguous() for t in (pooled.keys, pooled.values))
+    log_size = pooled.log_size.float().expand(B, H, -1).contiguous()
+    lse_c = torch.empty_like(lse) if return_lse else log_size  # dummy when unused
+    # 64 groups per tile on a GPU (one tensor-core tile against the query block); 16, the least tl.dot takes, on the
+    # CPU interpreter. The kept-list compare walks the row's list LIST_CHUNK entries at a time.
+    constants = dict(COMPENSATE=True, BLOCK_P=64 if device.type == "cuda" else 16,
+                     LIST_CHUNK=32 if device.type == "cuda" else 16)
+    return dict(tensors=(keys, values, log_size, lse_c), groups=log_size.shape[-1], lse=lse_c if return_lse else None,
+                constants=constants)

@@ -11,15 +11,15 @@ import math
 
 import torch
 
-from .attention import (check_triton_head_dim, resolve_backend, run_padded_head_dim, shared_memory_guard,
-                        validate_qkv)
+from .attention import (check_pooled, check_triton_head_dim, pad_pooled, resolve_backend, run_padded_head_dim,
+                        shared_memory_guard, validate_qkv)
 from .cluster_reference import reference_cluster_block_attention, reference_cluster_pair_count
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def cluster_block_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_cluster_counts, *, scale=None,
-                            out=None, backend="auto", return_lse=False, check_layout=True):
+                            out=None, backend="auto", return_lse=False, check_layout=True, pooled=None):
     """Attention where each query cluster attends only to its kept key clusters; tokens already in cluster order.
 
     Args:
@@ -38,24 +38,30 @@ def cluster_block_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_clust
         return_lse: also return the natural-log log-sum-exp of each query row, (B, H, LQ) float32.
         check_layout: verify the offsets, counts and ids (reads them back: device syncs). Planners that built
             the clusters themselves may pass False.
+        pooled: optional PooledKeys of the key clusters (kernels.pool_key_clusters of the same k, v, k_offsets):
+            compensation of skipped keys. Every non-empty key cluster a query cluster does not keep adds its pooled
+            term (size x exp(q.k_mean * scale), value v_mean) to each of its rows' softmax.
 
-    Rows whose query cluster keeps no key (or only empty clusters) give 0 and an LSE of -inf, never NaN.
-    Returns out (B, H, LQ, D) [, lse (B, H, LQ)].
+    Rows whose query cluster keeps no key (or only empty clusters) give 0 and an LSE of -inf, never NaN (with
+    ``pooled``: the pooled terms alone, 0 and -inf when there are none).
+    Returns out (B, H, LQ, D) [, lse (B, H, LQ) over the keys computed exactly [, the compensated lse with
+    ``pooled``]].
     """
     B, H, LQ, D, LK = validate_qkv(q, k, v, out)
     validate_clusters(q_offsets, k_offsets, kv_clusters, kv_cluster_counts, batch=B, heads=H, device=q.device,
                       q_length=LQ, k_length=LK, check_values=check_layout)
+    check_pooled(pooled, B, H, k_offsets.shape[-1] - 1, D, q.device, "key clusters")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     kind = resolve_backend(backend, q.device, q.dtype)
     if kind == "reference":
         return reference_cluster_block_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_cluster_counts,
-                                                 scale=scale, out=out, return_lse=return_lse)
+                                                 scale=scale, out=out, return_lse=return_lse, pooled=pooled)
     check_triton_head_dim(D)
     from .cluster_triton import triton_cluster_attention
 
     def launch(q, k, v, out):
         return triton_cluster_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_cluster_counts, scale=scale,
-                                        out=out, return_lse=return_lse)
+                                        out=out, return_lse=return_lse, pooled=pad_pooled(pooled, q.shape[-1]))
 
     with shared_memory_guard("use backend 'reference'"):
         return run_padded_head_dim(launch, q, k, v, out, return_lse)

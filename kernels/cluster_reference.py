@@ -3,7 +3,8 @@
 Each query row looks up its query cluster, each key its key cluster (keys past ``k_offsets[..., -1]`` belong to
 none), and a (query cluster, key cluster) keep table decides which scores survive. Attention is then dense and
 masked, in float32, a chunk of query rows at a time, so memory stays O(chunk x LK) whatever the cluster sizes.
-This costs the dense work; it is the path for CPUs, float32 and checking, not for speed.
+This costs the dense work; it is the path for CPUs, float32 and checking, not for speed. With ``pooled``
+(kernels/pooled_keys.py) every row also gets one virtual key per key cluster its query cluster skips.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def reference_cluster_pair_count(q_offsets, k_offsets, kv_clusters, kv_cluster_c
 
 
 def reference_cluster_block_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_cluster_counts, *, scale=None,
-                                      out=None, return_lse=False):
+                                      out=None, return_lse=False, pooled=None):
     """Same contract as :func:`kernels.cluster_block_attention`; inputs are assumed validated."""
     B, H, LQ, D = q.shape
     LK = k.shape[2]
@@ -61,18 +62,31 @@ def reference_cluster_block_attention(q, k, v, q_offsets, k_offsets, kv_clusters
 
     result = torch.empty(B, H, LQ, D, device=q.device, dtype=q.dtype) if out is None else out
     lse = torch.empty(B, H, LQ, device=q.device, dtype=torch.float32) if return_lse else None
-    chunk = max(1, _CHUNK_ELEMENTS // (B * H * LK))
+    lse_c = torch.empty_like(lse) if return_lse and pooled is not None else None
+    if pooled is not None:
+        k_mean, v_mean = (t.float().expand(B, H, -1, -1) for t in (pooled.keys, pooled.values))
+        log_size = pooled.log_size.float().expand(B, H, -1)
+        vf = torch.cat([vf, v_mean], dim=2)  # the clusters' virtual keys after the real ones
+    chunk = max(1, _CHUNK_ELEMENTS // (B * H * (LK + num_key_clusters)))
     for r0 in range(0, LQ, chunk):
         r1 = min(LQ, r0 + chunk)
         rows_table = torch.gather(table, 2, row_cluster[:, :, r0:r1, None].expand(-1, -1, -1, num_key_clusters + 1))
         allowed = torch.gather(rows_table, 3, key_cluster[:, :, None, :].expand(-1, -1, r1 - r0, -1))
         s = torch.matmul(q[:, :, r0:r1].float(), kf.transpose(-1, -2)) * scale
         s = s.masked_fill(~allowed, float("-inf"))
+        if lse is not None:  # over the exact keys alone
+            exact_lse = lse[:, :, r0:r1] = torch.logsumexp(s, dim=-1)
+        if pooled is not None:
+            sp = torch.matmul(q[:, :, r0:r1].float(), k_mean.transpose(-1, -2)) * scale + log_size[:, :, None, :]
+            sp = sp.masked_fill(rows_table[..., :num_key_clusters], float("-inf"))
+            s = torch.cat([s, sp], dim=-1)
         m = s.amax(dim=-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = torch.exp(s - m)
         l = p.sum(dim=-1, keepdim=True)
         result[:, :, r0:r1] = (torch.matmul(p, vf) / torch.where(l > 0, l, torch.ones_like(l))).to(result.dtype)
-        if lse is not None:
-            lse[:, :, r0:r1] = (m + torch.log(l)).squeeze(-1)
-    return (result, lse) if return_lse else result
+        if lse_c is not None:
+            lse_c[:, :, r0:r1] = torch.logaddexp(exact_lse, torch.logsumexp(sp, dim=-1))  # = exact_lse when all kept
+    if not return_lse:
+        return result
+    return (result, lse, lse_c) if pooled is not None else (result, lse)

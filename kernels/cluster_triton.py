@@ -37,20 +37,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_sparse_triton import _LOG2E, _NEG_BIG, _row_results, _softmax_update
+from .block_sparse_triton import _LOG2E, _NEG_BIG, _compensation_args, _finish_rows, _softmax_update
 
 
 @triton.jit
 def _cluster_fwd(
-    Q, K, V, O, LSE, Q_OFF, K_OFF, KV_IDS, KV_CNT, TILE_CLUSTER, TILE_START,
+    Q, K, V, O, LSE, Q_OFF, K_OFF, KV_IDS, KV_CNT, TILE_CLUSTER, TILE_START, KM, VM, LOGN, LSE_C,
     qk_scale,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
     stride_ob, stride_oh, stride_ol,
-    H, LQ, CQ, CK, MAXK, TILES,
+    H, LQ, CQ, CK, MAXK, TILES, G,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-    RETURN_LSE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    RETURN_LSE: tl.constexpr, UPCAST_DOT: tl.constexpr, COMPENSATE: tl.constexpr, BLOCK_P: tl.constexpr,
+    LIST_CHUNK: tl.constexpr,
 ):
     t = tl.program_id(0)
     bh = tl.program_id(1)
@@ -105,7 +106,9 @@ def _cluster_fwd(
                 s = tl.where(key_ok[None, :], s, float("-inf"))
             m_i, l_i, acc, _ = _softmax_update(s, v, qk_scale, m_i, l_i, acc)
 
-    out, lse = _row_results(acc, m_i, l_i)
+    out, lse = _finish_rows(q, KM, VM, LOGN, LSE_C, bh, G, ids_base, count, qk_scale, m_i, l_i, acc,
+                            bh.to(tl.int64) * LQ + offs_m, row_ok, HEAD_DIM, BLOCK_P, LIST_CHUNK, UPCAST_DOT,
+                            COMPENSATE, RETURN_LSE)
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     if RETURN_LSE:
@@ -183,12 +186,14 @@ def _tile_table(first_rows, per_cluster, block_m, bound):
 
 
 def triton_cluster_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_cluster_counts, *, scale,
-                             out=None, return_lse=False, config=None):
+                             out=None, return_lse=False, config=None, pooled=None):
     """Launch the kernel. Inputs are assumed validated; head_dim must be a power of two in [16, 128].
 
     ``config``: BLOCK_M, BLOCK_N, CHUNK (key clusters per chunk), num_warps, num_stages for one launch over every
     query tile, or a list of two such dicts (query_tiles' two tables: the second's BLOCK_M takes each cluster's
     last rows when they fit); default per GPU (tile_config).
+    ``pooled``: PooledKeys of the key clusters (head dim as q's): each row also gets the pooled term of every key
+    cluster its list skips; with return_lse the result is then (out, exact LSE, compensated LSE).
     """
     B, H, LQ, D = q.shape
     CQ = q_offsets.shape[-1] - 1
@@ -198,6 +203,7 @@ def triton_cluster_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_clus
     if out is None:
         out = torch.empty(B, H, LQ, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, LQ, device=q.device, dtype=torch.float32) if return_lse else out  # dummy when unused
+    compensation = _compensation_args(pooled, q, return_lse, lse)
     q_off, k_off, ids, counts = (t.to(torch.int32).contiguous()
                                  for t in (q_offsets, k_offsets, kv_clusters, kv_cluster_counts))
     if MAXK == 0:  # every count is 0: one unused slot gives the kernel a real pointer
@@ -206,13 +212,16 @@ def triton_cluster_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_clus
     tables = query_tiles(q_off, launches[0]["BLOCK_M"], LQ, last_block_m)
     for cfg, (tile_cluster, tile_start, tiles) in zip(launches, tables):
         _cluster_fwd[(tiles, B * H)](
-            q, k, v, out, lse, q_off, k_off, ids, counts, tile_cluster, tile_start, scale * _LOG2E,
+            q, k, v, out, lse, q_off, k_off, ids, counts, tile_cluster, tile_start, *compensation["tensors"],
+            scale * _LOG2E,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
-            H, LQ, CQ, CK, MAXK, tiles,
+            H, LQ, CQ, CK, MAXK, tiles, compensation["groups"],
             HEAD_DIM=D, RETURN_LSE=return_lse,
             # Triton's CPU interpreter computes bfloat16 tl.dot wrongly (3.6 and 3.8): float32 tiles there.
-            UPCAST_DOT=q.device.type == "cpu", **cfg)
-    return (out, lse) if return_lse else out
+            UPCAST_DOT=q.device.type == "cpu", **compensation["constants"], **cfg)
+    if not return_lse:
+        return out
+    return (out, lse, compensation["lse"]) if pooled is not None else (out, lse)

@@ -2,6 +2,8 @@
 
 It computes exactly what the Triton kernel computes (same layout semantics, key-length masking, LSE, zeros for
 rows with no key block), in float32, a chunk of query blocks at a time so memory stays O(chunk x kept keys).
+With ``pooled`` (kernels/pooled_keys.py) every row also gets one virtual key per key block its list skips
+(score q.k_mean * scale + ln(size), value v_mean), in the same softmax.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ _CHUNK_ELEMENTS = 1 << 25
 
 
 def reference_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size, scale=None, kv_length=None,
-                                     return_lse=False, out=None):
+                                     return_lse=False, out=None, pooled=None):
     """Same contract as :func:`kernels.block_sparse_attention`; inputs are assumed validated."""
     B, H, LQ, D = q.shape
     LK = k.shape[2]
@@ -35,7 +37,11 @@ def reference_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_si
 
     result = torch.empty(B, H, LQ, D, device=q.device, dtype=q.dtype) if out is None else out
     lse = torch.empty(B, H, LQ, device=q.device, dtype=torch.float32) if return_lse else None
-    per_block = max(1, B * H * max_kept * block_size * block_size)
+    lse_c = torch.empty_like(lse) if return_lse and pooled is not None else None
+    if pooled is not None:
+        k_mean, v_mean = (t.float().expand(B, H, -1, -1) for t in (pooled.keys, pooled.values))
+        log_size = pooled.log_size.float().expand(B, H, -1)
+    per_block = max(1, B * H * (max_kept + (nkb if pooled is not None else 0)) * block_size * block_size)
     chunk = max(1, _CHUNK_ELEMENTS // per_block)
     slot = torch.arange(max_kept, device=q.device)
     tok = torch.arange(block_size, device=q.device)
@@ -54,13 +60,32 @@ def reference_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_si
         valid = valid.reshape(B, H, nq, 1, max_kept * block_size)
         s = torch.matmul(qc, kg.transpose(-1, -2)) * scale                 # (B, H, nq, bs, M*bs)
         s = s.masked_fill(~valid, float("-inf"))
+        if pooled is not None:  # the skipped blocks' virtual keys, after the exact ones
+            listed = torch.zeros(B, H, nq, nkb + 1, dtype=torch.bool, device=q.device)
+            listed.scatter_(-1, torch.where(slot < cnt_all[:, :, qb0:qb1, None], idx, nkb), True)
+            sp = torch.matmul(qc, k_mean[:, :, None].transpose(-1, -2)) * scale + log_size[:, :, None, None]
+            sp = sp.masked_fill(listed[..., None, :nkb], float("-inf"))
+            exact_lse = torch.logsumexp(s, dim=-1, keepdim=True)
+            s = torch.cat([s, sp], dim=-1)
+            vg = torch.cat([vg, v_mean[:, :, None].expand(B, H, nq, nkb, D)], dim=-2)
         m = s.amax(dim=-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = torch.exp(s - m)
         l = p.sum(dim=-1, keepdim=True)
         o = torch.matmul(p, vg) / torch.where(l > 0, l, torch.ones_like(l))
         result[:, :, r0:r1] = o.view(B, H, nq * block_size, D)[:, :, : r1 - r0].to(result.dtype)
-        if lse is not None:
-            row_lse = (m + torch.log(l)).squeeze(-1).view(B, H, nq * block_size)
-            lse[:, :, r0:r1] = row_lse[:, :, : r1 - r0]
-    return (result, lse) if return_lse else result
+        if lse is not None:  # over the exact keys alone
+            if pooled is None:
+                exact_lse = m + torch.log(l)
+            lse[:, :, r0:r1] = _rows(exact_lse, B, H, r1 - r0)
+        if lse_c is not None:  # exactly the exact LSE when every block is kept
+            lse_c[:, :, r0:r1] = _rows(torch.logaddexp(exact_lse, torch.logsumexp(sp, dim=-1, keepdim=True)),
+                                       B, H, r1 - r0)
+    if not return_lse:
+        return result
+    return (result, lse, lse_c) if pooled is not None else (result, lse)
+
+
+def _rows(per_block_rows, B, H, n):
+    """(B, H, nq, bs, 1) per-row values -> (B, H, n): the first n rows of the chunk."""
+    return per_block_rows.squeeze(-1).view(B, H, -1)[:, :, :n]

@@ -7,6 +7,7 @@ from ..kernels import BACKENDS
 from .bridge import install
 
 METHOD_TYPE = "SPARSE_ATTENTION_METHOD"
+COMPENSATE = ("off", "on")
 CATEGORY = "model_patches/sparse_attention"
 
 
@@ -44,6 +45,11 @@ class SparseAttentionPatch:
             "optional": {
                 "method": (METHOD_TYPE, {"tooltip": "Method settings from a settings node (Radial Mask...). "
                                                     "Unconnected: Radial with its defaults."}),
+                "compensate": (list(COMPENSATE), {
+                    "default": "off",
+                    "tooltip": "on: the keys a sparse layout skips are not dropped but each skipped block (SVG2: "
+                               "key cluster) enters the softmax through its mean key and mean value, weighted by its "
+                               "size. Closer to dense at a small extra cost; off: the papers' methods as they are."}),
             },
         }
 
@@ -54,9 +60,12 @@ class SparseAttentionPatch:
     DESCRIPTION = ("Makes video self-attention sparse (training-free). Place it between the model loader and the "
                    "sampler.")
 
-    def patch(self, model, dense_steps, sparse_end, dense_layers, backend, verbose, method=None):
+    def patch(self, model, dense_steps, sparse_end, dense_layers, backend, verbose, method=None, compensate="off"):
+        if compensate not in COMPENSATE:
+            raise ValueError(f"compensate must be one of {COMPENSATE}, got {compensate!r}")
         schedule = SparseSchedule(dense_steps=dense_steps, sparse_end=sparse_end, dense_layers=dense_layers)
-        session = SparseAttentionSession(method or RadialSettings(), schedule, backend=backend, verbose=verbose)
+        session = SparseAttentionSession(method or RadialSettings(), schedule, backend=backend, verbose=verbose,
+                                         compensate=compensate == "on")
         return (install(model, session),)
 
 

@@ -1,0 +1,158 @@
+"""What compensation of skipped keys costs against the plain sparse call, at the Wan 14B 720p shape (one GPU, bf16).
+
+    python benchmarks/compensation_cost.py [--json out.json]          # Radial layout and a random 0.25 layout
+    TRITON_INTERPRET=1 python benchmarks/compensation_cost.py --smoke  # CPU: tiny shape, Triton interpreter
+
+The Sparse Attention Patch's ``compensate`` setting adds, per call, one pass pooling k and v per key block
+(kernels.pool_key_blocks) and, in the block-sparse kernel, one extra tile set per query block (the skipped blocks'
+pooled keys). Timed: the plain kernel, the pooling pass, the compensated kernel, and the whole compensated call
+(pooling + kernel). The issue's target: the whole compensated call at most 1.05x the plain one. A check (the
+compensated kernel against the torch reference on two heads) runs before timing; the exit status is 1 if it fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_timing import bench_timer  # noqa: E402
+
+# name: (batch, heads, head_dim, video grid (frames, height, width in tokens))
+SHAPES = {"wan14b-720p": (1, 40, 128, (21, 45, 80))}
+SMOKE_SHAPES = {"smoke": (1, 2, 64, (5, 4, 16))}
+TARGET = 1.05
+CHECK_TOL = 1e-2
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layouts", nargs="+", choices=["radial", "random"], default=["radial", "random"])
+    p.add_argument("--density", type=float, default=0.25, help="kept share of the random layout")
+    p.add_argument("--block-size", type=int, choices=[64, 128], default=128)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--warmup", type=float, default=100, help="do_bench warmup, ms")
+    p.add_argument("--rep", type=float, default=500, help="do_bench repetition time, ms")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="tiny shape on the CPU (Triton interpreter)")
+    return p.parse_args()
+
+
+def build_layout(torch, core, K, kind, grid, heads, bs, density, gen):
+    """(kv_indices, kv_counts, density) of the Radial layout of ``grid`` (Wan's reference settings) or of a random
+    per-head layout keeping ``density`` of the blocks (the diagonal always)."""
+    device = gen.device
+    if kind == "radial":
+        mask = core.radial_block_mask(grid, core.RadialSettings(block_size=bs)).to(device)[None, None]
+        idx, cnt = K.block_mask_to_indices(mask)
+        return idx, cnt, float(mask.float().mean())
+    nb = K.num_blocks(grid.total_tokens, bs)
+    kept = max(1, min(nb, round(density * nb)))
+    score = torch.rand(1, heads, nb, nb, generator=gen, device=device)
+    score.diagonal(dim1=-2, dim2=-1).fill_(2.0)  # above every random score: always kept
+    idx = score.topk(kept, dim=-1).indices.sort(dim=-1).values.to(torch.int32).contiguous()
+    return idx, torch.full((1, heads, nb), kept, dtype=torch.int32, device=device), kept / nb
+
+
+def rel_err(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
+
+
+def main():
+    args = parse_args()
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+    import torch
+    import triton
+    from pack import import_pack
+
+    core, K = import_pack("core"), import_pack("kernels")
+    kernel = import_pack("kernels.block_sparse_triton")
+    device = torch.device("cpu" if args.smoke else "cuda")
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    bs = args.block_size
+    timer = bench_timer(args.smoke, args.warmup, args.rep)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else
+                f"CPU ({platform.processor() or 'cpu'})", torch=torch.__version__, triton=triton.__version__,
+                date=datetime.datetime.now().isoformat(timespec="seconds"), block_size=bs, dtype="bfloat16",
+                smoke=args.smoke)
+    print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['date']}", flush=True)
+
+    rows, checks = [], []
+    for name, (B, H, D, (frames, height, width)) in shapes.items():
+        grid = core.VideoGrid(frames, height, width)
+        L = grid.total_tokens
+        q, k, v = (torch.randn(B, H, L, D, generator=gen, device=device).to(torch.bfloat16) for _ in range(3))
+        out = torch.empty_like(q)
+        scale = 1.0 / math.sqrt(D)
+        for kind in args.layouts:
+            idx, cnt, density = build_layout(torch, core, K, kind, grid, H, bs, args.density, gen)
+
+            def plain():
+                kernel.triton_block_sparse_attention(q, k, v, idx, cnt, block_size=bs, scale=scale, out=out)
+
+            pooled = K.pool_key_blocks(k, v, bs, backend="triton")
+
+            def pool():
+                K.pool_key_blocks(k, v, bs, backend="triton")
+
+            def compensated_kernel():
+                kernel.triton_block_sparse_attention(q, k, v, idx, cnt, block_size=bs, scale=scale, out=out,
+                                                     pooled=pooled)
+
+            def compensated_call():  # what a planner runs per call
+                kernel.triton_block_sparse_attention(q, k, v, idx, cnt, block_size=bs, scale=scale, out=out,
+                                                     pooled=K.pool_key_blocks(k, v, bs, backend="triton"))
+
+            # Check on two heads: the compensated kernel against the torch reference.
+            few = tuple(t[:, :2] for t in (q, k, v))
+            lay = tuple(t[:, :2] if t.shape[1] > 1 else t for t in (idx, cnt))
+            got = K.block_sparse_attention(*few, *lay, block_size=bs, backend="triton",
+                                           pooled=K.pool_key_blocks(*few[1:], bs, backend="triton"))
+            want = K.block_sparse_attention(*(t.float() for t in few), *lay, block_size=bs, backend="reference",
+                                            pooled=K.pool_key_blocks(*(t.float() for t in few[1:]), bs,
+                                                                     backend="reference"))
+            err = rel_err(got, want)
+            checks.append(dict(shape=name, layout=kind, rel_err=err, ok=err < CHECK_TOL))
+            print(f"{name} {kind}: density {density:.3f}, check rel err {err:.2e}", flush=True)
+
+            times = {label: timer(fn) for label, fn in (("plain", plain), ("pool", pool),
+                                                         ("compensated_kernel", compensated_kernel),
+                                                         ("compensated_call", compensated_call))}
+            rows.append(dict(shape=name, B=B, H=H, L=L, D=D, layout=kind, density=density, ms=times,
+                             overhead=times["compensated_call"] / times["plain"], target=TARGET))
+        del q, k, v, out
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    header = (f"{'shape':12s} {'layout':7s} {'density':>7s} {'plain ms':>9s} {'pool ms':>8s} {'comp. kernel':>12s} "
+              f"{'comp. call':>10s} {'ratio':>6s} {'<= 1.05':>7s}")
+    print(f"\n{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['date']}")
+    for c in checks:
+        print(f"check {c['shape']} {c['layout']}: rel err {c['rel_err']:.2e} {'ok' if c['ok'] else 'FAIL'}")
+    print(header + "\n" + "-" * len(header))
+    for r in rows:
+        t = r["ms"]
+        print(f"{r['shape']:12s} {r['layout']:7s} {r['density']:7.3f} {t['plain']:9.3f} {t['pool']:8.3f} "
+              f"{t['compensated_kernel']:12.3f} {t['compensated_call']:10.3f} {r['overhead']:6.3f} "
+              f"{'yes' if r['overhead'] <= TARGET else 'no':>7s}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(dict(meta=meta, checks=checks, results=rows), indent=1))
+        print(f"wrote {args.json}")
+    failed = [f"{c['shape']} {c['layout']}" for c in checks if not c["ok"]]
+    if failed:
+        print(f"FAILED checks: {failed}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
