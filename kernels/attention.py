@@ -8,7 +8,9 @@ import os
 
 import torch
 
+from .eight_bit import KERNEL_PRECISIONS, eight_bit_support
 from .layout import num_blocks, validate_layout
+from .quantize_reference import reference_8bit_block_sparse_attention
 from .reference import reference_block_sparse_attention
 
 BACKENDS = ("auto", "triton", "reference")
@@ -50,7 +52,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
 
 
 def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, scale=None, kv_length=None,
-                           return_lse=False, out=None, backend="auto", check_layout=True):
+                           return_lse=False, out=None, backend="auto", check_layout=True, precision="bf16"):
     """Attention of q over k/v restricted to key blocks listed per (batch, head, query block).
 
     Args:
@@ -68,6 +70,8 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, sc
         backend: 'auto' (Triton on CUDA, reference elsewhere), 'triton' or 'reference'.
         check_layout: verify that counts and indices are in range (reads them back: a device sync). Planners
             that validated a cached layout once pass False.
+        precision: 'bf16' (q/k/v's own 16-bit type), 'fp8' or 'int8' (kernels/block_sparse_8bit_triton.py; on the
+            reference backend its simulated-quantization reference). kernels.eight_bit_support says which a GPU has.
 
     Rows whose list is empty (or whose keys are all masked) give 0 and an LSE of -inf, never NaN.
     """
@@ -81,18 +85,38 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, sc
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}; move the layout to the queries' device")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     kind = resolve_backend(backend, q.device, q.dtype)
+    check_precision(precision, kind, q.device)
     if kind == "reference":
+        if precision != "bf16":
+            return reference_8bit_block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size=block_size,
+                                                         precision=precision, scale=scale, kv_length=kv_length,
+                                                         return_lse=return_lse, out=out)
         return reference_block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size=block_size, scale=scale,
                                                 kv_length=kv_length, return_lse=return_lse, out=out)
     check_triton_head_dim(D)
+    from .block_sparse_8bit_triton import triton_block_sparse_attention_8bit
     from .block_sparse_triton import triton_block_sparse_attention
 
     def launch(q, k, v, out):
-        return triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size=block_size, scale=scale,
-                                             kv_length=kv_length, return_lse=return_lse, out=out)
+        args = dict(block_size=block_size, scale=scale, kv_length=kv_length, return_lse=return_lse, out=out)
+        if precision == "bf16":
+            return triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, **args)
+        return triton_block_sparse_attention_8bit(q, k, v, kv_indices, kv_counts, precision=precision, **args)
 
     with shared_memory_guard("use block_size 64 or backend 'reference'"):
         return run_padded_head_dim(launch, q, k, v, out, return_lse)
+
+
+def check_precision(precision, backend: str, device: torch.device) -> None:
+    """An 8-bit precision on the Triton backend needs the GPU's units (the CPU interpreter runs both)."""
+    if precision not in KERNEL_PRECISIONS:
+        raise ValueError(f"precision must be one of {KERNEL_PRECISIONS}, got {precision!r}")
+    if precision == "bf16" or backend == "reference" or device.type == "cpu":
+        return
+    support = eight_bit_support(device)
+    if support.precision == "bf16" or (precision == "fp8" and support.precision != "fp8"):
+        raise ValueError(f"precision {precision!r} cannot run here: {support.reason}; use precision "
+                         f"{support.precision!r}")
 
 
 def check_triton_head_dim(D: int) -> None:
