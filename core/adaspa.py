@@ -342,7 +342,7 @@ class AdaSpaPlanner:
     def _launch(self, call, q, kv_indices, kv_counts, out, lses):
         result = block_sparse_attention(q, call.k, call.v, kv_indices, kv_counts, block_size=self.block_size,
                                         kv_length=call.kv_length, out=out, backend=call.backend,
-                                        check_layout=False, return_lse=call.want_lse)
+                                        check_layout=False, return_lse=call.want_lse, precision=call.precision)
         if call.want_lse:
             lses.append(result[1])
 

@@ -49,7 +49,8 @@ class AttentionCall:
     'auto', 'triton' or 'reference' (kernels.BACKENDS). ``head_offset``: q holds heads head_offset..head_offset+H-1
     of the layer (float32 calls on a GPU arrive a few heads at a time); per-head state is keyed by the true head.
     ``conditionings``: the batch is this many chunks of the same latents under different conditionings (1: every
-    element its own).
+    element its own). ``precision``: what the fixed-block kernel computes in, 'bf16', 'fp8' or 'int8' (resolved for
+    the call's device by the session; kernels.block_sparse_attention's ``precision``).
     """
 
     grid: VideoGrid
@@ -66,6 +67,7 @@ class AttentionCall:
     want_lse: bool = False
     lse: torch.Tensor | None = None
     conditionings: int = 1
+    precision: str = "bf16"
 
     @property
     def latents(self) -> int:
@@ -90,7 +92,8 @@ def run_block_plan(call: AttentionCall, plan: BlockPlan) -> tuple[torch.Tensor, 
     """Run a fixed-block layout (validated once when it was built) on the block-sparse kernel."""
     result = block_sparse_attention(call.q, call.k, call.v, plan.kv_indices, plan.kv_counts,
                                     block_size=plan.block_size, kv_length=call.kv_length, out=call.out,
-                                    backend=call.backend, check_layout=False, return_lse=call.want_lse)
+                                    backend=call.backend, check_layout=False, return_lse=call.want_lse,
+                                    precision=call.precision)
     if call.want_lse:
         result, call.lse = result
     return result, plan.density

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels import BACKENDS
+from ..kernels.eight_bit import PRECISIONS, eight_bit_support
 from .check import CheckResults, CheckSettings
 from .grid import VideoGrid
 from .method import AttentionCall
@@ -189,12 +190,17 @@ class SparseAttentionSession:
     shared and booked under a lock.
     """
 
-    def __init__(self, method, schedule: SparseSchedule, backend: str = "auto", verbose: bool = False):
+    def __init__(self, method, schedule: SparseSchedule, backend: str = "auto", verbose: bool = False,
+                 precision: str = "bf16"):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.method = method
         self.schedule = schedule
         self.backend = backend
+        self.precision = precision  # what the user asked: 'bf16', '8-bit' or 'auto'
+        self._kernel_precisions: dict = {}  # device -> 'bf16', 'fp8' or 'int8'
         self.verbose = verbose
         self.planner = make_planner(method)  # the first device's (what the Inspector draws)
         self._planners: dict = {}  # device -> planner
@@ -356,7 +362,28 @@ class SparseAttentionSession:
         chunks = ctx.conditionings if q.shape[0] % ctx.conditionings == 0 else 1
         return AttentionCall(grid=ctx.grid_for(q.shape[2]), layer=layer, step=ctx.step, total_steps=ctx.total_steps,
                              q=q, k=k, v=v, kv_length=kv_length, out=out, backend=self.backend,
-                             head_offset=head_offset, conditionings=chunks)
+                             head_offset=head_offset, conditionings=chunks,
+                             precision=self.kernel_precision(q.device))
+
+    def kernel_precision(self, device) -> str:
+        """What the fixed-block kernel computes in on ``device`` ('bf16', 'fp8', 'int8'), from the user's precision;
+        decided once per device and said once: which 8-bit path runs, or why bf16 runs instead."""
+        key = _device_key(device)
+        found = self._kernel_precisions.get(key)
+        if found is not None:
+            return found
+        support = eight_bit_support(key) if self.precision != "bf16" else None
+        with self._lock:
+            self._kernel_precisions[key] = chosen = "bf16" if support is None else support.precision
+        if support is None:
+            return chosen
+        if chosen != "bf16":
+            log.info("sparse attention: precision %s: %s", self.precision, support.reason)
+        elif self.precision == "8-bit":
+            self.warn_once("no-8-bit", f"precision 8-bit cannot run here: {support.reason}; sparse calls run in bf16")
+        else:
+            log.info("sparse attention: precision auto: bf16 (%s)", support.reason)
+        return chosen
 
     def record_sparse(self, ctx: ForwardContext, layer: int, grid: VideoGrid, density: float) -> None:
         """Book a sparse call: its density, and its grid so the Inspector can rebuild the layer's layout."""

@@ -168,7 +168,7 @@ class SVGPlanner:
             result = block_sparse_attention(q, call.k, call.v, plan.spatial_indices.expand(1, heads, -1, -1),
                                             classes.spatial_counts, block_size=self.block_size,
                                             kv_length=call.kv_length, out=out, backend=call.backend,
-                                            check_layout=False, return_lse=call.want_lse)
+                                            check_layout=False, return_lse=call.want_lse, precision=call.precision)
             if call.want_lse:
                 lse = result[1]
         elif call.want_lse:
@@ -195,7 +195,8 @@ class SVGPlanner:
                 gather_head_rows(src, heads, plan.order, out=dst, backend=call.backend)
             result = block_sparse_attention(qt, kt, vt, plan.temporal_indices, plan.temporal_counts,
                                             block_size=self.block_size, kv_length=call.kv_length, out=ot,
-                                            backend=call.backend, check_layout=False, return_lse=lse is not None)
+                                            backend=call.backend, check_layout=False, return_lse=lse is not None,
+                                            precision=call.precision)
             scatter_head_rows(ot, heads, plan.order, out, backend=call.backend)
             if lse is not None:  # row t of the token-major order is original token order[t]
                 lse[:, heads.long()[:, None], plan.order.long()[None, :]] = result[1]

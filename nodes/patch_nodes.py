@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..core import RadialSettings, SparseAttentionSession, SparseSchedule
 from ..kernels import BACKENDS
+from ..kernels.eight_bit import PRECISIONS
 from .bridge import install
 
 METHOD_TYPE = "SPARSE_ATTENTION_METHOD"
@@ -44,6 +45,12 @@ class SparseAttentionPatch:
             "optional": {
                 "method": (METHOD_TYPE, {"tooltip": "Method settings from a settings node (Radial Mask...). "
                                                     "Unconnected: Radial with its defaults."}),
+                "precision": (list(PRECISIONS), {
+                    "default": "bf16",
+                    "tooltip": "What the sparse kernel computes in. 8-bit: FP8 on Ada / Hopper / Blackwell GPUs, "
+                               "INT8 on Ampere (faster, slightly less exact; a GPU without them runs bf16 and "
+                               "says why). auto: 8-bit where the GPU has it. Dense steps and layers keep your "
+                               "own attention."}),
             },
         }
 
@@ -54,9 +61,10 @@ class SparseAttentionPatch:
     DESCRIPTION = ("Makes video self-attention sparse (training-free). Place it between the model loader and the "
                    "sampler.")
 
-    def patch(self, model, dense_steps, sparse_end, dense_layers, backend, verbose, method=None):
+    def patch(self, model, dense_steps, sparse_end, dense_layers, backend, verbose, method=None, precision="bf16"):
         schedule = SparseSchedule(dense_steps=dense_steps, sparse_end=sparse_end, dense_layers=dense_layers)
-        session = SparseAttentionSession(method or RadialSettings(), schedule, backend=backend, verbose=verbose)
+        session = SparseAttentionSession(method or RadialSettings(), schedule, backend=backend, verbose=verbose,
+                                         precision=precision)
         return (install(model, session),)
 
 
