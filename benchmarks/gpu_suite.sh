@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of the pack in one go; logs and JSON go to OUT_DIR.
 #   benchmarks/gpu_suite.sh OUT_DIR [tests] [sweep] [kernels] [cluster] [svg] [svg2] [adaspa] [quality] [demo] [e2e]
-#                                   [textorder] [memory] [sanitize] [comfy]
+#                                   [textorder] [memory] [sanitize] [comfy] [int8]
 #   (default: all)
 # COMFYUI_PATH points the end-to-end benchmark and the ComfyUI tests at a ComfyUI source tree.
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUT_DIR [steps...]}; shift
-steps=${*:-tests sweep kernels cluster svg svg2 adaspa quality demo e2e textorder memory sanitize comfy}
+steps=${*:-tests sweep kernels cluster svg svg2 adaspa quality demo e2e textorder memory sanitize comfy int8}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 status=0
@@ -28,5 +28,6 @@ want e2e && run e2e python3 benchmarks/e2e.py --json "$out/e2e.json"
 want textorder && run textorder python3 benchmarks/text_order.py --json "$out/text_order.json"
 want memory && run memory python3 benchmarks/memory.py
 want sanitize && run sanitize bash benchmarks/sanitize.sh "$out/sanitize_full.log"
+want int8 && run int8_kernels python3 benchmarks/int8_kernels.py --configs --json "$out/int8_kernels.json"
 want comfy && run comfy_tests python3 -m pytest -q -p no:cacheprovider -m comfyui
 exit $status

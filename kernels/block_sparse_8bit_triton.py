@@ -154,7 +154,9 @@ def _block_sparse_8bit_fwd(
         l_i = l_i * alpha + tl.sum(p, 1)
         if FP8:
             v8 = tl.load(vq_base + offs_d[None, :] * L_PAD + cols[:, None])
-            acc = tl.dot(_to_8bit(p * P_SCALE, P_SCALE, True, UPCAST_DOT), v8, acc * alpha[:, None])
+            # A fresh accumulator per tile, added in fp32: Hopper's FP8 MMA sums with fewer bits than fp32, so
+            # carrying acc through it would lose precision over long key lists (SageAttention2's two-level sum).
+            acc = acc * alpha[:, None] + tl.dot(_to_8bit(p * P_SCALE, P_SCALE, True, UPCAST_DOT), v8)
         else:  # keys past the limit read as zeros: padding never reaches the sum, even as NaN * 0
             v = _load_values(v_base, cols, offs_d, stride_vl, key_limit, MASK_KEYS, False).to(tl.float16)
             p16 = p.to(tl.float16)
