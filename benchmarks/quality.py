@@ -1,7 +1,7 @@
 """Quality of every sparse attention method on the trained proxy video model, against dense, same seeds (GPU).
 
     python benchmarks/quality.py --comfyui PATH [--seeds 4] [--steps 20] [--densities 0.25 0.12] \
-        [--methods radial svg svg2 adaspa] [--json out.json] [--picture out.png]
+        [--methods radial svg svg2 adaspa] [--json out.json] [--picture out.png] [--precision 8-bit]
 
 The proxy (benchmarks/proxy_model.py: ComfyUI's WanModel, 16 frames of 64 x 64 = 16,384 tokens) samples K seeds
 through ComfyUI's sampler, once unpatched (dense) and once per method through the pack's own nodes (Sparse
@@ -110,7 +110,7 @@ def run_method(nodes, bridge, proxy, settings, seeds, args, probe_step=None):
     """(videos, mean sparse density, seconds per video, recall per layer) of one settings object."""
     patched = nodes.SparseAttentionPatch().patch(proxy.model, dense_steps=DENSE_STEPS, sparse_end=1.0,
                                                  dense_layers=DENSE_LAYERS, backend=args.backend, verbose=False,
-                                                 method=settings)[0]
+                                                 method=settings, precision=args.precision)[0]
     session = bridge.session_of(patched)
     probe = RecallProbe(session, probe_step) if probe_step is not None else None
     densities = []
@@ -167,6 +167,8 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=proxy_model.SIZE)
     parser.add_argument("--calibration", type=int, default=7, help="bisection runs per method and density")
     parser.add_argument("--backend", default="auto", help="auto on a GPU; reference for a (slow) CPU smoke run")
+    parser.add_argument("--precision", choices=["bf16", "8-bit", "auto"], default="bf16",
+                        help="the Sparse Attention Patch's precision (8-bit: the sparse calls on the 8-bit kernel)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--picture", default=None)
     args = parser.parse_args(argv)
@@ -182,7 +184,8 @@ def main(argv=None):
     dense_videos, dense_time = sample_seeds(proxy, proxy.model, seeds, args)
     summary = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                    torch=torch.__version__, steps=args.steps, cfg=args.cfg, seeds=seeds, dense_steps=DENSE_STEPS,
-                   dense_layers=DENSE_LAYERS, dense_seconds=dense_time, date=time.strftime("%Y-%m-%d"))
+                   dense_layers=DENSE_LAYERS, dense_seconds=dense_time, date=time.strftime("%Y-%m-%d"),
+                   precision=args.precision)
     probe_step = args.steps // 2
     results, rows = [], [("dense", dense_videos[0])]
     for name in args.methods:

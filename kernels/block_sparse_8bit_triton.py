@@ -12,7 +12,8 @@ and head. Work per call:
   3. one 4-byte read decides whether any input was non-finite (or, on the INT8 path, V past fp16's range): then
      the bf16 kernel recomputes the call, so such inputs give exactly what the bf16 path gives.
 
-The 8-bit copies of K and V add half of K's and V's bf16 size to the call's memory while it runs.
+The 8-bit copies of K and V are made for a group of heads at a time, which bounds the memory they add to a call
+(COPY_BYTES); the groups' checks are read once, at the end.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ import triton.language as tl
 from .block_sparse_triton import (_LOG2E, _NEG_BIG, _load_values, _mask_keys, _program_layout, _row_results,
                                   _store_rows, _tile_config, triton_block_sparse_attention)
 from .quantize_reference import FP16_MAX, P_SCALE, QMAX, inverse_scale, key_means, value_channel_absmax
+
+# Bound on the 8-bit copies of K and V one launch holds (heads run in groups under it): at Wan 14B 720p the copies
+# of all 40 heads would be 740 MB on top of the 740 MB output a call already writes.
+COPY_BYTES = 128 << 20
 
 
 @triton.jit
@@ -104,6 +109,7 @@ def _block_sparse_8bit_fwd(
     stride_qb, stride_qh, stride_ql,
     stride_vb, stride_vh, stride_vl,
     stride_ob, stride_oh, stride_ol,
+    stride_lb, stride_lh,
     stride_ib, stride_ih, stride_iq,
     stride_cb, stride_ch,
     H, LQ, LK, L_PAD, NKB,
@@ -172,7 +178,7 @@ def _block_sparse_8bit_fwd(
     _store_rows(O + b * stride_ob + h * stride_oh, out, offs_m, offs_d, stride_ol, LQ, EVEN_Q)
     if RETURN_LSE:  # the scores were of the smoothed keys: add q.mean back
         lse += tl.sum(q * tl.load(MEAN + bh * HEAD_DIM + offs_d)[None, :], 1) * scale
-        tl.store(LSE + bh * LQ + offs_m, lse, mask=offs_m < LQ)
+        tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, lse, mask=offs_m < LQ)
 
 
 def _quantize(x, kv_len, *, block_size, precision, mean=None, inverse=None):
@@ -194,23 +200,54 @@ def _quantize(x, kv_len, *, block_size, precision, mean=None, inverse=None):
 
 
 def triton_block_sparse_attention_8bit(q, k, v, kv_indices, kv_counts, *, block_size, scale, precision,
-                                       kv_length=None, return_lse=False, out=None, config=None):
+                                       kv_length=None, return_lse=False, out=None, config=None,
+                                       copy_bytes=COPY_BYTES):
     """Launch the 8-bit path ('fp8' or 'int8'). Inputs are assumed validated; head_dim a power of two in [16, 128].
 
-    ``config``: BLOCK_N, num_warps, num_stages, default per GPU (the bf16 kernel's pointer variant's)."""
+    ``config``: BLOCK_N, num_warps, num_stages, default per GPU (the bf16 kernel's pointer variant's). The heads run
+    a group at a time, so that the 8-bit copies of K and V stay under ``copy_bytes``."""
     B, H, LQ, D = q.shape
     LK = k.shape[2]
-    nqb = (LQ + block_size - 1) // block_size
     nkb = (LK + block_size - 1) // block_size
-    fp8 = precision == "fp8"
     result = torch.empty(B, H, LQ, D, device=q.device, dtype=q.dtype) if out is None else out
-    lse = torch.empty(B, H, LQ, device=q.device, dtype=torch.float32) if return_lse else result
+    lse = torch.empty(B, H, LQ, device=q.device, dtype=torch.float32) if return_lse else None
     indices = kv_indices.to(torch.int32)
     counts = kv_counts.to(torch.int32)
     indices = indices if indices.stride(-1) == 1 else indices.contiguous()
     counts = counts if counts.stride(-1) == 1 else counts.contiguous()
     kv_len = kv_length.to(device=q.device, dtype=torch.int32).contiguous() if kv_length is not None else None
+    cfg = dict(config) if config is not None else _tile_config(D, block_size, q.device)
+    cfg.pop("tma", None)
+    if block_size % cfg["BLOCK_N"]:
+        raise ValueError(f"config BLOCK_N={cfg['BLOCK_N']} must divide the layout block size {block_size}")
 
+    per_head = 2 * B * nkb * block_size * D  # bytes of one head's K and V levels
+    groups = -(-H // max(1, min(H, copy_bytes // per_head)))
+    step = -(-H // groups)  # even groups: no short last launch
+    unsafe = torch.zeros((), dtype=torch.bool, device=q.device)
+    for h0 in range(0, H, step):
+        heads = slice(h0, min(H, h0 + step))
+
+        def of_heads(t):  # a layout shared across heads (dim 1 of size 1) stays whole
+            return t if t.shape[1] == 1 else t[:, heads]
+
+        unsafe |= _launch_heads(q[:, heads], k[:, heads], v[:, heads], of_heads(indices), of_heads(counts), kv_len,
+                                kv_length, result[:, heads], None if lse is None else lse[:, heads],
+                                block_size=block_size, scale=scale, precision=precision, cfg=cfg)
+    if unsafe.item():  # the one sync of the call: non-finite inputs get exactly the bf16 path's result
+        return triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size=block_size, scale=scale,
+                                             kv_length=kv_length, return_lse=return_lse, out=result)
+    return (result, lse) if return_lse else result
+
+
+def _launch_heads(q, k, v, indices, counts, kv_len, kv_length, result, lse, *, block_size, scale, precision, cfg):
+    """Pre-pass and kernel over a group of heads; returns a device bool: an input was non-finite (or, on the INT8
+    path, V is past fp16's range), so the call must give the bf16 path's result instead."""
+    B, H, LQ, D = q.shape
+    LK = k.shape[2]
+    nqb = (LQ + block_size - 1) // block_size
+    nkb = (LK + block_size - 1) // block_size
+    fp8 = precision == "fp8"
     mean = key_means(k, kv_length).contiguous()
     k_levels, k_scales = _quantize(k, kv_len, block_size=block_size, precision=precision, mean=mean)
     v_absmax = value_channel_absmax(v, kv_length)
@@ -219,30 +256,23 @@ def triton_block_sparse_attention_8bit(q, k, v, kv_indices, kv_counts, *, block_
                          inverse=inverse_scale(v_absmax, QMAX["fp8"]).contiguous()) if fp8 else k_levels
     flags = torch.empty(B * H, nqb, device=q.device, dtype=torch.int32)
 
-    cfg = dict(config) if config is not None else _tile_config(D, block_size, q.device)
-    cfg.pop("tma", None)
-    if block_size % cfg["BLOCK_N"]:
-        raise ValueError(f"config BLOCK_N={cfg['BLOCK_N']} must divide the layout block size {block_size}")
-
     def bstride(t, dim):  # a layout dimension of size 1 is shared: stride 0
         return 0 if t.shape[dim] == 1 else t.stride(dim)
 
     _block_sparse_8bit_fwd[(nqb, B * H)](
-        q, k_levels, k_scales, v, v_levels, v_scales, mean, result, lse, flags, indices, counts,
-        kv_len if kv_len is not None else counts, scale, scale * _LOG2E,
+        q, k_levels, k_scales, v, v_levels, v_scales, mean, result, result if lse is None else lse, flags,
+        indices, counts, kv_len if kv_len is not None else counts, scale, scale * _LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         result.stride(0), result.stride(1), result.stride(2),
+        0 if lse is None else lse.stride(0), 0 if lse is None else lse.stride(1),
         bstride(indices, 0), bstride(indices, 1), indices.stride(2), bstride(counts, 0), bstride(counts, 1),
         H, LQ, LK, nkb * block_size, nkb,
         HEAD_DIM=D, BLOCK_M=block_size, KV_BLOCK=block_size, QMAX=QMAX[precision], FP8=fp8, P_SCALE=P_SCALE,
         HAS_KV_LEN=kv_len is not None, MASK_KEYS=kv_len is not None or LK % block_size != 0,
-        EVEN_Q=LQ % block_size == 0, RETURN_LSE=return_lse, UPCAST_DOT=q.device.type == "cpu", **cfg)
+        EVEN_Q=LQ % block_size == 0, RETURN_LSE=lse is not None, UPCAST_DOT=q.device.type == "cpu", **cfg)
 
     unsafe = flags.any() | k_scales.isnan().any() | ~torch.isfinite(v_absmax).all()
     if not fp8 and v.dtype != torch.float16:
         unsafe |= (v_absmax > FP16_MAX).any()
-    if unsafe.item():  # the one sync of the call: non-finite inputs get exactly the bf16 path's result
-        return triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size=block_size, scale=scale,
-                                             kv_length=kv_length, return_lse=return_lse, out=result)
-    return (result, lse) if return_lse else result
+    return unsafe

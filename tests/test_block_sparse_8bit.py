@@ -151,6 +151,26 @@ def test_out_buffer_and_return_lse_false(precision, gen):
     assert torch.equal(out, with_lse), f"seed={gen.initial_seed()}"
 
 
+@pytest.mark.parametrize("lead", [(1, 1), (2, 3)], ids=["shared-layout", "per-head-layout"])
+def test_head_groups_give_the_same_result(lead, gen):
+    """With the 8-bit copies bounded to one head at a time, each group's pre-pass, kernel and checks give what one
+    launch over every head gives (bit for bit), LSE included; a non-finite value in the last group still falls
+    back for the whole call."""
+    B, H, L = 2, 3, 100
+    q, k, v = make_qkv(B, H, L, L, 64, torch.bfloat16, gen)
+    layout = random_layout(lead, 2, 2, gen, min_count=0)
+    kv_length = torch.tensor([L, 70], dtype=torch.int32, device=DEVICE)
+    args = dict(block_size=64, scale=0.125, precision="int8", kv_length=kv_length, return_lse=True)
+    whole = Q8.triton_block_sparse_attention_8bit(q, k, v, *layout, **args)
+    grouped = Q8.triton_block_sparse_attention_8bit(q, k, v, *layout, copy_bytes=1, **args)
+    assert torch.equal(whole[0], grouped[0]) and torch.equal(whole[1], grouped[1]), f"seed={gen.initial_seed()}"
+    k[1, 2, 5, 0] = float("nan")
+    grouped = Q8.triton_block_sparse_attention_8bit(q, k, v, *layout, copy_bytes=1, **args)
+    bf16 = K.block_sparse_attention(q, k, v, *layout, block_size=64, scale=0.125, kv_length=kv_length,
+                                    backend="triton", return_lse=True)
+    torch.testing.assert_close(grouped, bf16, rtol=0, atol=0, equal_nan=True)
+
+
 # ----------------------------------------------------------------------------------------- non-finite inputs
 
 
