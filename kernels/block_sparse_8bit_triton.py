@@ -34,8 +34,9 @@ COPY_BYTES = 128 << 20
 @triton.jit
 def _round_e4m3(x):
     """x rounded to the nearest e4m3 value (ties to even) in float32 arithmetic, for Triton's CPU interpreter,
-    whose float32 -> float8e4nv cast loses the carry when rounding up (3.8: 1.9375 -> 1.0); it casts exact values
-    right. Adding 1.5 * 2**23 steps (the e4m3 spacing at x's exponent) and taking it away rounds to a whole step."""
+    whose float32 -> float8e4nv cast rounds ties up and can lose the carry when rounding up (3.8: 1.0625 -> 1.125,
+    1.9375 -> 1.0); it casts exact values right. Adding 1.5 * 2**23 steps (the e4m3 spacing at x's exponent) and
+    taking it away rounds to a whole step."""
     exponent = tl.maximum((x.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)  # below 2**-6: subnormal steps of 2**-9
     big = ((exponent - 3) << 23).to(tl.float32, bitcast=True) * 12582912.0
     return (x + big) - big
