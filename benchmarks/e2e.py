@@ -6,6 +6,7 @@ model patched by our Sparse Attention Patch (Radial at the reference settings of
 of a sparse step against a dense step, and the attention share of a dense step.
 
     python benchmarks/e2e.py --comfyui PATH [--configs 14b-720p hunyuan-720p] [--steps 3] [--json out.json]
+    python benchmarks/e2e.py --comfyui PATH --precision 8-bit ...   # the sparse steps on the 8-bit kernel
 """
 
 from __future__ import annotations
@@ -177,13 +178,14 @@ def attention_seconds(model, latent, cond):
     return sum(a.elapsed_time(b) for a, b in spent) / 1e3
 
 
-def run_config(name, nodes, device, steps, attention_share=True):
+def run_config(name, nodes, device, steps, attention_share=True, precision="bf16"):
     config = CONFIGS[name]
     model = build_model(config.checkpoint(), device)
     latent, cond = torch.zeros(1, *config.latent), config.cond()
     method = nodes.RadialMask().settings(**config.radial)[0]
     patched = nodes.SparseAttentionPatch().patch(model, dense_steps=1, sparse_end=1.0, dense_layers=config.dense_layers,
-                                                 backend="auto", verbose=False, method=method)[0]
+                                                 backend="auto", verbose=False, method=method,
+                                                 precision=precision)[0]
     dense = sample_step_times(model, latent, steps, cond)
     sparse = sample_step_times(patched, latent, steps + 1, cond)  # its first step is dense
     stats = nodes.session_of(patched).stats
@@ -193,7 +195,7 @@ def run_config(name, nodes, device, steps, attention_share=True):
     sparse_step = min(sparse[1:])
     del model, patched
     torch.cuda.empty_cache()
-    return dict(config=name, tokens=stats.grid.total_tokens, dense_step_s=dense_step, sparse_step_s=sparse_step,
+    return dict(config=name, precision=precision, tokens=stats.grid.total_tokens, dense_step_s=dense_step, sparse_step_s=sparse_step,
                 speedup=dense_step / sparse_step, radial_mean_density=stats.sparse_density,
                 attention_share=None if attn is None else attn / dense_step, dense_steps_s=dense,
                 sparse_steps_s=sparse)
@@ -206,6 +208,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--no-attention-share", action="store_true",
                         help="skip the timed dense step that measures attention's share (the same on any ComfyUI)")
+    parser.add_argument("--precision", choices=["bf16", "8-bit", "auto"], default="bf16",
+                        help="the Sparse Attention Patch's precision for the sparse steps")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -222,7 +226,7 @@ def main(argv=None):
     results = []
     for name in args.configs:
         try:
-            results.append(run_config(name, nodes, device, args.steps, not args.no_attention_share))
+            results.append(run_config(name, nodes, device, args.steps, not args.no_attention_share, args.precision))
         except Exception as why:  # one model's failure must not lose the others' figures
             print(f"{name} FAILED: {type(why).__name__}: {why}", flush=True)
             torch.cuda.empty_cache()
@@ -232,7 +236,7 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | ComfyUI {comfyui_version.__version__} | "
-          f"{time.strftime('%Y-%m-%d')}")
+          f"{time.strftime('%Y-%m-%d')} | sparse steps in {args.precision}")
     print(f"{'config':<14}{'tokens':>8}{'dense step s':>14}{'radial step s':>15}{'speedup':>9}{'attn share':>12}")
     for r in results:
         share = "-" if r["attention_share"] is None else f"{r['attention_share']:.0%}"

@@ -2,13 +2,13 @@
 # Every GPU check and benchmark of the pack in one go; logs and JSON go to OUT_DIR.
 #   benchmarks/gpu_suite.sh OUT_DIR [tests] [sweep] [kernels] [cluster] [svg] [svg2] [adaspa] [quality] [demo] [e2e]
 #                                   [textorder] [memory] [breakeven] [sanitize] [comfy] [versus] [checkcost] [fewstep]
-#                                   [compensation]
+#                                   [compensation] [int8]
 #   (default: all)
 # COMFYUI_PATH points the end-to-end benchmarks and the ComfyUI tests at a ComfyUI source tree. versus compares with
 # comfy-kitchen's kernels (int8_attention, sol_attn: comfy-kitchen 0.2.40 or newer) and SageAttention where installed.
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUT_DIR [steps...]}; shift
-steps=${*:-tests sweep kernels cluster svg svg2 adaspa quality demo e2e textorder memory breakeven sanitize comfy versus checkcost fewstep compensation}
+steps=${*:-tests sweep kernels cluster svg svg2 adaspa quality demo e2e textorder memory breakeven sanitize comfy versus checkcost fewstep compensation int8}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 status=0
@@ -31,6 +31,7 @@ want textorder && run textorder python3 benchmarks/text_order.py --json "$out/te
 want memory && run memory python3 benchmarks/memory.py --json "$out/memory.json"
 want breakeven && run breakeven python3 benchmarks/break_even.py --shapes wan1.3b-480p wan14b-720p hunyuan-720p --json "$out/break_even.json"
 want sanitize && run sanitize bash benchmarks/sanitize.sh "$out/sanitize_full.log"
+want int8 && run int8_kernels python3 benchmarks/int8_kernels.py --configs --json "$out/int8_kernels.json"
 want comfy && run comfy_tests python3 -m pytest -q -p no:cacheprovider -m comfyui
 want versus && run versus python3 benchmarks/versus.py --json "$out/versus.json"
 want checkcost && run check_cost python3 benchmarks/check_cost.py --config 14b-720p --json "$out/check_cost.json"

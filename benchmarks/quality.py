@@ -1,7 +1,8 @@
 """Quality of every sparse attention method on the trained proxy video model, against dense, same seeds (GPU).
 
     python benchmarks/quality.py --comfyui PATH [--seeds 4] [--steps 20] [--cfg 4] [--densities 0.25 0.12] \
-        [--methods radial svg svg2 adaspa] [--compensate off|on|both] [--json out.json] [--picture out.png]
+        [--methods radial svg svg2 adaspa] [--compensate off|on|both] [--precision bf16|8-bit|auto] \
+        [--json out.json] [--picture out.png]
     python benchmarks/quality.py --comfyui PATH --steps 4 --cfg 1      # few-step runs, as distilled LoRAs sample
     python benchmarks/quality.py --comfyui PATH --methods svg --densities 0.25 --knob 0.2   # no calibration
 
@@ -120,7 +121,7 @@ def run_method(nodes, bridge, proxy, settings, seeds, args, probe_step=None, com
     """(videos, mean sparse density, seconds per video, recall per layer) of one settings object."""
     patched = nodes.SparseAttentionPatch().patch(proxy.model, dense_steps=DENSE_STEPS, sparse_end=1.0,
                                                  dense_layers=DENSE_LAYERS, backend=args.backend, verbose=False,
-                                                 method=settings, compensate=compensate)[0]
+                                                 method=settings, compensate=compensate, precision=args.precision)[0]
     session = bridge.session_of(patched)
     probe = RecallProbe(session, probe_step) if probe_step is not None else None
     densities = []
@@ -181,6 +182,8 @@ def main(argv=None):
     parser.add_argument("--backend", default="auto", help="auto on a GPU; reference for a (slow) CPU smoke run")
     parser.add_argument("--compensate", choices=("off", "on", "both"), default="off",
                         help="the patch's compensate setting; both: every row without and with it")
+    parser.add_argument("--precision", choices=["bf16", "8-bit", "auto"], default="bf16",
+                        help="the Sparse Attention Patch's precision (8-bit: the sparse calls on the 8-bit kernel)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--picture", default=None)
     args = parser.parse_args(argv)
@@ -200,7 +203,7 @@ def main(argv=None):
     summary = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                    torch=torch.__version__, steps=args.steps, cfg=args.cfg, seeds=seeds, dense_steps=DENSE_STEPS,
                    dense_layers=DENSE_LAYERS, dense_seconds=dense_time, date=time.strftime("%Y-%m-%d"),
-                   step_distilled=False, note=NOT_DISTILLED)
+                   step_distilled=False, note=NOT_DISTILLED, precision=args.precision)
     probe_step = args.steps // 2
     modes = ("off", "on") if args.compensate == "both" else (args.compensate,)
     summary["compensate"] = args.compensate

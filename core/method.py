@@ -63,7 +63,9 @@ class AttentionCall:
     of the layer (float32 calls on a GPU arrive a few heads at a time); per-head state is keyed by the true head.
     ``conditionings``: the batch is this many chunks of the same latents under different conditionings (1: every
     element its own). ``router``: routes heads above the kernel's break-even to the dense attention (None: none are).
-    ``compensate``: skipped keys enter through their pooled statistics (module docstring).
+    ``compensate``: skipped keys enter through their pooled statistics (module docstring). ``precision``: what the
+    fixed-block kernel computes in, 'bf16', 'fp8' or 'int8' (resolved for the call's device by the session;
+    kernels.block_sparse_attention's ``precision``).
     """
 
     grid: VideoGrid
@@ -83,6 +85,7 @@ class AttentionCall:
     router: Router | None = None
     compensate: bool = False
     lse_compensated: torch.Tensor | None = None
+    precision: str = "bf16"
 
     def route(self, kernel: str, densities) -> Route:
         """Which heads of the call run dense (core.routing): call with each head's plan density before launching
@@ -138,7 +141,7 @@ def run_block_plan(call: AttentionCall, plan: BlockPlan) -> tuple[torch.Tensor, 
     result = block_sparse_attention(call.q, call.k, call.v, plan.kv_indices, keep_sparse(plan.kv_counts, route),
                                     block_size=plan.block_size, kv_length=call.kv_length, out=call.out,
                                     backend=call.backend, check_layout=False, return_lse=call.want_lse,
-                                    pooled=pooled)
+                                    pooled=pooled, precision=call.precision)
     if call.want_lse:
         result, call.lse, call.lse_compensated = split_lse(result, pooled)
     call.fill_dense(route, result)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels import BACKENDS
+from ..kernels.eight_bit import PRECISIONS, eight_bit_support
 from .check import CheckResults, CheckSettings
 from .grid import VideoGrid
 from .method import AttentionCall
@@ -210,18 +211,26 @@ class SparseAttentionSession:
     """
 
     def __init__(self, method, schedule: SparseSchedule, backend: str = "auto", verbose: bool = False,
-                 compensate: bool = False):
+                 compensate: bool = False, precision: str = "bf16"):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.method = method
         self.schedule = schedule
         self.backend = backend
+        self.precision = precision  # what the user asked: 'bf16', '8-bit' or 'auto'
+        self._kernel_precisions: dict = {}  # device -> 'bf16', 'fp8' or 'int8'
         self.verbose = verbose
         self.compensate = bool(compensate)  # every sparse call adds the pooled terms of the keys it skips
         self.planner = make_planner(method)  # the first device's (what the Inspector draws)
         if self.compensate and not getattr(self.planner, "compensates", False):
             raise ValueError(f"compensate 'on' does not apply to the method {type(method).__name__}: its planner "
                              "cannot add the skipped keys' pooled terms; set compensate to 'off'")
+        if self.compensate and precision == "8-bit":
+            raise ValueError("compensate 'on' and precision '8-bit' do not combine: the 8-bit kernel has no pooled "
+                             "terms for skipped keys; set compensate 'off' or precision 'bf16' (or 'auto', which "
+                             "then runs bf16)")
         self._planners: dict = {}  # device -> planner
         self._lock = threading.Lock()
         self.stats = RunStats()
@@ -391,7 +400,30 @@ class SparseAttentionSession:
         return AttentionCall(grid=ctx.grid_for(q.shape[2]), layer=layer, step=ctx.step, total_steps=ctx.total_steps,
                              q=q, k=k, v=v, kv_length=kv_length, out=out, backend=self.backend,
                              head_offset=ctx.head_offset + head_offset, conditionings=chunks,
-                             compensate=self.compensate)
+                             compensate=self.compensate, precision=self.kernel_precision(q.device))
+
+    def kernel_precision(self, device) -> str:
+        """What the fixed-block kernel computes in on ``device`` ('bf16', 'fp8', 'int8'), from the user's precision;
+        decided once per device and said once: which 8-bit path runs, or why bf16 runs instead."""
+        key = _device_key(device)
+        found = self._kernel_precisions.get(key)
+        if found is not None:
+            return found
+        support = eight_bit_support(key) if self.precision != "bf16" else None
+        if support is not None and self.compensate:  # 'auto' with compensation ('8-bit' with it is refused at init)
+            log.info("sparse attention: precision auto: bf16 (compensation's pooled terms run in the bf16 kernel)")
+            support = None
+        with self._lock:
+            self._kernel_precisions[key] = chosen = "bf16" if support is None else support.precision
+        if support is None:
+            return chosen
+        if chosen != "bf16":
+            log.info("sparse attention: precision %s: %s", self.precision, support.reason)
+        elif self.precision == "8-bit":
+            self.warn_once("no-8-bit", f"precision 8-bit cannot run here: {support.reason}; sparse calls run in bf16")
+        else:
+            log.info("sparse attention: precision auto: bf16 (%s)", support.reason)
+        return chosen
 
     def record_sparse(self, ctx: ForwardContext, layer: int, grid: VideoGrid, density: float, routes=()) -> None:
         """Book a sparse call: its density, its grid so the Inspector can rebuild the layer's layout, and what

@@ -185,7 +185,8 @@ class SVGPlanner:
             result = block_sparse_attention(q, call.k, call.v, plan.spatial_indices.expand(1, q.shape[1], -1, -1),
                                             keep_sparse(classes.spatial_counts, route), block_size=self.block_size,
                                             kv_length=call.kv_length, out=out, backend=call.backend,
-                                            check_layout=False, return_lse=call.want_lse, pooled=pooled)
+                                            check_layout=False, return_lse=call.want_lse, pooled=pooled,
+                                            precision=call.precision)
             if call.want_lse:
                 lses = split_lse(result, pooled)[1:]
         elif call.want_lse:
@@ -214,7 +215,7 @@ class SVGPlanner:
             result = block_sparse_attention(qt, kt, vt, plan.temporal_indices, plan.temporal_counts,
                                             block_size=self.block_size, kv_length=call.kv_length, out=ot,
                                             backend=call.backend, check_layout=False, return_lse=call.want_lse,
-                                            pooled=pooled)
+                                            pooled=pooled, precision=call.precision)
             scatter_head_rows(ot, heads, plan.order, out, backend=call.backend)
             if call.want_lse:  # row t of the token-major order is original token order[t]
                 for lse, rows in zip(lses, split_lse(result, pooled)[1:]):

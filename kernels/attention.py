@@ -8,8 +8,10 @@ import os
 
 import torch
 
+from .eight_bit import KERNEL_PRECISIONS, eight_bit_support
 from .layout import num_blocks, validate_layout
 from .pooled_keys import PooledKeys
+from .quantize_reference import reference_8bit_block_sparse_attention
 from .reference import reference_block_sparse_attention
 
 BACKENDS = ("auto", "triton", "reference")
@@ -51,7 +53,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
 
 
 def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, scale=None, kv_length=None,
-                           return_lse=False, out=None, backend="auto", check_layout=True, pooled=None):
+                           return_lse=False, out=None, backend="auto", check_layout=True, pooled=None,
+                           precision="bf16"):
     """Attention of q over k/v restricted to key blocks listed per (batch, head, query block).
 
     Args:
@@ -72,7 +75,9 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, sc
         pooled: optional PooledKeys of k, v's key blocks (kernels.pool_key_blocks, same block_size and kv_length):
             compensation of skipped keys. Every key block a row's list does not hold adds its pooled term (size x
             exp(q.k_mean * scale), value v_mean) to that row's softmax. With return_lse the result is then
-            (out, lse, compensated lse): ``lse`` stays the LSE over the keys computed exactly.
+            (out, lse, compensated lse): ``lse`` stays the LSE over the keys computed exactly. bf16 precision only.
+        precision: 'bf16' (q/k/v's own 16-bit type), 'fp8' or 'int8' (kernels/block_sparse_8bit_triton.py; on the
+            reference backend its simulated-quantization reference). kernels.eight_bit_support says which a GPU has.
 
     Rows whose list is empty (or whose keys are all masked) give 0 and an LSE of -inf, never NaN (with ``pooled``:
     the pooled terms alone, and 0 / -inf when every block is empty).
@@ -88,16 +93,27 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, sc
     check_pooled(pooled, B, H, num_blocks(LK, block_size), D, q.device, "key blocks")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     kind = resolve_backend(backend, q.device, q.dtype)
+    check_precision(precision, kind, q.device)
+    if pooled is not None and precision != "bf16":
+        raise ValueError(f"pooled (compensation of skipped keys) runs in bf16 only, got precision {precision!r}; "
+                         "pass precision 'bf16' or no pooled terms")
     if kind == "reference":
+        if precision != "bf16":
+            return reference_8bit_block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size=block_size,
+                                                         precision=precision, scale=scale, kv_length=kv_length,
+                                                         return_lse=return_lse, out=out)
         return reference_block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size=block_size, scale=scale,
                                                 kv_length=kv_length, return_lse=return_lse, out=out, pooled=pooled)
     check_triton_head_dim(D)
+    from .block_sparse_8bit_triton import triton_block_sparse_attention_8bit
     from .block_sparse_triton import triton_block_sparse_attention
 
     def launch(q, k, v, out):
-        return triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size=block_size, scale=scale,
-                                             kv_length=kv_length, return_lse=return_lse, out=out,
-                                             pooled=pad_pooled(pooled, q.shape[-1]))
+        args = dict(block_size=block_size, scale=scale, kv_length=kv_length, return_lse=return_lse, out=out)
+        if precision == "bf16":
+            return triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, pooled=pad_pooled(pooled, q.shape[-1]),
+                                                 **args)
+        return triton_block_sparse_attention_8bit(q, k, v, kv_indices, kv_counts, precision=precision, **args)
 
     with shared_memory_guard("use block_size 64 or backend 'reference'"):
         return run_padded_head_dim(launch, q, k, v, out, return_lse)
@@ -128,6 +144,18 @@ def pad_pooled(pooled, head_dim: int):
     pad = (0, head_dim - pooled.keys.shape[-1])
     return PooledKeys(torch.nn.functional.pad(pooled.keys, pad), torch.nn.functional.pad(pooled.values, pad),
                       pooled.log_size)
+
+
+def check_precision(precision, backend: str, device: torch.device) -> None:
+    """An 8-bit precision on the Triton backend needs the GPU's units (the CPU interpreter runs both)."""
+    if precision not in KERNEL_PRECISIONS:
+        raise ValueError(f"precision must be one of {KERNEL_PRECISIONS}, got {precision!r}")
+    if precision == "bf16" or backend == "reference" or device.type == "cpu":
+        return
+    support = eight_bit_support(device)
+    if support.precision == "bf16" or (precision == "fp8" and support.precision != "fp8"):
+        raise ValueError(f"precision {precision!r} cannot run here: {support.reason}; use precision "
+                         f"{support.precision!r}")
 
 
 def check_triton_head_dim(D: int) -> None:

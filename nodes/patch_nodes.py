@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..core import RadialSettings, SparseAttentionSession, SparseSchedule
 from ..kernels import BACKENDS
+from ..kernels.eight_bit import PRECISIONS
 from .bridge import install
 
 METHOD_TYPE = "SPARSE_ATTENTION_METHOD"
@@ -50,6 +51,12 @@ class SparseAttentionPatch:
                     "tooltip": "on: the keys a sparse layout skips are not dropped but each skipped block (SVG2: "
                                "key cluster) enters the softmax through its mean key and mean value, weighted by its "
                                "size. Closer to dense at a small extra cost; off: the papers' methods as they are."}),
+                "precision": (list(PRECISIONS), {
+                    "default": "bf16",
+                    "tooltip": "What the sparse kernel computes in. 8-bit: FP8 on Ada / Hopper / Blackwell GPUs, "
+                               "INT8 on Ampere (faster, slightly less exact; a GPU without them runs bf16 and "
+                               "says why). auto: 8-bit where the GPU has it. Dense steps and layers keep your "
+                               "own attention."}),
             },
         }
 
@@ -60,12 +67,13 @@ class SparseAttentionPatch:
     DESCRIPTION = ("Makes video self-attention sparse (training-free). Place it between the model loader and the "
                    "sampler.")
 
-    def patch(self, model, dense_steps, sparse_end, dense_layers, backend, verbose, method=None, compensate="off"):
+    def patch(self, model, dense_steps, sparse_end, dense_layers, backend, verbose, method=None, compensate="off",
+              precision="bf16"):
         if compensate not in COMPENSATE:
             raise ValueError(f"compensate must be one of {COMPENSATE}, got {compensate!r}")
         schedule = SparseSchedule(dense_steps=dense_steps, sparse_end=sparse_end, dense_layers=dense_layers)
         session = SparseAttentionSession(method or RadialSettings(), schedule, backend=backend, verbose=verbose,
-                                         compensate=compensate == "on")
+                                         compensate=compensate == "on", precision=precision)
         return (install(model, session),)
 
 

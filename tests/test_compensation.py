@@ -233,6 +233,16 @@ def test_pooled_shape_checked(gen):
         K.block_sparse_attention(q, k, v, idx, cnt, block_size=64, backend="reference", pooled=wrong)
 
 
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_pooled_terms_are_refused_in_8bit(precision, gen):
+    q, k, v = make_qkv(1, 1, 100, 100, 64, torch.float16, gen)
+    idx, cnt = _random((1, 1), 2, 2, gen)
+    pooled = K.pool_key_blocks(k, v, 64, backend="reference")
+    with pytest.raises(ValueError, match="runs in bf16 only"):
+        K.block_sparse_attention(q, k, v, idx, cnt, block_size=64, backend="reference", pooled=pooled,
+                                 precision=precision)
+
+
 # ------------------------------------------------------------------------------------------- pooled statistics
 
 
