@@ -31,7 +31,7 @@ def test_precision_is_the_last_optional_input(nodes):
     optional = nodes.SparseAttentionPatch.INPUT_TYPES()["optional"]
     assert list(optional)[-1] == "precision"
     choices, options = optional["precision"]
-    assert choices == ["bf16", "8-bit", "auto"] and options["default"] == "bf16"
+    assert choices == ["bf16", "8-bit", "auto", "8-bit + dense calls"] and options["default"] == "bf16"
 
 
 def test_8bit_without_the_units_runs_bf16_and_says_why_once(nodes, bridge, caplog):
