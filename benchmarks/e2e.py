@@ -7,6 +7,11 @@ of a sparse step against a dense step, and the attention share of a dense step.
 
     python benchmarks/e2e.py --comfyui PATH [--configs 14b-720p hunyuan-720p] [--steps 3] [--json out.json]
     python benchmarks/e2e.py --comfyui PATH --precision 8-bit ...   # the sparse steps on the 8-bit kernel
+    python benchmarks/e2e.py --comfyui PATH --precision "8-bit + dense calls" ...  # dense calls on it too
+
+With '8-bit + dense calls' the dense layers of the sparse steps run on the 8-bit kernel, and a third run of the model
+patched with no sparse step at all (sparse_end 0) times a dense step whose video self-attention is all on the 8-bit
+kernel at a full layout, against the unpatched dense step.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from pack import import_pack  # noqa: E402
+
+EIGHT_BIT_DENSE = import_pack("kernels.eight_bit").EIGHT_BIT_DENSE
 
 def wan_checkpoint(dim: int, ffn: int, layers: int) -> dict:
     return {"head.modulation": (1, 2, dim), "head.head.weight": (64, dim), "patch_embedding.weight": (dim, 16, 1, 2, 2),
@@ -193,12 +201,27 @@ def run_config(name, nodes, device, steps, attention_share=True, precision="bf16
     attn = attention_seconds(model, latent, cond) if attention_share else None
     dense_step = min(dense[1:] or dense)
     sparse_step = min(sparse[1:])
+    result = dict(config=name, precision=precision, tokens=stats.grid.total_tokens, dense_step_s=dense_step,
+                  sparse_step_s=sparse_step, speedup=dense_step / sparse_step, radial_mean_density=stats.sparse_density,
+                  attention_share=None if attn is None else attn / dense_step, dense_steps_s=dense,
+                  sparse_steps_s=sparse)
+    if precision == EIGHT_BIT_DENSE:
+        result.update(dense_8bit_step(nodes, model, latent, steps, cond, config))
     del model, patched
     torch.cuda.empty_cache()
-    return dict(config=name, precision=precision, tokens=stats.grid.total_tokens, dense_step_s=dense_step, sparse_step_s=sparse_step,
-                speedup=dense_step / sparse_step, radial_mean_density=stats.sparse_density,
-                attention_share=None if attn is None else attn / dense_step, dense_steps_s=dense,
-                sparse_steps_s=sparse)
+    return result
+
+
+def dense_8bit_step(nodes, model, latent, steps, cond, config):
+    """A dense step whose video self-attention runs on the 8-bit kernel at a full layout: the model patched with no
+    sparse step (sparse_end 0), precision '8-bit + dense calls'."""
+    patched = nodes.SparseAttentionPatch().patch(model, dense_steps=0, sparse_end=0.0, dense_layers=config.dense_layers,
+                                                 backend="auto", verbose=False, precision=EIGHT_BIT_DENSE)[0]
+    times = sample_step_times(patched, latent, steps, cond)
+    stats = nodes.session_of(patched).stats
+    assert stats.dense_8bit_calls and not stats.dense_calls and not stats.fallbacks, \
+        f"the dense calls did not all run on the 8-bit kernel ({stats.fallback_messages})"
+    return dict(dense_8bit_step_s=min(times[1:] or times), dense_8bit_steps_s=times)
 
 
 def main(argv=None):
@@ -208,8 +231,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--no-attention-share", action="store_true",
                         help="skip the timed dense step that measures attention's share (the same on any ComfyUI)")
-    parser.add_argument("--precision", choices=["bf16", "8-bit", "auto"], default="bf16",
-                        help="the Sparse Attention Patch's precision for the sparse steps")
+    parser.add_argument("--precision", choices=["bf16", "8-bit", "auto", EIGHT_BIT_DENSE], default="bf16",
+                        help="the Sparse Attention Patch's precision for the sparse steps (and with "
+                             f"'{EIGHT_BIT_DENSE}' for the dense calls)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -219,8 +243,6 @@ def main(argv=None):
     import comfyui_version
 
     comfy.cli_args.args.highvram = True  # keep the whole model on the GPU: time attention, not weight streaming
-    from pack import import_pack
-
     nodes = import_pack("nodes")
     device = torch.device("cuda")
     results = []
@@ -242,6 +264,9 @@ def main(argv=None):
         share = "-" if r["attention_share"] is None else f"{r['attention_share']:.0%}"
         print(f"{r['config']:<14}{r['tokens']:>8}{r['dense_step_s']:>14.3f}{r['sparse_step_s']:>15.3f}"
               f"{r['speedup']:>8.2f}x{share:>12}")
+        if "dense_8bit_step_s" in r:
+            print(f"{'':<14}a dense step with its attention in 8 bits: {r['dense_8bit_step_s']:.3f} s "
+                  f"({r['dense_step_s'] / r['dense_8bit_step_s']:.2f}x the dense step)")
 
 
 if __name__ == "__main__":

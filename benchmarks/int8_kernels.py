@@ -13,6 +13,11 @@ dense SDPA); the relative error of the 8-bit output against the bf16 output on t
 comfy_kitchen (when importable): ``sol_attn`` (its own routed sparse attention, top-k at the same kept fraction,
 no pooled tail) per density, and ``int8_attention`` (dense), each with its error against dense SDPA. Peak memory
 of one bf16 and one 8-bit call. The issue's targets: 8-bit >= 1.5x bf16 per tile at every density, error <= 0.02.
+
+Precision '8-bit + dense calls' (core/dense_8bit.py): per shape, one dense video self-attention call as the pack runs
+it there (full layout, block 128, through kernels.block_sparse_attention) on each 8-bit path, against SDPA: ms, error
+vs SDPA, and what it changes in a dense step's attention time (the model's video self-attention layers x the per-call
+difference, for one model forward: cfg runs two).
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ SMOKE_SHAPES = {"smoke": (1, 2, 2, 8, 16, 0)}  # 256 tokens
 HEAD_DIM = 128
 LAYOUT_NAMES = {"banded": "banded", "scattered": "random"}  # our name -> benchmarks/kernels.py's
 CONFIGS = [dict(BLOCK_N=n, num_warps=w, num_stages=s) for n in (64, 128) for w in (4, 8) for s in (2, 3)]
+# Video self-attention calls in one forward of each model (HunyuanVideo: 20 double + 40 single blocks).
+LAYERS = {"wan1.3b-480p": 30, "wan14b-720p": 40, "hunyuan-720p": 60, "smoke": 2}
 SPEEDUP_TARGET = 1.5
 ERROR_TARGET = 0.02
 
@@ -112,6 +119,8 @@ def main():
     bf16_kernel = import_pack("kernels.block_sparse_triton")
     q8_kernel = import_pack("kernels.block_sparse_8bit_triton")
     synthetic = import_pack("benchmarks.synthetic")
+    core = import_pack("core")
+    dense_8bit = import_pack("core.dense_8bit")
     device = torch.device("cpu" if args.smoke else "cuda")
     support = import_pack("kernels.eight_bit").eight_bit_support(device)
     # An FP8 GPU runs INT8 too (measured both); the interpreter runs both.
@@ -178,6 +187,10 @@ def main():
                 rows.append(row)
                 print("  " + row_text(row, precisions), flush=True)
 
+        grid = core.VideoGrid(frames, height, width, text_tokens=text)
+        info["dense_calls"] = dense_calls(torch, core, dense_8bit, grid, (q, k, v), precisions, sdpa_ms, dense, timer,
+                                          LAYERS[name])
+        print("  " + dense_calls_text(info["dense_calls"], precisions), flush=True)
         if device.type == "cuda":
             idx, cnt = build_layout(torch, "banded", H, nb, 0.25, gen)
             info["peak_bytes"] = {p: peak_bytes(torch, lambda: launch(p, idx, cnt)) for p in ["bf16", *precisions]}
@@ -196,6 +209,31 @@ def main():
         args.json.write_text(json.dumps(dict(meta=meta, shapes=per_shape, results=rows), indent=1))
         print(f"wrote {args.json}")
     return 0
+
+
+def dense_calls(torch, core, dense_8bit, grid, qkv, precisions, sdpa_ms, dense, timer, layers):
+    """Precision '8-bit + dense calls': one dense call as the pack runs it (core.dense_8bit.full_layout_attention, its
+    layout cached as within a forward) per 8-bit path: ms, speed-up and error against SDPA, and a dense step's
+    attention time (``layers`` calls, one forward) with SDPA and with the 8-bit call."""
+    out, memo = torch.empty_like(qkv[0]), {}
+    result = dict(layers=layers, sdpa_ms=sdpa_ms, sdpa_step_attention_s=layers * sdpa_ms / 1e3)
+    for precision in precisions:
+        call = core.AttentionCall(grid=grid, layer=0, step=0, total_steps=1, q=qkv[0], k=qkv[1], v=qkv[2], out=out,
+                                  backend="triton", precision=precision)
+        err = rel_err(dense_8bit.full_layout_attention(call, memo), dense)
+        ms = timer(lambda: dense_8bit.full_layout_attention(call, memo))
+        result[precision] = dict(ms=ms, speedup_vs_sdpa=sdpa_ms / ms, err_vs_sdpa=err,
+                                 step_attention_s=layers * ms / 1e3)
+    return result
+
+
+def dense_calls_text(info, precisions):
+    parts = [f"dense call, full layout: SDPA {info['sdpa_ms']:.3f} ms"]
+    parts += [f"{p} {info[p]['ms']:.3f} ms ({info[p]['speedup_vs_sdpa']:.2f}x SDPA, err {info[p]['err_vs_sdpa']:.4f})"
+              for p in precisions]
+    step = " / ".join([f"SDPA {info['sdpa_step_attention_s']:.3f} s"] +
+                      [f"{p} {info[p]['step_attention_s']:.3f} s" for p in precisions])
+    return " | ".join(parts) + f"; a dense step's attention ({info['layers']} layers, one forward): {step}"
 
 
 def kitchen_dense(ck, q, k, v, dense, timer):
@@ -261,6 +299,7 @@ def print_report(meta, per_shape, rows, precisions):
         if "peak_bytes" in info:
             line += ", peak MiB " + " / ".join(f"{p} {b / 2 ** 20:.0f}" for p, b in info["peak_bytes"].items())
         print(line)
+        print("  " + dense_calls_text(info["dense_calls"], precisions))
         timed = [c for c in info.get("configs", []) if c["ms"] is not None]
         for p in precisions:
             best = min((c for c in timed if c["precision"] == p), key=lambda c: c["ms"], default=None)

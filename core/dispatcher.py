@@ -24,6 +24,9 @@ _COMPUTE_DTYPES = (torch.float16, torch.bfloat16)
 # many bytes (of one copy) at a time, a few heads per launch: they add at most ~4x this to the call's peak memory
 # instead of whole copies of q, k, v and the output.
 STAGE_CHUNK_BYTES = 256 << 20
+# What _sparse_call runs: the planner's sparse attention, its prime (a dense step it learns from, exact), or a dense
+# call on the 8-bit kernel at a full layout (precision '8-bit + dense calls').
+SPARSE, PRIME, DENSE_8BIT = "sparse", "prime", "dense 8-bit"
 
 
 class Unsupported(Exception):
@@ -59,11 +62,17 @@ def attention_override(session: SparseAttentionSession, previous=None):
             return dense(func, args, kwargs)
         layer = ctx.layer_of(options)
         if not session.wants_sparse(ctx, layer):
-            if session.wants_prime(ctx, layer):
+            if session.wants_prime(ctx, layer):  # checked first: the planner needs this call's exact output
                 try:
-                    return _sparse_call(session, ctx, layer, args, kwargs, prime=True)
+                    return _sparse_call(session, ctx, layer, args, kwargs, kind=PRIME)
                 except (Unsupported, ValueError):
                     pass  # a dense step either way; the sparse steps after it meet the same problem and warn
+            elif session.wants_dense_8bit(ctx, args[0].device):
+                try:
+                    return _sparse_call(session, ctx, layer, args, kwargs, kind=DENSE_8BIT)
+                except (Unsupported, ValueError) as why:
+                    session.warn_once("dense-8-bit-rejected", f"the 8-bit kernel cannot take a dense call ({why}); "
+                                      "it runs on your own attention")
             session.record_dense(ctx, layer)
             return dense(func, args, kwargs)
         try:
@@ -108,9 +117,9 @@ def _self_attention_length(args, kwargs) -> int | None:
     return q.shape[2] if skip_reshape else q.shape[1]
 
 
-def _sparse_call(session, ctx, layer, args, kwargs, dense_of=None, prime=False):
-    """The call through the planner: ``attend`` (sparse), or ``prime`` (a dense step the planner wants to see).
-    ``dense_of(args, kwargs)``: the user's dense attention, for the heads routed to it (core.routing)."""
+def _sparse_call(session, ctx, layer, args, kwargs, dense_of=None, kind=SPARSE):
+    """The call on the pack's kernels (``kind``: SPARSE, PRIME or DENSE_8BIT). ``dense_of(args, kwargs)``: the
+    user's dense attention, for the heads of a sparse call routed to it (core.routing)."""
     q, k, v, heads, mask = _call_parts(args, kwargs)
     if kwargs.get("skip_reshape", False):
         B, H, L, D = q.shape
@@ -142,11 +151,11 @@ def _sparse_call(session, ctx, layer, args, kwargs, dense_of=None, prime=False):
     heads_first = buffer if skip_output_reshape else buffer.transpose(1, 2)
     out_view = heads_first[:, :, lead:]
     grid = ctx.grid_for(L)
-    if prime:
-        run = session.prime
-    else:
+    if kind == SPARSE:
         router = Router(gpu_class(q.device), H, _dense_heads(dense_of, q4, k4, v4, mask, lead, kwargs))
         run = functools.partial(session.attend, router=router)
+    else:
+        run = session.prime if kind == PRIME else session.attend_dense_8bit
     if compute_dtype != q.dtype or lead:
         work = _staged(run, ctx, layer, (q4, k4, v4), out_view, kv_length, lead, compute_dtype)
     else:
@@ -154,10 +163,12 @@ def _sparse_call(session, ctx, layer, args, kwargs, dense_of=None, prime=False):
         work = density * H
     if lead:
         heads_first[:, :, :lead].copy_(heads_first[:, :, L:])
-    if prime:
+    if kind == SPARSE:
+        session.record_sparse(ctx, layer, grid, (work + router.added_work) / H, router.routes)
+    elif kind == PRIME:
         session.record_dense(ctx, layer)
     else:
-        session.record_sparse(ctx, layer, grid, (work + router.added_work) / H, router.routes)
+        session.record_dense_8bit(ctx, layer)
     out = buffer.narrow(2 if skip_output_reshape else 1, 0, L)
     if not out.is_contiguous():  # the extra rows sit between batch elements: hand the caller a plain tensor
         out = out.contiguous()

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels import BACKENDS
-from ..kernels.eight_bit import PRECISIONS, eight_bit_support
+from ..kernels.eight_bit import EIGHT_BIT_DENSE, PRECISIONS, eight_bit_support
 from .check import CheckResults, CheckSettings
+from .dense_8bit import full_layout_attention
 from .grid import VideoGrid
 from .method import AttentionCall
 from .routing import Route, Router, dense_lse_of_routed
@@ -131,7 +132,9 @@ class RunStats:
     video grid of its last sparse call (the planner rebuilds that call's block mask from it). timings: per timed
     call (verbose only) (step, layer, density, milliseconds), filled when the run ends. routed: per reason
     (core.routing.Route.reason) [heads run on the dense attention, calls run dense whole]; planned_heads: the heads
-    whose plans were routed (the sparse path's heads).
+    whose plans were routed (the sparse path's heads). eight_bit_dense: the (step, layer) of the calls the schedule
+    kept dense that ran on the pack's 8-bit kernel at a full layout (precision '8-bit + dense calls'): density 1.0
+    like any dense call (they save no attention work), counted apart from the user's dense calls.
     """
 
     calls: dict = field(default_factory=dict)
@@ -144,9 +147,14 @@ class RunStats:
     finished: bool = False
     routed: dict = field(default_factory=dict)
     planned_heads: int = 0
+    eight_bit_dense: set = field(default_factory=set)
 
-    def record(self, step, layer: int, density: float) -> None:
+    def record(self, step, layer: int, density: float, eight_bit_dense: bool = False) -> None:
         self.calls[(step, layer)] = density
+        if eight_bit_dense:
+            self.eight_bit_dense.add((step, layer))
+        else:
+            self.eight_bit_dense.discard((step, layer))
 
     def record_routes(self, routes) -> None:
         for route in routes:
@@ -168,7 +176,12 @@ class RunStats:
 
     @property
     def dense_calls(self) -> int:
-        return sum(1 for d in self.calls.values() if d >= 1.0)
+        """Dense calls on the user's own attention (the 8-bit full-layout ones are ``dense_8bit_calls``)."""
+        return sum(1 for key, d in self.calls.items() if d >= 1.0 and key not in self.eight_bit_dense)
+
+    @property
+    def dense_8bit_calls(self) -> int:
+        return len(self.eight_bit_dense)
 
     @property
     def mean_density(self) -> float:
@@ -227,10 +240,10 @@ class SparseAttentionSession:
         if self.compensate and not getattr(self.planner, "compensates", False):
             raise ValueError(f"compensate 'on' does not apply to the method {type(method).__name__}: its planner "
                              "cannot add the skipped keys' pooled terms; set compensate to 'off'")
-        if self.compensate and precision == "8-bit":
-            raise ValueError("compensate 'on' and precision '8-bit' do not combine: the 8-bit kernel has no pooled "
-                             "terms for skipped keys; set compensate 'off' or precision 'bf16' (or 'auto', which "
-                             "then runs bf16)")
+        if self.compensate and precision in ("8-bit", EIGHT_BIT_DENSE):
+            raise ValueError(f"compensate 'on' and precision '{precision}' do not combine: the 8-bit kernel has no "
+                             "pooled terms for skipped keys; set compensate 'off' or precision 'bf16' (or 'auto', "
+                             "which then runs bf16)")
         self._planners: dict = {}  # device -> planner
         self._lock = threading.Lock()
         self.stats = RunStats()
@@ -395,6 +408,19 @@ class SparseAttentionSession:
         planner = self.planner_for(q.device)
         return planner.prime(self._call(ctx, layer, q, k, v, kv_length, out, head_offset)), 1.0
 
+    def wants_dense_8bit(self, ctx: ForwardContext, device) -> bool:
+        """A call the schedule keeps dense that runs on the 8-bit kernel at a full layout: precision '8-bit + dense
+        calls' on a device with 8-bit units, at a known step (an unknown step is a fallback, not the schedule's).
+        The dispatcher asks only after ``wants_prime``: a call a planner primes from stays exact."""
+        return self.precision == EIGHT_BIT_DENSE and ctx.step is not None and self.kernel_precision(device) != "bf16"
+
+    def attend_dense_8bit(self, ctx: ForwardContext, layer: int, q, k, v, kv_length=None, out=None,
+                          head_offset: int = 0) -> tuple[torch.Tensor, float]:
+        """Dense attention of a call ``wants_dense_8bit`` picked, on the 8-bit kernel: (output, 1.0). The caller
+        books it (record_dense_8bit)."""
+        call = self._call(ctx, layer, q, k, v, kv_length, out, head_offset)
+        return full_layout_attention(call, ctx.memo), 1.0
+
     def _call(self, ctx, layer, q, k, v, kv_length, out, head_offset) -> AttentionCall:
         chunks = ctx.conditionings if q.shape[0] % ctx.conditionings == 0 else 1
         return AttentionCall(grid=ctx.grid_for(q.shape[2]), layer=layer, step=ctx.step, total_steps=ctx.total_steps,
@@ -419,8 +445,10 @@ class SparseAttentionSession:
             return chosen
         if chosen != "bf16":
             log.info("sparse attention: precision %s: %s", self.precision, support.reason)
-        elif self.precision == "8-bit":
-            self.warn_once("no-8-bit", f"precision 8-bit cannot run here: {support.reason}; sparse calls run in bf16")
+        elif self.precision != "auto":
+            dense = " and dense calls stay on your own attention" if self.precision == EIGHT_BIT_DENSE else ""
+            self.warn_once("no-8-bit", f"precision {self.precision} cannot run here: {support.reason}; sparse calls "
+                           f"run in bf16{dense}")
         else:
             log.info("sparse attention: precision auto: bf16 (%s)", support.reason)
         return chosen
@@ -432,6 +460,12 @@ class SparseAttentionSession:
         with self._lock:
             self.stats.layouts[layer] = grid
             self.stats.record_routes(routes)
+
+    def record_dense_8bit(self, ctx: ForwardContext, layer: int) -> None:
+        """Book a dense call run on the 8-bit kernel. Left untimed (``last_call`` unset): the timing medians compare
+        the sparse calls with the user's own dense attention."""
+        with self._lock:
+            self.stats.record(ctx.step, layer, 1.0, eight_bit_dense=True)
 
     def record_routed_call(self, ctx: ForwardContext, layer: int, route: Route) -> None:
         """Book a call that routing ran dense whole (most heads' plans above the kernel's break-even)."""

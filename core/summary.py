@@ -108,6 +108,15 @@ def grid_text(grid) -> str:
     return text + (f" + {grid.text_tokens} text" if grid.text_tokens else "")
 
 
+def calls_text(stats) -> str:
+    """'12 sparse and 4 dense attention calls'; the dense calls run on the pack's 8-bit kernel (precision '8-bit +
+    dense calls') are named apart: they are neither sparse nor the user's own attention."""
+    if not stats.dense_8bit_calls:
+        return f"{stats.sparse_calls} sparse and {stats.dense_calls} dense attention calls"
+    return (f"{stats.sparse_calls} sparse, {stats.dense_calls} dense on your attention and {stats.dense_8bit_calls} "
+            "dense on the 8-bit kernel (full layout) attention calls")
+
+
 def density_text(stats) -> str:
     sparse = f"density {stats.sparse_density:.3f} in sparse calls" if stats.sparse_calls else "no sparse call"
     return f"{sparse}, {stats.mean_density:.3f} overall: attention FLOPs saved {100 * (1 - stats.mean_density):.1f}%"
@@ -147,8 +156,7 @@ def run_summary(session) -> str:
     steps = len({s for s, _ in stats.calls if s is not None})
     lines = [
         head,
-        f"  {grid_text(stats.grid)}; {steps} steps x {stats.num_layers} layers: {stats.sparse_calls} sparse and "
-        f"{stats.dense_calls} dense attention calls",
+        f"  {grid_text(stats.grid)}; {steps} steps x {stats.num_layers} layers: {calls_text(stats)}",
         "  schedule: " + schedule_text(session.schedule, stats.total_steps, stats.num_layers),
         "  " + density_text(stats),
     ]
@@ -175,6 +183,7 @@ def report_line(session) -> str:
     fallbacks = ", ".join(f"{key} x{n}" for key, n in stats.fallbacks.items()) or "none"
     platform = " | ".join(f"{name} {version}" for name, version in session.platform.items())
     return (f"for a bug report: {platform + ' | ' if platform else ''}torch {torch.__version__} | Triton "
-            f"{triton_version} | {gpu} | {method_text(session.method)} | backend {session.backend} | schedule "
+            f"{triton_version} | {gpu} | {method_text(session.method)} | backend {session.backend} | precision "
+            f"{session.precision} | schedule "
             f"dense_steps {session.schedule.dense_steps:g}, sparse_end {session.schedule.sparse_end:g}, dense_layers "
             f"{session.schedule.dense_layers} | mean density {stats.mean_density:.3f} | fallbacks {fallbacks}")

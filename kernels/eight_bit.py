@@ -10,7 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-PRECISIONS = ("bf16", "8-bit", "auto")  # what the user picks
+# What the user picks. EIGHT_BIT_DENSE: 8-bit as '8-bit', and the video self-attention calls the schedule keeps dense
+# run on the 8-bit kernel at a full layout too, instead of the user's own attention (core.dense_8bit).
+EIGHT_BIT_DENSE = "8-bit + dense calls"
+PRECISIONS = ("bf16", "8-bit", "auto", EIGHT_BIT_DENSE)
 KERNEL_PRECISIONS = ("bf16", "fp8", "int8")  # what the kernel runs
 MIN_TRITON = (3, 3)
 FP8_CAPABILITY = (8, 9)

@@ -56,7 +56,8 @@ class SparseAttentionPatch:
                     "tooltip": "What the sparse kernel computes in. 8-bit: FP8 on Ada / Hopper / Blackwell GPUs, "
                                "INT8 on Ampere (faster, slightly less exact; a GPU without them runs bf16 and "
                                "says why). auto: 8-bit where the GPU has it. Dense steps and layers keep your "
-                               "own attention."}),
+                               "own attention, except with '8-bit + dense calls': they too run on the 8-bit "
+                               "kernel, over every key (a GPU without 8-bit units keeps them on your attention)."}),
             },
         }
 

@@ -1,6 +1,7 @@
 """The Sparse Attention Patch's precision input inside real ComfyUI (tiny WanModel on the CPU, reference backend):
 the input is the node's last optional one with default bf16 (old workflows load unchanged); '8-bit' on a machine
-without the units runs bf16 and says what is missing once; with 8-bit units the sparse calls run the 8-bit path."""
+without the units runs bf16 and says what is missing once; with 8-bit units the sparse calls run the 8-bit path, and
+with '8-bit + dense calls' the dense layers' video self-attention too."""
 
 from __future__ import annotations
 
@@ -31,14 +32,15 @@ def test_precision_is_the_last_optional_input(nodes):
     optional = nodes.SparseAttentionPatch.INPUT_TYPES()["optional"]
     assert list(optional)[-1] == "precision"
     choices, options = optional["precision"]
-    assert choices == ["bf16", "8-bit", "auto"] and options["default"] == "bf16"
+    assert choices == ["bf16", "8-bit", "auto", "8-bit + dense calls"] and options["default"] == "bf16"
 
 
-def test_8bit_without_the_units_runs_bf16_and_says_why_once(nodes, bridge, caplog):
+@pytest.mark.parametrize("precision", ["8-bit", "8-bit + dense calls"])
+def test_8bit_without_the_units_runs_bf16_and_says_why_once(nodes, bridge, caplog, precision):
     bf16, _ = run(nodes, bridge, "bf16")
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        video, session = run(nodes, bridge, "8-bit")
-    assert session.stats.sparse_calls > 0
+        video, session = run(nodes, bridge, precision)
+    assert session.stats.sparse_calls > 0 and session.stats.dense_calls > 0 and not session.stats.dense_8bit_calls
     assert torch.equal(video, bf16)
     lines = [r.getMessage() for r in caplog.records if r.name == LOGGER and "8-bit" in r.getMessage()]
     assert len(lines) == 1 and "needs an NVIDIA GPU" in lines[0]
@@ -54,6 +56,25 @@ def test_8bit_units_run_the_8bit_path(nodes, bridge, monkeypatch):
     assert session.stats.sparse_calls > 0 and not session.stats.fallbacks
     err = ((video - bf16).norm() / bf16.norm()).item()
     assert 0 < err < 0.05, f"8-bit vs bf16 video: relative error {err:.3e}"
+
+
+def test_dense_calls_in_8bit_run_the_dense_layer_on_the_8bit_kernel(nodes, bridge, monkeypatch):
+    """dense_layers 1: layer 0 of every step runs on the 8-bit kernel at a full layout instead of ComfyUI's attention;
+    the video stays within the 8-bit error of the bf16 one and differs from the '8-bit' video only by that layer."""
+    eight_bit = import_pack("kernels.eight_bit")
+    session_module = import_pack("core.session")
+    monkeypatch.setattr(session_module, "eight_bit_support",
+                        lambda device: eight_bit.EightBitSupport("int8", "INT8 attention on Test GPU"))
+    bf16, _ = run(nodes, bridge, "bf16")
+    sparse_only, plain = run(nodes, bridge, "8-bit")
+    video, session = run(nodes, bridge, "8-bit + dense calls")
+    stats = session.stats
+    assert not stats.fallbacks and stats.sparse_calls == plain.stats.sparse_calls > 0
+    assert stats.dense_calls == 0 and stats.dense_8bit_calls == plain.stats.dense_calls > 0
+    assert {layer for _, layer in stats.eight_bit_dense} == {0}
+    assert not torch.equal(video, sparse_only)
+    err = ((video - bf16).norm() / bf16.norm()).item()
+    assert 0 < err < 0.05, f"8-bit with dense calls vs bf16 video: relative error {err:.3e}"
 
 
 def test_compensation_with_8bit_is_refused_at_the_node_and_auto_runs_it_in_bf16(nodes, bridge, monkeypatch, caplog):
