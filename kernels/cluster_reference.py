@@ -66,7 +66,6 @@ def reference_cluster_block_attention(q, k, v, q_offsets, k_offsets, kv_clusters
     if pooled is not None:
         k_mean, v_mean = (t.float().expand(B, H, -1, -1) for t in (pooled.keys, pooled.values))
         log_size = pooled.log_size.float().expand(B, H, -1)
-        vf = torch.cat([vf, v_mean], dim=2)  # the clusters' virtual keys after the real ones
     chunk = max(1, _CHUNK_ELEMENTS // (B * H * (LK + num_key_clusters)))
     for r0 in range(0, LQ, chunk):
         r1 = min(LQ, r0 + chunk)
@@ -76,15 +75,20 @@ def reference_cluster_block_attention(q, k, v, q_offsets, k_offsets, kv_clusters
         s = s.masked_fill(~allowed, float("-inf"))
         if lse is not None:  # over the exact keys alone
             exact_lse = lse[:, :, r0:r1] = torch.logsumexp(s, dim=-1)
-        if pooled is not None:
+        m = s.amax(dim=-1, keepdim=True)
+        if pooled is not None:  # the skipped clusters' virtual keys, summed apart: they add exactly 0 when none is
             sp = torch.matmul(q[:, :, r0:r1].float(), k_mean.transpose(-1, -2)) * scale + log_size[:, :, None, :]
             sp = sp.masked_fill(rows_table[..., :num_key_clusters], float("-inf"))
-            s = torch.cat([s, sp], dim=-1)
-        m = s.amax(dim=-1, keepdim=True)
+            m = torch.maximum(m, sp.amax(dim=-1, keepdim=True))
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = torch.exp(s - m)
         l = p.sum(dim=-1, keepdim=True)
-        result[:, :, r0:r1] = (torch.matmul(p, vf) / torch.where(l > 0, l, torch.ones_like(l))).to(result.dtype)
+        numerator = torch.matmul(p, vf)
+        if pooled is not None:
+            p_pooled = torch.exp(sp - m)
+            l = l + p_pooled.sum(dim=-1, keepdim=True)
+            numerator = numerator + torch.matmul(p_pooled, v_mean)
+        result[:, :, r0:r1] = (numerator / torch.where(l > 0, l, torch.ones_like(l))).to(result.dtype)
         if lse_c is not None:
             lse_c[:, :, r0:r1] = torch.logaddexp(exact_lse, torch.logsumexp(sp, dim=-1))  # = exact_lse when all kept
     if not return_lse:
