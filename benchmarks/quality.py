@@ -1,7 +1,7 @@
 """Quality of every sparse attention method on the trained proxy video model, against dense, same seeds (GPU).
 
     python benchmarks/quality.py --comfyui PATH [--seeds 4] [--steps 20] [--cfg 4] [--densities 0.25 0.12] \
-        [--methods radial svg svg2 adaspa] [--compensate off|on|both] [--precision bf16|8-bit|auto] \
+        [--methods radial svg svg2 adaspa] [--compensate off|on|both] [--precision bf16|8-bit|auto|"8-bit + dense calls"] \
         [--json out.json] [--picture out.png]
     python benchmarks/quality.py --comfyui PATH --steps 4 --cfg 1      # few-step runs, as distilled LoRAs sample
     python benchmarks/quality.py --comfyui PATH --methods svg --densities 0.25 --knob 0.2   # no calibration
@@ -182,8 +182,9 @@ def main(argv=None):
     parser.add_argument("--backend", default="auto", help="auto on a GPU; reference for a (slow) CPU smoke run")
     parser.add_argument("--compensate", choices=("off", "on", "both"), default="off",
                         help="the patch's compensate setting; both: every row without and with it")
-    parser.add_argument("--precision", choices=["bf16", "8-bit", "auto"], default="bf16",
-                        help="the Sparse Attention Patch's precision (8-bit: the sparse calls on the 8-bit kernel)")
+    parser.add_argument("--precision", choices=["bf16", "8-bit", "auto", "8-bit + dense calls"], default="bf16",
+                        help="the Sparse Attention Patch's precision (8-bit: the sparse calls on the 8-bit kernel; "
+                             "'8-bit + dense calls': the calls the schedule keeps dense too)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--picture", default=None)
     args = parser.parse_args(argv)
