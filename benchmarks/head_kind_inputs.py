@@ -108,9 +108,9 @@ def head_kind_qkv(kinds=KINDS, frames=8, height=16, width=24, head_dim=64, batch
     qs, ks = [], []
     for kind in kinds:
         q, k = _head_codes(kind, frames, height, width, head_dim, seed, generator)
-        noise = lambda: NOISE * torch.randn(batch, tokens, head_dim, generator=generator) / math.sqrt(head_dim)  # noqa: E731
-        qs.append(gain * (q + noise() * q.norm(dim=-1, keepdim=True)))
-        ks.append(gain * (k + noise() * k.norm(dim=-1, keepdim=True)))
+        for codes, out in ((q, qs), (k, ks)):
+            noise = NOISE * torch.randn(batch, tokens, head_dim, generator=generator) / math.sqrt(head_dim)
+            out.append(gain * (codes + noise * codes.norm(dim=-1, keepdim=True)))
     v = torch.randn(batch, len(kinds), tokens, head_dim, generator=generator)
     q, k = torch.stack(qs, dim=1), torch.stack(ks, dim=1)
     return tuple(t.to(device=device, dtype=dtype).contiguous() for t in (q, k, v))

@@ -34,12 +34,15 @@ SMOKE_SHAPE = dict(frames=4, height=8, width=16, head_dim=64)
 
 
 def methods(smoke: bool):
-    """(name, settings) of every method at the settings of its Wan 2.1 workflow (workflows/wan2.1_t2v_14b_*.json);
-    on the smoke grid blocks of 64 and fewer clusters, so that every layout has a few tiles to choose from."""
+    """(name, settings) of every method at the settings of its Wan 2.1 workflow (workflows/wan2.1_t2v_14b_*.json),
+    and SVG with its semantic class (SVG2's clusters for the heads no block layout serves); on the smoke grid blocks
+    of 64 and fewer clusters, so that every layout has a few tiles to choose from."""
     block = 64 if smoke else 128
     svg2 = core.SVG2Settings(16, 32, 0.9, 0.10, 5, 2) if smoke else core.SVG2_PRESETS["wan_720p"]
     return [("radial", core.RadialSettings(decay_factor=0.2, block_size=block)),
             ("svg", core.SVGSettings(sparsity=0.3, block_size=block, attention_sink=True)),
+            ("svg semantic", core.SVGSettings(sparsity=0.3, block_size=block, attention_sink=True, semantic_heads=True,
+                                              semantic_clusters=svg2)),
             ("svg2", svg2),
             ("adaspa", core.AdaSpaSettings(block_size=64))]
 

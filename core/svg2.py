@@ -266,6 +266,14 @@ class SVG2Planner:
             return None
         return torch.cat([unpack_bits(views[h].packed, views[h].width) for h in sorted(views)])
 
+    def head_tiles(self, grid: VideoGrid, layer: int, head: int) -> torch.Tensor:
+        """CPU bool (NB, NB) tile mask of head ``head`` of ``layer``'s last call that ran it alone (SVG's semantic
+        heads)."""
+        view = self._views[layer][head]
+        if view.grid != grid:
+            raise ValueError(f"layer {layer} head {head} last ran on the grid {view.grid}, not {grid}")
+        return unpack_bits(view.packed, view.width)[0]
+
     def cache_bytes(self) -> dict:
         """{(layer, first head): bytes of its cached query and key centroids} on the device."""
         return {key: entry.nbytes for key, entry in self._centroids.items()}
