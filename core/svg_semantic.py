@@ -26,7 +26,7 @@ MAX_CLUSTER_DENSITY = 0.5
 
 def sampled_masses(q_rows: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, kv_length=None) -> torch.Tensor:
     """(C, B, H) float32: per candidate token mask the attention mass the sampled rows keep, mean over the rows.
-    q_rows (B, H, R, D), k (B, H, LK, D), keep (C, B or 1, H or 1, R, LK) bool. A few heads at a time: the
+    q_rows (B, H, R, D), k (B, H, LK, D), keep (C, B or 1, H or 1, R, LK) bool or uint8. A few heads at a time: the
     probabilities of one head and their masked copies are what a chunk holds."""
     B, H, R, D = q_rows.shape
     LK = k.shape[2]
@@ -44,7 +44,7 @@ def sampled_masses(q_rows: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, kv
 
 def block_masses(call: AttentionCall, plan) -> torch.Tensor:
     """(2, H) float32: the mass the spatial and the temporal layout keep on the sampled rows of the call's first
-    conditioning chunk (summed over its latents' means, divided by their number)."""
+    conditioning chunk, mean over its latents."""
     first = call.first_conditioning()
     keep = token_masks(plan.keep, plan.key_block)[:, None, None]  # (2, 1, 1, R, L)
     q_rows = first.q.index_select(2, plan.rows)

@@ -121,3 +121,22 @@ def test_no_semantic_class_when_the_grid_has_fewer_tokens_than_clusters(qkv):
 def test_settings_reject_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         core.SVGSettings(**kwargs)
+
+
+def test_sampled_masses_against_a_direct_sum():
+    """Mass of each candidate mask on the sampled rows, with key padding, equals the masked softmax summed per row
+    (float64, one head at a time); per-head masks (the cluster layout's) select their own head."""
+    gen = torch.Generator().manual_seed(0)
+    B, H, R, L, D = 2, 3, 5, 40, 16
+    q, k = torch.randn(B, H, R, D, generator=gen), torch.randn(B, H, L, D, generator=gen)
+    kv_length = torch.tensor([L, 29])
+    semantic = import_pack("core.svg_semantic")
+    for keep in (torch.rand(2, 1, 1, R, L, generator=gen) < 0.4, torch.rand(1, B, H, R, L, generator=gen) < 0.4):
+        got = semantic.sampled_masses(q, k, keep, kv_length)
+        for c in range(keep.shape[0]):
+            for b in range(B):
+                for h in range(H):
+                    s = (q[b, h].double() @ k[b, h].double().T / D ** 0.5)[:, :int(kv_length[b])]
+                    mask = keep[c, min(b, keep.shape[1] - 1), min(h, keep.shape[2] - 1), :, :int(kv_length[b])]
+                    want = (s.softmax(-1) * mask).sum(-1).mean()
+                    assert abs(float(got[c, b, h]) - float(want)) < 1e-5
