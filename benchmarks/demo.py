@@ -5,7 +5,8 @@
     python benchmarks/demo.py --proxy [--gpu]   # the trained proxy video model, dense against sparse
 
 No model download: the inputs come from benchmarks/synthetic.py (moving objects on a smooth field, RoPE).
-Prints per method: density, relative error against dense, attention recall, time and speedup.
+Prints per method: density, relative error against dense, attention recall, time and speedup, and the recall on
+each kind of head (benchmarks/head_kind_inputs.py: one more call whose heads are one of each kind).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pack import import_pack  # noqa: E402
 from bench_timing import call_timer  # noqa: E402
 from synthetic import video_qkv  # noqa: E402
+from head_kind_inputs import KINDS, head_kind_qkv  # noqa: E402
 
 core = import_pack("core")
 kernels = import_pack("kernels")
@@ -85,15 +87,23 @@ def run(args):
     dense_lse = metrics.dense_lse(q, k)
     on_gpu = device.type == "cuda"
     dense_ms = call_timer(lambda: F.scaled_dot_product_attention(q, k, v), runs=args.repeats, cuda=on_gpu)
+    # One head of each kind in one call: the recall each method keeps on each kind of head.
+    mixed = head_kind_qkv(KINDS, shape["frames"], shape["height"], shape["width"], shape["head_dim"], seed=args.seed,
+                          device=device, dtype=dtype)
+    mixed_lse = metrics.dense_lse(*mixed[:2])
 
-    rows = [("dense (SDPA)", 1.0, 0.0, 1.0, dense_ms)]
+    def per_kind(lse):
+        return metrics.recall_from_lse(lse, mixed_lse).mean(dim=(0, 2)).tolist()
+
+    rows = [("dense (SDPA)", 1.0, 0.0, 1.0, dense_ms, [1.0] * len(KINDS))]
     for name, settings in demo_methods(args, block):
         planner, out, density, lse = run_method(settings, grid, q, k, v, backend)
+        kinds = per_kind(run_method(settings, grid, *mixed, backend)[3])
         recall = float(metrics.recall_from_lse(lse, dense_lse).mean())
         call = core.AttentionCall(grid=grid, layer=1, step=LATER_STEP, total_steps=RUN_STEPS, q=q, k=k, v=v,
                                   backend=backend)
         ms = call_timer(lambda: planner.attend(call), runs=args.repeats, cuda=on_gpu)  # a later step: state reused
-        rows.append((name, density, metrics.relative_error(out, dense_out), recall, ms))
+        rows.append((name, density, metrics.relative_error(out, dense_out), recall, ms, kinds))
         if name == "radial":  # the same number of tiles per row, placed at random: what the structure buys
             mask = planner.block_mask(grid)
             rand = random_layout_like(mask, torch.Generator().manual_seed(args.seed))
@@ -101,15 +111,19 @@ def run(args):
             run_layout = lambda: kernels.block_sparse_attention(q, k, v, idx, cnt, block_size=block,  # noqa: E731
                                                                 return_lse=True)
             out, lse = run_layout()
+            mixed_layout = kernels.block_sparse_attention(*mixed, idx, cnt, block_size=block, return_lse=True)
             rows.append(("random (same density)", float(rand.float().mean()), metrics.relative_error(out, dense_out),
                          float(metrics.recall_from_lse(lse, dense_lse).mean()),
-                         call_timer(run_layout, runs=args.repeats, cuda=on_gpu)))
+                         call_timer(run_layout, runs=args.repeats, cuda=on_gpu), per_kind(mixed_layout[1])))
 
     print(f"sparse kernel backend: {backend}" + ("" if backend == "triton" else
           " (the torch reference: correct but not fast; run with --gpu on an NVIDIA GPU for speed)"))
-    print(f"\n{'method':<24}{'density':>9}{'rel. error':>12}{'recall':>9}{'time ms':>10}{'speedup':>9}")
-    for name, density, error, recall, ms in rows:
-        print(f"{name:<24}{density:>9.3f}{error:>12.4f}{recall:>9.3f}{ms:>10.2f}{dense_ms / ms:>8.2f}x")
+    print("recall per head kind: one call of the same grid whose heads are one of each kind (head_kind_inputs.py)")
+    print(f"\n{'method':<24}{'density':>9}{'rel. error':>12}{'recall':>9}{'time ms':>10}{'speedup':>9}  "
+          + "".join(f"{kind:>10}" for kind in KINDS))
+    for name, density, error, recall, ms, kinds in rows:
+        print(f"{name:<24}{density:>9.3f}{error:>12.4f}{recall:>9.3f}{ms:>10.2f}{dense_ms / ms:>8.2f}x  "
+              + "".join(f"{r:>10.3f}" for r in kinds))
 
 
 def run_proxy(args):

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .summary import (density_text, fallback_lines, grid_text, method_name, method_text, routing_text,
-                      schedule_text, timing_medians, timing_text)
+from .summary import (density_text, fallback_lines, grid_text, head_classes_text, method_name, method_text,
+                      routing_text, schedule_text, timing_medians, timing_text)
 
 DEFAULT_SIZE = 768
 BACKGROUND = (28, 29, 33)
@@ -522,7 +522,7 @@ def inspect(session, layer: int = 1, head: int = 0, max_size: int = DEFAULT_SIZE
     layout = layout_image(mask, stats.grid, block, title, sub, max_size)
 
     dense_sub = [density_text(stats), "schedule: " + schedule_text(session.schedule, stats.total_steps, layers)]
-    dense_sub += [line for line in (routing_text(stats),) if line] + fallback_lines(stats)
+    dense_sub += [line for line in (routing_text(stats), head_classes_text(session)) if line] + fallback_lines(stats)
     density_picture = density_image(stats.calls, stats.total_steps, layers,
                                     f"{name}: density per step and layer (last run)", dense_sub, max_size)
 

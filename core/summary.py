@@ -18,6 +18,8 @@ def _value(v) -> str:
         return "on" if v else "off"
     if isinstance(v, float):
         return f"{v:g}"
+    if dataclasses.is_dataclass(v):  # nested settings (SVG's semantic_clusters)
+        return method_text(v)
     return str(v)
 
 
@@ -134,6 +136,19 @@ def routing_text(stats) -> str | None:
             f"whole, as faster than sparse there ({reasons})")
 
 
+def head_classes_text(session) -> str | None:
+    """How many heads each class of a planner that classifies its heads (SVG: spatial, temporal, semantic) holds,
+    over the last profile of every sparse layer of the run; None for other methods or before any profile."""
+    counts: dict = {}
+    for planner in session.planners():
+        for kind, heads in (planner.class_counts() if hasattr(planner, "class_counts") else {}).items():
+            counts[kind] = counts.get(kind, 0) + heads
+    if not sum(counts.values()):
+        return None
+    return (f"{method_name(session.method)} head classes (the last profile of every sparse layer): "
+            + ", ".join(f"{heads} {kind}" for kind, heads in counts.items()))
+
+
 def skipped_steps_text(stats) -> str | None:
     """The steps of the run whose model call never reached attention (a step cache skipped them), or None."""
     if not stats.total_steps:
@@ -160,7 +175,8 @@ def run_summary(session) -> str:
         "  schedule: " + schedule_text(session.schedule, stats.total_steps, stats.num_layers),
         "  " + density_text(stats),
     ]
-    for extra in (routing_text(stats), skipped_steps_text(stats), timing_text(stats.timings)):
+    for extra in (routing_text(stats), head_classes_text(session), skipped_steps_text(stats),
+                  timing_text(stats.timings)):
         if extra:
             lines.append("  " + extra)
     if session.check is not None:

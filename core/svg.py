@@ -12,6 +12,10 @@ get empty key lists there). Temporal heads are gathered, a few at a time, into t
 transform: their key blocks become a contiguous band), run with the temporal layout, and scattered back into the
 output in the original order (kernels.row_gather). Text tokens keep their place in both orders.
 
+With ``semantic_heads`` on, a head that neither layout serves but SVG2's clusters do (core/svg_semantic.py) is
+profiled semantic and runs through an SVG2 planner of ``semantic_clusters``, one head at a time (its centroids keyed
+by the true head); the call then runs its consecutive block heads and its semantic heads as sub-calls.
+
 With ``call.compensate`` each launch adds the pooled terms of the key blocks its layout skips, blocks in the order
 that launch runs in (frame-major for spatial heads, token-major for temporal ones: the layout transform's blocks).
 """
@@ -27,9 +31,11 @@ from ..kernels import (block_mask_to_indices, block_sparse_attention, candidate_
                        scatter_head_rows, validate_layout)
 from .break_even import block_kernel
 from .grid import VideoGrid
-from .memory import head_bytes, heads_per_chunk
+from .memory import head_bytes, heads_of, heads_per_chunk
 from .method import AttentionCall, pooled_key_blocks, split_lse
 from .routing import keep_sparse
+from .svg2 import PRESETS as SVG2_PRESETS, SVG2Planner, SVG2Settings
+from .svg_semantic import semantic_heads
 from .svg_layout import (sampled_rows, svg_block_masks, temporal_mask_in_original_order, token_major_order,
                          token_major_position)
 
@@ -69,6 +75,8 @@ class SVGSettings:
     reprofile_every: int = 1
     block_size: int = 128
     attention_sink: bool = True
+    semantic_heads: bool = False
+    semantic_clusters: SVG2Settings = SVG2_PRESETS["wan_720p"]
 
     def __post_init__(self):
         # Written so that NaN (which an API prompt can send past the UI's min / max) is rejected too.
@@ -84,6 +92,11 @@ class SVGSettings:
                              "(1 re-profiles every step, as the reference)")
         if self.block_size not in BLOCK_SIZES:
             raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {self.block_size}")
+        if not isinstance(self.semantic_heads, bool):
+            raise ValueError(f"semantic_heads must be True or False, got {self.semantic_heads!r}")
+        if not isinstance(self.semantic_clusters, SVG2Settings):
+            raise ValueError("semantic_clusters must be SVG2Settings (the k-means and top-p of semantic heads), got "
+                             f"{type(self.semantic_clusters).__name__}")
 
     def make_planner(self) -> "SVGPlanner":
         return SVGPlanner(self)
@@ -112,16 +125,47 @@ class SVGPlan:
 
 @dataclass(frozen=True)
 class HeadClasses:
-    """The class of each head of one (layer, grid, head range), profiled at ``step``."""
+    """The class of each head of one (layer, grid, head range), profiled at ``step``. ``parts``: with semantic
+    heads, (heads, their HeadClasses or None for semantic ones) for each run of consecutive heads of one path."""
 
     step: int | None
     temporal: tuple               # bool per head
-    spatial_counts: torch.Tensor  # (1, H, NB) int32: the spatial layout's counts, 0 for temporal heads
-    temporal_heads: torch.Tensor  # (number of temporal heads,) int32
+    spatial_counts: torch.Tensor | None  # (1, H, NB) int32: the spatial layout's counts, 0 for temporal heads
+    temporal_heads: torch.Tensor | None  # (number of temporal heads,) int32; both None when there are parts
+    semantic: tuple = ()          # bool per head (empty: none is)
+    parts: tuple = ()
 
     @property
     def nbytes(self) -> int:
+        if self.parts:
+            return sum(classes.nbytes for _, classes in self.parts if classes)
         return self.spatial_counts.nbytes + self.temporal_heads.nbytes
+
+    def kind(self, head: int) -> str:
+        if self.semantic and self.semantic[head]:
+            return "semantic"
+        return "temporal" if self.temporal[head] else "spatial"
+
+
+def block_classes(step, temporal: tuple, plan: "SVGPlan", device) -> HeadClasses:
+    """The HeadClasses of heads that all run a block layout, temporal per ``temporal``."""
+    flags = torch.tensor(temporal, device=device)
+    counts = torch.where(flags[:, None], 0, plan.spatial_counts[None, :]).to(torch.int32)[None]
+    heads = torch.tensor([h for h, flag in enumerate(temporal) if flag], dtype=torch.int32, device=device)
+    return HeadClasses(step, tuple(temporal), counts.contiguous(), heads)
+
+
+def with_semantic(step, temporal: tuple, semantic: tuple, plan: "SVGPlan", device) -> HeadClasses:
+    """The HeadClasses of a call some of whose heads are semantic: its parts are the runs of consecutive heads of one
+    path, block parts with their own classes."""
+    temporal = tuple(t and not s for t, s in zip(temporal, semantic))
+    parts, start = [], 0
+    for h in range(1, len(semantic) + 1):
+        if h == len(semantic) or semantic[h] != semantic[start]:
+            part = slice(start, h)
+            parts.append((part, None if semantic[start] else block_classes(step, temporal[part], plan, device)))
+            start = h
+    return HeadClasses(step, temporal, None, None, tuple(semantic), tuple(parts))
 
 
 def build_plan(grid: VideoGrid, settings: SVGSettings, device: torch.device) -> SVGPlan:
@@ -150,6 +194,9 @@ class SVGPlanner:
         self._plans: dict = {}    # (grid, device) -> SVGPlan; layouts depend on the grid only, they survive runs
         self._classes: dict = {}  # (layer, grid, head_offset, heads) -> HeadClasses; per run
         self.profiled_calls = 0   # calls that profiled their heads (the cache's effect, for tests and benchmarks)
+        # semantic heads' k-means, centroid cache and tile drawings (None: the class is off)
+        self._clusters = SVG2Planner(settings.semantic_clusters, settings.block_size) \
+            if settings.semantic_heads else None
 
     @property
     def block_size(self) -> int:
@@ -169,6 +216,32 @@ class SVGPlanner:
             raise ValueError(f"q has {q.shape[2]} tokens but the grid {call.grid} has {call.grid.total_tokens}")
         plan = self.plan(call.grid, q.device)
         classes = self.head_classes(call, plan)
+        if classes.parts:
+            return self._attend_parts(call, plan, classes)
+        return self._attend_blocks(call, plan, classes)
+
+    def _attend_parts(self, call: AttentionCall, plan: SVGPlan, classes: HeadClasses) -> tuple[torch.Tensor, float]:
+        """A call with semantic heads: each run of block heads as one sub-call, each semantic head as its own
+        sub-call of the cluster planner (its centroids keyed by the true head); their LSE rows gathered."""
+        out = call.out if call.out is not None else torch.empty_like(call.q)
+        lses = [torch.full(call.q.shape[:3], -math.inf, device=call.q.device) if wanted else None
+                for wanted in (call.want_lse, call.want_lse and call.compensate)]
+        work = 0.0
+        for part, block in classes.parts:
+            for heads in [part] if block else [slice(h, h + 1) for h in range(part.start, part.stop)]:
+                sub = heads_of(call, heads, out)
+                _, density = self._attend_blocks(sub, plan, block) if block else self._clusters.attend(sub)
+                work += density * (heads.stop - heads.start)
+                for lse, rows in zip(lses, (sub.lse, sub.lse_compensated)):
+                    if lse is not None and rows is not None:
+                        lse[:, heads] = rows
+        if call.want_lse:
+            call.lse, call.lse_compensated = lses
+        return out, work / call.q.shape[1]
+
+    def _attend_blocks(self, call: AttentionCall, plan: SVGPlan, classes: HeadClasses) -> tuple[torch.Tensor, float]:
+        """Heads that all run a block layout: spatial ones in one launch, temporal ones reordered."""
+        q = call.q
         nb = plan.keep.shape[2]
         tiles = [plan.temporal_tiles if temporal else plan.spatial_tiles for temporal in classes.temporal]
         route = call.route(block_kernel(self.block_size), [t / (nb * nb) for t in tiles])
@@ -232,11 +305,11 @@ class SVGPlanner:
         if fresh:
             return cached
         temporal = self.profile(call, plan)
-        device = call.q.device
-        flags = torch.tensor(temporal, device=device)
-        counts = torch.where(flags[:, None], 0, plan.spatial_counts[None, :]).to(torch.int32)[None]
-        heads = torch.tensor([h for h, flag in enumerate(temporal) if flag], dtype=torch.int32, device=device)
-        classes = HeadClasses(call.step, temporal, counts.contiguous(), heads)
+        semantic = semantic_heads(call, plan, self._clusters) if self._clusters is not None else ()
+        if any(semantic):
+            classes = with_semantic(call.step, temporal, semantic, plan, call.q.device)
+        else:
+            classes = block_classes(call.step, temporal, plan, call.q.device)
         self._classes[key] = classes
         return classes
 
@@ -251,26 +324,51 @@ class SVGPlanner:
 
     def block_mask(self, grid: VideoGrid, layer: int | None = None) -> torch.Tensor | None:
         """CPU bool (H, NB, NB) of ``layer``'s last classes in the original token order: spatial heads their layout,
-        temporal heads the tiles holding any pair their layout computes. None when the layer has no classes."""
-        parts = sorted((key[2], classes.temporal) for key, classes in self._classes.items()
+        temporal heads the tiles holding any pair their layout computes, semantic heads the tiles of their last
+        clusters. None when the layer has no classes."""
+        parts = sorted((key[2], classes) for key, classes in self._classes.items()
                        if key[0] == layer and key[1] == grid)
         if not parts:
             return None
-        temporal = [flag for _, flags in parts for flag in flags]
-        spatial_mask = svg_block_masks(grid, self.settings.sparsity, self.block_size, self.settings.attention_sink)[0]
-        temporal_mask = temporal_mask_in_original_order(grid, self.settings.sparsity, self.block_size)
-        return torch.stack([temporal_mask if flag else spatial_mask for flag in temporal])
+        masks = {"spatial": svg_block_masks(grid, self.settings.sparsity, self.block_size,
+                                            self.settings.attention_sink)[0],
+                 "temporal": temporal_mask_in_original_order(grid, self.settings.sparsity, self.block_size)}
+        drawn = []
+        for offset, classes in parts:
+            for h in range(len(classes.temporal)):
+                kind = classes.kind(h)
+                drawn.append(self._clusters.head_tiles(grid, layer, offset + h) if kind == "semantic" else masks[kind])
+        return torch.stack(drawn)
+
+    def class_counts(self) -> dict:
+        """{class: heads} over the last classes of every layer and head range of the run (the run summary's count)."""
+        counts = {"spatial": 0, "temporal": 0, "semantic": 0}
+        for classes in self._classes.values():
+            for h in range(len(classes.temporal)):
+                counts[classes.kind(h)] += 1
+        return counts
 
     def cache_bytes(self) -> dict:
         """{(grid, device): bytes of its layouts and profiling tables, (layer, grid, head_offset, heads): bytes of
-        its head classes}: at most MAX_PLANS layouts; classes per sparse layer of the run."""
+        its head classes, ('semantic centroids', layer, head): bytes of a semantic head's centroids}: at most
+        MAX_PLANS layouts; classes per sparse layer of the run."""
         sizes = {key: plan.nbytes for key, plan in self._plans.items()}
         sizes.update({key: classes.nbytes for key, classes in self._classes.items()})
+        if self._clusters is not None:  # semantic heads' centroids, per (layer, head)
+            sizes.update({("semantic centroids", *key): size for key, size in self._clusters.cache_bytes().items()})
         return sizes
 
+    def to(self, device) -> None:
+        """Move the semantic heads' centroids to ``device`` (the model moved); layouts are kept per device."""
+        if self._clusters is not None:
+            self._clusters.to(device)
+
     def reset(self) -> None:
-        """A new run: head classes are learned from this run's q and k, so they are dropped; layouts stay."""
+        """A new run: head classes (and semantic heads' centroids) are learned from this run's q and k, so they are
+        dropped; layouts stay."""
         self._classes.clear()
+        if self._clusters is not None:
+            self._clusters.reset()
 
 
 def _without(heads: torch.Tensor, dropped: tuple) -> torch.Tensor:

@@ -117,13 +117,14 @@ class _TileView:
 
 
 class SVG2Planner:
-    """Per patched model: the centroid cache across the steps of a run, and the Inspector's tile masks."""
+    """Per patched model: the centroid cache across the steps of a run, and the Inspector's tile masks (of
+    ``block_size`` tokens: SVG draws its semantic heads through this planner at its own block size)."""
 
-    block_size = INSPECT_BLOCK
     compensates = True
 
-    def __init__(self, settings: SVG2Settings):
+    def __init__(self, settings: SVG2Settings, block_size: int = INSPECT_BLOCK):
         self.settings = settings
+        self.block_size = block_size
         self._centroids: dict[tuple[int, int], _Centroids] = {}
         self._views: dict[int, dict[int, _TileView]] = {}  # layer -> head offset -> tiles of the last call
 
@@ -134,7 +135,7 @@ class SVG2Planner:
         if grid is None or grid.total_tokens != L:
             raise ValueError(f"SVG2 needs the video grid of the call: {L} tokens, grid {grid}")
         video = grid.video_tokens
-        if max(s.query_clusters, s.key_clusters) > video:
+        if not self.fits(grid):
             raise ValueError(f"query_clusters ({s.query_clusters}) and key_clusters ({s.key_clusters}) must be at most "
                              f"the {video} video tokens of this call; lower them in SVG2 K-Means Settings (a 720p "
                              "video has tens of thousands of tokens)")
@@ -155,6 +156,22 @@ class SVG2Planner:
             call.lse_compensated = torch.cat(compensated, dim=1) if call.compensate else None
         return out, pairs / dense
 
+    def fits(self, grid: VideoGrid) -> bool:
+        """Whether the grid has a video token for every query and key cluster."""
+        return max(self.settings.query_clusters, self.settings.key_clusters) <= grid.video_tokens
+
+    def plan_clusters(self, call: AttentionCall):
+        """(query k-means, key k-means, selection) of the call's first conditioning chunk: k-means of its video
+        queries and keys (warm-started from the layer's centroids, which it updates) and the key clusters each query
+        cluster keeps."""
+        s = self.settings
+        video = call.grid.video_tokens
+        first = call.first_conditioning()  # its clusters and selection serve the other conditionings
+        q_km, k_km = self._cluster(call, first.q[:, :, :video], first.k[:, :, :video])
+        selection = select_key_clusters(q_km.centroids, k_km.centroids, k_km.sizes, top_p=s.top_p,
+                                        min_clusters=s.min_key_clusters, scale=1.0 / math.sqrt(call.q.shape[-1]))
+        return q_km, k_km, selection
+
     def transient_head_bytes(self, q: torch.Tensor) -> int:
         """Temporaries per head of a call whose queries are ``q`` while a few heads are processed: the permuted
         copies, the k-means tables and the selection's (query cluster, key cluster) tables."""
@@ -165,15 +182,11 @@ class SVG2Planner:
 
     def _attend_heads(self, call: AttentionCall) -> tuple[float, float]:
         """Plan, route and run the heads of ``call`` (written into ``call.out``): (pairs kept, all pairs)."""
-        s = self.settings
         q, k, v = call.q, call.k, call.v
-        L, D = q.shape[2:]
+        L = q.shape[2]
         grid = call.grid
         video = grid.video_tokens
-        first = call.first_conditioning()  # its clusters and selection serve the other conditionings
-        q_km, k_km = self._cluster(call, first.q[:, :, :video], first.k[:, :, :video])
-        selection = select_key_clusters(q_km.centroids, k_km.centroids, k_km.sizes, top_p=s.top_p,
-                                        min_clusters=s.min_key_clusters, scale=1.0 / math.sqrt(D))
+        q_km, k_km, selection = self.plan_clusters(call)
         share = lambda t: share_over_conditionings(t, call)  # noqa: E731
         selection = ClusterSelection(share(selection.order), share(selection.counts), share(selection.kept_keys))
         layout = _with_text(share(q_km.offsets), share(k_km.offsets), selection, video, L, call.kv_length)
@@ -233,10 +246,7 @@ class SVG2Planner:
         H, text = q_labels.shape[0], grid.text_tokens
         q_lab = torch.cat([q_labels.long(), q_labels.new_full((H, text), CQ - 1).long()], dim=1)
         k_lab = torch.cat([k_labels.long(), k_labels.new_full((H, text), CK - 1).long()], dim=1)
-        used = torch.arange(kv_clusters.shape[-1], device=counts.device) < counts[..., None]
-        kept = torch.zeros(H, CQ, CK, dtype=torch.bool, device=counts.device)
-        kept.scatter_(-1, kv_clusters.long(), used)  # each row lists distinct clusters
-        return cluster_tile_mask(q_lab, k_lab, kept, self.block_size)
+        return cluster_tile_mask(q_lab, k_lab, kept_clusters(kv_clusters, counts, CK), self.block_size)
 
     def reset(self) -> None:
         """A new sampling run: centroids of the last run's q/k no longer fit; drop them and the drawings."""
@@ -256,9 +266,25 @@ class SVG2Planner:
             return None
         return torch.cat([unpack_bits(views[h].packed, views[h].width) for h in sorted(views)])
 
+    def head_tiles(self, grid: VideoGrid, layer: int, head: int) -> torch.Tensor:
+        """CPU bool (NB, NB) tile mask of head ``head`` of ``layer``'s last call that ran it alone (SVG's semantic
+        heads)."""
+        view = self._views[layer][head]
+        if view.grid != grid:
+            raise ValueError(f"layer {layer} head {head} last ran on the grid {view.grid}, not {grid}")
+        return unpack_bits(view.packed, view.width)[0]
+
     def cache_bytes(self) -> dict:
         """{(layer, first head): bytes of its cached query and key centroids} on the device."""
         return {key: entry.nbytes for key, entry in self._centroids.items()}
+
+
+def kept_clusters(order: torch.Tensor, counts: torch.Tensor, key_clusters: int) -> torch.Tensor:
+    """(..., CQ, key_clusters) bool: the key clusters each query cluster keeps, from a selection's ``order``
+    (..., CQ, n) and ``counts`` (..., CQ): the first counts of each row's list (distinct clusters)."""
+    used = torch.arange(order.shape[-1], device=counts.device) < counts[..., None]
+    kept = torch.zeros(*order.shape[:-1], key_clusters, dtype=torch.bool, device=counts.device)
+    return kept.scatter_(-1, order.long(), used)
 
 
 def _unpermute_lse(lse_perm, order):

@@ -1,4 +1,5 @@
-"""SVG Settings: the settings node of Sparse VideoGen (spatial / temporal heads, profiled online)."""
+"""SVG Settings: the settings node of Sparse VideoGen (spatial / temporal heads, profiled online; optionally semantic
+heads on SVG2's clusters)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,16 @@ class SVGSettingsNode:
                     "default": _DEFAULTS.attention_sink,
                     "tooltip": "Spatial heads also attend to the whole first frame. The reference does it for Wan, "
                                "not for HunyuanVideo."}),
-            }
+            },
+            "optional": {
+                "semantic_heads": ("BOOLEAN", {
+                    "default": _DEFAULTS.semantic_heads,
+                    "tooltip": "A third class of heads: a head that neither layout serves (on the sampled queries "
+                               "both keep under 75% of the attention mass) but SVG2's k-means clusters do runs on "
+                               "SVG2's cluster kernel (top-p 0.9, 300 / 1000 clusters). Measured on synthetic heads "
+                               "(CPU): attention kept on such heads 0.40 -> 0.90; its cost (k-means of those heads at "
+                               "each profile) is not measured yet, so it is off by default."}),
+            },
         }
 
     RETURN_TYPES = (METHOD_TYPE,)
@@ -48,6 +58,7 @@ class SVGSettingsNode:
                    "both with exact attention on a few sampled queries. Set the patch's dense_steps and dense_layers "
                    "as the reference does: " + _REFERENCE + ".")
 
-    def settings(self, sparsity, sample_fraction, reprofile_every, block_size, attention_sink):
+    def settings(self, sparsity, sample_fraction, reprofile_every, block_size, attention_sink,
+                 semantic_heads=_DEFAULTS.semantic_heads):
         return (SVGSettings(sparsity=sparsity, sample_fraction=sample_fraction, reprofile_every=reprofile_every,
-                            block_size=int(block_size), attention_sink=attention_sink),)
+                            block_size=int(block_size), attention_sink=attention_sink, semantic_heads=semantic_heads),)

@@ -112,6 +112,17 @@ def test_hunyuan_svg_with_text_padding(nodes, bridge, monkeypatch):
 
 
 @comfyui
+def test_semantic_heads_is_the_last_optional_input(nodes):
+    """Old workflows (five widgets) load unchanged: the new input is optional, last, and off when absent."""
+    node = nodes.NODE_CLASS_MAPPINGS["SVGSettings"]
+    types = node.INPUT_TYPES()
+    assert list(types["optional"]) == ["semantic_heads"] and types["optional"]["semantic_heads"][0] == "BOOLEAN"
+    defaults = {name: spec[1]["default"] for name, spec in types["required"].items()}
+    assert node().settings(**defaults)[0].semantic_heads is False
+    assert node().settings(**defaults, semantic_heads=True)[0] == core.SVGSettings(semantic_heads=True)
+
+
+@comfyui
 def test_node_bounds_are_accepted(nodes):
     """Every value the UI lets through at its bounds builds settings: the widgets never offer what the core refuses."""
     node = nodes.NODE_CLASS_MAPPINGS["SVGSettings"]
