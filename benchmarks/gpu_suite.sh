@@ -2,13 +2,13 @@
 # Every GPU check and benchmark of the pack in one go; logs and JSON go to OUT_DIR.
 #   benchmarks/gpu_suite.sh OUT_DIR [tests] [sweep] [kernels] [cluster] [svg] [svg2] [adaspa] [quality] [demo] [e2e]
 #                                   [textorder] [memory] [breakeven] [sanitize] [comfy] [versus] [checkcost] [fewstep]
-#                                   [compensation] [int8]
+#                                   [compensation] [int8] [neverslower]
 #   (default: all)
 # COMFYUI_PATH points the end-to-end benchmarks and the ComfyUI tests at a ComfyUI source tree. versus compares with
 # comfy-kitchen's kernels (int8_attention, sol_attn: comfy-kitchen 0.2.40 or newer) and SageAttention where installed.
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUT_DIR [steps...]}; shift
-steps=${*:-tests sweep kernels cluster svg svg2 adaspa quality demo e2e textorder memory breakeven sanitize comfy versus checkcost fewstep compensation int8}
+steps=${*:-tests sweep kernels cluster svg svg2 adaspa quality demo e2e textorder memory breakeven sanitize comfy versus checkcost fewstep compensation int8 neverslower}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 status=0
@@ -44,4 +44,5 @@ want compensation && run quality_compensated python3 benchmarks/quality.py --com
     --steps 20 --cfg 4 --json "$out/quality_compensated.json" --picture "$out/quality_compensated.png"
 want compensation && run quality_compensated_4step python3 benchmarks/quality.py --compensate both \
     --densities 0.40 0.25 0.12 --steps 4 --cfg 1 --json "$out/quality_compensated_4step.json"
+want neverslower && run never_slower python3 benchmarks/never_slower.py --json "$out/never_slower.json"
 exit $status
