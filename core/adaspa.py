@@ -50,7 +50,10 @@ The pattern and LSE cache: per layer, one entry per (grid, batch size, device, f
 layout of every (batch element, head) (int16 indices; searched on the batch's first conditioning chunk and shared
 by the others, core.method) and, while a search of the run will use it, the LSE of that chunk's last exact dense
 pass (float16; a primed entry holds the LSE alone). A call whose grid or batch differs finds no entry and searches
-(never reuses a layout of another shape); the whole cache is dropped at the start of each sampling run.
+(never reuses a layout of another shape); the whole cache is dropped at the start of each sampling run. With
+``cluster_heads``, an entry also marks its cluster-served heads, whose centroids the SVG2 planner keeps per (layer,
+true head) (query + key clusters) x head_dim values in the activations' dtype, until the next search finds them no longer
+served.
 """
 
 from __future__ import annotations
@@ -478,7 +481,8 @@ class AdaSpaPlanner:
         return {"block": sum(e.pattern.kv_counts.shape[1] for e in entries) - clusters, "cluster": clusters}
 
     def cache_bytes(self) -> dict:
-        """{(layer, grid, batch, device, first head, heads): device bytes of its layout and cached LSE}."""
+        """{(layer, grid, batch, device, first head, heads): device bytes of its layout and cached LSE,
+        ('cluster centroids', layer, head): bytes of a cluster-served head's centroids}."""
         sizes = {(layer, *key): sum(part.nbytes for part in (e.pattern, e.lse) if part is not None)
                  for layer, entries in self._layers.items() for key, e in entries.items()}
         if self._clusters is not None:  # cluster-served heads' centroids, per (layer, head)

@@ -52,7 +52,7 @@ def cluster_served(first: AttentionCall, lse: torch.Tensor, block_recall: torch.
         if reached < recall:
             kept, density = cluster_recall(heads_of(first, slice(h, h + 1), None), lse[:, h:h + 1], clusters)
             served = density <= max_density and (kept >= recall or kept >= reached + CLEARLY_MORE)
-            if not served:  # its centroids would only take memory until the next search (Wan 14B: 0.3 MB a head)
-                clusters.forget(first.layer, first.head_offset + h)
+        if not served:  # probed now or served before: its centroids would only take memory (Wan 14B: 0.3 MB a head)
+            clusters.forget(first.layer, first.head_offset + h)
         flags.append(served)
     return tuple(flags)

@@ -164,6 +164,19 @@ def test_inspector_mask_and_summary_count_the_heads(qkv):
     assert "AdaSpa head classes (the last search of every sparse layer): 2 block, 2 cluster" in text
 
 
+def test_heads_no_longer_served_drop_their_centroids(qkv):
+    """A search that finds a served head's blocks enough again (or its clusters no longer enough) drops its
+    centroids; heads probed and rejected keep none."""
+    served = import_pack("core.adaspa_clusters").cluster_served
+    clusters = core.SVG2Planner(CLUSTERS, 64)
+    first, lse = call_of(*qkv, 2), metrics.dense_lse(qkv[0], qkv[1])
+    missed = torch.tensor([[0.0, 1.0, 0.0, 0.0]])  # the temporal head probed too: its clusters are near dense here
+    assert served(first, lse, missed, clusters, recall=0.8, max_density=0.3) == (True, False, False, True)
+    assert set(clusters.cache_bytes()) == {(1, 3 + h) for h in SERVED}
+    assert served(first, lse, torch.ones(1, len(KINDS)), clusters, recall=0.8, max_density=0.3) == (False,) * 4
+    assert clusters.cache_bytes() == {}
+
+
 def test_no_cluster_heads_when_the_grid_has_fewer_tokens_than_clusters(qkv):
     planner = replace(settings(True), clusters=core.SVG2Settings(600, 1000)).make_planner()
     for step in STEPS[:2]:
