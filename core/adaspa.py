@@ -52,8 +52,8 @@ by the others, core.method) and, while a search of the run will use it, the LSE 
 pass (float16; a primed entry holds the LSE alone). A call whose grid or batch differs finds no entry and searches
 (never reuses a layout of another shape); the whole cache is dropped at the start of each sampling run. With
 ``cluster_heads``, an entry also marks its cluster-served heads, whose centroids the SVG2 planner keeps per (layer,
-true head) (query + key clusters) x head_dim values in the activations' dtype, until the next search finds them no longer
-served.
+true head) ((query + key clusters) x head_dim values in the activations' dtype) until a search no longer serves
+them.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ def cluster_recall(call: AttentionCall, lse: torch.Tensor, clusters: SVG2Planner
     probe = replace(call, router=None, compensate=False, want_lse=True, out=None, lse=None, lse_compensated=None)
     _, density = clusters.attend(probe)
     video = call.grid.video_tokens
+    # a primed LSE is the step before's: a row's kept keys may hold a little more than it, never more than all
     kept = torch.exp(probe.lse[..., :video] - lse[..., :video].float()).clamp(max=1.0)
     return float(kept.mean()), float(density)
 

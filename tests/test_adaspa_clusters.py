@@ -114,6 +114,21 @@ def test_recall_on_semantic_heads_goes_up(qkv, runs):
         assert error[True] < 0.5 * error[False], error
 
 
+def test_check_measures_the_served_heads(qkv, runs):
+    """Sparse Attention Check's measure, on a call's output and LSE: served heads keep their clusters' mass, block
+    heads the same as plain AdaSpa's."""
+    measured = {}
+    for clusters in runs:
+        call, out = runs[clusters][1][3]
+        results = core.CheckResults(core.CheckSettings(rows=16))
+        results.record(3, 1, *qkv, out, call.lse)
+        measured[clusters] = results.head_recall()
+    for h in SERVED:
+        assert measured[True][(1, h)] > 0.8 > measured[False][(1, h)] + 0.3
+    for h in (1, 2):
+        assert measured[True][(1, h)] == measured[False][(1, h)]
+
+
 def test_compensation_keeps_working(qkv):
     """With compensation the served heads' output and compensated LSE are SVG2's compensated ones; the block heads'
     plain AdaSpa's; every row's compensated LSE is at least its exact one (the pooled terms add mass)."""
