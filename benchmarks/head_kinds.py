@@ -35,7 +35,8 @@ SMOKE_SHAPE = dict(frames=4, height=8, width=16, head_dim=64)
 
 def methods(smoke: bool):
     """(name, settings) of every method at the settings of its Wan 2.1 workflow (workflows/wan2.1_t2v_14b_*.json),
-    and SVG with its semantic class (SVG2's clusters for the heads no block layout serves); on the smoke grid blocks
+    SVG with its semantic class (SVG2's clusters for the heads no block layout serves) and AdaSpa with its
+    cluster-served heads (the same, chosen at its search); on the smoke grid blocks
     of 64 and fewer clusters, so that every layout has a few tiles to choose from."""
     block = 64 if smoke else 128
     svg2 = core.SVG2Settings(16, 32, 0.9, 0.10, 5, 2) if smoke else core.SVG2_PRESETS["wan_720p"]
@@ -44,7 +45,8 @@ def methods(smoke: bool):
             ("svg semantic", core.SVGSettings(sparsity=0.3, block_size=block, attention_sink=True, semantic_heads=True,
                                               semantic_clusters=svg2)),
             ("svg2", svg2),
-            ("adaspa", core.AdaSpaSettings(block_size=64))]
+            ("adaspa", core.AdaSpaSettings(block_size=64)),
+            ("adaspa clusters", core.AdaSpaSettings(block_size=64, cluster_heads=True, clusters=svg2))]
 
 
 def measure(settings, grid, q, k, v) -> dict:
@@ -72,10 +74,10 @@ def run(shape: dict, heads: int, seed: int, smoke: bool) -> dict:
 
 def table(results: dict) -> str:
     kinds = list(next(iter(results.values())))
-    lines = [f"{'method':<14}{'':<9}" + "".join(f"{kind:>10}" for kind in kinds)]
+    lines = [f"{'method':<16}{'':<9}" + "".join(f"{kind:>10}" for kind in kinds)]
     for name, per_kind in results.items():
         for quantity in ("density", "recall", "error"):
-            lines.append(f"{name if quantity == 'density' else '':<14}{quantity:<9}"
+            lines.append(f"{name if quantity == 'density' else '':<16}{quantity:<9}"
                          + "".join(f"{per_kind[kind][quantity]:>10.3f}" for kind in kinds))
     return "\n".join(lines)
 

@@ -42,12 +42,18 @@ What this planner does, and where it departs from the paper:
     the original order.
   * ``call.compensate``: a sparse call adds the pooled terms of the key blocks each query block skips; the search
     still ranks the exact masses against the exact LSE (a first search's dense pass skips nothing).
+  * ``cluster_heads`` (not in the paper): at a search, a head whose blocks miss the recall even at max_density is
+    tried on SVG2's cluster layout, its mass measured exactly against the search's LSE; a head the clusters serve
+    runs SVG2's cluster path, one head at a time, until the next search (core/adaspa_clusters.py).
 
 The pattern and LSE cache: per layer, one entry per (grid, batch size, device, first head, heads), holding the
 layout of every (batch element, head) (int16 indices; searched on the batch's first conditioning chunk and shared
 by the others, core.method) and, while a search of the run will use it, the LSE of that chunk's last exact dense
 pass (float16; a primed entry holds the LSE alone). A call whose grid or batch differs finds no entry and searches
-(never reuses a layout of another shape); the whole cache is dropped at the start of each sampling run.
+(never reuses a layout of another shape); the whole cache is dropped at the start of each sampling run. With
+``cluster_heads``, an entry also marks its cluster-served heads, whose centroids the SVG2 planner keeps per (layer,
+true head) ((query + key clusters) x head_dim values in the activations' dtype) until a search no longer serves
+them.
 """
 
 from __future__ import annotations
@@ -60,11 +66,13 @@ import torch
 
 from ..kernels import (block_mass, block_sparse_attention, dense_attention_with_lse, full_layout,
                        indices_to_block_mask, num_blocks, validate_layout)
+from .adaspa_clusters import cluster_served
 from .break_even import block_kernel
 from .grid import VideoGrid
-from .memory import head_parts, heads_per_chunk
+from .memory import head_parts, heads_of, heads_per_chunk
 from .method import AttentionCall, pooled_key_blocks, share_over_conditionings, split_lse
 from .routing import keep_sparse
+from .svg2 import PRESETS as SVG2_PRESETS, SVG2Planner, SVG2Settings
 
 log = logging.getLogger("sparse_video_attention")
 
@@ -78,7 +86,8 @@ class AdaSpaSettings:
     """recall: the share of each head's attention mass its blocks keep on the step they are searched.
     search_steps: when the exact search runs; below 1 a fraction of the run's steps, from 1 up a step index.
     block_size: tile of the layout. min_density / max_density: bounds on each head's share of kept key blocks.
-    text_dense: video rows keep every text column (HunyuanVideo); off, text columns are searched too."""
+    text_dense: video rows keep every text column (HunyuanVideo); off, text columns are searched too.
+    cluster_heads: heads whose blocks miss the recall run SVG2's clusters of ``clusters`` where those serve them."""
 
     recall: float = 0.8
     search_steps: tuple = (0.2, 0.6)
@@ -86,6 +95,8 @@ class AdaSpaSettings:
     min_density: float = 0.1
     max_density: float = 0.3
     text_dense: bool = True
+    cluster_heads: bool = False
+    clusters: SVG2Settings = SVG2_PRESETS["wan_720p"]
 
     def __post_init__(self):
         # Written so that NaN (which an API prompt can send past the UI's min/max) is rejected too.
@@ -105,6 +116,11 @@ class AdaSpaSettings:
             if not 0 <= s < math.inf or (s >= 1 and s != int(s)):
                 raise ValueError(f"search_steps must hold fractions in [0, 1) or whole step indices, got {s} in "
                                  f"{self.search_steps}")
+        if not isinstance(self.cluster_heads, bool):
+            raise ValueError(f"cluster_heads must be True or False, got {self.cluster_heads!r}")
+        if not isinstance(self.clusters, SVG2Settings):
+            raise ValueError("clusters must be SVG2Settings (the k-means and top-p of cluster-served heads), got "
+                             f"{type(self.clusters).__name__}")
 
     def make_planner(self) -> "AdaSpaPlanner":
         return AdaSpaPlanner(self)
@@ -268,6 +284,7 @@ class _Entry:
     pattern: AdaSpaPattern | None  # None: primed (an LSE from the dense step before), not searched yet
     lse: torch.Tensor | None  # (B, H, L) float16 of the last dense pass, kept while a search will use it
     searched_step: int | None
+    clustered: tuple = ()  # per head, True when it runs on its clusters (cluster_heads); empty: none does
 
 
 class AdaSpaPlanner:
@@ -281,6 +298,8 @@ class AdaSpaPlanner:
         self._layers: dict[int, dict] = {}
         self._full_layouts: dict = {}  # (block size, query blocks, key blocks, device) -> a layout of every block
         self._warned: set = set()
+        # cluster-served heads' k-means, centroid cache and tile drawings (None: cluster_heads is off)
+        self._clusters = SVG2Planner(settings.clusters, settings.block_size) if settings.cluster_heads else None
 
     @property
     def block_size(self) -> int:
@@ -296,7 +315,7 @@ class AdaSpaPlanner:
         if entry is None or entry.pattern is None or (due is not None and (entry.searched_step is None
                                                                            or entry.searched_step < due)):
             return self._search(call, entries, key, entry, searches)
-        return self._sparse(call, entry.pattern), entry.pattern.density
+        return self._sparse(call, entry.pattern, entry.clustered)
 
     def _entries(self, call: AttentionCall):
         """(the call's layer's cache entries, the call's key in them); a call of a new shape (grid, batch, device)
@@ -336,13 +355,18 @@ class AdaSpaPlanner:
         if cached is None:
             out, lse = dense_attention_with_lse(call.q, call.k, call.v, kv_length=call.kv_length, out=call.out,
                                                 backend=call.backend)
-        pattern = share_pattern(self._search_heads(first, lse[:n] if cached is None else cached), call)
+        exact = lse[:n] if cached is None else cached
+        searched = self._search_heads(first, exact)
+        clustered = () if self._clusters is None else cluster_served(
+            first, exact, searched.recall, self._clusters, recall=self.settings.recall,
+            max_density=self.settings.max_density)
+        pattern = share_pattern(searched, call)
         validate_layout(pattern.kv_indices.to(torch.int32), pattern.kv_counts, num_kv_blocks=pattern.num_blocks)
         later = call.step is not None and any(s > call.step for s in searches)
         keep = (lse[:n].half() if cached is None else cached) if later else None
-        entries[key] = _Entry(pattern, keep, call.step)
+        entries[key] = _Entry(pattern, keep, call.step, clustered if any(clustered) else ())
         if cached is not None:
-            return self._sparse(call, pattern), pattern.density
+            return self._sparse(call, pattern, entries[key].clustered)
         if call.want_lse:  # the dense pass attended every key: its LSE is the dense one, nothing to compensate
             call.lse = lse
             call.lse_compensated = lse if call.compensate else None
@@ -365,7 +389,33 @@ class AdaSpaPlanner:
         nb = num_blocks(q.shape[2], self.block_size)
         return (4 * q.shape[0] + 16) * nb * nb
 
-    def _sparse(self, call, pattern):
+    def _sparse(self, call, pattern, clustered=()):
+        """The call on its searched layout: (output, density). With cluster-served heads, each run of block heads is
+        a sub-call of the block path and each cluster-served head a sub-call of the cluster planner (its centroids
+        keyed by the true head); their LSE rows gathered."""
+        if not clustered:
+            return self._sparse_blocks(call, pattern), pattern.density
+        out = call.out if call.out is not None else torch.empty_like(call.q)
+        lses = [torch.full(call.q.shape[:3], -math.inf, device=call.q.device) if wanted else None
+                for wanted in (call.want_lse, call.want_lse and call.compensate)]
+        work = 0.0
+        for part, on_clusters in head_runs(clustered):
+            sub = heads_of(call, part, out)
+            if on_clusters:
+                _, density = self._clusters.attend(sub)
+            else:
+                block = pattern_heads(pattern, part)
+                self._sparse_blocks(sub, block)
+                density = block.density
+            work += density * (part.stop - part.start)
+            for lse, rows in zip(lses, (sub.lse, sub.lse_compensated)):
+                if lse is not None and rows is not None:
+                    lse[:, part] = rows
+        if call.want_lse:
+            call.lse, call.lse_compensated = lses
+        return out, work / call.q.shape[1]
+
+    def _sparse_blocks(self, call, pattern):
         q, k = call.q, call.k
         out = call.out if call.out is not None else torch.empty_like(q)
         route = call.route(block_kernel(self.block_size), pattern.head_density)
@@ -409,20 +459,63 @@ class AdaSpaPlanner:
         if not entries:
             return None
         masks = []
-        for _, e in sorted(entries, key=lambda item: item[0][3]):  # by first head
+        for key, e in sorted(entries, key=lambda item: item[0][3]):  # by first head
             p = e.pattern
             video = indices_to_block_mask(p.kv_indices[0].to(torch.int32), p.kv_counts[0], p.num_blocks)
             text = torch.ones(video.shape[0], p.num_blocks - p.video_blocks, p.num_blocks, dtype=torch.bool,
                               device=video.device)
-            masks.append(torch.cat([video, text], dim=1).cpu())
+            mask = torch.cat([video, text], dim=1).cpu()
+            for h, on_clusters in enumerate(e.clustered):
+                if on_clusters and self._clusters.has_tiles(grid, layer, key[3] + h):
+                    mask[h] = self._clusters.head_tiles(grid, layer, key[3] + h)
+            masks.append(mask)
         return torch.cat(masks)
 
+    def class_counts(self) -> dict:
+        """{'block': heads, 'cluster': heads} over the last search of every layer and head range of the run (the run
+        summary's count); empty when cluster_heads is off."""
+        if self._clusters is None:
+            return {}
+        entries = [e for layer in self._layers.values() for e in layer.values() if e.pattern is not None]
+        clusters = sum(sum(e.clustered) for e in entries)
+        return {"block": sum(e.pattern.kv_counts.shape[1] for e in entries) - clusters, "cluster": clusters}
+
     def cache_bytes(self) -> dict:
-        """{(layer, grid, batch, device, first head, heads): device bytes of its layout and cached LSE}."""
-        return {(layer, *key): sum(part.nbytes for part in (e.pattern, e.lse) if part is not None)
-                for layer, entries in self._layers.items() for key, e in entries.items()}
+        """{(layer, grid, batch, device, first head, heads): device bytes of its layout and cached LSE,
+        ('cluster centroids', layer, head): bytes of a cluster-served head's centroids}."""
+        sizes = {(layer, *key): sum(part.nbytes for part in (e.pattern, e.lse) if part is not None)
+                 for layer, entries in self._layers.items() for key, e in entries.items()}
+        if self._clusters is not None:  # cluster-served heads' centroids, per (layer, head)
+            sizes.update({("cluster centroids", *key): size for key, size in self._clusters.cache_bytes().items()})
+        return sizes
+
+    def to(self, device) -> None:
+        """Move the cluster-served heads' centroids to ``device`` (the model moved)."""
+        if self._clusters is not None:
+            self._clusters.to(device)
 
     def reset(self) -> None:
-        """A new sampling run: patterns and LSEs were learned from the last run's q and k; drop them."""
+        """A new sampling run: patterns, LSEs (and centroids) were learned from the last run's q and k; drop them."""
         self._layers.clear()
         self._full_layouts.clear()
+        if self._clusters is not None:
+            self._clusters.reset()
+
+
+def pattern_heads(pattern: AdaSpaPattern, part: slice) -> AdaSpaPattern:
+    """The pattern of heads ``part`` alone (a run of block heads between cluster-served ones)."""
+    head_density = pattern.head_density[part]
+    return replace(pattern, kv_indices=pattern.kv_indices[:, part], kv_counts=pattern.kv_counts[:, part],
+                   recall=pattern.recall[:, part], head_density=head_density,
+                   density=sum(head_density) / len(head_density))
+
+
+def head_runs(clustered: tuple) -> list:
+    """(heads, on clusters) for each run of consecutive heads of one path: block heads together, each cluster-served
+    head alone (its centroids are keyed by its true head)."""
+    runs, start = [], 0
+    for h in range(1, len(clustered) + 1):
+        if h == len(clustered) or clustered[h] != clustered[start] or clustered[start]:
+            runs.append((slice(start, h), clustered[start]))
+            start = h
+    return runs

@@ -137,15 +137,17 @@ def routing_text(stats) -> str | None:
 
 
 def head_classes_text(session) -> str | None:
-    """How many heads each class of a planner that classifies its heads (SVG: spatial, temporal, semantic) holds,
-    over the last profile of every sparse layer of the run; None for other methods or before any profile."""
+    """How many heads each class of a planner that classifies its heads (SVG: spatial, temporal, semantic at its
+    profiles; AdaSpa with cluster_heads: block, cluster at its searches) holds, over the last profile (search) of
+    every sparse layer of the run; None for other methods or before any."""
     counts: dict = {}
     for planner in session.planners():
         for kind, heads in (planner.class_counts() if hasattr(planner, "class_counts") else {}).items():
             counts[kind] = counts.get(kind, 0) + heads
     if not sum(counts.values()):
         return None
-    return (f"{method_name(session.method)} head classes (the last profile of every sparse layer): "
+    when = "search" if method_name(session.method) == "AdaSpa" else "profile"
+    return (f"{method_name(session.method)} head classes (the last {when} of every sparse layer): "
             + ", ".join(f"{heads} {kind}" for kind, heads in counts.items()))
 
 

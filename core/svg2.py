@@ -160,6 +160,11 @@ class SVG2Planner:
         """Whether the grid has a video token for every query and key cluster."""
         return max(self.settings.query_clusters, self.settings.key_clusters) <= grid.video_tokens
 
+    def runs_on(self, call: AttentionCall) -> bool:
+        """Whether ``attend`` can run the call: a video token for every cluster, key padding only after text tokens
+        (what a planner that sends some heads here checks first, instead of the ValueError)."""
+        return self.fits(call.grid) and (call.kv_length is None or bool(call.grid.text_tokens))
+
     def plan_clusters(self, call: AttentionCall):
         """(query k-means, key k-means, selection) of the call's first conditioning chunk: k-means of its video
         queries and keys (warm-started from the layer's centroids, which it updates) and the key clusters each query
@@ -253,6 +258,11 @@ class SVG2Planner:
         self._centroids.clear()
         self._views.clear()
 
+    def forget(self, layer: int, head_offset: int) -> None:
+        """Drop the centroids and drawing kept for (layer, head_offset) (a head probed but not run here)."""
+        self._centroids.pop((layer, head_offset), None)
+        self._views.get(layer, {}).pop(head_offset, None)
+
     def to(self, device) -> None:
         """Move the centroid cache to ``device`` (the model moved; e.g. ComfyUI offloads it to the CPU)."""
         for entry in self._centroids.values():
@@ -265,6 +275,11 @@ class SVG2Planner:
         if not views or any(view.grid != grid for view in views.values()):
             return None
         return torch.cat([unpack_bits(views[h].packed, views[h].width) for h in sorted(views)])
+
+    def has_tiles(self, grid: VideoGrid, layer: int, head: int) -> bool:
+        """Whether head ``head`` of ``layer`` last ran alone on ``grid`` (``head_tiles`` can draw it)."""
+        view = self._views.get(layer, {}).get(head)
+        return view is not None and view.grid == grid
 
     def head_tiles(self, grid: VideoGrid, layer: int, head: int) -> torch.Tensor:
         """CPU bool (NB, NB) tile mask of head ``head`` of ``layer``'s last call that ran it alone (SVG's semantic

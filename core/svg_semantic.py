@@ -73,7 +73,7 @@ def semantic_heads(call: AttentionCall, plan, clusters: SVG2Planner) -> tuple:
     """Per head of the call: True when it is semantic (module docstring). Only heads that no block layout serves
     are clustered. None is semantic where SVG2 cannot run: fewer video tokens than clusters, key padding without
     text tokens."""
-    if not clusters.fits(call.grid) or (call.kv_length is not None and not call.grid.text_tokens):
+    if not clusters.runs_on(call):
         return (False,) * call.q.shape[1]
     best = block_masses(call, plan).max(dim=0).values.tolist()
     flags = []

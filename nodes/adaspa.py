@@ -41,7 +41,18 @@ class AdaSpaSearch:
                     "tooltip": "Video tokens attend to all text tokens (HunyuanVideo mixes its text into "
                                "self-attention; the paper's text sink). Off: text blocks are searched like video "
                                "ones. Wan's S2V motion, SCAIL pose and in-context latent tokens count as text."}),
-            }
+            },
+            "optional": {
+                "cluster_heads": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "At each search, a head whose blocks miss the recall even at max_density is tried "
+                               "on SVG2's k-means clusters (top-p 0.9, 300 / 1000 clusters), its kept attention "
+                               "mass measured exactly; if the clusters keep the recall (or 0.2 more than the "
+                               "blocks) within max_density, the head runs on SVG2's cluster kernel until the next "
+                               "search. Measured on synthetic heads (CPU): attention kept on heads of far-apart "
+                               "tokens of one moving object 0.41 -> 0.90; its cost (k-means and a cluster launch "
+                               "per such head at each search) is not measured yet, so it is off by default."}),
+            },
         }
 
     RETURN_TYPES = (METHOD_TYPE,)
@@ -51,7 +62,7 @@ class AdaSpaSearch:
     DESCRIPTION = ("AdaSpa: each head keeps the fewest blocks that hold the recall of its attention, found by an "
                    "exact search at a few steps and reused in between (Xia et al. 2025).")
 
-    def settings(self, recall, search_steps, block_size, min_density, max_density, text_dense):
+    def settings(self, recall, search_steps, block_size, min_density, max_density, text_dense, cluster_heads=False):
         return (AdaSpaSettings(recall=recall, search_steps=parse_search_steps(search_steps),
                                block_size=int(block_size), min_density=min_density, max_density=max_density,
-                               text_dense=text_dense),)
+                               text_dense=text_dense, cluster_heads=cluster_heads),)

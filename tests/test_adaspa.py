@@ -655,6 +655,18 @@ def test_node_validation(nodes, bad, message):
 
 
 @comfyui
+def test_node_cluster_heads_is_the_last_optional_input(nodes):
+    """Off by default (saved workflows load unchanged); on, it reaches the settings; a bad value names the input."""
+    spec = nodes.AdaSpaSearch.INPUT_TYPES()
+    assert list(spec["optional"]) == ["cluster_heads"] and spec["optional"]["cluster_heads"][1]["default"] is False
+    args = dict(recall=0.8, search_steps="0.2, 0.6", block_size=64, min_density=0.1, max_density=0.3,
+                text_dense=True)
+    assert nodes.AdaSpaSearch().settings(**args, cluster_heads=True)[0].cluster_heads is True
+    with pytest.raises(ValueError, match="cluster_heads must be True or False"):
+        nodes.AdaSpaSearch().settings(**args, cluster_heads="yes")
+
+
+@comfyui
 def test_node_defaults_are_the_papers(nodes):
     spec = nodes.AdaSpaSearch.INPUT_TYPES()["required"]
     method = nodes.AdaSpaSearch().settings(**{name: entry[1]["default"] for name, entry in spec.items()})[0]
