@@ -46,11 +46,14 @@ def _round_e4m3(x):
 def _to_8bit(x, QMAX: tl.constexpr, FP8: tl.constexpr, EMULATE_FP8_CAST: tl.constexpr):
     """Levels of x (already scaled onto +-QMAX): e4m3 (round to nearest even) or int8 (half away from zero)."""
     x = tl.minimum(tl.maximum(x, -QMAX), QMAX)
+    # one return: Triton's compiler (3.6) types every return of a function, even in a constexpr branch not taken
     if FP8:
         if EMULATE_FP8_CAST:
             x = _round_e4m3(x)
-        return x.to(tl.float8e4nv)
-    return tl.where(x >= 0, x + 0.5, x - 0.5).to(tl.int8)
+        levels = x.to(tl.float8e4nv)
+    else:
+        levels = tl.where(x >= 0, x + 0.5, x - 0.5).to(tl.int8)
+    return levels
 
 
 @triton.jit
