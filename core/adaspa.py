@@ -69,7 +69,7 @@ from ..kernels import (block_mass, block_sparse_attention, dense_attention_with_
 from .adaspa_clusters import cluster_served
 from .break_even import block_kernel
 from .grid import VideoGrid
-from .memory import head_parts, heads_of, heads_per_chunk
+from .memory import attend_in_parts, head_parts, heads_per_chunk
 from .method import AttentionCall, pooled_key_blocks, share_over_conditionings, split_lse
 from .routing import keep_sparse
 from .svg2 import PRESETS as SVG2_PRESETS, SVG2Planner, SVG2Settings
@@ -395,25 +395,17 @@ class AdaSpaPlanner:
         keyed by the true head); their LSE rows gathered."""
         if not clustered:
             return self._sparse_blocks(call, pattern), pattern.density
-        out = call.out if call.out is not None else torch.empty_like(call.q)
-        lses = [torch.full(call.q.shape[:3], -math.inf, device=call.q.device) if wanted else None
-                for wanted in (call.want_lse, call.want_lse and call.compensate)]
-        work = 0.0
-        for part, on_clusters in head_runs(clustered):
-            sub = heads_of(call, part, out)
-            if on_clusters:
-                _, density = self._clusters.attend(sub)
-            else:
-                block = pattern_heads(pattern, part)
-                self._sparse_blocks(sub, block)
-                density = block.density
-            work += density * (part.stop - part.start)
-            for lse, rows in zip(lses, (sub.lse, sub.lse_compensated)):
-                if lse is not None and rows is not None:
-                    lse[:, part] = rows
-        if call.want_lse:
-            call.lse, call.lse_compensated = lses
-        return out, work / call.q.shape[1]
+        runs = head_runs(clustered)
+        on_clusters = {part.start: flag for part, flag in runs}
+
+        def attend_part(sub, part):
+            if on_clusters[part.start]:
+                return self._clusters.attend(sub)[1]
+            block = pattern_heads(pattern, part)
+            self._sparse_blocks(sub, block)
+            return block.density
+
+        return attend_in_parts(call, [part for part, _ in runs], attend_part)
 
     def _sparse_blocks(self, call, pattern):
         q, k = call.q, call.k

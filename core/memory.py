@@ -10,6 +10,7 @@ out-of-memory error.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -40,3 +41,22 @@ def heads_of(call, part: slice, out: torch.Tensor | None):
     true head: head_offset)."""
     return replace(call, q=call.q[:, part], k=call.k[:, part], v=call.v[:, part], lse=None, lse_compensated=None,
                    out=None if out is None else out[:, part], head_offset=call.head_offset + part.start)
+
+
+def attend_in_parts(call, parts, attend_part) -> tuple[torch.Tensor, float]:
+    """Run ``attend_part(sub_call, part) -> density`` on each head slice ``part`` of ``call`` (sub-calls write into
+    the call's output) and gather their LSE rows (exact and compensated, when wanted; heads no part covers stay
+    -inf): (output, density over the call's heads)."""
+    out = call.out if call.out is not None else torch.empty_like(call.q)
+    lses = [torch.full(call.q.shape[:3], -math.inf, device=call.q.device) if wanted else None
+            for wanted in (call.want_lse, call.want_lse and call.compensate)]
+    work = 0.0
+    for part in parts:
+        sub = heads_of(call, part, out)
+        work += attend_part(sub, part) * (part.stop - part.start)
+        for lse, rows in zip(lses, (sub.lse, sub.lse_compensated)):
+            if lse is not None and rows is not None:
+                lse[:, part] = rows
+    if call.want_lse:
+        call.lse, call.lse_compensated = lses
+    return out, work / call.q.shape[1]

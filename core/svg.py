@@ -31,7 +31,7 @@ from ..kernels import (block_mask_to_indices, block_sparse_attention, candidate_
                        scatter_head_rows, validate_layout)
 from .break_even import block_kernel
 from .grid import VideoGrid
-from .memory import head_bytes, heads_of, heads_per_chunk
+from .memory import attend_in_parts, head_bytes, heads_per_chunk
 from .method import AttentionCall, pooled_key_blocks, split_lse
 from .routing import keep_sparse
 from .svg2 import PRESETS as SVG2_PRESETS, SVG2Planner, SVG2Settings
@@ -223,21 +223,15 @@ class SVGPlanner:
     def _attend_parts(self, call: AttentionCall, plan: SVGPlan, classes: HeadClasses) -> tuple[torch.Tensor, float]:
         """A call with semantic heads: each run of block heads as one sub-call, each semantic head as its own
         sub-call of the cluster planner (its centroids keyed by the true head); their LSE rows gathered."""
-        out = call.out if call.out is not None else torch.empty_like(call.q)
-        lses = [torch.full(call.q.shape[:3], -math.inf, device=call.q.device) if wanted else None
-                for wanted in (call.want_lse, call.want_lse and call.compensate)]
-        work = 0.0
-        for part, block in classes.parts:
-            for heads in [part] if block else [slice(h, h + 1) for h in range(part.start, part.stop)]:
-                sub = heads_of(call, heads, out)
-                _, density = self._attend_blocks(sub, plan, block) if block else self._clusters.attend(sub)
-                work += density * (heads.stop - heads.start)
-                for lse, rows in zip(lses, (sub.lse, sub.lse_compensated)):
-                    if lse is not None and rows is not None:
-                        lse[:, heads] = rows
-        if call.want_lse:
-            call.lse, call.lse_compensated = lses
-        return out, work / call.q.shape[1]
+        runs = [(heads, block) for part, block in classes.parts
+                for heads in ([part] if block else [slice(h, h + 1) for h in range(part.start, part.stop)])]
+        block_of = {heads.start: block for heads, block in runs}
+
+        def attend_part(sub, heads):
+            block = block_of[heads.start]
+            return self._attend_blocks(sub, plan, block)[1] if block else self._clusters.attend(sub)[1]
+
+        return attend_in_parts(call, [heads for heads, _ in runs], attend_part)
 
     def _attend_blocks(self, call: AttentionCall, plan: SVGPlan, classes: HeadClasses) -> tuple[torch.Tensor, float]:
         """Heads that all run a block layout: spatial ones in one launch, temporal ones reordered."""
