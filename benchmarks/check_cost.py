@@ -92,7 +92,7 @@ def run_share(run_steps, dense_step, sparse_step, extra, defaults, patch_dense_s
 def measure(args, nodes, device):
     config = TINY if args.tiny else e2e.CONFIGS[args.config]
     model = e2e.build_model(config.checkpoint(), device)
-    latent, cond = torch.zeros(1, *config.latent), config.cond()
+    latent, cond = e2e.empty_latent(config.latent), config.cond()
     method = nodes.RadialMask().settings(**config.radial)[0]
     backend = "reference" if args.tiny else "auto"
     patched = nodes.SparseAttentionPatch().patch(model, dense_steps=1, sparse_end=1.0, dense_layers=config.dense_layers,

@@ -1,4 +1,5 @@
-"""End-to-end: one denoising step of ComfyUI's own WanModel / HunyuanVideo, dense against Radial (GPU).
+"""End-to-end: one denoising step of ComfyUI's own video models (Wan, HunyuanVideo, Kandinsky 5, LTX-2), dense
+against Radial (GPU).
 
 Builds ComfyUI's model at the real configuration (as ComfyUI's model detection configures it from a checkpoint's
 keys) with random bf16 weights, samples a few steps through ComfyUI's sampler with the unpatched model and with the
@@ -81,6 +82,23 @@ def kandinsky5_checkpoint(model_dim=4096, time_dim=1024, ff_dim=16384, head_dim=
     return keys
 
 
+def ltx2_checkpoint(head_dim: int = 128, layers: int = 48) -> dict:
+    """LTX-2 19B (LTXAV, video with audio): 48 blocks, video 32 heads of 128 (dim 4096). Detection reads the block
+    count and the head size (the text key projection of block 0, as 32 heads); the audio stream (32 heads of 64, dim
+    2048) and the text's 3840 channels a stream are LTXAVModel's defaults, which are LTX-2's."""
+    dim = 32 * head_dim
+    keys = {"adaln_single.emb.timestep_embedder.linear_1.bias": (dim,),
+            "audio_adaln_single.linear.weight": (6 * 2048, 2048)}  # present: the audio stream (LTXAV, not LTXV)
+    keys.update({f"transformer_blocks.{i}.attn2.to_k.weight": (dim, dim) for i in range(layers)})
+    return keys
+
+
+def ltx2_text():
+    """LTX-2's text as its model takes it: ComfyUI's text connectors pad Gemma's tokens with learnable registers to
+    1024 and return a video and an audio half of 3840 channels; the frame rate of LTXVConditioning (24)."""
+    return text(1024, 2 * 3840, frame_rate=24.0)
+
+
 def text(tokens: int, width: int, **extra):
     """ComfyUI conditioning: one text of ``tokens`` x ``width`` and the extra inputs its model takes."""
     gen = torch.Generator().manual_seed(1)
@@ -93,7 +111,7 @@ class Config:
     Radial settings and dense layers of the pack's workflow for it."""
 
     checkpoint: Callable[[], dict]
-    latent: tuple
+    latent: tuple  # its shape without the batch; a tuple of shapes: one latent of several streams (LTX-2's)
     cond: Callable[[], list]
     radial: dict
     dense_layers: int
@@ -125,7 +143,28 @@ CONFIGS = {
                                           reference_motion=torch.randn(1, 16, 19, 90, 160),
                                           audio_embed=torch.randn(1, 25, 1024, 80),
                                           control_video=torch.zeros(1, 16, 20, 90, 160)), WAN_RADIAL, 1),
+    # LTX-2 19B, 1280x704, 121 frames at 24 fps (workflows/ltx2_t2v_radial.json): 16 x 22 x 40 = 14,080 video
+    # tokens; the audio latent's 25 frames a second (16 kHz, hop 160, /4): round(121 / 24 * 25) = 126 audio tokens
+    "ltx2-720p": Config(ltx2_checkpoint, ((128, 16, 22, 40), (8, 126, 16)), ltx2_text, WAN_RADIAL, 1),
 }
+
+
+def empty_latent(shape: tuple):
+    """A zero latent of ``shape`` (batch 1); for a tuple of shapes, a latent of those streams as ComfyUI nests them
+    (LTXVConcatAVLatent: LTX-2's video and audio)."""
+    if isinstance(shape[0], tuple):
+        import comfy.nested_tensor
+        return comfy.nested_tensor.NestedTensor([torch.zeros(1, *s) for s in shape])
+    return torch.zeros(1, *shape)
+
+
+def seeded_noise(latent):
+    """Seeded noise of ``latent``'s shape, each stream's of a nested latent."""
+    generator = torch.Generator().manual_seed(0)
+    if isinstance(latent, torch.Tensor):
+        return torch.randn(latent.shape, generator=generator)
+    import comfy.nested_tensor
+    return comfy.nested_tensor.NestedTensor([torch.randn(t.shape, generator=generator) for t in latent.unbind()])
 
 
 def build_model(checkpoint: dict, device):
@@ -161,7 +200,7 @@ def sample_step_times(model, latent, steps, cond, cfg=1.0):
 
     sync()
     marks.append(time.perf_counter())
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
+    noise = seeded_noise(latent)
     comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", cond, cond, latent, seed=0,
                         callback=on_step, disable_pbar=True)
     return [b - a for a, b in zip(marks, marks[1:])]
@@ -189,7 +228,7 @@ def attention_seconds(model, latent, cond):
 def run_config(name, nodes, device, steps, attention_share=True, precision="bf16"):
     config = CONFIGS[name]
     model = build_model(config.checkpoint(), device)
-    latent, cond = torch.zeros(1, *config.latent), config.cond()
+    latent, cond = empty_latent(config.latent), config.cond()
     method = nodes.RadialMask().settings(**config.radial)[0]
     patched = nodes.SparseAttentionPatch().patch(model, dense_steps=1, sparse_end=1.0, dense_layers=config.dense_layers,
                                                  backend="auto", verbose=False, method=method,
