@@ -44,7 +44,11 @@ SHAPES = {
 SMOKE_SHAPES = {"smoke": (1, 2, 2, 8, 16, 0)}  # 256 tokens
 HEAD_DIM = 128
 LAYOUT_NAMES = {"banded": "banded", "scattered": "random"}  # our name -> benchmarks/kernels.py's
-CONFIGS = [dict(BLOCK_N=n, num_warps=w, num_stages=s) for n in (64, 128) for w in (4, 8) for s in (2, 3)]
+# Tile configs swept (BLOCK_N, num_warps, num_stages); the FP8 path also with and without TMA loads and the per-tile
+# fp32 sum of P V (the INT8 path has neither)
+TILES = [(64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 4, 2), (128, 8, 2), (128, 8, 3)]
+CONFIGS = [dict(BLOCK_N=n, num_warps=w, num_stages=s, tma=tma, split_acc=split) for n, w, s in TILES
+           for tma in (False, True) for split in (True, False)]
 # Video self-attention calls in one forward of each model (HunyuanVideo: 20 double + 40 single blocks).
 LAYERS = {"wan1.3b-480p": 30, "wan14b-720p": 40, "hunyuan-720p": 60, "smoke": 2}
 SPEEDUP_TARGET = 1.5
@@ -195,7 +199,15 @@ def main():
             idx, cnt = build_layout(torch, "banded", H, nb, 0.25, gen)
             info["peak_bytes"] = {p: peak_bytes(torch, lambda: launch(p, idx, cnt)) for p in ["bf16", *precisions]}
         if args.configs:
-            info["configs"] = sweep_configs(torch, K, launch, precisions, H, nb, gen, timer, args)
+            def prepass(precision):  # what a call spends before its kernel: K's mean, the 8-bit copies of K and V
+                mean = q8_kernel.key_means(k, None).contiguous()
+                q8_kernel._quantize(k, None, block_size=bs, precision=precision, mean=mean)
+                absmax = q8_kernel.value_channel_absmax(v, None)
+                inverse = q8_kernel.inverse_scale(absmax, q8_kernel.QMAX["fp8"]).contiguous()
+                if precision == "fp8":
+                    q8_kernel._quantize(v, None, block_size=bs, precision=precision, inverse=inverse)
+
+            info["configs"] = sweep_configs(torch, K, launch, prepass, precisions, H, nb, gen, timer, args)
         per_shape[name] = info
         del q, k, v, out, dense
         if ck is not None:
@@ -254,17 +266,21 @@ def kitchen_sparse(ck, qs, ks, vs, dense, density, timer):
     return dict(sol_ms=timer(call), sol_err_vs_dense=rel_err(out.transpose(1, 2), dense))
 
 
-def sweep_configs(torch, K, launch, precisions, H, nb, gen, timer, args):
+def sweep_configs(torch, K, launch, prepass, precisions, H, nb, gen, timer, args):
     """Every tile config of each 8-bit path at the first layout and the lowest density; a config whose output
-    differs from the default's (or that cannot launch) gets no time."""
+    differs from the default's (or that cannot launch) gets no time. Also the pre-pass alone."""
     density = min(args.densities)
     idx, cnt = build_layout(torch, LAYOUT_NAMES[args.layouts[0]], H, nb, density, gen)
     results = []
     for precision in precisions:
         expected = launch(precision, idx, cnt).clone()
         default_ms = timer(lambda: launch(precision, idx, cnt))
+        entry = dict(precision=precision, prepass_ms=timer(lambda: prepass(precision)))
+        print(f"  {precision} pre-pass alone (K and V quantized, every head): {entry['prepass_ms']:.3f} ms",
+              flush=True)
+        results.append(entry)
         for cfg in CONFIGS:
-            if cfg["BLOCK_N"] > args.block_size:
+            if cfg["BLOCK_N"] > args.block_size or (precision == "int8" and (cfg["tma"] or not cfg["split_acc"])):
                 continue
             entry = dict(precision=precision, config=cfg, default_ms=default_ms)
             err, error = attempt(lambda: rel_err(launch(precision, idx, cnt, dict(cfg)), expected))
@@ -300,7 +316,7 @@ def print_report(meta, per_shape, rows, precisions):
             line += ", peak MiB " + " / ".join(f"{p} {b / 2 ** 20:.0f}" for p, b in info["peak_bytes"].items())
         print(line)
         print("  " + dense_calls_text(info["dense_calls"], precisions))
-        timed = [c for c in info.get("configs", []) if c["ms"] is not None]
+        timed = [c for c in info.get("configs", []) if c.get("ms") is not None]
         for p in precisions:
             best = min((c for c in timed if c["precision"] == p), key=lambda c: c["ms"], default=None)
             if best:

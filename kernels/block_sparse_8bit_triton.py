@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .block_sparse_triton import (_LOG2E, _NEG_BIG, _load_values, _mask_keys, _program_layout, _row_results,
-                                  _store_rows, _tile_config, triton_block_sparse_attention)
+                                  _store_rows, _tensor_descriptor_class, _tile_config, triton_block_sparse_attention)
 from .quantize_reference import FP16_MAX, P_SCALE, QMAX, inverse_scale, key_means, value_channel_absmax
 
 # Bound on the 8-bit copies of K and V one launch holds (heads run in groups under it): at Wan 14B 720p the copies
@@ -120,11 +120,13 @@ def _block_sparse_8bit_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
     QMAX: tl.constexpr, FP8: tl.constexpr, P_SCALE: tl.constexpr,
     HAS_KV_LEN: tl.constexpr, MASK_KEYS: tl.constexpr, EVEN_Q: tl.constexpr, RETURN_LSE: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, TMA: tl.constexpr, SPLIT_ACC: tl.constexpr,
 ):
     """One query block of one (batch, head). KQ (B*H, L_PAD, D) and KS (B*H, NKB): the pre-pass's K levels and
     block scales. FP8: VQ (B*H, D, L_PAD) levels and VS (B*H, D) channel scales of V; INT8: V itself, in fp16.
-    UPCAST_DOT (the CPU interpreter): fp16 products in float32 tiles, the FP8 rounding emulated."""
+    UPCAST_DOT (the CPU interpreter): fp16 products in float32 tiles, the FP8 rounding emulated.
+    TMA (FP8, Hopper+): KQ and VQ are 2D tensor descriptors of those copies, (B*H*L_PAD, D) and (B*H*D, L_PAD).
+    SPLIT_ACC (FP8): each tile's P V in a fresh accumulator added in fp32, else chained through the MMA."""
     b, h, qb, idx_base, count, key_limit = _program_layout(
         KV_IDX, KV_CNT, KV_LEN, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, H, LK, HAS_KV_LEN)
     b = b.to(tl.int64)
@@ -140,8 +142,9 @@ def _block_sparse_8bit_fwd(
     tl.store(FLAGS + bh * tl.num_programs(0) + qb, _count_nonfinite(q))
     q_scale, q_inv = _absmax_scale(q, QMAX)
     q8 = _to_8bit(q * q_inv, QMAX, FP8, UPCAST_DOT)
-    kq_base = KQ + bh * L_PAD * HEAD_DIM
-    vq_base = VQ + bh * L_PAD * HEAD_DIM
+    if not TMA:
+        kq_base = KQ + bh * L_PAD * HEAD_DIM
+        vq_base = VQ + bh * L_PAD * HEAD_DIM
     v_base = V + b * stride_vb + h * stride_vh
 
     m_i = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)
@@ -152,7 +155,10 @@ def _block_sparse_8bit_fwd(
         kb = tl.load(idx_base + it // SUB_TILES)
         start = kb * KV_BLOCK + (it % SUB_TILES) * BLOCK_N
         cols = start + offs_n
-        k8_t = tl.load(kq_base + cols[None, :] * HEAD_DIM + offs_d[:, None])  # padded copy: no masks
+        if TMA:
+            k8_t = tl.trans(KQ.load([(bh * L_PAD + start).to(tl.int32), 0]))
+        else:
+            k8_t = tl.load(kq_base + cols[None, :] * HEAD_DIM + offs_d[:, None])  # padded copy: no masks
         if FP8:
             s = tl.dot(q8, k8_t)
         else:
@@ -163,10 +169,17 @@ def _block_sparse_8bit_fwd(
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if FP8:
-            v8 = tl.load(vq_base + offs_d[None, :] * L_PAD + cols[:, None])
-            # A fresh accumulator per tile, added in fp32: Hopper's FP8 MMA sums with fewer bits than fp32, so
-            # carrying acc through it would lose precision over long key lists (SageAttention2's two-level sum).
-            acc = acc * alpha[:, None] + tl.dot(_to_8bit(p * P_SCALE, P_SCALE, True, UPCAST_DOT), v8)
+            if TMA:
+                v8 = tl.trans(VQ.load([(bh * HEAD_DIM).to(tl.int32), start]))
+            else:
+                v8 = tl.load(vq_base + offs_d[None, :] * L_PAD + cols[:, None])
+            p8 = _to_8bit(p * P_SCALE, P_SCALE, True, UPCAST_DOT)
+            if SPLIT_ACC:
+                # Hopper's FP8 MMA sums with fewer bits than fp32: a fresh accumulator per tile, added in fp32,
+                # keeps long key lists exact to fp32 (SageAttention2's two-level sum) at the cost of registers
+                acc = acc * alpha[:, None] + tl.dot(p8, v8)
+            else:
+                acc = tl.dot(p8, v8, acc * alpha[:, None])
         else:  # keys past the limit read as zeros: padding never reaches the sum, even as NaN * 0
             v = _load_values(v_base, cols, offs_d, stride_vl, key_limit, MASK_KEYS, False).to(tl.float16)
             p16 = p.to(tl.float16)
@@ -183,6 +196,14 @@ def _block_sparse_8bit_fwd(
     if RETURN_LSE:  # the scores were of the smoothed keys: add q.mean back
         lse += tl.sum(q * tl.load(MEAN + bh * HEAD_DIM + offs_d)[None, :], 1) * scale
         tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, lse, mask=offs_m < LQ)
+
+
+def _eight_bit_config(config, head_dim, block_size, device, precision) -> dict:
+    """The tile config of a launch: the caller's, else the bf16 kernel's for this GPU; TMA only on the FP8 path
+    (its copies are padded and contiguous) where this Triton has descriptors."""
+    cfg = {"split_acc": True, **(config if config is not None else _tile_config(head_dim, block_size, device))}
+    cfg["tma"] = bool(cfg.get("tma")) and precision == "fp8" and _tensor_descriptor_class() is not None
+    return cfg
 
 
 def _quantize(x, kv_len, *, block_size, precision, mean=None, inverse=None):
@@ -208,8 +229,9 @@ def triton_block_sparse_attention_8bit(q, k, v, kv_indices, kv_counts, *, block_
                                        copy_bytes=COPY_BYTES):
     """Launch the 8-bit path ('fp8' or 'int8'). Inputs are assumed validated; head_dim a power of two in [16, 128].
 
-    ``config``: BLOCK_N, num_warps, num_stages, default per GPU (the bf16 kernel's pointer variant's). The heads run
-    a group at a time, so that the 8-bit copies of K and V stay under ``copy_bytes``."""
+    ``config``: BLOCK_N, num_warps, num_stages, tma (FP8: read the 8-bit copies through TMA descriptors) and
+    split_acc (FP8: P V summed per tile in fp32), default per GPU. The heads run a group at a time, so that the 8-bit
+    copies of K and V stay under ``copy_bytes``."""
     B, H, LQ, D = q.shape
     LK = k.shape[2]
     nkb = (LK + block_size - 1) // block_size
@@ -220,8 +242,7 @@ def triton_block_sparse_attention_8bit(q, k, v, kv_indices, kv_counts, *, block_
     indices = indices if indices.stride(-1) == 1 else indices.contiguous()
     counts = counts if counts.stride(-1) == 1 else counts.contiguous()
     kv_len = kv_length.to(device=q.device, dtype=torch.int32).contiguous() if kv_length is not None else None
-    cfg = dict(config) if config is not None else _tile_config(D, block_size, q.device)
-    cfg.pop("tma", None)
+    cfg = _eight_bit_config(config, D, block_size, q.device, precision)
     if block_size % cfg["BLOCK_N"]:
         raise ValueError(f"config BLOCK_N={cfg['BLOCK_N']} must divide the layout block size {block_size}")
 
@@ -259,6 +280,12 @@ def _launch_heads(q, k, v, indices, counts, kv_len, kv_length, result, lse, *, b
     v_levels = _quantize(v, kv_len, block_size=block_size, precision=precision,
                          inverse=inverse_scale(v_absmax, QMAX["fp8"]).contiguous()) if fp8 else k_levels
     flags = torch.empty(B * H, nqb, device=q.device, dtype=torch.int32)
+    cfg = dict(cfg)
+    tma = cfg.pop("tma")
+    if tma:  # 2D views of the padded copies: every tile is a box inside one head's rows
+        descriptor = _tensor_descriptor_class()
+        k_levels = descriptor.from_tensor(k_levels.view(-1, D), [cfg["BLOCK_N"], D])
+        v_levels = descriptor.from_tensor(v_levels.view(-1, nkb * block_size), [D, cfg["BLOCK_N"]])
 
     def bstride(t, dim):  # a layout dimension of size 1 is shared: stride 0
         return 0 if t.shape[dim] == 1 else t.stride(dim)
@@ -274,7 +301,8 @@ def _launch_heads(q, k, v, indices, counts, kv_len, kv_length, result, lse, *, b
         H, LQ, LK, nkb * block_size, nkb,
         HEAD_DIM=D, BLOCK_M=block_size, KV_BLOCK=block_size, QMAX=QMAX[precision], FP8=fp8, P_SCALE=P_SCALE,
         HAS_KV_LEN=kv_len is not None, MASK_KEYS=kv_len is not None or LK % block_size != 0,
-        EVEN_Q=LQ % block_size == 0, RETURN_LSE=lse is not None, UPCAST_DOT=q.device.type == "cpu", **cfg)
+        EVEN_Q=LQ % block_size == 0, RETURN_LSE=lse is not None, UPCAST_DOT=q.device.type == "cpu", TMA=tma,
+        SPLIT_ACC=cfg.pop("split_acc"), **cfg)
 
     unsafe = flags.any() | k_scales.isnan().any() | ~torch.isfinite(v_absmax).all()
     if not fp8 and v.dtype != torch.float16:

@@ -154,3 +154,31 @@ def test_fp8_on_a_gpu_without_it_is_a_value_error():
     layout = K.block_mask_to_indices(torch.ones(1, 1, 1, 1, dtype=torch.bool, device="cuda"))
     with pytest.raises(ValueError, match="precision 'fp8' cannot run here"):
         K.block_sparse_attention(q, q, q, *layout, block_size=128, precision="fp8")
+
+
+@pytest.mark.parametrize("split_acc", [True, False], ids=["split-sum", "chained-sum"])
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_fp8_load_paths_and_sums(D, tma, split_acc, gen):
+    """Every FP8 tile variant the config sweep may pick: TMA or pointer loads of the 8-bit copies, P V summed per
+    tile in fp32 or chained through the MMA. TMA loads give the pointer loads' result bit for bit."""
+    needs("fp8")
+    if tma and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs Hopper or newer")
+    Q8 = import_pack("kernels.block_sparse_8bit_triton")
+    q, k, v = make_qkv(L, L, D, torch.bfloat16, gen)
+    nb = K.num_blocks(L, 128)
+    layout = random_layout((1, H), nb, nb, gen, width=max(1, nb // 4), device="cuda")
+    config = dict(BLOCK_N=64, num_warps=4, num_stages=2, tma=tma, split_acc=split_acc)
+    out, lse = Q8.triton_block_sparse_attention_8bit(q, k, v, *layout, block_size=128, scale=D ** -0.5,
+                                                     precision="fp8", return_lse=True, config=config)
+    ref, ref_lse = run(q, k, v, layout, 128, "fp8", backend="reference")
+    ctx = f"D={D} tma={tma} split_acc={split_acc} seed={gen.initial_seed()}"
+    err = rel_err(out, ref)
+    assert err < (KERNEL_TOL[torch.bfloat16] if split_acc else 0.02), f"{ctx}: vs simulated reference {err:.2e}"
+    assert (lse - ref_lse).abs().max().item() < LSE_TOL, ctx
+    if tma:
+        pointer, _ = Q8.triton_block_sparse_attention_8bit(q, k, v, *layout, block_size=128, scale=D ** -0.5,
+                                                           precision="fp8", return_lse=True,
+                                                           config={**config, "tma": False})
+        assert torch.equal(out, pointer), ctx
