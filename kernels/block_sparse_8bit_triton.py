@@ -43,14 +43,20 @@ def _round_e4m3(x):
 
 
 @triton.jit
+def _e4m3(x, EMULATE_FP8_CAST: tl.constexpr):
+    """x (inside +-448) as e4m3, rounded to nearest even."""
+    if EMULATE_FP8_CAST:
+        x = _round_e4m3(x)
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
 def _to_8bit(x, QMAX: tl.constexpr, FP8: tl.constexpr, EMULATE_FP8_CAST: tl.constexpr):
     """Levels of x (already scaled onto +-QMAX): e4m3 (round to nearest even) or int8 (half away from zero)."""
     x = tl.minimum(tl.maximum(x, -QMAX), QMAX)
     # one return: Triton's compiler (3.6) types every return of a function, even in a constexpr branch not taken
     if FP8:
-        if EMULATE_FP8_CAST:
-            x = _round_e4m3(x)
-        levels = x.to(tl.float8e4nv)
+        levels = _e4m3(x, EMULATE_FP8_CAST)
     else:
         levels = tl.where(x >= 0, x + 0.5, x - 0.5).to(tl.int8)
     return levels
@@ -163,9 +169,11 @@ def _block_sparse_8bit_fwd(
             s = tl.dot(q8, k8_t)
         else:
             s = tl.dot(q8, k8_t, out_dtype=tl.int32).to(tl.float32)
-        s = _mask_keys(s * (q_scale * tl.load(KS + bh * NKB + kb)), start, offs_n, key_limit, BLOCK_N, MASK_KEYS)
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        # one scale per tile takes the integer scores to scaled log2 units: one multiply per score
+        s = _mask_keys(s * (q_scale * tl.load(KS + bh * NKB + kb) * qk_scale), start, offs_n, key_limit, BLOCK_N,
+                       MASK_KEYS)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if FP8:
@@ -173,7 +181,7 @@ def _block_sparse_8bit_fwd(
                 v8 = tl.trans(VQ.load([(bh * HEAD_DIM).to(tl.int32), start]))
             else:
                 v8 = tl.load(vq_base + offs_d[None, :] * L_PAD + cols[:, None])
-            p8 = _to_8bit(p * P_SCALE, P_SCALE, True, UPCAST_DOT)
+            p8 = _e4m3(p * P_SCALE, UPCAST_DOT)  # p is in [0, 1]: no clamp
             if SPLIT_ACC:
                 # Hopper's FP8 MMA sums with fewer bits than fp32: a fresh accumulator per tile, added in fp32,
                 # keeps long key lists exact to fp32 (SageAttention2's two-level sum) at the cost of registers
