@@ -37,8 +37,10 @@ def gen():
 # ------------------------------------------------------------------------------------------------ oracle
 
 
-def compensated_oracle(q, k, v, key_group, kept, scale=None):
-    """float64 (out, exact lse, compensated lse) from the definition.
+def compensated_oracle(q, k, v, key_group, kept, scale=None, pooled=None):
+    """float64 (out, exact lse, compensated lse) from the definition. ``pooled``: the PooledKeys the kernel was
+    given, whose stored means (in the keys' dtype, within a rounding of the exact ones: tested apart) are then the
+    virtual keys and values; else the exact means.
 
     key_group: (B, H, LK) long, each key's group, -1 for a key in none (padding). kept: (B, H, LQ, G) bool, the
     groups each row attends exactly; every other non-empty group enters as its pooled virtual key."""
@@ -48,8 +50,11 @@ def compensated_oracle(q, k, v, key_group, kept, scale=None):
     q64, k64, v64 = q.double(), k.double(), v.double()
     member = F.one_hot(key_group.clamp(min=0), max(G, 1))[..., :G].double() * (key_group >= 0)[..., None]
     size = member.sum(dim=2)                                                       # (B, H, G)
-    k_mean = member.transpose(-1, -2) @ k64 / size.clamp(min=1)[..., None]
-    v_mean = member.transpose(-1, -2) @ v64 / size.clamp(min=1)[..., None]
+    if pooled is None:
+        k_mean = member.transpose(-1, -2) @ k64 / size.clamp(min=1)[..., None]
+        v_mean = member.transpose(-1, -2) @ v64 / size.clamp(min=1)[..., None]
+    else:
+        k_mean, v_mean = (t.double().expand(B, H, G, D) for t in (pooled.keys, pooled.values))
     exact_ok = (kept.double() @ member.transpose(-1, -2)) > 0                      # (B, H, LQ, LK)
     s = (q64 @ k64.transpose(-1, -2) * scale).masked_fill(~exact_ok, float("-inf"))
     pooled_ok = ~kept & (size > 0)[:, :, None, :]
@@ -156,7 +161,7 @@ def test_block_compensation_matches_oracle(backend, shape, dtype, layout, gen):
     result = K.block_sparse_attention(q, k, v, idx, cnt, block_size=bs, kv_length=kv_length, return_lse=True,
                                       backend=backend, pooled=pooled)
     expected = compensated_oracle(q, k, v, block_groups(B, H, LK, bs, kv_length),
-                                  block_kept(idx, cnt, B, H, LQ, LK, bs))
+                                  block_kept(idx, cnt, B, H, LQ, LK, bs), pooled=pooled)
     assert_compensated(result, expected, dtype, f"{backend} {shape} {dtype} seed={gen.initial_seed()}")
 
 
@@ -300,7 +305,8 @@ def test_cluster_compensation_matches_oracle(backend, shape, dtype, gen):
     pooled = K.pool_key_clusters(k, v, k_off, backend=backend)
     result = K.cluster_block_attention(q, k, v, q_off, k_off, ids, counts, backend=backend, return_lse=True,
                                        pooled=pooled)
-    expected = compensated_oracle(q, k, v, cluster_groups(k_off, LK), cluster_kept(q_off, ids, counts, ck, LQ))
+    expected = compensated_oracle(q, k, v, cluster_groups(k_off, LK), cluster_kept(q_off, ids, counts, ck, LQ),
+                                  pooled=pooled)
     assert_compensated(result, expected, dtype, f"{backend} {shape} {dtype} seed={gen.initial_seed()}")
 
 
