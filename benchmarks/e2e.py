@@ -176,10 +176,12 @@ def build_model(checkpoint: dict, device):
     config = comfy.model_detection.model_config_from_unet(meta, "")
     config.set_inference_dtype(torch.bfloat16, None)
     model = config.get_model({}, device=device)
-    generator = torch.Generator(device=device).manual_seed(0)
+    generators = {}  # one per device: some models build a part on the CPU (the sampler moves it)
     with torch.no_grad():  # ComfyUI leaves weights uninitialised; random weights of a sane scale
         for p in model.parameters():
-            p.normal_(0.0, 0.02, generator=generator)
+            if p.device not in generators:
+                generators[p.device] = torch.Generator(device=p.device).manual_seed(0)
+            p.normal_(0.0, 0.02, generator=generators[p.device])
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
 
 

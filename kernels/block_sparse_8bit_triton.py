@@ -207,9 +207,15 @@ def _block_sparse_8bit_fwd(
 
 
 def _eight_bit_config(config, head_dim, block_size, device, precision) -> dict:
-    """The tile config of a launch: the caller's, else the bf16 kernel's for this GPU; TMA only on the FP8 path
-    (its copies are padded and contiguous) where this Triton has descriptors."""
-    cfg = {"split_acc": True, **(config if config is not None else _tile_config(head_dim, block_size, device))}
+    """The tile config of a launch: the caller's, else the measured one for this GPU (FP8 on Hopper: 128-wide key
+    tiles over two warpgroups, the fastest of the sweep in benchmarks/RESULTS.md that keeps fp32 sums; otherwise the
+    bf16 kernel's); TMA only on the FP8 path (its copies are padded and contiguous) where Triton has descriptors."""
+    if config is None:
+        config = _tile_config(head_dim, block_size, device)
+        if precision == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9 \
+                and block_size % 128 == 0:
+            config = dict(BLOCK_N=128, num_warps=8, num_stages=3, tma=False)
+    cfg = {"split_acc": True, **config}
     cfg["tma"] = bool(cfg.get("tma")) and precision == "fp8" and _tensor_descriptor_class() is not None
     return cfg
 

@@ -16,14 +16,19 @@ from test_block_sparse_kernel import banded_layout, new_generator, random_layout
 
 K = import_pack("kernels")
 EB = import_pack("kernels.eight_bit")
+Q8 = import_pack("kernels.block_sparse_8bit_triton")
+QR = import_pack("kernels.quantize_reference")
 synthetic = import_pack("benchmarks.synthetic")
 
 pytestmark = pytest.mark.gpu
 
 B, H, L = 2, 4, 4096 + 37
 PRECISIONS = ("fp8", "int8")
-# Kernel vs simulated reference: float32 summation order (tensor-core sums, FMA), output rounding.
+# Kernel vs simulated reference: float32 summation order (tensor-core sums, FMA), output rounding. FP8: Hopper's FP8
+# MMA keeps fewer bits than fp32 inside each product (the reference sums exactly); on the H200 every fp16 case sat
+# between 3e-3 and 1e-2 while INT8 (exact integer sums) met 3e-3, so FP8 gets bf16's bound in both dtypes.
 KERNEL_TOL = {torch.float16: 3e-3, torch.bfloat16: 1e-2}
+FP8_KERNEL_TOL = 1e-2
 LSE_TOL = 2e-3
 VIDEO_TOL = 0.02
 
@@ -53,14 +58,22 @@ def run(q, k, v, layout, block_size, precision, backend="triton", **kwargs):
                                     return_lse=True, **kwargs)
 
 
+def reference(q, k, v, layout, block_size, precision, **kwargs):
+    """The simulated reference with the key tile the kernel runs here (the running max P is quantized against)."""
+    tile = Q8._eight_bit_config(None, q.shape[-1], block_size, q.device, precision)["BLOCK_N"]
+    return QR.reference_8bit_block_sparse_attention(q, k, v, *layout, block_size=block_size, precision=precision,
+                                                    return_lse=True, tile=tile, **kwargs)
+
+
 def check(q, k, v, layout, block_size, precision, ctx, **kwargs):
     out, lse = run(q, k, v, layout, block_size, precision, **kwargs)
-    ref, ref_lse = run(q, k, v, layout, block_size, precision, backend="reference", **kwargs)
+    ref, ref_lse = reference(q, k, v, layout, block_size, precision, **kwargs)
     assert not torch.isnan(out).any() and not torch.isnan(lse).any(), f"{ctx}: NaN"
     empty = torch.isneginf(ref_lse)
     assert torch.equal(torch.isneginf(lse), empty) and (out[empty] == 0).all(), f"{ctx}: empty rows"
     err = rel_err(out[~empty], ref[~empty])
-    assert err < KERNEL_TOL[q.dtype], f"{ctx}: vs simulated reference {err:.2e}"
+    tol = FP8_KERNEL_TOL if precision == "fp8" else KERNEL_TOL[q.dtype]
+    assert err < tol, f"{ctx}: vs simulated reference {err:.2e}"
     lse_err = (lse - ref_lse)[~empty].abs().max().item()
     assert lse_err < LSE_TOL, f"{ctx}: LSE vs simulated reference {lse_err:.2e}"
     return out, lse
@@ -165,17 +178,17 @@ def test_fp8_load_paths_and_sums(D, tma, split_acc, gen):
     needs("fp8")
     if tma and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs Hopper or newer")
-    Q8 = import_pack("kernels.block_sparse_8bit_triton")
     q, k, v = make_qkv(L, L, D, torch.bfloat16, gen)
     nb = K.num_blocks(L, 128)
     layout = random_layout((1, H), nb, nb, gen, width=max(1, nb // 4), device="cuda")
     config = dict(BLOCK_N=64, num_warps=4, num_stages=2, tma=tma, split_acc=split_acc)
     out, lse = Q8.triton_block_sparse_attention_8bit(q, k, v, *layout, block_size=128, scale=D ** -0.5,
                                                      precision="fp8", return_lse=True, config=config)
-    ref, ref_lse = run(q, k, v, layout, 128, "fp8", backend="reference")
+    ref, ref_lse = QR.reference_8bit_block_sparse_attention(q, k, v, *layout, block_size=128, precision="fp8",
+                                                            return_lse=True, tile=64)
     ctx = f"D={D} tma={tma} split_acc={split_acc} seed={gen.initial_seed()}"
     err = rel_err(out, ref)
-    assert err < (KERNEL_TOL[torch.bfloat16] if split_acc else 0.02), f"{ctx}: vs simulated reference {err:.2e}"
+    assert err < (FP8_KERNEL_TOL if split_acc else 0.02), f"{ctx}: vs simulated reference {err:.2e}"
     assert (lse - ref_lse).abs().max().item() < LSE_TOL, ctx
     if tma:
         pointer, _ = Q8.triton_block_sparse_attention_8bit(q, k, v, *layout, block_size=128, scale=D ** -0.5,
