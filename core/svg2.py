@@ -199,7 +199,10 @@ class SVG2Planner:
         self._keep_view(call, self._tile_mask(q_km.labels[0], k_km.labels[0], layout, grid))
         pairs = cluster_pair_count(*layout, check_layout=False).double()
         dense = L * layout[1][..., -1].double()
-        route = call.route(CLUSTER, (pairs / dense).mean(0).tolist())  # one device sync, before the launch
+        # the one device sync of these heads, before the launch: read here, the counts cost no second sync after
+        # it, which would drain the queue and leave the GPU idle while the next heads are planned
+        route = call.route(CLUSTER, (pairs / dense).mean(0).tolist())
+        counts = (float(pairs.sum()), float(dense.sum()))
         if route.whole:  # these heads all run dense (a few heads of a call split for memory)
             call.lse = torch.full(q.shape[:3], -math.inf, device=q.device) if call.want_lse else None
             call.lse_compensated = None
@@ -216,7 +219,7 @@ class SVG2Planner:
                 call.lse_compensated = None if lse_c_perm is None else _unpermute_lse(lse_c_perm, q_order)
             unpermute_rows(out_perm, q_order, out=call.out, backend=call.backend)
         call.fill_dense(route, call.out)
-        return float(pairs.sum()), float(dense.sum())
+        return counts
 
     def _keep_view(self, call: AttentionCall, tiles: torch.Tensor) -> None:
         """Keep batch element 0's tile mask of the call's heads for the Inspector (a new call of the layer starts at
