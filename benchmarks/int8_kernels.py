@@ -200,12 +200,7 @@ def main():
             info["peak_bytes"] = {p: peak_bytes(torch, lambda: launch(p, idx, cnt)) for p in ["bf16", *precisions]}
         if args.configs:
             def prepass(precision):  # what a call spends before its kernel: K's mean, the 8-bit copies of K and V
-                mean = q8_kernel.key_means(k, None).contiguous()
-                q8_kernel._quantize(k, None, block_size=bs, precision=precision, mean=mean)
-                absmax = q8_kernel.value_channel_absmax(v, None)
-                inverse = q8_kernel.inverse_scale(absmax, q8_kernel.QMAX["fp8"]).contiguous()
-                if precision == "fp8":
-                    q8_kernel._quantize(v, None, block_size=bs, precision=precision, inverse=inverse)
+                q8_kernel.prepass(k, v, None, None, block_size=bs, precision=precision)
 
             info["configs"] = sweep_configs(torch, K, launch, prepass, precisions, H, nb, gen, timer, args)
         per_shape[name] = info

@@ -220,6 +220,18 @@ def _eight_bit_config(config, head_dim, block_size, device, precision) -> dict:
     return cfg
 
 
+def prepass(k, v, kv_len, kv_length, *, block_size, precision):
+    """What a call computes before its kernel: K's mean over the valid keys (B, H, D), K's 8-bit levels and block
+    scales, V's channel absmax (B, H, D), and on the FP8 path V's transposed levels (None on the INT8 path, whose
+    kernel reads V itself). ``kv_len``: int32 key limits on the device, ``kv_length`` as the caller gave them."""
+    mean = key_means(k, kv_length).contiguous()
+    k_levels, k_scales = _quantize(k, kv_len, block_size=block_size, precision=precision, mean=mean)
+    v_absmax = value_channel_absmax(v, kv_length)
+    v_levels = _quantize(v, kv_len, block_size=block_size, precision=precision,
+                         inverse=inverse_scale(v_absmax, QMAX["fp8"]).contiguous()) if precision == "fp8" else None
+    return mean, k_levels, k_scales, v_absmax, v_levels
+
+
 def _quantize(x, kv_len, *, block_size, precision, mean=None, inverse=None):
     """Launch the pre-pass over x (B, H, L, D): K (``mean`` given) -> (levels, block scales); V (``inverse``
     given) -> transposed levels."""
@@ -287,15 +299,13 @@ def _launch_heads(q, k, v, indices, counts, kv_len, kv_length, result, lse, *, b
     nqb = (LQ + block_size - 1) // block_size
     nkb = (LK + block_size - 1) // block_size
     fp8 = precision == "fp8"
-    mean = key_means(k, kv_length).contiguous()
-    k_levels, k_scales = _quantize(k, kv_len, block_size=block_size, precision=precision, mean=mean)
-    v_absmax = value_channel_absmax(v, kv_length)
+    mean, k_levels, k_scales, v_absmax, v_levels = prepass(k, v, kv_len, kv_length, block_size=block_size,
+                                                           precision=precision)
     v_scales = (v_absmax / QMAX["fp8"]).contiguous()
-    v_levels = _quantize(v, kv_len, block_size=block_size, precision=precision,
-                         inverse=inverse_scale(v_absmax, QMAX["fp8"]).contiguous()) if fp8 else k_levels
+    v_levels = k_levels if v_levels is None else v_levels  # INT8: an unread placeholder
     flags = torch.empty(B * H, nqb, device=q.device, dtype=torch.int32)
     cfg = dict(cfg)
-    tma = cfg.pop("tma")
+    tma, split_acc = cfg.pop("tma"), cfg.pop("split_acc")
     if tma:  # 2D views of the padded copies: every tile is a box inside one head's rows
         descriptor = _tensor_descriptor_class()
         k_levels = descriptor.from_tensor(k_levels.view(-1, D), [cfg["BLOCK_N"], D])
@@ -316,7 +326,7 @@ def _launch_heads(q, k, v, indices, counts, kv_len, kv_length, result, lse, *, b
         HEAD_DIM=D, BLOCK_M=block_size, KV_BLOCK=block_size, QMAX=QMAX[precision], FP8=fp8, P_SCALE=P_SCALE,
         HAS_KV_LEN=kv_len is not None, MASK_KEYS=kv_len is not None or LK % block_size != 0,
         EVEN_Q=LQ % block_size == 0, RETURN_LSE=lse is not None, UPCAST_DOT=q.device.type == "cpu", TMA=tma,
-        SPLIT_ACC=cfg.pop("split_acc"), **cfg)
+        SPLIT_ACC=split_acc, **cfg)
 
     unsafe = flags.any() | k_scales.isnan().any() | ~torch.isfinite(v_absmax).all()
     if not fp8 and v.dtype != torch.float16:
