@@ -65,16 +65,18 @@ def block_cases(torch, K, bench_kernels, q, block_size, densities, gen):
 
 def cluster_cases(torch, K, bench_cluster, q, densities, sigma, gen):
     """(density, run) of the cluster kernel on ragged clusters (SVG2's reference counts) keeping ``density`` of the
-    keys per query cluster."""
+    keys per query cluster, reading the tokens through random cluster orders as SVG2 calls it."""
     H, L = q.shape[1], q.shape[2]
     q_off = bench_cluster.ragged_offsets(torch, H, L, max(1.0, L / 300), sigma, gen)
     k_off = bench_cluster.ragged_offsets(torch, H, L, max(1.0, L / 1000), sigma, gen)
+    q_order, k_order = (torch.rand(1, H, L, generator=gen, device=q.device).argsort(-1).to(torch.int32)
+                        for _ in range(2))
     out = torch.empty_like(q)
     for density in densities:
         ids, counts = bench_cluster.kept_lists(torch, q_off, k_off, density, gen)
         kept = float(K.cluster_pair_count(q_off, k_off, ids, counts).sum()) / (H * L * L)
-        yield kept, lambda ids=ids, counts=counts: K.cluster_block_attention(q, q, q, q_off, k_off, ids, counts,
-                                                                             out=out, check_layout=False)
+        yield kept, lambda ids=ids, counts=counts: K.cluster_block_attention(
+            q, q, q, q_off, k_off, ids, counts, out=out, check_layout=False, q_order=q_order, k_order=k_order)
 
 
 def break_even_of(points) -> float | None:

@@ -7,8 +7,10 @@
 Inputs are video-like (benchmarks/synthetic.py: a smooth space-time field, moving objects, Wan's 3D RoPE), laid out
 as ComfyUI hands them over ((B, L, H * D) memory seen as (B, H, L, D)). Stages: k-means on the first sparse step
 (from scratch) and on a later one (warm-started, with its parts: assignment, sort + offsets + re-seed, update),
-centroid scoring and top-p selection, permutation, cluster attention, inverse permutation, the Inspector's tile
-mask, the density count, and the whole planner call on a later step. The target: everything but the attention
+centroid scoring and top-p selection, the cluster attention kernel reading q, k, v and writing the output through the
+cluster orders (SVG2's path) and, for comparison, the same kernel on copies already in cluster order (the path before
+2026-12-05, which cost 3 GB of copies at this shape) with the copy itself, the Inspector's tile mask, the density
+count, and the whole planner call on a later step. The target: everything but the attention
 kernel on a later step at most 10% of one dense attention call. A check first compares the planner at top-p 1.0
 (dense by construction) with SDPA; the exit status is 1 if it fails.
 """
@@ -89,12 +91,16 @@ def stage_times(torch, K, core, q, k, v, grid, settings, out, short, long):
     ms["scoring + top-p selection"] = short(select)
     sel = select()
     layout = core.svg2._with_text(q_km.offsets, k_km.offsets, sel, video, L, None)
-    ms["permute q, k, v"] = short(lambda: K.permute_qkv(q, k, v, q_km.order, k_km.order))
-    qp, kp, vp = K.permute_qkv(q, k, v, q_km.order, k_km.order)
-    ms["cluster attention"] = short(lambda: K.cluster_block_attention(qp, kp, vp, *layout, check_layout=False))
-    op = K.cluster_block_attention(qp, kp, vp, *layout, check_layout=False)
+    orders = dict(q_order=q_km.order, k_order=k_km.order)
+    ms["cluster attention"] = short(lambda: K.cluster_block_attention(q, k, v, *layout, out=out, check_layout=False,
+                                                                      **orders))
+    permuted = lambda: [K.to_cluster_order(t, order) for t, order in  # noqa: E731
+                        ((q, q_km.order), (k, k_km.order), (v, k_km.order))]
+    ms["  (before) copy q, k, v in order"] = short(permuted)
+    qp, kp, vp = permuted()
+    ms["  (before) the kernel on the copies"] = short(
+        lambda: K.cluster_block_attention(qp, kp, vp, *layout, check_layout=False))
     del qp, kp, vp
-    ms["unpermute into the output"] = short(lambda: K.unpermute_rows(op, q_km.order, out=out))
 
     q_offsets, k_offsets, kv_clusters, counts = (t[0] for t in layout)
     text = L - video
@@ -107,7 +113,6 @@ def stage_times(torch, K, core, q, k, v, grid, settings, out, short, long):
                                                                                 core.svg2.INSPECT_BLOCK))
     ms["density count (+ sync)"] = long(lambda: float(K.cluster_pair_count(*layout, check_layout=False).sum()))
     density = float(K.cluster_pair_count(*layout, check_layout=False).sum()) / (B * H * L * L)
-    del op
     return ms, density
 
 

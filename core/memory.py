@@ -24,10 +24,11 @@ def head_bytes(t: torch.Tensor) -> int:
     return B * L * D * t.element_size()
 
 
-def heads_per_chunk(q: torch.Tensor, per_head_bytes: int) -> int:
+def heads_per_chunk(q: torch.Tensor, per_head_bytes: int, reserved: int = 0) -> int:
     """How many heads of the call whose queries are ``q`` (B, H, L, D) a stage holding ``per_head_bytes`` per head
-    may process at once: within TRANSIENT_SHARE of the call's output (q's size), at least one."""
-    budget = TRANSIENT_SHARE * q.numel() * q.element_size()
+    may process at once: within TRANSIENT_SHARE of the call's output (q's size) less ``reserved`` (what the call
+    holds besides, e.g. every head's plan until its launch), at least one."""
+    budget = TRANSIENT_SHARE * q.numel() * q.element_size() - reserved
     return max(1, min(q.shape[1], int(budget // max(1, per_head_bytes))))
 
 

@@ -93,12 +93,15 @@ class Router:
             out[:, list(route.dense)] = self.dense(list(route.dense_heads)).to(out.dtype)
 
 
-def keep_sparse(counts: torch.Tensor, route: Route) -> torch.Tensor:
-    """A layout's per-head counts (B or 1, H, ...) with the routed heads' rows emptied: the kernel skips them."""
-    if not route.dense:
+def keep_sparse(counts: torch.Tensor, route: Route, heads: slice | None = None) -> torch.Tensor:
+    """A layout's per-head counts (B or 1, H, ...) with the routed heads' rows emptied: the kernel skips them. With
+    ``heads``, the counts are those of heads ``heads`` of the call ``route`` was made for."""
+    heads = slice(0, len(route.densities)) if heads is None else heads
+    dense = [h - heads.start for h in route.dense if heads.start <= h < heads.stop]
+    if not dense:
         return counts
-    kept = counts.expand(counts.shape[0], len(route.densities), *counts.shape[2:]).clone()
-    kept[:, list(route.dense)] = 0
+    kept = counts.expand(counts.shape[0], heads.stop - heads.start, *counts.shape[2:]).clone()
+    kept[:, dense] = 0
     return kept
 
 

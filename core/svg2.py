@@ -7,11 +7,12 @@ other conditionings of the same latent, core.method):
      (the centroid cache: per layer and head chunk, all batch elements and heads in one tensor, on the device);
   2. per query cluster, the key clusters by the size-weighted centroid softmax P' until their mass passes top_p,
      and at least min_key_ratio of them (kernels.cluster_select);
-  3. q, k, v permuted so that every cluster is contiguous, attention over the kept (query cluster, key cluster)
-     blocks of variable size (kernels.cluster_block_attention: no padding), the output scattered back in place.
-The three run a few heads at a time (core.memory: the permuted copies of q, k, v are 3 GB at the Wan 14B 720p shape
-all at once), the centroids kept per first head of each group; heads whose kept pairs are above the cluster kernel's
-break-even run on the dense attention (core.routing).
+  3. attention over the kept (query cluster, key cluster) blocks of variable size (kernels.cluster_block_attention:
+     no padding), the kernel reading q, k, v and writing the output through the cluster orders: no permuted copy.
+Steps 1-2 (the plan) run a few heads at a time within core.memory's budget (the selection's tables are 8 MB a head
+at Wan 720p), the centroids kept per first head of each group; then one device sync reads every head's kept pairs,
+heads above the cluster kernel's break-even go to the dense attention (core.routing), and step 3 launches group by
+group with nothing more to wait for: the GPU runs the launches back to back while the host has returned.
 
 HunyuanVideo's text tokens (after the video) are not clustered; as in the reference they stay dense: the text
 queries are one more query cluster that keeps every key cluster, the text keys one more key cluster that every
@@ -28,22 +29,23 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import (ClusterSelection, batched_kmeans, cluster_block_attention, cluster_pair_count, permute_qkv,
-                       pool_key_clusters, select_key_clusters, unpermute_rows)
+from ..kernels import (ClusterSelection, batched_kmeans, cluster_block_attention, cluster_pair_count,
+                       pool_key_clusters, select_key_clusters)
 from .break_even import CLUSTER
 from .cluster_view import cluster_tile_mask, pack_bits, unpack_bits
 from .grid import VideoGrid
-from .memory import head_bytes, head_parts, heads_of, heads_per_chunk
+from .memory import head_parts, heads_of, heads_per_chunk
 from .method import AttentionCall, share_over_conditionings, split_lse
 from .routing import keep_sparse
 
 INSPECT_BLOCK = 128  # tile size of the Inspector's drawing
-# Temporaries per head (core.memory): q, k, v in cluster order and the output before it is unpermuted; per token the
-# labels, distances and orders of both k-means; per (query cluster, key cluster) pair the selection's scores, their
-# sort and the kept lists.
-PERMUTED_COPIES = 4
+# Bytes per head (core.memory). While a group of heads is planned: per token the labels, distances and orders of
+# both k-means, per (query cluster, key cluster) pair the selection's scores, their sort and the kept lists. Kept
+# for every head until its launch: per token the two cluster orders (int32), per pair the kept list (int32).
 KMEANS_BYTES = 32
 SELECTION_BYTES = 28
+ORDER_BYTES = 8
+KEPT_LIST_BYTES = 4
 MAX_CLUSTERS = 16384
 MAX_ITERATIONS = 1000
 
@@ -116,6 +118,23 @@ class _TileView:
     width: int
 
 
+@dataclass
+class _HeadsPlan:
+    """A group of heads of one call, planned and not yet launched: heads ``part`` of the call, their cluster orders
+    (B, h, video tokens) int32 and layout (q_offsets, k_offsets, kv_clusters, counts), shared over the
+    conditionings; kept and all query-key pairs (B, h) float64; batch element 0's tile mask, bit-packed, on the
+    device until the call's sync."""
+
+    part: slice
+    q_order: torch.Tensor
+    k_order: torch.Tensor
+    layout: tuple
+    pairs: torch.Tensor
+    dense: torch.Tensor
+    tiles: torch.Tensor
+    width: int
+
+
 class SVG2Planner:
     """Per patched model: the centroid cache across the steps of a run, and the Inspector's tile masks (of
     ``block_size`` tokens: SVG draws its semantic heads through this planner at its own block size)."""
@@ -141,20 +160,25 @@ class SVG2Planner:
                              "video has tens of thousands of tokens)")
         if call.kv_length is not None and not grid.text_tokens:
             raise ValueError("SVG2 takes key padding only after the video tokens (HunyuanVideo's text)")
+        plans = [self._plan_heads(heads_of(call, part, None), part)
+                 for part in head_parts(H, heads_per_chunk(call.q, self.plan_head_bytes(call.q),
+                                                           reserved=H * self.layout_head_bytes(call.q)))]
+        # The call's one device sync, before any launch: every head's share of the pairs it keeps (routing) and the
+        # pairs kept and in all (the call's density).
+        pairs = torch.cat([plan.pairs for plan in plans], dim=1)
+        dense = torch.cat([plan.dense for plan in plans], dim=1)
+        densities, kept, total = torch.stack([(pairs / dense).mean(0), pairs.sum(0), dense.sum(0)]).tolist()
+        self._keep_views(call, plans)
+        route = call.route(CLUSTER, densities)
         out = call.out if call.out is not None else torch.empty_like(call.q)
-        pairs = dense = 0.0
-        lses, compensated = [], []
-        for part in head_parts(H, heads_per_chunk(call.q, self.transient_head_bytes(call.q))):
-            heads = heads_of(call, part, out)
-            kept, total = self._attend_heads(heads)
-            pairs, dense = pairs + kept, dense + total
-            lses.append(heads.lse)
-            # a part routed dense whole has no compensated LSE: its exact one (-inf rows) stands in
-            compensated.append(heads.lse if heads.lse_compensated is None else heads.lse_compensated)
+        lses = [torch.full(call.q.shape[:3], -math.inf, device=call.q.device) if wanted else None
+                for wanted in (call.want_lse, call.want_lse and call.compensate)]
+        while plans:  # each group's plan is freed once launched
+            self._launch(call, plans.pop(0), route, out, lses)
+        call.fill_dense(route, out)
         if call.want_lse:
-            call.lse = torch.cat(lses, dim=1)
-            call.lse_compensated = torch.cat(compensated, dim=1) if call.compensate else None
-        return out, pairs / dense
+            call.lse, call.lse_compensated = lses
+        return out, sum(kept) / sum(total)
 
     def fits(self, grid: VideoGrid) -> bool:
         """Whether the grid has a video token for every query and key cluster."""
@@ -177,57 +201,62 @@ class SVG2Planner:
                                         min_clusters=s.min_key_clusters, scale=1.0 / math.sqrt(call.q.shape[-1]))
         return q_km, k_km, selection
 
-    def transient_head_bytes(self, q: torch.Tensor) -> int:
-        """Temporaries per head of a call whose queries are ``q`` while a few heads are processed: the permuted
-        copies, the k-means tables and the selection's (query cluster, key cluster) tables."""
+    def plan_head_bytes(self, q: torch.Tensor) -> int:
+        """Temporaries per head of a call whose queries are ``q`` while a group of heads is planned: the k-means
+        tables and the selection's (query cluster, key cluster) tables."""
         B = q.shape[0]
         s = self.settings
-        return (PERMUTED_COPIES * head_bytes(q) + KMEANS_BYTES * B * q.shape[2]
-                + SELECTION_BYTES * B * s.query_clusters * s.key_clusters)
+        return KMEANS_BYTES * B * q.shape[2] + SELECTION_BYTES * B * s.query_clusters * s.key_clusters
 
-    def _attend_heads(self, call: AttentionCall) -> tuple[float, float]:
-        """Plan, route and run the heads of ``call`` (written into ``call.out``): (pairs kept, all pairs)."""
-        q, k, v = call.q, call.k, call.v
-        L = q.shape[2]
+    def layout_head_bytes(self, q: torch.Tensor) -> int:
+        """What a head's plan keeps until its launch: its cluster orders and kept lists."""
+        B = q.shape[0]
+        s = self.settings
+        return ORDER_BYTES * B * q.shape[2] + KEPT_LIST_BYTES * B * (s.query_clusters + 1) * (s.key_clusters + 1)
+
+    def _plan_heads(self, call: AttentionCall, part: slice) -> "_HeadsPlan":
+        """k-means, selection and layout of the heads of ``call`` (heads ``part`` of the whole call), shared over
+        its conditionings; nothing is read back from the device."""
+        L = call.q.shape[2]
         grid = call.grid
         video = grid.video_tokens
         q_km, k_km, selection = self.plan_clusters(call)
         share = lambda t: share_over_conditionings(t, call)  # noqa: E731
         selection = ClusterSelection(share(selection.order), share(selection.counts), share(selection.kept_keys))
         layout = _with_text(share(q_km.offsets), share(k_km.offsets), selection, video, L, call.kv_length)
-        q_order, k_order = share(q_km.order), share(k_km.order)
-        self._keep_view(call, self._tile_mask(q_km.labels[0], k_km.labels[0], layout, grid))
-        pairs = cluster_pair_count(*layout, check_layout=False).double()
-        dense = L * layout[1][..., -1].double()
-        # the one device sync of these heads, before the launch: read here, the counts cost no second sync after
-        # it, which would drain the queue and leave the GPU idle while the next heads are planned
-        route = call.route(CLUSTER, (pairs / dense).mean(0).tolist())
-        counts = (float(pairs.sum()), float(dense.sum()))
-        if route.whole:  # these heads all run dense (a few heads of a call split for memory)
-            call.lse = torch.full(q.shape[:3], -math.inf, device=q.device) if call.want_lse else None
-            call.lse_compensated = None
-        else:
-            qp, kp, vp = permute_qkv(q, k, v, q_order, k_order, backend=call.backend)
-            pooled = pool_key_clusters(kp, vp, layout[1], backend=call.backend) if call.compensate else None
-            out_perm = cluster_block_attention(qp, kp, vp, *layout[:3], keep_sparse(layout[3], route),
-                                               backend=call.backend, check_layout=False, return_lse=call.want_lse,
-                                               pooled=pooled)
-            del qp, kp, vp
-            if call.want_lse:
-                out_perm, lse_perm, lse_c_perm = split_lse(out_perm, pooled)
-                call.lse = _unpermute_lse(lse_perm, q_order)
-                call.lse_compensated = None if lse_c_perm is None else _unpermute_lse(lse_c_perm, q_order)
-            unpermute_rows(out_perm, q_order, out=call.out, backend=call.backend)
-        call.fill_dense(route, call.out)
-        return counts
+        tiles = self._tile_mask(q_km.labels[0], k_km.labels[0], layout, grid)
+        return _HeadsPlan(part, share(q_km.order), share(k_km.order), layout,
+                          pairs=cluster_pair_count(*layout, check_layout=False).double(),
+                          dense=L * layout[1][..., -1].double(), tiles=pack_bits(tiles), width=tiles.shape[-1])
 
-    def _keep_view(self, call: AttentionCall, tiles: torch.Tensor) -> None:
-        """Keep batch element 0's tile mask of the call's heads for the Inspector (a new call of the layer starts at
-        head 0: float32 calls and calls split for memory arrive a few heads at a time)."""
+    def _launch(self, call: AttentionCall, plan: "_HeadsPlan", route, out: torch.Tensor, lses: list) -> None:
+        """Run the heads of ``plan`` that ``route`` leaves sparse, written into ``out`` (and their LSE rows into
+        ``lses``: exact, compensated)."""
+        part = plan.part
+        if set(range(part.start, part.stop)) <= set(route.dense):
+            return  # every head of the group runs dense
+        heads = heads_of(call, part, out)
+        orders = dict(q_order=plan.q_order, k_order=plan.k_order)
+        pooled = pool_key_clusters(heads.k, heads.v, plan.layout[1], backend=call.backend,
+                                   k_order=plan.k_order) if call.compensate else None
+        result = cluster_block_attention(heads.q, heads.k, heads.v, *plan.layout[:3],
+                                         keep_sparse(plan.layout[3], route, part), out=heads.out,
+                                         backend=call.backend, check_layout=False, return_lse=call.want_lse,
+                                         pooled=pooled, **orders)
+        if call.want_lse:
+            _, lse, lse_compensated = split_lse(result, pooled)
+            for rows, lse_part in zip(lses, (lse, lse_compensated)):
+                if rows is not None and lse_part is not None:
+                    rows[:, part] = lse_part
+
+    def _keep_views(self, call: AttentionCall, plans: list) -> None:
+        """Keep batch element 0's tile masks of the call's heads for the Inspector (a new call of the layer starts at
+        head 0: float32 calls arrive a few heads at a time)."""
         views = self._views.setdefault(call.layer, {})
         if call.head_offset == 0:
             views.clear()
-        views[call.head_offset] = _TileView(call.grid, pack_bits(tiles).cpu(), tiles.shape[-1])
+        for plan in plans:
+            views[call.head_offset + plan.part.start] = _TileView(call.grid, plan.tiles.cpu(), plan.width)
 
     def _cluster(self, call: AttentionCall, q_video, k_video):
         """k-means of the video queries and keys, warm-started from this layer's cache when it fits the call."""
@@ -303,14 +332,6 @@ def kept_clusters(order: torch.Tensor, counts: torch.Tensor, key_clusters: int) 
     used = torch.arange(order.shape[-1], device=counts.device) < counts[..., None]
     kept = torch.zeros(*order.shape[:-1], key_clusters, dtype=torch.bool, device=counts.device)
     return kept.scatter_(-1, order.long(), used)
-
-
-def _unpermute_lse(lse_perm, order):
-    """(B, H, L) LSE in the original token order: video rows scattered back by the query order, text rows (after
-    the video, never permuted) as they are."""
-    lse = lse_perm.clone()
-    lse[..., :order.shape[-1]].scatter_(-1, order.long(), lse_perm[..., :order.shape[-1]])
-    return lse
 
 
 def _with_text(q_offsets, k_offsets, selection, video: int, length: int, kv_length):

@@ -4,14 +4,13 @@ from .attention import (BACKENDS, MAX_TRITON_HEAD_DIM, SUPPORTED_BLOCK_SIZES, bl
                         triton_available)
 from .block_mass import block_mass
 from .cluster_attention import cluster_block_attention, cluster_pair_count
-from .cluster_reference import reference_cluster_block_attention
+from .cluster_reference import reference_cluster_block_attention, to_cluster_order, to_token_order
 from .cluster_select import ClusterSelection, cluster_scores, select_key_clusters
 from .dense_lse import dense_attention_with_lse
 from .kmeans import KMeansResult, batched_kmeans, cluster_order, kmeans_assign, kmeans_update, reseed_points, strided_init
 from .layout import block_mask_to_indices, indices_to_block_mask, layout_density, num_blocks, validate_layout
 from .mask_errors import candidate_mask_errors, candidate_mask_outputs, reference_candidate_mask_outputs
 from .mass_reference import full_layout, reference_block_mass
-from .permute import permute_qkv, unpermute_rows
 from .pooled_keys import (PooledKeys, pool_key_blocks, pool_key_clusters, reference_pool_key_blocks,
                           reference_pool_key_clusters)
 from .reference import reference_block_sparse_attention
@@ -24,10 +23,10 @@ __all__ = [
     # compensation of skipped keys
     "PooledKeys", "pool_key_blocks", "pool_key_clusters", "reference_pool_key_blocks", "reference_pool_key_clusters",
     # SVG2
-    "cluster_block_attention", "cluster_pair_count", "reference_cluster_block_attention",
+    "cluster_block_attention", "cluster_pair_count", "reference_cluster_block_attention", "to_cluster_order",
+    "to_token_order",
     "ClusterSelection", "cluster_scores", "select_key_clusters",
     "KMeansResult", "batched_kmeans", "cluster_order", "kmeans_assign", "kmeans_update", "reseed_points", "strided_init",
-    "permute_qkv", "unpermute_rows",
     # SVG
     "candidate_mask_errors", "candidate_mask_outputs", "reference_candidate_mask_outputs", "gather_head_rows",
     "scatter_head_rows",

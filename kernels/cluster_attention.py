@@ -1,8 +1,10 @@
 """Public entry point for cluster (variable-size block) attention, SVG2's kernel: validation, backend choice,
 head-dim padding. The Triton kernel is in cluster_triton.py, the torch reference in cluster_reference.py.
 
-Tokens arrive already permuted so that every query cluster and every key cluster is a contiguous run; the
-clusters are described by offsets, and each query cluster lists the key clusters it keeps.
+Clusters are contiguous runs of positions in cluster order, described by offsets; each query cluster lists the key
+clusters it keeps. Tokens arrive either already in cluster order, or in their own order with the cluster orders
+(q_order, k_order): the kernel then reads each row and writes each output row through the orders, so no permuted
+copy of q, k, v or of the output is ever made (SVG2 at Wan 14B 720p: 3 GB of copies for one call of 40 heads).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def cluster_block_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_cluster_counts, *, scale=None,
-                            out=None, backend="auto", return_lse=False, check_layout=True, pooled=None):
-    """Attention where each query cluster attends only to its kept key clusters; tokens already in cluster order.
+                            out=None, backend="auto", return_lse=False, check_layout=True, pooled=None,
+                            q_order=None, k_order=None):
+    """Attention where each query cluster attends only to its kept key clusters.
 
     Args:
         q: (B, H, LQ, D); k, v: (B, H, LK, D). float16 / bfloat16 (float32 on the reference backend), contiguous
@@ -38,9 +41,14 @@ def cluster_block_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_clust
         return_lse: also return the natural-log log-sum-exp of each query row, (B, H, LQ) float32.
         check_layout: verify the offsets, counts and ids (reads them back: device syncs). Planners that built
             the clusters themselves may pass False.
-        pooled: optional PooledKeys of the key clusters (kernels.pool_key_clusters of the same k, v, k_offsets):
-            compensation of skipped keys. Every non-empty key cluster a query cluster does not keep adds its pooled
-            term (size x exp(q.k_mean * scale), value v_mean) to each of its rows' softmax.
+        pooled: optional PooledKeys of the key clusters (kernels.pool_key_clusters of the same k, v, k_offsets and
+            k_order): compensation of skipped keys. Every non-empty key cluster a query cluster does not keep adds its
+            pooled term (size x exp(q.k_mean * scale), value v_mean) to each of its rows' softmax.
+        q_order, k_order: optional (both or neither) int32 (B, H, NQ) / (B, H, NK) cluster orders of tokens given
+            in their own order: position i of the cluster order is token order[..., i] (positions from N on are the
+            tokens themselves: HunyuanVideo's text, which is not clustered). Offsets then count positions in cluster
+            order, and the output and LSE come in the tokens' own order. Each must be a permutation of 0..N-1
+            (not checked: reading it back would wait for the device). Without them q, k, v are in cluster order.
 
     Rows whose query cluster keeps no key (or only empty clusters) give 0 and an LSE of -inf, never NaN (with
     ``pooled``: the pooled terms alone, 0 and -inf when there are none).
@@ -51,17 +59,24 @@ def cluster_block_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_clust
     validate_clusters(q_offsets, k_offsets, kv_clusters, kv_cluster_counts, batch=B, heads=H, device=q.device,
                       q_length=LQ, k_length=LK, check_values=check_layout)
     check_pooled(pooled, B, H, k_offsets.shape[-1] - 1, D, q.device, "key clusters")
+    if (q_order is None) != (k_order is None):
+        raise ValueError("give both q_order and k_order (tokens in their own order), or neither (tokens already in "
+                         "cluster order)")
+    validate_order(q_order, "q_order", B, H, LQ, q.device)
+    validate_order(k_order, "k_order", B, H, LK, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     kind = resolve_backend(backend, q.device, q.dtype)
+    orders = dict(q_order=q_order, k_order=k_order)
     if kind == "reference":
         return reference_cluster_block_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_cluster_counts,
-                                                 scale=scale, out=out, return_lse=return_lse, pooled=pooled)
+                                                 scale=scale, out=out, return_lse=return_lse, pooled=pooled, **orders)
     check_triton_head_dim(D)
     from .cluster_triton import triton_cluster_attention
 
     def launch(q, k, v, out):
         return triton_cluster_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_cluster_counts, scale=scale,
-                                        out=out, return_lse=return_lse, pooled=pad_pooled(pooled, q.shape[-1]))
+                                        out=out, return_lse=return_lse, pooled=pad_pooled(pooled, q.shape[-1]),
+                                        **orders)
 
     with shared_memory_guard("use backend 'reference'"):
         return run_padded_head_dim(launch, q, k, v, out, return_lse)
@@ -75,6 +90,19 @@ def cluster_pair_count(q_offsets, k_offsets, kv_clusters, kv_cluster_counts, *, 
     validate_clusters(q_offsets, k_offsets, kv_clusters, kv_cluster_counts, batch=q_offsets.shape[0],
                       heads=q_offsets.shape[1], device=q_offsets.device, check_values=check_layout)
     return reference_cluster_pair_count(q_offsets, k_offsets, kv_clusters, kv_cluster_counts)
+
+
+def validate_order(order, name: str, batch: int, heads: int, length: int, device) -> None:
+    """An optional cluster order: int32 (batch, heads, N) with 1 <= N <= length, on the queries' device."""
+    if order is None:
+        return
+    if not isinstance(order, torch.Tensor) or order.dtype != torch.int32 or order.ndim != 3 \
+            or order.shape[:2] != (batch, heads) or not 1 <= order.shape[2] <= length or order.device != device:
+        raise ValueError(f"{name} must be an int32 ({batch}, {heads}, N) tensor with 1 <= N <= {length} on {device}, "
+                         f"got {getattr(order, 'dtype', type(order).__name__)} "
+                         f"{tuple(order.shape) if isinstance(order, torch.Tensor) else ''}"
+                         + ("" if not isinstance(order, torch.Tensor) or order.device == device
+                            else f" on {order.device}"))
 
 
 def validate_clusters(q_offsets, k_offsets, kv_clusters, kv_cluster_counts, *, batch, heads, device,

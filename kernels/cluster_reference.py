@@ -4,7 +4,8 @@ Each query row looks up its query cluster, each key its key cluster (keys past `
 none), and a (query cluster, key cluster) keep table decides which scores survive. Attention is then dense and
 masked, in float32, a chunk of query rows at a time, so memory stays O(chunk x LK) whatever the cluster sizes.
 This costs the dense work; it is the path for CPUs, float32 and checking, not for speed. With ``pooled``
-(kernels/pooled_keys.py) every row also gets one virtual key per key cluster its query cluster skips.
+(kernels/pooled_keys.py) every row also gets one virtual key per key cluster its query cluster skips. Tokens given in
+their own order with the cluster orders are gathered into cluster order here, and the results scattered back.
 """
 
 from __future__ import annotations
@@ -36,6 +37,31 @@ def keep_table(kv_clusters: torch.Tensor, kv_cluster_counts: torch.Tensor, num_k
     return table
 
 
+def token_positions(order: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, H, length) int64 token at every position of the cluster order: ``order`` (B, H, N), then the tokens
+    from N on in their own places (HunyuanVideo's text is not clustered)."""
+    B, H, N = order.shape
+    tail = torch.arange(N, length, device=order.device).expand(B, H, -1)
+    return torch.cat([order.long(), tail], dim=-1)
+
+
+def to_cluster_order(t: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """Rows of (B, H, L[, D]) ``t`` in cluster order (position i holds token order[..., i]); None: as they are."""
+    if order is None:
+        return t
+    index = token_positions(order, t.shape[2])
+    return torch.gather(t, 2, index if t.ndim == 3 else index[..., None].expand(-1, -1, -1, t.shape[3]))
+
+
+def to_token_order(t: torch.Tensor, order: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The inverse of :func:`to_cluster_order`, written into ``out`` (any strides) when given."""
+    if order is None:
+        return t if out is None else out.copy_(t)
+    out = torch.empty_like(t) if out is None else out
+    index = token_positions(order, t.shape[2])
+    return out.scatter_(2, index if t.ndim == 3 else index[..., None].expand(-1, -1, -1, t.shape[3]), t)
+
+
 def reference_cluster_pair_count(q_offsets, k_offsets, kv_clusters, kv_cluster_counts) -> torch.Tensor:
     """(B, H) int64 number of query-key pairs the kept cluster pairs cover; inputs are assumed validated."""
     q_sizes = (q_offsets[..., 1:] - q_offsets[..., :-1]).long()                     # (B, H, CQ)
@@ -49,8 +75,16 @@ def reference_cluster_pair_count(q_offsets, k_offsets, kv_clusters, kv_cluster_c
 
 
 def reference_cluster_block_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_cluster_counts, *, scale=None,
-                                      out=None, return_lse=False, pooled=None):
+                                      out=None, return_lse=False, pooled=None, q_order=None, k_order=None):
     """Same contract as :func:`kernels.cluster_block_attention`; inputs are assumed validated."""
+    if q_order is not None or k_order is not None:
+        result = reference_cluster_block_attention(
+            to_cluster_order(q, q_order), to_cluster_order(k, k_order), to_cluster_order(v, k_order), q_offsets,
+            k_offsets, kv_clusters, kv_cluster_counts, scale=scale, return_lse=return_lse, pooled=pooled)
+        outputs = result if return_lse else (result,)
+        back = [to_token_order(outputs[0], q_order, out)] + [None if t is None else to_token_order(t, q_order)
+                                                              for t in outputs[1:]]
+        return tuple(back) if return_lse else back[0]
     B, H, LQ, D = q.shape
     LK = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale

@@ -20,6 +20,10 @@ Why this shape (SVG2 at Wan 720p: 75,600 tokens, ~300 query clusters of ~250 row
 * The online softmax step is the fixed-block kernel's (_softmax_update / _row_results: exp2 with the scale
   folded in, a finite running max so fully masked tiles give 0, not NaN).
 * Programs of one (batch, head) are adjacent in launch order, so the K/V rows their key lists share stay in L2.
+* Tokens in their own order (GATHER, SVG2's path): a position of the cluster order becomes a row through the
+  cluster order (one int32 per query row per program, one per key slot per tile, from L2), so q, k, v are never
+  copied into cluster order and the output rows (and LSE) are written straight to their tokens. The loads were
+  per-row gathers already (key clusters are ragged); each row is still one contiguous head_dim vector.
 
 Work computed over useful pairs: about (1 + wasted rows per cluster / mean query-cluster size) x (1 + (BLOCK_N / 2)
 / (CHUNK x mean key-cluster size)); at SVG2's 720p sizes (252-row query, 76-token key clusters), CHUNK 16 and
@@ -42,16 +46,16 @@ from .block_sparse_triton import _LOG2E, _NEG_BIG, _compensation_args, _finish_r
 
 @triton.jit
 def _cluster_fwd(
-    Q, K, V, O, LSE, Q_OFF, K_OFF, KV_IDS, KV_CNT, TILE_CLUSTER, TILE_START, KM, VM, LOGN, LSE_C,
+    Q, K, V, O, LSE, Q_OFF, K_OFF, KV_IDS, KV_CNT, TILE_CLUSTER, TILE_START, KM, VM, LOGN, LSE_C, Q_ORD, K_ORD,
     qk_scale,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
     stride_ob, stride_oh, stride_ol,
-    H, LQ, CQ, CK, MAXK, TILES, G,
+    H, LQ, CQ, CK, MAXK, TILES, G, NQ, NK,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
     RETURN_LSE: tl.constexpr, UPCAST_DOT: tl.constexpr, COMPENSATE: tl.constexpr, BLOCK_P: tl.constexpr,
-    LIST_CHUNK: tl.constexpr,
+    LIST_CHUNK: tl.constexpr, GATHER: tl.constexpr,
 ):
     t = tl.program_id(0)
     bh = tl.program_id(1)
@@ -67,12 +71,13 @@ def _cluster_fwd(
 
     b = (bh // H).to(tl.int64)  # b * stride_qb passes 2**31 elements at large batches of 720p video
     h = bh % H
-    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_m = row0 + tl.arange(0, BLOCK_M)  # positions in cluster order
     row_ok = offs_m < row_end
+    rows_m = _token_rows(Q_ORD, bh, offs_m, row_ok, NQ, GATHER)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
     offs_w = tl.arange(0, CHUNK)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows_m[:, None] * stride_ql + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     if UPCAST_DOT:
         q = q.to(tl.float32)
@@ -96,6 +101,7 @@ def _cluster_fwd(
             inside = (pos[:, None] >= starts[None, :]) & (pos[:, None] < ends[None, :])  # empty clusters: never
             key_ok = pos < total
             rows = tl.where(key_ok, pos + tl.sum(tl.where(inside, shift[None, :], 0), 1), 0)
+            rows = _token_rows(K_ORD, bh, rows, key_ok, NK, GATHER)
             k = tl.load(k_base + rows[None, :] * stride_kl + offs_d[:, None])
             v = tl.load(v_base + rows[:, None] * stride_vl + offs_d[None, :])
             if UPCAST_DOT:
@@ -107,12 +113,23 @@ def _cluster_fwd(
             m_i, l_i, acc, _ = _softmax_update(s, v, qk_scale, m_i, l_i, acc)
 
     out, lse = _finish_rows(q, KM, VM, LOGN, LSE_C, bh, G, ids_base, count, qk_scale, m_i, l_i, acc,
-                            bh.to(tl.int64) * LQ + offs_m, row_ok, HEAD_DIM, BLOCK_P, LIST_CHUNK, UPCAST_DOT,
+                            bh.to(tl.int64) * LQ + rows_m, row_ok, HEAD_DIM, BLOCK_P, LIST_CHUNK, UPCAST_DOT,
                             COMPENSATE, RETURN_LSE)
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
+    o_ptrs = O + b * stride_ob + h * stride_oh + rows_m[:, None] * stride_ol + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     if RETURN_LSE:
-        tl.store(LSE + bh.to(tl.int64) * LQ + offs_m, lse, mask=row_ok)
+        tl.store(LSE + bh.to(tl.int64) * LQ + rows_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _token_rows(ORDER, bh, positions, ok, N, GATHER: tl.constexpr):
+    """The rows of ``positions`` of the cluster order: order[position] for the N clustered ones, the position
+    itself after them (and for every position without GATHER: tokens already in cluster order)."""
+    if GATHER:
+        clustered = positions < N
+        rows = tl.load(ORDER + bh.to(tl.int64) * N + positions, mask=ok & clustered, other=0)
+        return tl.where(clustered, rows, positions)
+    return positions
 
 
 def tile_config(head_dim: int, device: torch.device) -> list[dict]:
@@ -186,7 +203,7 @@ def _tile_table(first_rows, per_cluster, block_m, bound):
 
 
 def triton_cluster_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_cluster_counts, *, scale,
-                             out=None, return_lse=False, config=None, pooled=None):
+                             out=None, return_lse=False, config=None, pooled=None, q_order=None, k_order=None):
     """Launch the kernel. Inputs are assumed validated; head_dim must be a power of two in [16, 128].
 
     ``config``: BLOCK_M, BLOCK_N, CHUNK (key clusters per chunk), num_warps, num_stages for one launch over every
@@ -194,6 +211,7 @@ def triton_cluster_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_clus
     last rows when they fit); default per GPU (tile_config).
     ``pooled``: PooledKeys of the key clusters (head dim as q's): each row also gets the pooled term of every key
     cluster its list skips; with return_lse the result is then (out, exact LSE, compensated LSE).
+    ``q_order`` / ``k_order``: tokens in their own order (kernels.cluster_block_attention); both or neither.
     """
     B, H, LQ, D = q.shape
     CQ = q_offsets.shape[-1] - 1
@@ -208,18 +226,23 @@ def triton_cluster_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_clus
                                  for t in (q_offsets, k_offsets, kv_clusters, kv_cluster_counts))
     if MAXK == 0:  # every count is 0: one unused slot gives the kernel a real pointer
         ids, MAXK = torch.zeros(B, H, CQ, 1, dtype=torch.int32, device=q.device), 1
+    gather = q_order is not None
+    if gather != (k_order is not None):
+        raise ValueError("give both q_order and k_order (tokens in their own order), or neither")
+    q_ord, k_ord = (t.contiguous() for t in (q_order, k_order)) if gather else (q_off, q_off)  # dummies: not read
     last_block_m = launches[1]["BLOCK_M"] if len(launches) > 1 else None
     tables = query_tiles(q_off, launches[0]["BLOCK_M"], LQ, last_block_m)
     for cfg, (tile_cluster, tile_start, tiles) in zip(launches, tables):
         _cluster_fwd[(tiles, B * H)](
-            q, k, v, out, lse, q_off, k_off, ids, counts, tile_cluster, tile_start, *compensation["tensors"],
+            q, k, v, out, lse, q_off, k_off, ids, counts, tile_cluster, tile_start, *compensation["tensors"], q_ord, k_ord,
             scale * _LOG2E,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             H, LQ, CQ, CK, MAXK, tiles, compensation["groups"],
-            HEAD_DIM=D, RETURN_LSE=return_lse,
+            q_ord.shape[-1] if gather else 0, k_ord.shape[-1] if gather else 0,
+            HEAD_DIM=D, RETURN_LSE=return_lse, GATHER=gather,
             # Triton's CPU interpreter computes bfloat16 tl.dot wrongly (3.6 and 3.8): float32 tiles there.
             UPCAST_DOT=q.device.type == "cpu", **compensation["constants"], **cfg)
     if not return_lse:

@@ -46,14 +46,19 @@ def pool_key_blocks(k: torch.Tensor, v: torch.Tensor, block_size: int, kv_length
     return reference_pool_key_blocks(k, v, block_size, kv_length)
 
 
-def pool_key_clusters(k: torch.Tensor, v: torch.Tensor, k_offsets: torch.Tensor, backend: str = "auto") -> PooledKeys:
-    """Pooled statistics of the key clusters of (B, H, LK, D) k, v in cluster order: cluster c is keys
-    k_offsets[..., c]:k_offsets[..., c + 1] ((B, H, C + 1) offsets); keys past the last offset are in none."""
+def pool_key_clusters(k: torch.Tensor, v: torch.Tensor, k_offsets: torch.Tensor, backend: str = "auto",
+                      k_order: torch.Tensor | None = None) -> PooledKeys:
+    """Pooled statistics of the key clusters of (B, H, LK, D) k, v: cluster c is the positions
+    k_offsets[..., c]:k_offsets[..., c + 1] ((B, H, C + 1) offsets) of the cluster order, which is the keys' own
+    order or, with ``k_order``, the one it gives (kernels.cluster_block_attention); positions past the last offset
+    are in none."""
     if _use_triton(k, backend):
         from .pooled_keys_triton import triton_pool_groups
 
-        return PooledKeys(*triton_pool_groups(k, v, k_offsets[..., :-1], k_offsets[..., 1:]))
-    return reference_pool_key_clusters(k, v, k_offsets)
+        return PooledKeys(*triton_pool_groups(k, v, k_offsets[..., :-1], k_offsets[..., 1:], k_order))
+    from .cluster_reference import to_cluster_order
+
+    return reference_pool_key_clusters(to_cluster_order(k, k_order), to_cluster_order(v, k_order), k_offsets)
 
 
 def _use_triton(k: torch.Tensor, backend: str) -> bool:

@@ -13,10 +13,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _pool_fwd(K, V, KM, VM, LOGN, STARTS, ENDS,
+def _pool_fwd(K, V, KM, VM, LOGN, STARTS, ENDS, ORDER,
               stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-              stride_sb, stride_sh, H, G, D,
-              HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr):
+              stride_sb, stride_sh, H, G, D, N,
+              HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, GATHER: tl.constexpr):
     g = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -31,7 +31,11 @@ def _pool_fwd(K, V, KM, VM, LOGN, STARTS, ENDS,
     v_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
     for r0 in range(lo, hi, BLOCK_R):
         rows = r0 + offs_r
-        ok = (rows < hi)[:, None] & (offs_d < D)[None, :]
+        if GATHER:  # positions of the cluster order -> rows: order[position] for the N clustered positions
+            clustered = rows < N
+            rows = tl.where(clustered, tl.load(ORDER + bh.to(tl.int64) * N + rows, mask=clustered & (rows < hi),
+                                               other=0), rows)
+        ok = (r0 + offs_r < hi)[:, None] & (offs_d < D)[None, :]
         k = tl.load(k_base + rows[:, None] * stride_kl + offs_d[None, :], mask=ok, other=0.0)
         v = tl.load(v_base + rows[:, None] * stride_vl + offs_d[None, :], mask=ok, other=0.0)
         k_sum += tl.sum(k.to(tl.float32), 0)
@@ -43,9 +47,10 @@ def _pool_fwd(K, V, KM, VM, LOGN, STARTS, ENDS,
     tl.store(LOGN + bh.to(tl.int64) * G + g, tl.log(size))
 
 
-def triton_pool_groups(k, v, starts, ends):
+def triton_pool_groups(k, v, starts, ends, order=None):
     """Means of k / v rows starts[b, h, g]:ends[b, h, g] ((B or 1, H or 1, G) int32; an empty range gives 0 and
-    ln 0 = -inf). Any head_dim; k and v need a contiguous last dimension."""
+    ln 0 = -inf). Any head_dim; k and v need a contiguous last dimension. With ``order`` (B, H, N) int32 the ranges
+    are positions of that cluster order (kernels.cluster_block_attention's k_order)."""
     B, H, _, D = k.shape
     G = starts.shape[-1]
     keys = torch.empty(B, H, G, D, device=k.device, dtype=k.dtype)
@@ -56,8 +61,8 @@ def triton_pool_groups(k, v, starts, ends):
     starts, ends = (t.to(torch.int32).expand(ends.shape).contiguous() for t in (starts, ends))
     stride = lambda t, dim: 0 if t.shape[dim] == 1 else t.stride(dim)  # noqa: E731  (a shared dimension)
     _pool_fwd[(G, B * H)](
-        k, v, keys, values, log_size, starts, ends,
+        k, v, keys, values, log_size, starts, ends, starts if order is None else order.contiguous(),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        stride(starts, 0), stride(starts, 1), H, G, D,
-        HEAD_DIM=max(16, triton.next_power_of_2(D)), BLOCK_R=32, num_warps=4)
+        stride(starts, 0), stride(starts, 1), H, G, D, 0 if order is None else order.shape[-1],
+        HEAD_DIM=max(16, triton.next_power_of_2(D)), BLOCK_R=32, GATHER=order is not None, num_warps=4)
     return keys, values, log_size

@@ -23,8 +23,11 @@ synthetic = import_pack("benchmarks.synthetic")
 
 PRECISIONS = ("int8", "fp8")
 # Kernel vs simulated reference: float32 summation order, and the output's rounding (the interpreter rounds to bf16
-# its own way: bf16 outputs differ by an ulp, 4e-3, where fp16 ones match to 1e-6).
+# its own way: bf16 outputs differ by an ulp, 4e-3, where fp16 ones match to 1e-6). FP8 fp16 is looser: when the
+# summation order moves a probability across an e4m3 rounding boundary (3 mantissa bits) it changes by 1/16; about one
+# seed in 24 has such a flip at L100 (1.9e-3), the others agree to 2e-5.
 KERNEL_TOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
+FP8_FP16_TOL = 5e-3
 LSE_TOL = 1e-3  # the same, on the LSE
 # vs exact attention on white-noise q/k/v (the hardest case for 8 bits): output relative error, worst LSE error
 EXACT_TOL = {"int8": (0.03, 0.05), "fp8": (0.08, 0.25)}
@@ -60,7 +63,8 @@ def check_against_simulation(q, k, v, layout, block_size, precision, ctx, **kwar
     assert (out[empty] == 0).all(), f"{ctx}: rows with no key must be 0"
     if (~empty).any():
         err = rel_err(out[~empty], ref[~empty])
-        assert err < KERNEL_TOL[q.dtype], f"{ctx}: kernel vs simulated reference {err:.2e} >= {KERNEL_TOL[q.dtype]}"
+        tol = FP8_FP16_TOL if (precision, q.dtype) == ("fp8", torch.float16) else KERNEL_TOL[q.dtype]
+        assert err < tol, f"{ctx}: kernel vs simulated reference {err:.2e} >= {tol}"
         lse_err = (lse - ref_lse)[~empty].abs().max().item()
         assert lse_err < LSE_TOL, f"{ctx}: LSE vs simulated reference {lse_err:.2e} >= {LSE_TOL}"
     return out, lse

@@ -296,6 +296,64 @@ def test_auto_backend_on_cpu_is_reference(gen):
     assert torch.equal(auto, K.cluster_block_attention(q, k, v, *clusters, backend="reference"))
 
 
+# ------------------------------------------------------------------------ tokens in their own order
+
+
+def random_order(B, H, N, gen):
+    """(B, H, N) int32 random permutations of 0..N-1, one per (batch, head)."""
+    keys = torch.rand(B, H, N, generator=gen, device=gen.device)
+    return keys.argsort(dim=-1).to(torch.int32).to(DEVICE)
+
+
+@pytest.mark.parametrize("compensate", [False, True], ids=["exact", "compensated"])
+@pytest.mark.parametrize("tail", [0, 9], ids=["video-only", "text-tail"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tokens_in_their_own_order_equal_the_call_on_permuted_copies(backend, dtype, D, tail, compensate, gen):
+    """With q_order / k_order the kernel reads every row and writes every output row (and LSE) through the orders:
+    bit for bit the call on copies in cluster order, scattered back, whose output matches the dense oracle; the
+    positions past the orders (HunyuanVideo's text) stay where they are; ComfyUI's token-major output buffer."""
+    B, H, N = 2, 3, 67
+    L = N + tail
+    q, k, v = make_qkv(B, H, L, L, D, dtype, gen, token_major=True)
+    q_order, k_order = random_order(B, H, N, gen), random_order(B, H, N, gen)
+    clusters = random_clusters(B, H, L, L, 5, 7, gen, k_end=L - 3 if tail else None)
+    qp, kp, vp = K.to_cluster_order(q, q_order), K.to_cluster_order(k, k_order), K.to_cluster_order(v, k_order)
+    pooled = K.pool_key_clusters(kp, vp, clusters[1], backend=backend) if compensate else None
+    want = K.cluster_block_attention(qp, kp, vp, *clusters, backend=backend, return_lse=True, pooled=pooled)
+    if not compensate:
+        assert_matches(*want, dense_oracle(qp, kp, vp, clusters), dtype, f"{backend} seed={gen.initial_seed()}")
+    pooled_in_order = K.pool_key_clusters(k, v, clusters[1], backend=backend, k_order=k_order) if compensate else None
+    if compensate:
+        for got, expected in zip((pooled_in_order.keys, pooled_in_order.values, pooled_in_order.log_size),
+                                 (pooled.keys, pooled.values, pooled.log_size)):
+            assert torch.equal(got, expected), f"pooled through k_order, seed={gen.initial_seed()}"
+    out = torch.full((B, L, H, D), float("nan"), dtype=dtype, device=DEVICE).transpose(1, 2)
+    got = K.cluster_block_attention(q, k, v, *clusters, backend=backend, return_lse=True, pooled=pooled_in_order,
+                                    out=out, q_order=q_order, k_order=k_order)
+    assert got[0].data_ptr() == out.data_ptr() and not torch.isnan(out).any()
+    for name, g, w in zip(("out", "lse", "compensated lse"), got, want):
+        assert torch.equal(g, K.to_token_order(w, q_order)), f"{name}: {backend} seed={gen.initial_seed()}"
+
+
+def test_cluster_order_round_trip(gen):
+    """to_cluster_order puts token order[i] at position i (the positions past the order stay); to_token_order
+    undoes it, also into a strided buffer, for rows (B, H, L, D) and LSE rows (B, H, L)."""
+    B, H, N, L = 2, 3, 11, 14
+    x = torch.randn(B, L, H, 8, generator=gen, device=gen.device).to(DEVICE).transpose(1, 2)
+    order = random_order(B, H, N, gen)
+    moved = K.to_cluster_order(x, order)
+    for b in range(B):
+        for h in range(H):
+            source = torch.cat([order[b, h].long(), torch.arange(N, L, device=DEVICE)])
+            assert torch.equal(moved[b, h], x[b, h, source])
+    buffer = torch.full((B, L, H, 8), float("nan"), device=DEVICE).transpose(1, 2)
+    assert K.to_token_order(moved, order, buffer).data_ptr() == buffer.data_ptr() and torch.equal(buffer, x)
+    assert torch.equal(K.to_token_order(K.to_cluster_order(x[..., 0], order), order), x[..., 0])
+    assert K.to_cluster_order(x, None) is x
+
+
 # ------------------------------------------------------------------------------- pair count, tile table
 
 
@@ -374,6 +432,10 @@ def _valid_args():
                 backend="reference")
 
 
+def _identity_order(B, H, N):
+    return torch.arange(N, dtype=torch.int32, device=DEVICE).expand(B, H, N).contiguous()
+
+
 def _set(**changes):
     return lambda a: {**a, **{name: f(a) for name, f in changes.items()}}
 
@@ -409,6 +471,13 @@ BAD_INPUTS = {
     "cluster-id-repeated": (_edit("kv_clusters", (0, 1, 0, 2), 0), r"must be distinct"),
     "clusters-on-another-device": (_set(kv_clusters=lambda a: a["kv_clusters"].to("meta")), r"^kv_clusters is on meta"),
     "out-dtype": (_set(out=lambda a: torch.empty(2, 2, 40, 64, device=DEVICE)), r"^out must be"),
+    "q-order-only": (_set(q_order=lambda a: _identity_order(2, 2, 40)), r"^give both q_order and k_order"),
+    "q-order-int64": (_set(q_order=lambda a: _identity_order(2, 2, 40).long(), k_order=lambda a: _identity_order(2, 2, 50)),
+                      r"^q_order must be an int32 \(2, 2, N\) tensor with 1 <= N <= 40"),
+    "k-order-too-long": (_set(q_order=lambda a: _identity_order(2, 2, 40), k_order=lambda a: _identity_order(2, 2, 51)),
+                         r"^k_order must be an int32 \(2, 2, N\) tensor with 1 <= N <= 50"),
+    "k-order-heads": (_set(q_order=lambda a: _identity_order(2, 2, 40), k_order=lambda a: _identity_order(2, 1, 50)),
+                      r"^k_order must be"),
     "unknown-backend": (_set(backend=lambda a: "flash"), r"^backend must be one of"),
     "triton-float32": (_set(q=lambda a: a["q"].float(), k=lambda a: a["k"].float(), v=lambda a: a["v"].float(),
                             backend=lambda a: "triton"), r"^backend='triton' takes float16 or bfloat16"),

@@ -139,14 +139,22 @@ def test_every_method_routes_a_plan_above_the_break_even(name, monkeypatch):
     assert session.stats.routed_heads == 2 * routed_steps and not session.stats.fallbacks
 
 
-def test_svg2_heads_split_for_memory_each_run_dense(monkeypatch):
-    """SVG2 keeping every pair (top-p 1, the diffuse heads' case), one head at a time: every head is routed, the
-    output is the dense attention's."""
+def test_svg2_planned_a_head_at_a_time_routes_the_call_once(monkeypatch):
+    """SVG2 keeping every pair (top-p 1, the diffuse heads' case), planned a head at a time (core.memory): the
+    routing still decides once, over every head of the call, which then runs dense whole (one dense launch of the
+    call as it came); the output is the dense attention's."""
     set_break_even(monkeypatch, 0.9)
+    monkeypatch.setattr(memory, "TRANSIENT_SHARE", 1e-9)
+    svg2 = import_pack("core.svg2")
+    planned = []
+    plan_heads = svg2.SVG2Planner._plan_heads
+    monkeypatch.setattr(svg2.SVG2Planner, "_plan_heads",
+                        lambda self, call, part: planned.append(part) or plan_heads(self, call, part))
     qkv = inputs(H=3)
     out, session, spy = run(METHODS["svg2"], qkv)
     torch.testing.assert_close(out, heads_first(comfy_attention(*qkv, 3), 3), rtol=0, atol=1e-6)
-    assert spy.heads == [1, 1, 1]  # svg2 worked a head at a time (core.memory), each routed
+    assert planned == [slice(0, 1), slice(1, 2), slice(2, 3)]  # planned a head at a time
+    assert spy.heads == [3]  # one routing decision: the whole call dense, no copies of some heads
     assert session.stats.routed_heads == 3 and session.stats.planned_heads == 3
 
 

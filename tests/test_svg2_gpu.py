@@ -1,5 +1,5 @@
 """SVG2 on CUDA at realistic sizes: the k-means kernels against their torch references (thousands of tokens, 300
-and 1000 clusters, ComfyUI's token-major layout), determinism, the permutation round trip, and the planner: top-p
+and 1000 clusters, ComfyUI's token-major layout), determinism, the kernel through the cluster orders, and the planner: top-p
 1.0 against SDPA, a sparse call against float64 attention under its cluster mask (text and padding included).
 
 Inputs are random on every run; each test prints its seed (rerun with SVG2_SEED=<seed>).
@@ -82,16 +82,26 @@ def test_kmeans_is_deterministic_and_consistent(gen):
     assert torch.equal(a.sizes.long(), sizes)
 
 
-def test_permutation_round_trip_is_exact(gen):
+def test_kernel_through_the_orders_equals_the_kernel_on_permuted_copies(gen):
+    """SVG2's launch reads q, k, v and writes the output (and LSE) through the cluster orders: bit for bit the
+    kernel on copies in cluster order, scattered back (text tokens past the orders, key padding past the last
+    offset, ComfyUI's token-major output buffer)."""
     L = N + 256
     q, k, v = (token_major(B, H, L, D, dtype=torch.bfloat16, gen=gen) for _ in range(3))
-    q_order = K.cluster_order(torch.randint(0, 300, (B, H, N), generator=gen, device="cuda", dtype=torch.int32), 300)[0]
-    k_order = K.cluster_order(torch.randint(0, 999, (B, H, N), generator=gen, device="cuda", dtype=torch.int32), 999)[0]
-    qp, kp, vp = K.permute_qkv(q, k, v, q_order, k_order, backend="triton")
-    rq, rk, rv = K.permute_qkv(q, k, v, q_order, k_order, backend="reference")
-    assert torch.equal(qp, rq) and torch.equal(kp, rk) and torch.equal(vp, rv)
+    q_km = K.cluster_order(torch.randint(0, 300, (B, H, N), generator=gen, device="cuda", dtype=torch.int32), 300)
+    k_km = K.cluster_order(torch.randint(0, 999, (B, H, N), generator=gen, device="cuda", dtype=torch.int32), 999)
+    q_order, k_order = q_km[0], k_km[0]
+    lists = torch.rand(B, H, 300, 999, generator=gen, device="cuda").argsort(-1).to(torch.int32)
+    counts = torch.randint(1, 300, (B, H, 300), generator=gen, device="cuda", dtype=torch.int32)
+    selection = K.ClusterSelection(order=lists, counts=counts, kept_keys=None)  # the kept tokens are not used here
+    layout = core.svg2._with_text(q_km[1], k_km[1], selection, N, L, torch.tensor([L, L - 100], device="cuda"))
+    permuted = [K.to_cluster_order(t, order) for t, order in ((q, q_order), (k, k_order), (v, k_order))]
+    want = K.cluster_block_attention(*permuted, *layout, return_lse=True)
     out = torch.empty(B, L, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-    assert torch.equal(K.unpermute_rows(qp, q_order, out=out, backend="triton"), q)
+    got = K.cluster_block_attention(q, k, v, *layout, return_lse=True, out=out, q_order=q_order, k_order=k_order)
+    assert got[0].data_ptr() == out.data_ptr()
+    for name, g, w in zip(("out", "lse"), got, want):
+        assert torch.equal(g, K.to_token_order(w, q_order)), f"{name} seed={gen.initial_seed()}"
 
 
 def make_call(gen, *, grid, dtype=torch.bfloat16):

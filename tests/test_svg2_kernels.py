@@ -276,48 +276,6 @@ def test_kmeans_rejects_bad_input(gen):
         K.kmeans_assign(x.transpose(2, 3), torch.zeros(1, 1, 4, 20, device=DEVICE))
 
 
-# ------------------------------------------------------------------------------------------------ permutation
-
-
-def random_order(B, H, N, gen):
-    labels = torch.randint(0, 5, (B, H, N), generator=gen, device=DEVICE, dtype=torch.int32)
-    return K.cluster_order(labels, 5)[0]
-
-
-@pytest.mark.parametrize("tail", [0, 9], ids=["video-only", "text-tail"])
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_permutation_gathers_and_round_trips_exactly(backend, dtype, D, tail, gen):
-    B, H, N = 2, 3, 53
-    L = N + tail
-    q, k, v = (points(B, H, L, D, dtype, gen, token_major=True) for _ in range(3))
-    q_order, k_order = random_order(B, H, N, gen), random_order(B, H, N, gen)
-    qp, kp, vp = K.permute_qkv(q, k, v, q_order, k_order, backend=backend)
-    assert all(t.is_contiguous() and t.shape == q.shape for t in (qp, kp, vp))
-    for b in range(B):
-        for h in range(H):
-            q_src = torch.cat([q_order[b, h].long(), torch.arange(N, L, device=DEVICE)])
-            k_src = torch.cat([k_order[b, h].long(), torch.arange(N, L, device=DEVICE)])
-            assert torch.equal(qp[b, h], q[b, h, q_src])
-            assert torch.equal(kp[b, h], k[b, h, k_src]) and torch.equal(vp[b, h], v[b, h, k_src])
-    out = torch.full((B, L, H, D), float("nan"), device=DEVICE, dtype=dtype).transpose(1, 2)  # ComfyUI's layout
-    back = K.unpermute_rows(qp, q_order, out=out, backend=backend)
-    assert back.data_ptr() == out.data_ptr() and torch.equal(back, q), f"{backend} seed={gen.initial_seed()}"
-    assert torch.equal(K.unpermute_rows(kp, k_order, backend=backend), k)
-
-
-def test_permutation_rejects_bad_orders(gen):
-    q = points(1, 2, 10, 64, torch.bfloat16, gen)
-    good = random_order(1, 2, 10, gen)
-    with pytest.raises(ValueError, match="q_order"):
-        K.permute_qkv(q, q, q, good.long(), good)
-    with pytest.raises(ValueError, match="k_order"):
-        K.permute_qkv(q, q, q, good, torch.zeros(1, 2, 11, dtype=torch.int32, device=DEVICE))
-    with pytest.raises(ValueError, match="out"):
-        K.unpermute_rows(q, good, out=torch.empty(1, 2, 10, 32, dtype=torch.bfloat16, device=DEVICE))
-
-
 # ------------------------------------------------------------------------------------------------ selection
 
 
