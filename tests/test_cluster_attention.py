@@ -307,7 +307,7 @@ def random_order(B, H, N, gen):
 
 @pytest.mark.parametrize("compensate", [False, True], ids=["exact", "compensated"])
 @pytest.mark.parametrize("tail", [0, 9], ids=["video-only", "text-tail"])
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 80, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tokens_in_their_own_order_equal_the_call_on_permuted_copies(backend, dtype, D, tail, compensate, gen):
