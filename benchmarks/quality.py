@@ -5,6 +5,8 @@
         [--json out.json] [--picture out.png]
     python benchmarks/quality.py --comfyui PATH --steps 4 --cfg 1      # few-step runs, as distilled LoRAs sample
     python benchmarks/quality.py --comfyui PATH --methods svg --densities 0.25 --knob 0.2   # no calibration
+    python benchmarks/quality.py --comfyui PATH --knobs radial=0.2 svg=0.3 svg2=0.9 adaspa=0.8 \
+        --builtin-taus 1.3 1.0 2.0      # each method at its own knob, and ComfyUI's built-in sparse kernel
 
 The proxy (benchmarks/proxy_model.py: ComfyUI's WanModel, 16 frames of 64 x 64 = 16,384 tokens) samples K seeds
 through ComfyUI's sampler, once unpatched (dense) and once per method through the pack's own nodes (Sparse
@@ -17,6 +19,12 @@ and the sampling time. A picture shows frames of the dense video and of each met
 
 The proxy was trained for 20-step sampling and is not step-distilled: 4- or 8-step runs at cfg 1 show how a sparse
 step weighs when a run has few steps, not how a distilled LoRA (lightx2v) behaves. The output says so by the figures.
+
+``--builtin-taus`` adds rows for ComfyUI's built-in sparse kernel, comfy_kitchen.sol_attn (comfy-kitchen 0.2.40 or
+newer; a row says "not installed / not available" otherwise) at each tau, extra_tokens 256 as its node: it serves the
+video self-attention of the same sparse steps and layers through ComfyUI's optimized_attention_override, the other
+calls stay on ComfyUI's attention. Where no fused kernel runs (a CPU), kitchen's eager reference does: full precision,
+no token_aug, one head at a time (it materialises the scores). It reports no density and no LSE (no recall).
 
 ``--compensate both`` runs every method and density twice, with the patch's compensate setting off and on (the
 skipped keys' pooled terms), at the knob calibrated without compensation: the two rows compare equal layouts.
@@ -33,14 +41,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 import proxy_model  # noqa: E402
+import versus  # noqa: E402  (comfy_kitchen's sol_attn, found and reported as in the per-call benchmark)
 from pack import import_pack  # noqa: E402
 
+core = import_pack("core")
+metrics = import_pack("core.metrics")
 DENSE_STEPS, DENSE_LAYERS = 0.2, 1
+SCHEDULE = core.SparseSchedule(dense_steps=DENSE_STEPS, dense_layers=DENSE_LAYERS)  # what the patch runs below
+SOL_HEAD_DIM = 128  # the only head_dim the fused sol_attn takes
 NOT_DISTILLED = "the proxy is not step-distilled: few-step figures show how much one sparse step weighs, not a " \
                 "distilled LoRA's quality"
 
@@ -143,6 +157,76 @@ def calibrate(nodes, bridge, proxy, method: Method, target: float, args, iterati
     return best
 
 
+def sol_attention(kitchen, q, k, v, heads: int, tau: float) -> torch.Tensor:
+    """comfy_kitchen.sol_attn on ComfyUI's (B, L, H * D) tensors. q, k, v are zero-padded from head_dim D to 128 (the
+    fused kernel's) with the scale kept at D ** -0.5: zero features change no score, and the output is sliced back.
+    Without a fused kernel the eager reference runs, which materialises a call's scores: one head at a time."""
+    B, L, HD = q.shape
+    D = HD // heads
+    q4, k4, v4 = (F.pad(t.reshape(B, L, heads, D), (0, SOL_HEAD_DIM - D)) for t in (q, k, v))
+
+    def call(q, k, v):
+        return kitchen.sol_attn(q, k, v, tau=tau, scale=D ** -0.5, token_aug=versus.SOL_EXTRA_TOKENS)
+
+    if kitchen.sol_attn_is_available(q.device):
+        out = call(q4, k4, v4)
+    else:
+        out = torch.cat([torch.cat([call(*(t[b:b + 1, :, h:h + 1] for t in (q4, k4, v4))) for h in range(heads)], 2)
+                         for b in range(B)])
+    return out[..., :D].reshape(B, L, HD)
+
+
+def builtin_override(kitchen, tau: float, routed: list):
+    """ComfyUI's ``optimized_attention_override`` putting comfy_kitchen.sol_attn on the video self-attention of the
+    sparse steps and layers (SCHEDULE, as every method runs); every other call (dense steps, the dense block, the text
+    cross-attention) runs ComfyUI's own attention. Appends each call it takes as (step, layer) to ``routed``."""
+
+    def override(func, *args, **kwargs):
+        q, k, v = args[:3]
+        heads = args[3] if len(args) > 3 else kwargs["heads"]
+        options = kwargs.get("transformer_options") or {}
+        sigmas, schedule, layer = options.get("sigmas"), options.get("sample_sigmas"), options.get("block_index")
+        self_attention = q.ndim == 3 and q.shape == k.shape == v.shape and len(args) <= 4 and \
+            kwargs.get("mask") is None
+        if not self_attention or sigmas is None or schedule is None or layer is None:
+            return func(*args, **kwargs)
+        step = core.step_index(float(sigmas.flatten()[0]), schedule)
+        if step is None or not SCHEDULE.is_sparse(step, len(schedule) - 1, layer):
+            return func(*args, **kwargs)
+        routed.append((step, layer))
+        return sol_attention(kitchen, q, k, v, heads, tau)
+
+    return override
+
+
+def run_builtin(proxy, kitchen, tau: float, seeds, args):
+    """(videos, seconds per video, (step, layer) of the calls sol_attn served) of the proxy with the built-in kernel."""
+    model, routed = proxy.model.clone(), []
+    options = model.model_options.setdefault("transformer_options", {})
+    options["optimized_attention_override"] = builtin_override(kitchen, tau, routed)
+    videos, seconds = sample_seeds(proxy, model, seeds, args)
+    return videos, seconds, routed
+
+
+def scores(videos, dense_videos) -> dict:
+    """PSNR, SSIM and relative L2 of each video against the dense video of the same seed: means and per seed."""
+    per_seed = [(metrics.psnr(v, d), metrics.ssim(v, d), metrics.relative_error(v, d))
+                for v, d in zip(videos, dense_videos)]
+    return dict(psnr=statistics.mean(s[0] for s in per_seed), ssim=statistics.mean(s[1] for s in per_seed),
+                rel_l2=statistics.mean(s[2] for s in per_seed), per_seed=per_seed)
+
+
+def method_knob(text: str):
+    """``name=value`` of --knobs: (method, its knob's value)."""
+    name, _, value = text.partition("=")
+    try:
+        if name in METHODS:
+            return name, float(value)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r}: want METHOD=VALUE with METHOD one of {', '.join(METHODS)}")
+
+
 def picture(rows, path, frames_every=3):
     """Rows of (label, video (1, 3, F, S, S)): every ``frames_every``-th frame, labelled on the left."""
     from PIL import Image, ImageDraw
@@ -168,7 +252,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comfyui", default=None)
     parser.add_argument("--weights", default=str(proxy_model.WEIGHTS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--densities", nargs="+", type=float, default=[0.25, 0.12])
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
@@ -179,6 +263,12 @@ def main(argv=None):
     parser.add_argument("--calibration", type=int, default=7, help="bisection runs per method and density")
     parser.add_argument("--knob", type=float, default=None,
                         help="the density knob's value to run (no calibration): one method and one density only")
+    parser.add_argument("--knobs", nargs="+", type=method_knob, default=None, metavar="METHOD=VALUE",
+                        help="each named method at this value of its knob (no calibration, no target density), "
+                             "instead of --methods / --densities: e.g. radial=0.2 svg=0.3 svg2=0.9 adaspa=0.8")
+    parser.add_argument("--builtin-taus", nargs="*", type=float, default=[],
+                        help="rows for ComfyUI's built-in sparse kernel comfy_kitchen.sol_attn at these taus "
+                             f"(its node's default: {versus.SOL_DEFAULT_TAU})")
     parser.add_argument("--backend", default="auto", help="auto on a GPU; reference for a (slow) CPU smoke run")
     parser.add_argument("--compensate", choices=("off", "on", "both"), default="off",
                         help="the patch's compensate setting; both: every row without and with it")
@@ -191,10 +281,11 @@ def main(argv=None):
     if args.knob is not None and (len(args.methods) != 1 or len(args.densities) != 1):
         parser.error("--knob sets one method's knob: give one --methods and one --densities (the target it was "
                      "calibrated for)")
+    if args.knob is not None and args.knobs:
+        parser.error("give --knob (one method and density) or --knobs (methods without a target), not both")
 
     proxy_model.use_comfyui(args.comfyui)
     nodes, bridge = import_pack("nodes"), import_pack("nodes.bridge")
-    metrics = import_pack("core.metrics")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     proxy = proxy_model.load(args.weights, device=device, dtype=proxy_model.inference_dtype(device))
     classes = [proxy_model.PROCEDURAL_CLASS] + list(range(2, len(proxy.class_names), 7))
@@ -204,35 +295,61 @@ def main(argv=None):
     summary = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                    torch=torch.__version__, steps=args.steps, cfg=args.cfg, seeds=seeds, dense_steps=DENSE_STEPS,
                    dense_layers=DENSE_LAYERS, dense_seconds=dense_time, date=time.strftime("%Y-%m-%d"),
-                   step_distilled=False, note=NOT_DISTILLED, precision=args.precision)
+                   step_distilled=False, note=NOT_DISTILLED, precision=args.precision,
+                   comfy_kitchen=versus.kitchen_version())
     probe_step = args.steps // 2
     modes = ("off", "on") if args.compensate == "both" else (args.compensate,)
     summary["compensate"] = args.compensate
     results, rows = [], [("dense", dense_videos[0])]
-    for name in args.methods:
+
+    def record(row, video=None):
+        results.append(row)
+        if video is not None:
+            rows.append((row["label"].replace(", ", "\n") + "\n"
+                         + (f"density {row['density']:.3f}\n" if row["density"] is not None else "")
+                         + f"PSNR {row['psnr']:.1f}", video))
+        figures = f"PSNR {row['psnr']:.2f}  SSIM {row['ssim']:.3f}" if row["status"] == "ok" else row["status"]
+        print(f"{row['label']}: {figures}", flush=True)
+        if args.json:  # after every row: a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps(dict(summary, results=results), indent=1))
+
+    for tau in args.builtin_taus:
+        row = dict(method="builtin", kernel_name="comfy_kitchen.sol_attn", compensate=None, target_density=None,
+                   knob=dict(tau=tau, extra_tokens=versus.SOL_EXTRA_TOKENS), calibrated=False, density=None,
+                   recall=None, recall_per_layer=[], label=f"sol_attn tau {tau:g}")
+        try:
+            kitchen = versus.sol_attn_kitchen()
+            videos, seconds, routed = run_builtin(proxy, kitchen, tau, seeds, args)
+        except versus.Unavailable as why:
+            record(dict(row, status=str(why)))
+            continue
+        except Exception as why:  # one row's failure (a kernel's input rules) must not lose the others' figures
+            record(dict(row, status=f"failed: {type(why).__name__}: {str(why)[:200]}"))
+            continue
+        kernel = "fused" if kitchen.sol_attn_is_available(device) else \
+            "eager reference (full precision, token_aug ignored)"
+        record(dict(row, status="ok", kernel=kernel, routed_calls=len(routed) // len(seeds), **scores(videos,
+                    dense_videos), seconds=seconds, speedup=dense_time / seconds), videos[0])
+
+    if args.knobs:
+        jobs = [(name, None, knob) for name, knob in args.knobs]
+    else:
+        jobs = [(name, target, args.knob) for name in args.methods for target in args.densities]
+    for name, target, knob in jobs:
         method = METHODS[name]
-        for target in args.densities:
-            knob = args.knob if args.knob is not None else \
-                calibrate(nodes, bridge, proxy, method, target, args, args.calibration)[0]
-            for mode in modes:
-                videos, density, seconds, recall = run_method(nodes, bridge, proxy, method.build(nodes, knob), seeds,
-                                                              args, probe_step=probe_step, compensate=mode)
-                scores = [(metrics.psnr(v, d), metrics.ssim(v, d), metrics.relative_error(v, d))
-                          for v, d in zip(videos, dense_videos)]
-                results.append(dict(method=name, compensate=mode, target_density=target, knob={method.knob: knob},
-                                    calibrated=args.knob is None, density=density,
-                                    psnr=statistics.mean(s[0] for s in scores),
-                                    ssim=statistics.mean(s[1] for s in scores),
-                                    rel_l2=statistics.mean(s[2] for s in scores), per_seed=scores,
-                                    recall_per_layer=recall, recall=statistics.mean(recall) if recall else None,
-                                    seconds=seconds, speedup=dense_time / seconds))
-                if target == args.densities[0]:
-                    rows.append((f"{name} (compensate {mode})\ndensity {density:.3f}\n"
-                                 f"PSNR {results[-1]['psnr']:.1f}", videos[0]))
-                print(f"{name:8s} compensate {mode:3s} target {target:.2f} ({method.knob} {knob:.3g}): density "
-                      f"{density:.3f}  PSNR {results[-1]['psnr']:.2f}  SSIM {results[-1]['ssim']:.3f}", flush=True)
-                if args.json:  # after every row: a run cut short keeps what it measured
-                    Path(args.json).write_text(json.dumps(dict(summary, results=results), indent=1))
+        calibrated = knob is None
+        if calibrated:
+            knob = calibrate(nodes, bridge, proxy, method, target, args, args.calibration)[0]
+        for mode in modes:
+            videos, density, seconds, recall = run_method(nodes, bridge, proxy, method.build(nodes, knob), seeds,
+                                                          args, probe_step=probe_step, compensate=mode)
+            label = f"{name} {method.knob} {knob:.3g}, compensate {mode}" + \
+                (f", target {target:.2f}" if target is not None else "")
+            record(dict(method=name, compensate=mode, target_density=target, knob={method.knob: knob},
+                        calibrated=calibrated, density=density, status="ok", label=label,
+                        **scores(videos, dense_videos), recall_per_layer=recall,
+                        recall=statistics.mean(recall) if recall else None, seconds=seconds,
+                        speedup=dense_time / seconds), videos[0] if target in (None, args.densities[0]) else None)
 
     summary["results"] = results
     if args.json:
@@ -241,15 +358,22 @@ def main(argv=None):
         picture(rows, args.picture)
     print(f"\nproxy quality: {len(seeds)} seeds, {args.steps} steps, cfg {args.cfg}, dense first {DENSE_STEPS:.0%} "
           f"of steps (at least one) and {DENSE_LAYERS} block; dense {dense_time:.2f} s/video on {summary['device']}"
-          + ("" if args.knob is None else f"; knob given ({args.knob:g}), not calibrated"))
+          + ("" if all(r["calibrated"] for r in results if r["method"] != "builtin") else
+             "; knobs given, not calibrated"))
     print(f"note: {NOT_DISTILLED}")
-    print(f"{'method':8s} {'comp':>4s} {'target':>6s} {'density':>7s} {'PSNR':>6s} {'SSIM':>6s} {'relL2':>6s} "
-          f"{'recall':>6s} {'s/video':>7s} {'speed':>6s}")
+    if any(r.get("kernel", "").startswith("eager") for r in results):
+        print(f"note: sol_attn ran as comfy-kitchen {summary['comfy_kitchen']}'s eager reference (no fused kernel on "
+              "this device): full precision, token_aug ignored; its s/video is not the fused kernel's")
+    print(f"{'row':44s} {'density':>7s} {'PSNR':>6s} {'SSIM':>6s} {'relL2':>6s} {'recall':>6s} {'s/video':>7s} "
+          f"{'speed':>6s}")
     for r in results:
-        recall = f"{r['recall']:.3f}" if r["recall"] is not None else "-"
-        print(f"{r['method']:8s} {r['compensate']:>4s} {r['target_density']:6.2f} {r['density']:7.3f} "
-              f"{r['psnr']:6.2f} {r['ssim']:6.3f} "
-              f"{r['rel_l2']:6.3f} {recall:>6s} {r['seconds']:7.2f} {r['speedup']:5.2f}x")
+        if r["status"] != "ok":
+            print(f"{r['label']:44s} {r['status']}")
+            continue
+        density = f"{r['density']:7.3f}" if r["density"] is not None else f"{'-':>7s}"
+        recall = f"{r['recall']:6.3f}" if r["recall"] is not None else f"{'-':>6s}"
+        print(f"{r['label']:44s} {density} {r['psnr']:6.2f} {r['ssim']:6.3f} {r['rel_l2']:6.3f} {recall} "
+              f"{r['seconds']:7.2f} {r['speedup']:5.2f}x")
 
 
 if __name__ == "__main__":

@@ -106,6 +106,14 @@ def kitchen():
     return comfy_kitchen
 
 
+def sol_attn_kitchen():
+    """comfy_kitchen where it has sol_attn (ComfyUI's built-in sparse kernel); Unavailable saying why otherwise."""
+    ck = kitchen()
+    if not hasattr(ck, "sol_attn"):
+        raise Unavailable(f"not available: comfy-kitchen {kitchen_version()} has no sol_attn (0.2.40 has)")
+    return ck
+
+
 def int8_row(q, k, v, smoke):
     ck = kitchen()
     if not ck.int8_attention_is_available():
@@ -123,9 +131,7 @@ def sage_row(q, k, v, smoke):
 
 def sol_row(tau):
     def build(q, k, v, smoke):
-        ck = kitchen()
-        if not hasattr(ck, "sol_attn"):
-            raise Unavailable(f"not available: comfy-kitchen {kitchen_version()} has no sol_attn (0.2.40 has)")
+        ck = sol_attn_kitchen()
         if not smoke and not ck.sol_attn_is_available(q.device):
             # the eager fallback materialises L x L scores: not a measure of the built-in kernel
             raise Unavailable("not available: no compiled sol_attn kernel for this GPU (comfy_kitchen."

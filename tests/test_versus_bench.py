@@ -1,12 +1,18 @@
-"""The issue-19 benchmarks in their CPU modes: benchmarks/versus.py --smoke (every row runs or says why not) and
-benchmarks/check_cost.py (the share of a run it states, and its --tiny run on ComfyUI's real WanModel)."""
+"""The issue-19 benchmarks in their CPU modes: benchmarks/versus.py --smoke (every row runs or says why not),
+benchmarks/check_cost.py (the share of a run it states, and its --tiny run on ComfyUI's real WanModel), and
+benchmarks/quality.py's rows for ComfyUI's built-in sparse kernel and given knobs at a tiny size of the proxy."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
+import sys
+import types
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 import comfy_env
 from pack import REPO_ROOT
@@ -17,6 +23,7 @@ comfyui = pytest.mark.comfyui
 def load_benchmark(name):
     spec = importlib.util.spec_from_file_location(f"_bench_{name}", REPO_ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (dataclasses look their module up while the file runs)
     spec.loader.exec_module(module)
     return module
 
@@ -72,3 +79,122 @@ def test_check_cost_tiny_run(tmp_path):
     assert [r["run_steps"] for r in result["runs"]] == [30, 4]
     assert len(result["steps_off_s"][0]) == len(result["steps_on_s"][0]) == 3
     assert result["check_summary"][0].startswith("check (steps 2")
+
+
+# ------------------------------------------------------------------------ quality.py: the built-in kernel's rows
+
+TINY = ["--frames", "4", "--size", "32", "--seeds", "1", "--cfg", "1", "--backend", "reference"]  # 1,024 tokens
+
+
+class ExactSolAttn:
+    """A comfy_kitchen stand-in whose sol_attn is exact attention on sol_attn's (B, T, H, D) layout, recording each
+    call: where the padding or scale were wrong, the proxy's video would differ from dense."""
+
+    def __init__(self):
+        self.calls = []
+
+    def sol_attn(self, q, k, v, tau, scale, token_aug):
+        self.calls.append(dict(shape=tuple(q.shape), tau=tau, scale=scale, token_aug=token_aug,
+                               padding_is_zero=bool((q[..., 64:] == 0).all() and (k[..., 64:] == 0).all())))
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), scale=scale)
+        return out.transpose(1, 2)
+
+    @staticmethod
+    def sol_attn_is_available(device=None):
+        return False  # as on a CPU: the benchmark calls it a head at a time, as for kitchen's eager reference
+
+
+def test_quality_knobs_parse():
+    quality = load_benchmark("quality")
+    assert quality.method_knob("radial=0.2") == ("radial", 0.2)
+    assert quality.method_knob("svg2=0.9") == ("svg2", 0.9)
+    for bad in ("bogus=0.2", "svg=x", "svg", "=0.3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="METHOD=VALUE"):
+            quality.method_knob(bad)
+    with pytest.raises(SystemExit):  # --knob (one method, one density) and --knobs do not mix
+        quality.main(["--knobs", "svg=0.3", "--knob", "0.3", "--methods", "svg", "--densities", "0.25"])
+
+
+def test_builtin_override_takes_only_sparse_video_self_attention():
+    """Only video self-attention of a sparse step (1 and 2 of 3) in a sparse layer (1 and up) goes to sol_attn."""
+    quality = load_benchmark("quality")
+    kitchen = ExactSolAttn()
+    routed, dense_calls = [], []
+    override = quality.builtin_override(kitchen, 1.3, routed)
+    sample_sigmas = torch.tensor([1.0, 0.75, 0.4, 0.0])
+    g = torch.Generator().manual_seed(0)
+    video, text = (torch.randn(1, n, 4 * 64, generator=g) for n in (128, 4))
+
+    def attention(q, k, v, heads):  # ComfyUI's layout, head_dim 64
+        return F.scaled_dot_product_attention(*(t.view(1, -1, heads, 64).transpose(1, 2) for t in (q, k, v))) \
+            .transpose(1, 2).reshape(q.shape)
+
+    def func(q, k, v, heads, **kwargs):  # ComfyUI's own attention: records the key length of what it serves
+        dense_calls.append(k.shape[1])
+        return attention(q, k, v, heads)
+
+    def call(step, layer, k=video):
+        options = dict(sigmas=sample_sigmas[step:step + 1], sample_sigmas=sample_sigmas, block_index=layer)
+        return override(func, video, k, k, heads=4, transformer_options=options)
+
+    expected = attention(video, video, video, 4)
+    for step in range(3):
+        for layer in range(3):
+            assert torch.allclose(call(step, layer), expected, atol=1e-5)  # padded to 128, scaled for 64
+            call(step, layer, k=text)  # the text cross-attention of the block
+    assert routed == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert len(kitchen.calls) == 4 * 4  # a head at a time where no fused kernel runs
+    assert {(c["shape"], c["tau"], c["scale"], c["token_aug"], c["padding_is_zero"]) for c in kitchen.calls} == \
+        {((1, 128, 1, 128), 1.3, 64 ** -0.5, 256, True)}
+    assert sorted(dense_calls) == [4] * 9 + [128] * 5  # every cross-attention; step 0, and layer 0 of steps 1-2
+    override(func, video, video, video, heads=4)  # no step or layer known: ComfyUI's attention
+    assert len(routed) == 4 and len(dense_calls) == 15
+
+
+@comfyui
+def test_quality_builtin_rows_and_knobs_run_at_a_tiny_size(tmp_path, monkeypatch):
+    quality = load_benchmark("quality")
+    kitchen = ExactSolAttn()
+    monkeypatch.setattr(quality.versus, "kitchen", lambda: kitchen)
+    path, _ = comfy_env.setup()
+    out = tmp_path / "q.json"
+    quality.main(["--comfyui", str(path), *TINY, "--steps", "2", "--builtin-taus", "1.3", "--knobs", "radial=0.2",
+                  "svg=0.3", "--json", str(out)])
+    result = json.loads(out.read_text())
+    builtin, radial, svg = result["results"]
+    assert builtin["status"] == "ok" and builtin["knob"] == dict(tau=1.3, extra_tokens=256)
+    assert builtin["routed_calls"] == 7 and builtin["density"] is None  # step 1 of 2, blocks 1-7 of 8, cfg 1
+    assert len(kitchen.calls) == 7 * 4 and {c["shape"] for c in kitchen.calls} == {(1, 1024, 1, 128)}
+    assert builtin["psnr"] > 60 and builtin["rel_l2"] < 1e-3  # exact attention through the override: dense's video
+    assert builtin["kernel"].startswith("eager reference")
+    for row, knob in ((radial, dict(decay_factor=0.2)), (svg, dict(sparsity=0.3))):
+        assert row["status"] == "ok" and row["knob"] == knob and not row["calibrated"]
+        assert row["target_density"] is None and 0 < row["density"] < 1 and 10 < row["psnr"] < 60
+
+
+@comfyui
+@pytest.mark.parametrize("missing", ["no sol_attn", "not installed"])
+def test_quality_builtin_row_says_why_without_sol_attn(tmp_path, monkeypatch, capsys, missing):
+    quality = load_benchmark("quality")
+
+    def kitchen():
+        if missing == "not installed":
+            raise quality.versus.Unavailable("not installed (comfy-kitchen: No module named 'comfy_kitchen')")
+        return types.SimpleNamespace(int8_attention=None)  # an older comfy-kitchen
+
+    monkeypatch.setattr(quality.versus, "kitchen", kitchen)
+    path, _ = comfy_env.setup()
+    out = tmp_path / "q.json"
+    ours = ["--methods", "svg", "--densities", "0.25", "--knob", "0.3"] if missing == "no sol_attn" else ["--methods"]
+    quality.main(["--comfyui", str(path), *TINY, "--steps", "2", "--builtin-taus", "1.3", "2.0", *ours,
+                  "--json", str(out)])
+    builtin13, builtin2, *rest = json.loads(out.read_text())["results"]
+    for row in (builtin13, builtin2):
+        assert row["status"].startswith(("not available", "not installed")) and missing in row["status"]
+        assert "psnr" not in row
+    table = capsys.readouterr().out.rsplit("speed", 1)[-1]
+    assert "sol_attn tau 1.3" in table and "sol_attn tau 2" in table and missing in table
+    if rest:  # the other rows still run; --knob as before: one method at its target density, no calibration
+        svg, = rest
+        assert svg["status"] == "ok" and svg["target_density"] == 0.25 and svg["knob"] == dict(sparsity=0.3)
+        assert not svg["calibrated"] and svg["psnr"] > 10 and "svg sparsity 0.3" in table
