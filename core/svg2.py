@@ -236,17 +236,16 @@ class SVG2Planner:
         if set(range(part.start, part.stop)) <= set(route.dense):
             return  # every head of the group runs dense
         heads = heads_of(call, part, out)
-        orders = dict(q_order=plan.q_order, k_order=plan.k_order)
         pooled = pool_key_clusters(heads.k, heads.v, plan.layout[1], backend=call.backend,
                                    k_order=plan.k_order) if call.compensate else None
         result = cluster_block_attention(heads.q, heads.k, heads.v, *plan.layout[:3],
                                          keep_sparse(plan.layout[3], route, part), out=heads.out,
                                          backend=call.backend, check_layout=False, return_lse=call.want_lse,
-                                         pooled=pooled, **orders)
-        if call.want_lse:
+                                         pooled=pooled, q_order=plan.q_order, k_order=plan.k_order)
+        if call.want_lse:  # lses[1] is wanted exactly when pooled terms were given
             _, lse, lse_compensated = split_lse(result, pooled)
             for rows, lse_part in zip(lses, (lse, lse_compensated)):
-                if rows is not None and lse_part is not None:
+                if rows is not None:
                     rows[:, part] = lse_part
 
     def _keep_views(self, call: AttentionCall, plans: list) -> None:

@@ -45,12 +45,15 @@ def token_positions(order: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([order.long(), tail], dim=-1)
 
 
+def _row_index(order: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """token_positions shaped to gather / scatter the rows of (B, H, L[, D]) ``t`` along dim 2."""
+    index = token_positions(order, t.shape[2])
+    return index if t.ndim == 3 else index[..., None].expand(-1, -1, -1, t.shape[3])
+
+
 def to_cluster_order(t: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
     """Rows of (B, H, L[, D]) ``t`` in cluster order (position i holds token order[..., i]); None: as they are."""
-    if order is None:
-        return t
-    index = token_positions(order, t.shape[2])
-    return torch.gather(t, 2, index if t.ndim == 3 else index[..., None].expand(-1, -1, -1, t.shape[3]))
+    return t if order is None else torch.gather(t, 2, _row_index(order, t))
 
 
 def to_token_order(t: torch.Tensor, order: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -58,8 +61,7 @@ def to_token_order(t: torch.Tensor, order: torch.Tensor | None, out: torch.Tenso
     if order is None:
         return t if out is None else out.copy_(t)
     out = torch.empty_like(t) if out is None else out
-    index = token_positions(order, t.shape[2])
-    return out.scatter_(2, index if t.ndim == 3 else index[..., None].expand(-1, -1, -1, t.shape[3]), t)
+    return out.scatter_(2, _row_index(order, t), t)
 
 
 def reference_cluster_pair_count(q_offsets, k_offsets, kv_clusters, kv_cluster_counts) -> torch.Tensor:
@@ -82,8 +84,7 @@ def reference_cluster_block_attention(q, k, v, q_offsets, k_offsets, kv_clusters
             to_cluster_order(q, q_order), to_cluster_order(k, k_order), to_cluster_order(v, k_order), q_offsets,
             k_offsets, kv_clusters, kv_cluster_counts, scale=scale, return_lse=return_lse, pooled=pooled)
         outputs = result if return_lse else (result,)
-        back = [to_token_order(outputs[0], q_order, out)] + [None if t is None else to_token_order(t, q_order)
-                                                              for t in outputs[1:]]
+        back = [to_token_order(outputs[0], q_order, out)] + [to_token_order(t, q_order) for t in outputs[1:]]
         return tuple(back) if return_lse else back[0]
     B, H, LQ, D = q.shape
     LK = k.shape[2]

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .cluster_triton import _token_rows
+
 
 @triton.jit
 def _pool_fwd(K, V, KM, VM, LOGN, STARTS, ENDS, ORDER,
@@ -30,12 +32,10 @@ def _pool_fwd(K, V, KM, VM, LOGN, STARTS, ENDS, ORDER,
     k_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
     v_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
     for r0 in range(lo, hi, BLOCK_R):
-        rows = r0 + offs_r
-        if GATHER:  # positions of the cluster order -> rows: order[position] for the N clustered positions
-            clustered = rows < N
-            rows = tl.where(clustered, tl.load(ORDER + bh.to(tl.int64) * N + rows, mask=clustered & (rows < hi),
-                                               other=0), rows)
-        ok = (r0 + offs_r < hi)[:, None] & (offs_d < D)[None, :]
+        positions = r0 + offs_r  # of the cluster order (GATHER), else rows
+        inside = positions < hi
+        rows = _token_rows(ORDER, bh, positions, inside, N, GATHER)
+        ok = inside[:, None] & (offs_d < D)[None, :]
         k = tl.load(k_base + rows[:, None] * stride_kl + offs_d[None, :], mask=ok, other=0.0)
         v = tl.load(v_base + rows[:, None] * stride_vl + offs_d[None, :], mask=ok, other=0.0)
         k_sum += tl.sum(k.to(tl.float32), 0)
