@@ -205,6 +205,9 @@ def run_builtin(proxy, kitchen, tau: float, seeds, args):
     options = model.model_options.setdefault("transformer_options", {})
     options["optimized_attention_override"] = builtin_override(kitchen, tau, routed)
     videos, seconds = sample_seeds(proxy, model, seeds, args)
+    if not routed:  # an older ComfyUI: the row would be dense's video under the built-in's name
+        raise versus.Unavailable("not available (this ComfyUI passes attention no block_index, so no call can be "
+                                 "matched to the sparse layers; ComfyUI 0.33 and newer do)")
     return videos, seconds, routed
 
 
