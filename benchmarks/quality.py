@@ -1,8 +1,8 @@
 """Quality of every sparse attention method on the trained proxy video model, against dense, same seeds (GPU).
 
     python benchmarks/quality.py --comfyui PATH [--seeds 4] [--steps 20] [--cfg 4] [--densities 0.25 0.12] \
-        [--methods radial svg svg2 adaspa] [--compensate off|on|both] [--precision bf16|8-bit|auto|"8-bit + dense calls"] \
-        [--json out.json] [--picture out.png]
+        [--methods radial svg svg2 adaspa] [--compensate off|on|both] \
+        [--precision bf16 8-bit|auto|"8-bit + dense calls"] [--json out.json] [--picture out.png]
     python benchmarks/quality.py --comfyui PATH --steps 4 --cfg 1      # few-step runs, as distilled LoRAs sample
     python benchmarks/quality.py --comfyui PATH --methods svg --densities 0.25 --knob 0.2   # no calibration
     python benchmarks/quality.py --comfyui PATH --knobs radial=0.2 svg=0.3 svg2=0.9 adaspa=0.8 \
@@ -28,11 +28,16 @@ no token_aug, one head at a time (it materialises the scores). It reports no den
 
 ``--compensate both`` runs every method and density twice, with the patch's compensate setting off and on (the
 skipped keys' pooled terms), at the knob calibrated without compensation: the two rows compare equal layouts.
+``--precision bf16 8-bit`` likewise runs each row in both precisions at the knob calibrated in the first. On a CPU,
+``--simulated-8bit fp8`` (with ``--backend reference``) runs the 8-bit precisions through the 8-bit kernels' test
+oracle, their simulated quantization (the same per-block Q / K scales, K smoothing, V and P rounding): the quality
+of the 8-bit numbers where no GPU is lent, not the kernel's speed.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -52,6 +57,8 @@ from pack import import_pack  # noqa: E402
 
 core = import_pack("core")
 metrics = import_pack("core.metrics")
+eight_bit = import_pack("kernels.eight_bit")
+PRECISIONS, EIGHT_BIT_DENSE = eight_bit.PRECISIONS, eight_bit.EIGHT_BIT_DENSE
 DENSE_STEPS, DENSE_LAYERS = 0.2, 1
 SCHEDULE = core.SparseSchedule(dense_steps=DENSE_STEPS, dense_layers=DENSE_LAYERS)  # what the patch runs below
 SOL_HEAD_DIM = 128  # the only head_dim the fused sol_attn takes
@@ -131,11 +138,13 @@ def sample_seeds(proxy, model, seeds, args, after_each=None):
     return videos, statistics.median(seconds)
 
 
-def run_method(nodes, bridge, proxy, settings, seeds, args, probe_step=None, compensate="off"):
-    """(videos, mean sparse density, seconds per video, recall per layer) of one settings object."""
+def run_method(nodes, bridge, proxy, settings, seeds, args, probe_step=None, compensate="off", precision=None):
+    """(videos, mean sparse density, seconds per video, recall per layer) of one settings object; ``precision``:
+    the patch's (default: the first of --precision)."""
     patched = nodes.SparseAttentionPatch().patch(proxy.model, dense_steps=DENSE_STEPS, sparse_end=1.0,
                                                  dense_layers=DENSE_LAYERS, backend=args.backend, verbose=False,
-                                                 method=settings, compensate=compensate, precision=args.precision)[0]
+                                                 method=settings, compensate=compensate,
+                                                 precision=precision or args.precision[0])[0]
     session = bridge.session_of(patched)
     probe = RecallProbe(session, probe_step) if probe_step is not None else None
     densities = []
@@ -155,6 +164,14 @@ def calibrate(nodes, bridge, proxy, method: Method, target: float, args, iterati
             best = (mid, density)
         low, high = (mid, high) if density < target else (low, mid)
     return best
+
+
+def simulate_8bit(fmt: str) -> None:
+    """Make the pack's sessions take this CPU for a device with ``fmt`` units: with the reference backend, their
+    8-bit calls then run kernels.quantize_reference (the 8-bit kernels' oracle in the GPU tests)."""
+    session = import_pack("core.session")
+    support = eight_bit.EightBitSupport(fmt, f"{fmt} as simulated quantization (torch reference)")
+    session.eight_bit_support = lambda device: support
 
 
 def sol_attention(kitchen, q, k, v, heads: int, tau: float) -> torch.Tensor:
@@ -275,9 +292,13 @@ def main(argv=None):
     parser.add_argument("--backend", default="auto", help="auto on a GPU; reference for a (slow) CPU smoke run")
     parser.add_argument("--compensate", choices=("off", "on", "both"), default="off",
                         help="the patch's compensate setting; both: every row without and with it")
-    parser.add_argument("--precision", choices=["bf16", "8-bit", "auto", "8-bit + dense calls"], default="bf16",
+    parser.add_argument("--precision", nargs="+", choices=list(PRECISIONS), default=["bf16"],
                         help="the Sparse Attention Patch's precision (8-bit: the sparse calls on the 8-bit kernel; "
-                             "'8-bit + dense calls': the calls the schedule keeps dense too)")
+                             "'8-bit + dense calls': the calls the schedule keeps dense too); several: every row in "
+                             "each, at the knob calibrated in the first")
+    parser.add_argument("--simulated-8bit", choices=["fp8", "int8"], default=None,
+                        help="with --backend reference (a CPU): the 8-bit precisions run the 8-bit kernels' "
+                             "simulated-quantization reference in this format (quality only, not speed)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--picture", default=None)
     args = parser.parse_args(argv)
@@ -286,9 +307,18 @@ def main(argv=None):
                      "calibrated for)")
     if args.knob is not None and args.knobs:
         parser.error("give --knob (one method and density) or --knobs (methods without a target), not both")
+    asked_8bit = [p for p in args.precision if p in ("8-bit", EIGHT_BIT_DENSE)]
+    if asked_8bit and args.compensate != "off":
+        parser.error(f"--compensate {args.compensate} and --precision {asked_8bit[0]!r} do not combine (compensation "
+                     "runs in the bf16 kernel): run them apart")
+    if args.simulated_8bit and (args.backend != "reference" or not asked_8bit):
+        parser.error("--simulated-8bit runs the 8-bit precisions on the torch reference: give --backend reference "
+                     "and --precision 8-bit (or '8-bit + dense calls')")
 
     proxy_model.use_comfyui(args.comfyui)
     nodes, bridge = import_pack("nodes"), import_pack("nodes.bridge")
+    if args.simulated_8bit:
+        simulate_8bit(args.simulated_8bit)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     proxy = proxy_model.load(args.weights, device=device, dtype=proxy_model.inference_dtype(device))
     classes = [proxy_model.PROCEDURAL_CLASS] + list(range(2, len(proxy.class_names), 7))
@@ -299,7 +329,7 @@ def main(argv=None):
                    torch=torch.__version__, steps=args.steps, cfg=args.cfg, seeds=seeds, dense_steps=DENSE_STEPS,
                    dense_layers=DENSE_LAYERS, dense_seconds=dense_time, date=time.strftime("%Y-%m-%d"),
                    step_distilled=False, note=NOT_DISTILLED, precision=args.precision,
-                   comfy_kitchen=versus.kitchen_version())
+                   simulated_8bit=args.simulated_8bit, comfy_kitchen=versus.kitchen_version())
     probe_step = args.steps // 2
     modes = ("off", "on") if args.compensate == "both" else (args.compensate,)
     summary["compensate"] = args.compensate
@@ -343,12 +373,15 @@ def main(argv=None):
         calibrated = knob is None
         if calibrated:
             knob = calibrate(nodes, bridge, proxy, method, target, args, args.calibration)[0]
-        for mode in modes:
+        for mode, precision in itertools.product(modes, args.precision):
             videos, density, seconds, recall = run_method(nodes, bridge, proxy, method.build(nodes, knob), seeds,
-                                                          args, probe_step=probe_step, compensate=mode)
+                                                          args, probe_step=probe_step, compensate=mode,
+                                                          precision=precision)
             label = f"{name} {method.knob} {knob:.3g}, compensate {mode}" + \
+                (f", {precision}" if args.precision != ["bf16"] else "") + \
                 (f", target {target:.2f}" if target is not None else "")
-            record(dict(method=name, compensate=mode, target_density=target, knob={method.knob: knob},
+            record(dict(method=name, compensate=mode, precision=precision, target_density=target,
+                        knob={method.knob: knob},
                         calibrated=calibrated, density=density, status="ok", label=label,
                         **scores(videos, dense_videos), recall_per_layer=recall,
                         recall=statistics.mean(recall) if recall else None, seconds=seconds,
@@ -364,6 +397,9 @@ def main(argv=None):
           + ("" if all(r["calibrated"] for r in results if r["method"] != "builtin") else
              "; knobs given, not calibrated"))
     print(f"note: {NOT_DISTILLED}")
+    if args.simulated_8bit:
+        print(f"note: the 8-bit rows are {args.simulated_8bit} as simulated quantization on the torch reference (the "
+              "8-bit kernels' test oracle): their quality, not the kernel's speed")
     if any(r.get("kernel", "").startswith("eager") for r in results):
         print(f"note: sol_attn ran as comfy-kitchen {summary['comfy_kitchen']}'s eager reference (no fused kernel on "
               "this device): full precision, token_aug ignored; its s/video is not the fused kernel's")

@@ -211,3 +211,30 @@ def test_quality_builtin_row_says_why_without_sol_attn(tmp_path, monkeypatch, ca
         svg, = rest
         assert svg["status"] == "ok" and svg["target_density"] == 0.25 and svg["knob"] == dict(sparsity=0.3)
         assert not svg["calibrated"] and svg["psnr"] > 10 and "svg sparsity 0.3" in table
+
+
+# ------------------------------------------------------------------------ quality.py: 8-bit against bf16
+
+def test_quality_precision_arguments_are_checked():
+    quality = load_benchmark("quality")
+    for bad in (["--precision", "8-bit", "--simulated-8bit", "fp8"],  # the simulation runs on the torch reference
+                ["--backend", "reference", "--simulated-8bit", "fp8"],  # and has an 8-bit precision to simulate
+                ["--precision", "bf16", "8-bit", "--compensate", "both"]):  # compensation runs in bf16 only
+        with pytest.raises(SystemExit):
+            quality.main(bad)
+
+
+@comfyui
+def test_quality_runs_each_row_in_bf16_and_simulated_8bit(tmp_path):
+    quality = load_benchmark("quality")
+    path, _ = comfy_env.setup()
+    out = tmp_path / "q.json"
+    quality.main(["--comfyui", str(path), *TINY, "--steps", "2", "--knobs", "svg=0.3", "--precision", "bf16", "8-bit",
+                  "--simulated-8bit", "fp8", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["simulated_8bit"] == "fp8" and result["precision"] == ["bf16", "8-bit"]
+    bf16, fp8 = result["results"]
+    assert (bf16["precision"], fp8["precision"]) == ("bf16", "8-bit") and fp8["label"].endswith(", 8-bit")
+    assert bf16["density"] == fp8["density"] and bf16["knob"] == fp8["knob"]  # one layout, two precisions
+    assert bf16["psnr"] != fp8["psnr"]  # the 8-bit row ran quantized, not silently in bf16
+    assert abs(bf16["psnr"] - fp8["psnr"]) < 3 and fp8["psnr"] > 10
