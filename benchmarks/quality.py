@@ -103,7 +103,6 @@ class RecallProbe:
     attention mass per layer is measured against the dense LSE of the same q, k."""
 
     def __init__(self, session, step: int):
-        metrics = import_pack("core.metrics")
         self.per_layer: dict[int, list[float]] = {}
         planner, attend = session.planner, session.planner.attend
 

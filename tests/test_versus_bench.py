@@ -215,13 +215,14 @@ def test_quality_builtin_row_says_why_without_sol_attn(tmp_path, monkeypatch, ca
 
 # ------------------------------------------------------------------------ quality.py: 8-bit against bf16
 
-def test_quality_precision_arguments_are_checked():
+def test_quality_precision_arguments_are_checked(capsys):
     quality = load_benchmark("quality")
-    for bad in (["--precision", "8-bit", "--simulated-8bit", "fp8"],  # the simulation runs on the torch reference
-                ["--backend", "reference", "--simulated-8bit", "fp8"],  # and has an 8-bit precision to simulate
-                ["--precision", "bf16", "8-bit", "--compensate", "both"]):  # compensation runs in bf16 only
+    for bad, says in ((["--precision", "8-bit", "--simulated-8bit", "fp8"], "give --backend reference"),
+                      (["--backend", "reference", "--simulated-8bit", "fp8"], "and --precision 8-bit"),
+                      (["--precision", "bf16", "8-bit", "--compensate", "both"], "do not combine")):
         with pytest.raises(SystemExit):
             quality.main(bad)
+        assert says in capsys.readouterr().err
 
 
 @comfyui
