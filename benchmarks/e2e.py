@@ -8,6 +8,7 @@ of a sparse step against a dense step, and the attention share of a dense step.
 
     python benchmarks/e2e.py --comfyui PATH [--configs 14b-720p hunyuan-720p] [--steps 3] [--json out.json]
     python benchmarks/e2e.py --comfyui PATH --precision 8-bit ...   # the sparse steps on the 8-bit kernel
+    python benchmarks/e2e.py --comfyui PATH --precision bf16 8-bit ...  # both, against one dense run per model
     python benchmarks/e2e.py --comfyui PATH --precision "8-bit + dense calls" ...  # dense calls on it too
 
 With '8-bit + dense calls' the dense layers of the sparse steps run on the 8-bit kernel, and a third run of the model
@@ -227,30 +228,36 @@ def attention_seconds(model, latent, cond):
     return sum(a.elapsed_time(b) for a, b in spent) / 1e3
 
 
-def run_config(name, nodes, device, steps, attention_share=True, precision="bf16"):
+def run_config(name, nodes, device, steps, attention_share=True, precisions=("bf16",)):
+    """One result per precision: the model is built and its dense steps timed once, then one patched run each."""
     config = CONFIGS[name]
     model = build_model(config.checkpoint(), device)
     latent, cond = empty_latent(config.latent), config.cond()
     method = nodes.RadialMask().settings(**config.radial)[0]
-    patched = nodes.SparseAttentionPatch().patch(model, dense_steps=1, sparse_end=1.0, dense_layers=config.dense_layers,
-                                                 backend="auto", verbose=False, method=method,
-                                                 precision=precision)[0]
     dense = sample_step_times(model, latent, steps, cond)
-    sparse = sample_step_times(patched, latent, steps + 1, cond)  # its first step is dense
-    stats = nodes.session_of(patched).stats
-    assert stats.sparse_calls and not stats.fallbacks, f"{name}: no sparse step ({stats.fallback_messages})"
-    attn = attention_seconds(model, latent, cond) if attention_share else None
     dense_step = min(dense[1:] or dense)
-    sparse_step = min(sparse[1:])
-    result = dict(config=name, precision=precision, tokens=stats.grid.total_tokens, dense_step_s=dense_step,
-                  sparse_step_s=sparse_step, speedup=dense_step / sparse_step, radial_mean_density=stats.sparse_density,
-                  attention_share=None if attn is None else attn / dense_step, dense_steps_s=dense,
-                  sparse_steps_s=sparse)
-    if precision == EIGHT_BIT_DENSE:
-        result.update(dense_8bit_step(nodes, model, latent, steps, cond, config))
-    del model, patched
+    attn = attention_seconds(model, latent, cond) if attention_share else None
+    results = []
+    for precision in precisions:
+        patched = nodes.SparseAttentionPatch().patch(model, dense_steps=1, sparse_end=1.0,
+                                                     dense_layers=config.dense_layers, backend="auto", verbose=False,
+                                                     method=method, precision=precision)[0]
+        sparse = sample_step_times(patched, latent, steps + 1, cond)  # its first step is dense
+        stats = nodes.session_of(patched).stats
+        assert stats.sparse_calls and not stats.fallbacks, f"{name}: no sparse step ({stats.fallback_messages})"
+        sparse_step = min(sparse[1:])
+        result = dict(config=name, precision=precision, tokens=stats.grid.total_tokens, dense_step_s=dense_step,
+                      sparse_step_s=sparse_step, speedup=dense_step / sparse_step,
+                      radial_mean_density=stats.sparse_density,
+                      attention_share=None if attn is None else attn / dense_step, dense_steps_s=dense,
+                      sparse_steps_s=sparse)
+        if precision == EIGHT_BIT_DENSE:
+            result.update(dense_8bit_step(nodes, model, latent, steps, cond, config))
+        results.append(result)
+        del patched
+    del model
     torch.cuda.empty_cache()
-    return result
+    return results
 
 
 def dense_8bit_step(nodes, model, latent, steps, cond, config):
@@ -272,9 +279,10 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--no-attention-share", action="store_true",
                         help="skip the timed dense step that measures attention's share (the same on any ComfyUI)")
-    parser.add_argument("--precision", choices=["bf16", "8-bit", "auto", EIGHT_BIT_DENSE], default="bf16",
+    parser.add_argument("--precision", nargs="+", choices=["bf16", "8-bit", "auto", EIGHT_BIT_DENSE],
+                        default=["bf16"],
                         help="the Sparse Attention Patch's precision for the sparse steps (and with "
-                             f"'{EIGHT_BIT_DENSE}' for the dense calls)")
+                             f"'{EIGHT_BIT_DENSE}' for the dense calls); several: one patched run each, one dense run")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -289,22 +297,26 @@ def main(argv=None):
     results = []
     for name in args.configs:
         try:
-            results.append(run_config(name, nodes, device, args.steps, not args.no_attention_share, args.precision))
+            config_results = run_config(name, nodes, device, args.steps, not args.no_attention_share,
+                                        args.precision)
         except Exception as why:  # one model's failure must not lose the others' figures
             print(f"{name} FAILED: {type(why).__name__}: {why}", flush=True)
             torch.cuda.empty_cache()
             continue
-        results[-1]["comfyui"] = comfyui_version.__version__
-        print(json.dumps(results[-1]), flush=True)
+        for result in config_results:
+            result["comfyui"] = comfyui_version.__version__
+            print(json.dumps(result), flush=True)
+        results += config_results
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | ComfyUI {comfyui_version.__version__} | "
-          f"{time.strftime('%Y-%m-%d')} | sparse steps in {args.precision}")
-    print(f"{'config':<14}{'tokens':>8}{'dense step s':>14}{'radial step s':>15}{'speedup':>9}{'attn share':>12}")
+          f"{time.strftime('%Y-%m-%d')}")
+    print(f"{'config':<14}{'tokens':>8}{'precision':>21}{'dense step s':>14}{'radial step s':>15}{'speedup':>9}"
+          f"{'attn share':>12}")
     for r in results:
         share = "-" if r["attention_share"] is None else f"{r['attention_share']:.0%}"
-        print(f"{r['config']:<14}{r['tokens']:>8}{r['dense_step_s']:>14.3f}{r['sparse_step_s']:>15.3f}"
-              f"{r['speedup']:>8.2f}x{share:>12}")
+        print(f"{r['config']:<14}{r['tokens']:>8}{r['precision']:>21}{r['dense_step_s']:>14.3f}"
+              f"{r['sparse_step_s']:>15.3f}{r['speedup']:>8.2f}x{share:>12}")
         if "dense_8bit_step_s" in r:
             print(f"{'':<14}a dense step with its attention in 8 bits: {r['dense_8bit_step_s']:.3f} s "
                   f"({r['dense_step_s'] / r['dense_8bit_step_s']:.2f}x the dense step)")
