@@ -13,7 +13,8 @@ outputs merge exactly through their LSEs: out = sum_p exp(lse_p - lse) out_p, ls
 costs: P launches, P partial outputs in the output dtype, one merge.
 
 Per shape, layout (benchmarks/kernels.py's random and banded ones) and density: ms of the one-launch kernel and of
-the P-range version (launches and merge), both against SDPA in the same run. A check compares each split output
+the P-range version (launches and merge, and the launches alone: what a kernel that resumes from the previous
+range's output and LSE would cost), all against SDPA in the same run. A check compares each split output
 with the one-launch output first; the exit status is 1 if one differs.
 """
 
@@ -97,8 +98,10 @@ def main():
     timer = bench_timer(args.smoke, 100, args.rep)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     meta = dict(device=bench.device_name(torch, device), torch=torch.__version__, triton=triton.__version__,
-                date=datetime.datetime.now().isoformat(timespec="seconds"), block_size=bs)
-    print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['date']}", flush=True)
+                date=datetime.datetime.now().isoformat(timespec="seconds"), block_size=bs,
+                l2_mib=torch.cuda.get_device_properties(device).L2_cache_size / 2**20 if device.type == "cuda" else None)
+    print(f"{meta['device']} (L2 {meta['l2_mib']} MiB) | torch {meta['torch']} | triton {meta['triton']} | "
+          f"{meta['date']}", flush=True)
     rows, failed = [], []
     for name, (B, H, L, D) in shapes.items():
         q, k, v = (torch.randn(B, H, L, D, generator=gen, device=device).to(torch.bfloat16) for _ in range(3))
@@ -106,11 +109,14 @@ def main():
         nb = triton.cdiv(L, bs)
         sdpa_ms = timer(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
+        def launches(parts_lists):
+            return [kernel.triton_block_sparse_attention(q, k, v, i, c, block_size=bs, scale=scale, return_lse=True)
+                    for i, c in parts_lists]
+
         def split_call(parts_lists):
             if len(parts_lists) == 1:
                 return kernel.triton_block_sparse_attention(q, k, v, *parts_lists[0], block_size=bs, scale=scale)
-            results = [kernel.triton_block_sparse_attention(q, k, v, i, c, block_size=bs, scale=scale,
-                                                            return_lse=True) for i, c in parts_lists]
+            results = launches(parts_lists)
             return merge(torch, [o for o, _ in results], [lse for _, lse in results])
 
         for kind in args.layouts:
@@ -125,15 +131,18 @@ def main():
                     if err > CHECK_TOL:
                         failed.append(f"{name} {kind} {density} parts {parts}: rel err {err:.2e}")
                     ms = timer(lambda: split_call(lists))
+                    launches_ms = timer(lambda: launches(lists)) if parts > 1 else ms
                     rows.append(dict(shape=name, layout=kind, density=achieved, parts=parts, ms=ms, sdpa_ms=sdpa_ms,
-                                     tflops_ratio=sdpa_ms * achieved / ms, rel_err=err))
+                                     launches_ms=launches_ms, tflops_ratio=sdpa_ms * achieved / ms,
+                                     launches_ratio=sdpa_ms * achieved / launches_ms, rel_err=err))
                     print(f"  {name} {kind} {achieved:.3f} parts {parts}: {ms:.3f} ms ({sdpa_ms * achieved / ms:.2f}"
-                          f" of SDPA per computed tile), err {err:.1e}", flush=True)
+                          f" of SDPA per computed tile; launches alone {launches_ms:.3f} ms), err {err:.1e}", flush=True)
         del q, k, v
-    print(f"\n{'shape':14s} {'layout':7s} {'density':>7s} {'parts':>5s} {'ms':>9s} {'vs SDPA/tile':>12s}")
+    print(f"\n{'shape':14s} {'layout':7s} {'density':>7s} {'parts':>5s} {'ms':>9s} {'vs SDPA/tile':>12s} "
+          f"{'launches ms':>11s} {'vs SDPA/tile':>12s}")
     for r in rows:
         print(f"{r['shape']:14s} {r['layout']:7s} {r['density']:7.2f} {r['parts']:5d} {r['ms']:9.3f} "
-              f"{r['tflops_ratio']:12.2f}")
+              f"{r['tflops_ratio']:12.2f} {r['launches_ms']:11.3f} {r['launches_ratio']:12.2f}")
     if args.json:
         args.json.write_text(json.dumps(dict(meta=meta, rows=rows, failed=failed), indent=1))
     for f in failed:
