@@ -7,6 +7,8 @@
     python benchmarks/memory.py --smoke          # CPU: a tiny shape through the same code, no peak numbers
 
 Both paths get the same (B, L, H*D) q, k, v, as ComfyUI's Wan self-attention passes them, and return (B, L, H*D).
+The inputs are video-structured (benchmarks/synthetic.py): on white noise SVG2's plan keeps ~90% of the pairs and
+its call is routed to the dense attention, which would measure dense twice.
 Dense: ComfyUI's ``attention_pytorch`` (SDPA; reproduced here so ComfyUI is not needed). Sparse: the pack's
 ``core.attention_override`` with a session and a ForwardContext of a sparse step and layer, the dense function as
 ``func``. Each method runs at its reference settings: warm-up calls first (they build what the method caches:
@@ -38,8 +40,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pack import import_pack  # noqa: E402
+from synthetic import video_qkv  # noqa: E402
 
 SHAPES = {  # name: (batch, heads, head_dim, frames, height, width) of the patchified latent
     "wan14b-720p": (1, 40, 128, 21, 45, 80),   # 81 frames 1280 x 720 -> 21 x 45 x 80 = 75600 tokens
@@ -181,8 +185,8 @@ def run(shape, dtype, device, slack: int, check_output: bool, methods, repeat: i
     B, H, D, T, Hh, W = shape
     grid = core.VideoGrid(T, Hh, W)
     L = grid.total_tokens
-    gen = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(B, L, H * D, generator=gen, device=device, dtype=dtype) for _ in range(3))
+    q, k, v = (x.to(dtype).transpose(1, 2).reshape(B, L, H * D).contiguous()
+               for x in video_qkv(frames=T, height=Hh, width=W, heads=H, head_dim=D, batch=B, seed=0, device=device))
     backend = "auto" if device.type == "cuda" else "reference"
 
     dense = lambda: comfy_attention(q, k, v, H)  # noqa: E731

@@ -36,15 +36,17 @@ class BreakEven:
 
 
 _HOPPER = {
-    BLOCK_128: BreakEven(0.89, "measured, H100: the block-sparse kernel at density 1.000, banded, Wan 2.1 14B 720p "
-                               "and HunyuanVideo 720p, 0.89 of SDPA's throughput (RESULTS.md, 'Block-sparse "
-                               "attention kernel', rows '| | banded | 1.000 |')"),
-    BLOCK_64: BreakEven(0.70, "measured, H100: AdaSpa's sparse step at block 64, density 0.101, 28.7 ms against SDPA "
-                              "199.7 ms: 0.101 x 199.7 / 28.7 = 0.70 (RESULTS.md, 'AdaSpa: search cost', row "
-                              "'sparse step'); no block-64 point nearer the break-even was measured"),
-    CLUSTER: BreakEven(0.51, "measured, H100: the cluster kernel on ragged clusters keeping 12% of the pairs, 0.51 of "
-                             "SDPA's throughput, Wan 2.1 14B 720p (RESULTS.md, 'SVG2: stages, cluster attention "
-                             "kernel', row 'ragged, 12%'); 0.55 at 25%"),
+    BLOCK_128: BreakEven(0.90, "measured, H100: benchmarks/break_even.py, the block-sparse kernel on scattered layouts "
+                               "at Wan 2.1 14B 720p, not slower than SDPA up to density 0.900 (0.98 of its time; "
+                               "0.918 of its throughput), slower at 0.949 (RESULTS.md, 'Never slower than dense', "
+                               "break-even table)"),
+    BLOCK_64: BreakEven(0.70, "measured, H100: benchmarks/break_even.py, the block-sparse kernel at block 64 on "
+                              "scattered layouts at Wan 2.1 14B 720p, not slower than SDPA up to density 0.700 (0.97 "
+                              "of its time), slower at 0.800 (RESULTS.md, 'Never slower than dense', break-even table)"),
+    CLUSTER: BreakEven(0.47, "measured, H100: benchmarks/break_even.py, the cluster kernel through the cluster orders "
+                             "on ragged clusters at Wan 2.1 14B 720p, 0.473-0.478 of SDPA's throughput at every "
+                             "density from 0.30 to 1.00, so slower than SDPA above 0.47 (RESULTS.md, 'Never slower "
+                             "than dense', break-even table)"),
 }
 # GPUs before Hopper run the kernel's pointer-load variant (no TMA): measured on the H100 at 62.9 ms against the TMA
 # variant's 53.9 ms (Wan 14B 720p, density 0.25, block 128, SDPA 205.65 ms): 0.25 x 205.65 / 62.9 = 0.82 (RESULTS.md,

@@ -12,7 +12,9 @@ other conditionings of the same latent, core.method):
 Steps 1-2 (the plan) run a few heads at a time within core.memory's budget (the selection's tables are 8 MB a head
 at Wan 720p), the centroids kept per first head of each group; then one device sync reads every head's kept pairs,
 heads above the cluster kernel's break-even go to the dense attention (core.routing), and step 3 launches group by
-group with nothing more to wait for: the GPU runs the launches back to back while the host has returned.
+group with nothing more to wait for: the GPU runs the launches back to back while the host has returned. A layer whose
+plan sends the whole call dense (diffuse keys: the plan keeps most pairs) runs dense unplanned until
+DENSE_RECHECK_STEPS later, so it does not pay for k-means at every step to learn the same.
 
 HunyuanVideo's text tokens (after the video) are not clustered; as in the reference they stay dense: the text
 queries are one more query cluster that keeps every key cluster, the text keys one more key cluster that every
@@ -36,7 +38,7 @@ from .cluster_view import cluster_tile_mask, pack_bits, unpack_bits
 from .grid import VideoGrid
 from .memory import head_parts, heads_of, heads_per_chunk
 from .method import AttentionCall, share_over_conditionings, split_lse
-from .routing import keep_sparse
+from .routing import DenseCall, keep_sparse
 
 INSPECT_BLOCK = 128  # tile size of the Inspector's drawing
 # Bytes per head (core.memory). While a group of heads is planned: per token the labels, distances and orders of
@@ -48,6 +50,10 @@ ORDER_BYTES = 8
 KEPT_LIST_BYTES = 4
 MAX_CLUSTERS = 16384
 MAX_ITERATIONS = 1000
+# A layer whose plan sent the whole call dense (its keys too diffuse for the cluster kernel to beat dense) runs dense
+# without planning until this many steps later, then plans again: planning costs ~12% of a dense call at Wan 14B
+# 720p, which every call of such a layer would otherwise add to dense's time (benchmarks/never_slower.py).
+DENSE_RECHECK_STEPS = 5
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,16 @@ class _Centroids:
 
 
 @dataclass(frozen=True)
+class _DenseVerdict:
+    """A layer's (and head chunk's) last plan sent its whole call dense: at which plan densities, for what call
+    (signature as _Centroids'), and the step before which its calls run dense unplanned."""
+
+    signature: tuple
+    densities: tuple
+    until_step: int
+
+
+@dataclass(frozen=True)
 class _TileView:
     """Batch element 0's per-head tile mask of a call, bit-packed on the CPU (the Inspector's drawing)."""
 
@@ -146,6 +162,7 @@ class SVG2Planner:
         self.block_size = block_size
         self._centroids: dict[tuple[int, int], _Centroids] = {}
         self._views: dict[int, dict[int, _TileView]] = {}  # layer -> head offset -> tiles of the last call
+        self._dense: dict[tuple[int, int], _DenseVerdict] = {}
 
     def attend(self, call: AttentionCall) -> tuple[torch.Tensor, float]:
         s = self.settings
@@ -160,6 +177,10 @@ class SVG2Planner:
                              "video has tens of thousands of tokens)")
         if call.kv_length is not None and not grid.text_tokens:
             raise ValueError("SVG2 takes key padding only after the video tokens (HunyuanVideo's text)")
+        key, signature = (call.layer, call.head_offset), _signature(call)
+        verdict = self._dense.get(key)
+        if verdict is not None and verdict.signature == signature and call.step < verdict.until_step:
+            call.route(CLUSTER, verdict.densities)  # sends the whole call dense again (core.routing.DenseCall)
         plans = [self._plan_heads(heads_of(call, part, None), part)
                  for part in head_parts(H, heads_per_chunk(call.q, self.plan_head_bytes(call.q),
                                                            reserved=H * self.layout_head_bytes(call.q)))]
@@ -169,7 +190,12 @@ class SVG2Planner:
         dense = torch.cat([plan.dense for plan in plans], dim=1)
         densities, kept, total = torch.stack([(pairs / dense).mean(0), pairs.sum(0), dense.sum(0)]).tolist()
         self._keep_views(call, plans)
-        route = call.route(CLUSTER, densities)
+        self._dense.pop(key, None)
+        try:
+            route = call.route(CLUSTER, densities)
+        except DenseCall:
+            self._dense[key] = _DenseVerdict(signature, tuple(densities), call.step + DENSE_RECHECK_STEPS)
+            raise
         out = call.out if call.out is not None else torch.empty_like(call.q)
         lses = [torch.full(call.q.shape[:3], -math.inf, device=call.q.device) if wanted else None
                 for wanted in (call.want_lse, call.want_lse and call.compensate)]
@@ -285,14 +311,18 @@ class SVG2Planner:
         return cluster_tile_mask(q_lab, k_lab, kept_clusters(kv_clusters, counts, CK), self.block_size)
 
     def reset(self) -> None:
-        """A new sampling run: centroids of the last run's q/k no longer fit; drop them and the drawings."""
+        """A new sampling run: centroids of the last run's q/k no longer fit; drop them, the drawings and the dense
+        verdicts."""
         self._centroids.clear()
         self._views.clear()
+        self._dense.clear()
 
     def forget(self, layer: int, head_offset: int) -> None:
-        """Drop the centroids and drawing kept for (layer, head_offset) (a head probed but not run here)."""
+        """Drop the centroids, drawing and dense verdict kept for (layer, head_offset) (a head probed but not run
+        here)."""
         self._centroids.pop((layer, head_offset), None)
         self._views.get(layer, {}).pop(head_offset, None)
+        self._dense.pop((layer, head_offset), None)
 
     def to(self, device) -> None:
         """Move the centroid cache to ``device`` (the model moved; e.g. ComfyUI offloads it to the CPU)."""
@@ -323,6 +353,12 @@ class SVG2Planner:
     def cache_bytes(self) -> dict:
         """{(layer, first head): bytes of its cached query and key centroids} on the device."""
         return {key: entry.nbytes for key, entry in self._centroids.items()}
+
+
+def _signature(call: AttentionCall) -> tuple:
+    """What a dense verdict was reached for: the call's grid and its q's batch, heads and head dim."""
+    B, H, _, D = call.q.shape
+    return call.grid, B, H, D
 
 
 def kept_clusters(order: torch.Tensor, counts: torch.Tensor, key_clusters: int) -> torch.Tensor:

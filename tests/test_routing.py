@@ -196,3 +196,34 @@ def test_break_even_benchmark_smoke(capsys):
     assert bench.main(["--smoke"]) == 0
     out = capsys.readouterr().out
     assert "SMOKE OK" in out and all(f"cpu       {k}" in out for k in break_even.KERNELS)
+
+
+def test_svg2_layer_sent_dense_is_planned_again_only_after_the_recheck_steps(monkeypatch):
+    """A layer whose SVG2 plan sent the whole call dense runs dense unplanned (no k-means, no selection) for the next
+    DENSE_RECHECK_STEPS - 1 steps, routed as before (statistics and summary say so), then plans again; a plan that is
+    then below the break-even runs sparse, and its verdict is gone."""
+    svg2 = import_pack("core.svg2")
+    recheck = svg2.DENSE_RECHECK_STEPS
+    set_break_even(monkeypatch, 0.9)
+    planned = []
+    plan_heads = svg2.SVG2Planner._plan_heads
+    monkeypatch.setattr(svg2.SVG2Planner, "_plan_heads",
+                        lambda self, call, part: planned.append(call.step) or plan_heads(self, call, part))
+    qkv = inputs(H=2)
+    dense = heads_first(comfy_attention(*qkv, 2), 2)
+    sigmas = tuple(1.0 - i / (recheck + 2) for i in range(recheck + 3))
+    session = None
+    for step in range(recheck):
+        out, session, spy = run(METHODS["svg2"], qkv, step=step, sigmas=sigmas, session=session)
+        torch.testing.assert_close(out, dense, rtol=0, atol=1e-6)
+        assert spy.heads == [2]
+    assert set(planned) == {0}  # steps 1 .. recheck - 1 reused step 0's verdict
+    stats = session.stats
+    assert (stats.dense_calls, stats.sparse_calls, stats.routed_heads) == (recheck, 0, 2 * recheck)
+    assert f"{2 * recheck} of {2 * recheck} heads, {recheck} calls whole" in core.run_summary(session)
+
+    set_break_even(monkeypatch, 1.0)  # the plan at the recheck step is below the break-even: it runs sparse
+    out, session, spy = run(METHODS["svg2"], qkv, step=recheck, sigmas=sigmas, session=session)
+    assert set(planned) == {0, recheck} and spy.heads == [] and session.stats.routed_heads == 2 * recheck
+    run(METHODS["svg2"], qkv, step=recheck + 1, sigmas=sigmas, session=session)
+    assert set(planned) == {0, recheck, recheck + 1}  # no verdict left: every step plans
