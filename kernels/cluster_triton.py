@@ -46,7 +46,7 @@ from .block_sparse_triton import _LOG2E, _NEG_BIG, _compensation_args, _finish_r
 
 @triton.jit
 def _cluster_fwd(
-    Q, K, V, O, LSE, Q_OFF, K_OFF, KV_IDS, KV_CNT, TILE_CLUSTER, TILE_START, KM, VM, LOGN, LSE_C, Q_ORD, K_ORD,
+    Q, K, V, O, LSE, Q_OFF, K_OFF, KV_IDS, KV_CNT, TILE_CLUSTER, TILE_START, KM, VM, LOGN, LSE_C, KEPT, Q_ORD, K_ORD,
     qk_scale,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
@@ -55,7 +55,7 @@ def _cluster_fwd(
     H, LQ, CQ, CK, MAXK, TILES, G, NQ, NK,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
     RETURN_LSE: tl.constexpr, UPCAST_DOT: tl.constexpr, COMPENSATE: tl.constexpr, BLOCK_P: tl.constexpr,
-    LIST_CHUNK: tl.constexpr, GATHER: tl.constexpr,
+    GATHER: tl.constexpr,
 ):
     t = tl.program_id(0)
     bh = tl.program_id(1)
@@ -112,8 +112,8 @@ def _cluster_fwd(
                 s = tl.where(key_ok[None, :], s, float("-inf"))
             m_i, l_i, acc, _ = _softmax_update(s, v, qk_scale, m_i, l_i, acc)
 
-    out, lse = _finish_rows(q, KM, VM, LOGN, LSE_C, bh, G, ids_base, count, qk_scale, m_i, l_i, acc,
-                            bh.to(tl.int64) * LQ + rows_m, row_ok, HEAD_DIM, BLOCK_P, LIST_CHUNK, UPCAST_DOT,
+    out, lse = _finish_rows(q, KM, VM, LOGN, LSE_C, bh, G, KEPT + (bh * CQ + cluster).to(tl.int64) * G, qk_scale,
+                            m_i, l_i, acc, bh.to(tl.int64) * LQ + rows_m, row_ok, HEAD_DIM, BLOCK_P, UPCAST_DOT,
                             COMPENSATE, RETURN_LSE)
     o_ptrs = O + b * stride_ob + h * stride_oh + rows_m[:, None] * stride_ol + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -221,11 +221,11 @@ def triton_cluster_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_clus
     if out is None:
         out = torch.empty(B, H, LQ, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, LQ, device=q.device, dtype=torch.float32) if return_lse else out  # dummy when unused
-    compensation = _compensation_args(pooled, q, return_lse, lse)
     q_off, k_off, ids, counts = (t.to(torch.int32).contiguous()
                                  for t in (q_offsets, k_offsets, kv_clusters, kv_cluster_counts))
     if MAXK == 0:  # every count is 0: one unused slot gives the kernel a real pointer
         ids, MAXK = torch.zeros(B, H, CQ, 1, dtype=torch.int32, device=q.device), 1
+    compensation = _compensation_args(pooled, q, return_lse, lse, ids, counts)
     gather = q_order is not None
     if gather != (k_order is not None):
         raise ValueError("give both q_order and k_order (tokens in their own order), or neither")

@@ -323,3 +323,22 @@ def test_cluster_all_kept_adds_nothing(backend, gen):
                                                       return_lse=True, pooled=pooled)
     assert torch.equal(out, plain) and torch.equal(lse_exact, lse) and torch.equal(lse_c, lse), \
         f"seed={gen.initial_seed()}"
+
+
+def test_kept_table_marks_exactly_each_rows_listed_groups(gen):
+    """The kernels' kept table (which pooled groups a row's list keeps): for fresh random lists, shared over batch
+    and heads or per head, with unused slots past each count holding arbitrary ids, it is 1 exactly at the first
+    ``count`` entries of each row."""
+    kernel = import_pack("kernels.block_sparse_triton")
+    B, H, R, G = 2, 3, 5, 11
+    for shape in ((1, 1), (B, H), (1, H)):
+        lists = torch.stack([torch.randperm(G, generator=gen, device=gen.device)
+                             for _ in range(shape[0] * shape[1] * R)]).view(*shape, R, G)[..., :7].to(torch.int32)
+        counts = torch.randint(0, 8, (*shape, R), generator=gen, device=gen.device, dtype=torch.int32)
+        table = kernel.kept_table(lists, counts, G, B, H)
+        assert table.shape == (B * H, R, G) and table.dtype == torch.uint8 and table.is_contiguous()
+        for b, h, r in ((b, h, r) for b in range(B) for h in range(H) for r in range(R)):
+            row_list, count = lists[b % shape[0], h % shape[1], r], counts[b % shape[0], h % shape[1], r]
+            expected = torch.zeros(G, dtype=torch.uint8, device=gen.device)
+            expected[row_list[:count].long()] = 1
+            assert torch.equal(table[b * H + h, r], expected)
