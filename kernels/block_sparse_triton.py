@@ -20,6 +20,7 @@ _LN2 = tl.constexpr(0.6931471805599453)  # globals read inside @triton.jit must 
 # A finite "minus infinity" for the running max: a tile whose keys are all masked then gives exp2(-inf) = 0
 # instead of exp2(-inf - -inf) = NaN.
 _NEG_BIG = tl.constexpr(-1.0e30)
+_KEPT_TABLE_CHUNK_BYTES = 16 << 20  # kept_table's int64 ids at a time
 
 
 @triton.jit
@@ -384,10 +385,16 @@ def _compensation_args(pooled, q, return_lse, lse, lists, counts) -> dict:
 def kept_table(lists: torch.Tensor, counts: torch.Tensor, groups: int, batch: int, heads: int) -> torch.Tensor:
     """(B * H, R, groups) uint8, contiguous: 1 where a row's list keeps the group. Built once per call, so each program
     reads which pooled groups its row skips (G bytes) instead of matching every group against its whole list (G x
-    count compares, 13-14% of the kernel at density 0.25, Wan 14B 720p: RESULTS.md)."""
+    count compares, 13-14% of the kernel at density 0.25, Wan 14B 720p: RESULTS.md). A few heads at a time: the
+    scatter's int64 ids are 8 bytes per list entry (96 MB for SVG2's lists at Wan 14B 720p, all heads at once)."""
     R, width = lists.shape[-2:]
-    lists = lists.expand(batch, heads, R, width).long()
-    used = torch.arange(width, device=lists.device) < counts.expand(batch, heads, R)[..., None]
+    lists = lists.expand(batch, heads, R, width)
+    counts = counts.expand(batch, heads, R)
     table = torch.zeros(batch, heads, R, groups + 1, dtype=torch.uint8, device=lists.device)
-    table.scatter_(-1, torch.where(used, lists, groups), 1)  # unused slots land in the extra column
+    step = max(1, _KEPT_TABLE_CHUNK_BYTES // max(1, 8 * batch * R * width))
+    slots = torch.arange(width, device=lists.device)
+    for h in range(0, heads, step):
+        part = slice(h, h + step)
+        ids = torch.where(slots < counts[:, part, :, None], lists[:, part], groups)  # unused slots: the extra column
+        table[:, part].scatter_(-1, ids.long(), 1)
     return table[..., :groups].reshape(batch * heads, R, groups).contiguous()

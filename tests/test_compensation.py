@@ -325,11 +325,13 @@ def test_cluster_all_kept_adds_nothing(backend, gen):
         f"seed={gen.initial_seed()}"
 
 
-def test_kept_table_marks_exactly_each_rows_listed_groups(gen):
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 30], ids=["a head at a time", "every head at once"])
+def test_kept_table_marks_exactly_each_rows_listed_groups(chunk_bytes, gen, monkeypatch):
     """The kernels' kept table (which pooled groups a row's list keeps): for fresh random lists, shared over batch
     and heads or per head, with unused slots past each count holding arbitrary ids, it is 1 exactly at the first
-    ``count`` entries of each row."""
+    ``count`` entries of each row, built a head at a time or all at once."""
     kernel = import_pack("kernels.block_sparse_triton")
+    monkeypatch.setattr(kernel, "_KEPT_TABLE_CHUNK_BYTES", chunk_bytes)
     B, H, R, G = 2, 3, 5, 11
     for shape in ((1, 1), (B, H), (1, H)):
         lists = torch.stack([torch.randperm(G, generator=gen, device=gen.device)
