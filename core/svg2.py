@@ -118,11 +118,16 @@ class _Centroids:
 @dataclass(frozen=True)
 class _DenseVerdict:
     """A layer's (and head chunk's) last plan sent its whole call dense: at which plan densities, for what call
-    (signature as _Centroids'), and the step before which its calls run dense unplanned."""
+    (its _signature), and the steps [from_step, until_step) whose calls run dense unplanned (a step before the plan's,
+    e.g. a sampler restarting without a new run, plans again)."""
 
     signature: tuple
     densities: tuple
+    from_step: int
     until_step: int
+
+    def covers(self, call: AttentionCall) -> bool:
+        return self.signature == _signature(call) and self.from_step <= call.step < self.until_step
 
 
 @dataclass(frozen=True)
@@ -177,9 +182,9 @@ class SVG2Planner:
                              "video has tens of thousands of tokens)")
         if call.kv_length is not None and not grid.text_tokens:
             raise ValueError("SVG2 takes key padding only after the video tokens (HunyuanVideo's text)")
-        key, signature = (call.layer, call.head_offset), _signature(call)
+        key = (call.layer, call.head_offset)
         verdict = self._dense.get(key)
-        if verdict is not None and verdict.signature == signature and call.step < verdict.until_step:
+        if verdict is not None and verdict.covers(call):
             call.route(CLUSTER, verdict.densities)  # sends the whole call dense again (core.routing.DenseCall)
         plans = [self._plan_heads(heads_of(call, part, None), part)
                  for part in head_parts(H, heads_per_chunk(call.q, self.plan_head_bytes(call.q),
@@ -194,7 +199,8 @@ class SVG2Planner:
         try:
             route = call.route(CLUSTER, densities)
         except DenseCall:
-            self._dense[key] = _DenseVerdict(signature, tuple(densities), call.step + DENSE_RECHECK_STEPS)
+            self._dense[key] = _DenseVerdict(_signature(call), tuple(densities), call.step,
+                                             call.step + DENSE_RECHECK_STEPS)
             raise
         out = call.out if call.out is not None else torch.empty_like(call.q)
         lses = [torch.full(call.q.shape[:3], -math.inf, device=call.q.device) if wanted else None

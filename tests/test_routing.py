@@ -222,8 +222,29 @@ def test_svg2_layer_sent_dense_is_planned_again_only_after_the_recheck_steps(mon
     assert (stats.dense_calls, stats.sparse_calls, stats.routed_heads) == (recheck, 0, 2 * recheck)
     assert f"{2 * recheck} of {2 * recheck} heads, {recheck} calls whole" in core.run_summary(session)
 
+    run(METHODS["svg2"], qkv, step=0, sigmas=sigmas, session=session)  # same step again (another conditioning)
+    assert set(planned) == {0}
+    run(METHODS["svg2"], qkv, step=2, sigmas=sigmas, session=session)
+    assert set(planned) == {0}
+
     set_break_even(monkeypatch, 1.0)  # the plan at the recheck step is below the break-even: it runs sparse
     out, session, spy = run(METHODS["svg2"], qkv, step=recheck, sigmas=sigmas, session=session)
-    assert set(planned) == {0, recheck} and spy.heads == [] and session.stats.routed_heads == 2 * recheck
+    assert set(planned) == {0, recheck} and spy.heads == [] and session.stats.routed_heads == 2 * (recheck + 2)
     run(METHODS["svg2"], qkv, step=recheck + 1, sigmas=sigmas, session=session)
     assert set(planned) == {0, recheck, recheck + 1}  # no verdict left: every step plans
+
+
+def test_svg2_dense_verdict_holds_only_from_its_step_on(monkeypatch):
+    """A step before the one whose plan went dense (a sampler restarting within a run) plans again."""
+    svg2 = import_pack("core.svg2")
+    set_break_even(monkeypatch, 0.9)
+    planned = []
+    plan_heads = svg2.SVG2Planner._plan_heads
+    monkeypatch.setattr(svg2.SVG2Planner, "_plan_heads",
+                        lambda self, call, part: planned.append(call.step) or plan_heads(self, call, part))
+    qkv = inputs(H=2)
+    sigmas = (1.0, 0.75, 0.5, 0.25, 0.0)
+    _, session, _ = run(METHODS["svg2"], qkv, step=2, sigmas=sigmas)
+    out, session, spy = run(METHODS["svg2"], qkv, step=1, sigmas=sigmas, session=session)
+    assert set(planned) == {1, 2} and spy.heads == [2]
+    torch.testing.assert_close(out, heads_first(comfy_attention(*qkv, 2), 2), rtol=0, atol=1e-6)
