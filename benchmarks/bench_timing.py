@@ -1,9 +1,21 @@
-"""The benchmarks' timers: median milliseconds of a callable, on the GPU or (smoke runs) on the CPU."""
+"""The benchmarks' shared helpers: timers (median milliseconds of a callable, on the GPU or, in smoke runs, on the
+CPU) and loading a sibling benchmark by path."""
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import time
+from pathlib import Path
+
+
+def sibling_benchmark(name: str):
+    """benchmarks/<name>.py as a module (its shapes, layouts, helpers), loaded by path: benchmarks/kernels.py would
+    shadow the pack's kernels package as a plain import."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).resolve().parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def bench_timer(smoke: bool, warmup: float = 100, rep: float = 500):

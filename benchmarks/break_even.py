@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -27,20 +26,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
-from bench_timing import bench_timer  # noqa: E402
-
-
-def _benchmark(name: str):
-    """A sibling benchmark module (its layout builders), loaded by path: benchmarks/kernels.py would shadow the pack's
-    kernels package as a plain import."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bench_timing import bench_timer, sibling_benchmark  # noqa: E402
 
 
 def parse_args(argv=None):
-    bench_kernels = _benchmark("kernels")
+    bench_kernels = sibling_benchmark("kernels")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", choices=list(bench_kernels.SHAPES), default=["wan14b-720p"])
     p.add_argument("--densities", nargs="+", type=float, default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0])
@@ -96,7 +86,7 @@ def main(argv=None) -> int:
 
     K = import_pack("kernels")
     table = import_pack("core.break_even")
-    bench_cluster = _benchmark("cluster_attention")
+    bench_cluster = sibling_benchmark("cluster_attention")
     device = torch.device("cpu" if args.smoke else "cuda")
     if not args.smoke and not torch.cuda.is_available():
         print("FAIL: needs a CUDA GPU (use --smoke on the CPU)")

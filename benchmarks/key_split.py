@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -32,17 +31,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
-from bench_timing import bench_timer  # noqa: E402
+from bench_timing import bench_timer, sibling_benchmark  # noqa: E402
 
 CHECK_TOL = 2e-2  # the partials are rounded to bf16 before the merge
-
-
-def kernel_bench():
-    """benchmarks/kernels.py (its layouts, shapes, SDPA timing), loaded by path: its name is the pack's package's."""
-    spec = importlib.util.spec_from_file_location("kernel_bench", HERE / "kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def split_lists(torch, idx, cnt, bounds):
@@ -70,7 +61,7 @@ def merge(torch, outs, lses):
 
 
 def parse_args():
-    bench = kernel_bench()
+    bench = sibling_benchmark("kernels")  # its shapes, layouts, device name
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", choices=list(bench.SHAPES), default=["hunyuan-720p", "wan14b-720p"])
     p.add_argument("--densities", nargs="+", type=float, default=[0.5, 0.25, 0.1])
@@ -98,8 +89,9 @@ def main():
     timer = bench_timer(args.smoke, 100, args.rep)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     meta = dict(device=bench.device_name(torch, device), torch=torch.__version__, triton=triton.__version__,
-                date=datetime.datetime.now().isoformat(timespec="seconds"), block_size=bs,
-                l2_mib=torch.cuda.get_device_properties(device).L2_cache_size / 2**20 if device.type == "cuda" else None)
+                date=datetime.datetime.now().isoformat(timespec="seconds"), block_size=bs, l2_mib=None)
+    if device.type == "cuda":
+        meta["l2_mib"] = torch.cuda.get_device_properties(device).L2_cache_size / 2**20
     print(f"{meta['device']} (L2 {meta['l2_mib']} MiB) | torch {meta['torch']} | triton {meta['triton']} | "
           f"{meta['date']}", flush=True)
     rows, failed = [], []
@@ -136,7 +128,8 @@ def main():
                                      launches_ms=launches_ms, tflops_ratio=sdpa_ms * achieved / ms,
                                      launches_ratio=sdpa_ms * achieved / launches_ms, rel_err=err))
                     print(f"  {name} {kind} {achieved:.3f} parts {parts}: {ms:.3f} ms ({sdpa_ms * achieved / ms:.2f}"
-                          f" of SDPA per computed tile; launches alone {launches_ms:.3f} ms), err {err:.1e}", flush=True)
+                          f" of SDPA per computed tile; launches alone {launches_ms:.3f} ms), err {err:.1e}",
+                          flush=True)
         del q, k, v
     print(f"\n{'shape':14s} {'layout':7s} {'density':>7s} {'parts':>5s} {'ms':>9s} {'vs SDPA/tile':>12s} "
           f"{'launches ms':>11s} {'vs SDPA/tile':>12s}")

@@ -145,7 +145,8 @@ def main(argv=None):
     shapes = SMOKE_SHAPES if args.smoke else {name: SHAPES[name] for name in args.shapes}
     meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "CPU", gpu_class=gpu,
                 torch=torch.__version__, dtype="bfloat16", head_dim=HEAD_DIM, repeats=args.repeats,
-                timed_steps=[LATER_STEP, LATER_STEP + TIMED_STEPS - 1], run_steps=RUN_STEPS, target=TARGET, smoke=args.smoke,
+                timed_steps=[LATER_STEP, LATER_STEP + TIMED_STEPS - 1], run_steps=RUN_STEPS, target=TARGET,
+                smoke=args.smoke,
                 date=datetime.datetime.now().isoformat(timespec="seconds"))
     rows = []
     for (shape, dims), input_kind in itertools.product(shapes.items(), args.inputs):

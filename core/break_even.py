@@ -42,7 +42,8 @@ _HOPPER = {
                                "break-even table)"),
     BLOCK_64: BreakEven(0.70, "measured, H100: benchmarks/break_even.py, the block-sparse kernel at block 64 on "
                               "scattered layouts at Wan 2.1 14B 720p, not slower than SDPA up to density 0.700 (0.97 "
-                              "of its time), slower at 0.800 (RESULTS.md, 'Never slower than dense', break-even table)"),
+                              "of its time), slower at 0.800 (RESULTS.md, 'Never slower than dense', break-even "
+                              "table)"),
     CLUSTER: BreakEven(0.47, "measured, H100: benchmarks/break_even.py, the cluster kernel through the cluster orders "
                              "on ragged clusters at Wan 2.1 14B 720p, 0.473-0.478 of SDPA's throughput at every "
                              "density from 0.30 to 1.00, so slower than SDPA above 0.47 (RESULTS.md, 'Never slower "

@@ -1,26 +1,16 @@
 """benchmarks/key_split.py: a call split into key ranges and merged through the LSEs equals the whole call."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
 from pack import import_pack
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "key_split.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("_bench_key_split", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from test_versus_bench import load_benchmark
 
 
 def test_split_ranges_merge_to_the_whole_call():
     """Fresh random ascending lists of ragged counts (some rows with no key in a range): P partial attentions over
-    disjoint key ranges, merged through their LSEs, equal the one call (the reference sums in float32), for P = 1, 2, 3 and 5."""
-    bench, ref = load_bench(), import_pack("kernels.reference")
+    disjoint key ranges, merged through their LSEs, equal the one call (the reference sums in float32), for P = 1, 2,
+    3 and 5."""
+    bench, ref = load_benchmark("key_split"), import_pack("kernels.reference")
     gen = torch.Generator().manual_seed(7)
     B, H, L, D, bs = 2, 3, 203, 16, 16
     nb = -(-L // bs)

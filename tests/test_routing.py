@@ -58,6 +58,16 @@ def run(method, qkv, flags=None, step=0, sigmas=(1.0, 0.0), monkeypatch=None, se
     return out.view(B, L, H, -1).transpose(1, 2), session, spy
 
 
+def spy_svg2_plans(monkeypatch) -> list:
+    """(step, heads part) of every group of heads SVG2's planner plans from now on, in order."""
+    svg2 = import_pack("core.svg2")
+    planned = []
+    plan_heads = svg2.SVG2Planner._plan_heads
+    monkeypatch.setattr(svg2.SVG2Planner, "_plan_heads",
+                        lambda self, call, part: planned.append((call.step, part)) or plan_heads(self, call, part))
+    return planned
+
+
 def heads_first(t, H):
     return t.view(t.shape[0], t.shape[1], H, -1).transpose(1, 2)
 
@@ -145,15 +155,11 @@ def test_svg2_planned_a_head_at_a_time_routes_the_call_once(monkeypatch):
     call as it came); the output is the dense attention's."""
     set_break_even(monkeypatch, 0.9)
     monkeypatch.setattr(memory, "TRANSIENT_SHARE", 1e-9)
-    svg2 = import_pack("core.svg2")
-    planned = []
-    plan_heads = svg2.SVG2Planner._plan_heads
-    monkeypatch.setattr(svg2.SVG2Planner, "_plan_heads",
-                        lambda self, call, part: planned.append(part) or plan_heads(self, call, part))
+    planned = spy_svg2_plans(monkeypatch)
     qkv = inputs(H=3)
     out, session, spy = run(METHODS["svg2"], qkv)
     torch.testing.assert_close(out, heads_first(comfy_attention(*qkv, 3), 3), rtol=0, atol=1e-6)
-    assert planned == [slice(0, 1), slice(1, 2), slice(2, 3)]  # planned a head at a time
+    assert [part for _, part in planned] == [slice(0, 1), slice(1, 2), slice(2, 3)]  # planned a head at a time
     assert spy.heads == [3]  # one routing decision: the whole call dense, no copies of some heads
     assert session.stats.routed_heads == 3 and session.stats.planned_heads == 3
 
@@ -202,13 +208,10 @@ def test_svg2_layer_sent_dense_is_planned_again_only_after_the_recheck_steps(mon
     """A layer whose SVG2 plan sent the whole call dense runs dense unplanned (no k-means, no selection) for the next
     DENSE_RECHECK_STEPS - 1 steps, routed as before (statistics and summary say so), then plans again; a plan that is
     then below the break-even runs sparse, and its verdict is gone."""
-    svg2 = import_pack("core.svg2")
-    recheck = svg2.DENSE_RECHECK_STEPS
+    recheck = import_pack("core.svg2").DENSE_RECHECK_STEPS
     set_break_even(monkeypatch, 0.9)
-    planned = []
-    plan_heads = svg2.SVG2Planner._plan_heads
-    monkeypatch.setattr(svg2.SVG2Planner, "_plan_heads",
-                        lambda self, call, part: planned.append(call.step) or plan_heads(self, call, part))
+    planned = spy_svg2_plans(monkeypatch)
+    steps = lambda: {step for step, _ in planned}  # noqa: E731
     qkv = inputs(H=2)
     dense = heads_first(comfy_attention(*qkv, 2), 2)
     sigmas = tuple(1.0 - i / (recheck + 2) for i in range(recheck + 3))
@@ -217,34 +220,30 @@ def test_svg2_layer_sent_dense_is_planned_again_only_after_the_recheck_steps(mon
         out, session, spy = run(METHODS["svg2"], qkv, step=step, sigmas=sigmas, session=session)
         torch.testing.assert_close(out, dense, rtol=0, atol=1e-6)
         assert spy.heads == [2]
-    assert set(planned) == {0}  # steps 1 .. recheck - 1 reused step 0's verdict
+    assert steps() == {0}  # steps 1 .. recheck - 1 reused step 0's verdict
     stats = session.stats
     assert (stats.dense_calls, stats.sparse_calls, stats.routed_heads) == (recheck, 0, 2 * recheck)
     assert f"{2 * recheck} of {2 * recheck} heads, {recheck} calls whole" in core.run_summary(session)
 
     run(METHODS["svg2"], qkv, step=0, sigmas=sigmas, session=session)  # same step again (another conditioning)
-    assert set(planned) == {0}
+    assert steps() == {0}
     run(METHODS["svg2"], qkv, step=2, sigmas=sigmas, session=session)
-    assert set(planned) == {0}
+    assert steps() == {0}
 
     set_break_even(monkeypatch, 1.0)  # the plan at the recheck step is below the break-even: it runs sparse
     out, session, spy = run(METHODS["svg2"], qkv, step=recheck, sigmas=sigmas, session=session)
-    assert set(planned) == {0, recheck} and spy.heads == [] and session.stats.routed_heads == 2 * (recheck + 2)
+    assert steps() == {0, recheck} and spy.heads == [] and session.stats.routed_heads == 2 * (recheck + 2)
     run(METHODS["svg2"], qkv, step=recheck + 1, sigmas=sigmas, session=session)
-    assert set(planned) == {0, recheck, recheck + 1}  # no verdict left: every step plans
+    assert steps() == {0, recheck, recheck + 1}  # no verdict left: every step plans
 
 
 def test_svg2_dense_verdict_holds_only_from_its_step_on(monkeypatch):
     """A step before the one whose plan went dense (a sampler restarting within a run) plans again."""
-    svg2 = import_pack("core.svg2")
     set_break_even(monkeypatch, 0.9)
-    planned = []
-    plan_heads = svg2.SVG2Planner._plan_heads
-    monkeypatch.setattr(svg2.SVG2Planner, "_plan_heads",
-                        lambda self, call, part: planned.append(call.step) or plan_heads(self, call, part))
+    planned = spy_svg2_plans(monkeypatch)
     qkv = inputs(H=2)
     sigmas = (1.0, 0.75, 0.5, 0.25, 0.0)
     _, session, _ = run(METHODS["svg2"], qkv, step=2, sigmas=sigmas)
     out, session, spy = run(METHODS["svg2"], qkv, step=1, sigmas=sigmas, session=session)
-    assert set(planned) == {1, 2} and spy.heads == [2]
+    assert {step for step, _ in planned} == {1, 2} and spy.heads == [2]
     torch.testing.assert_close(out, heads_first(comfy_attention(*qkv, 2), 2), rtol=0, atol=1e-6)
