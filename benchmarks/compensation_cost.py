@@ -1,6 +1,7 @@
 """What compensation of skipped keys costs against the plain sparse call, at the Wan 14B 720p shape (one GPU, bf16).
 
     python benchmarks/compensation_cost.py [--json out.json]          # Radial layout and a random 0.25 layout
+    python benchmarks/compensation_cost.py --anatomy                  # also: where the compensated kernel's time goes
     TRITON_INTERPRET=1 python benchmarks/compensation_cost.py --smoke  # CPU: tiny shape, Triton interpreter
 
 The Sparse Attention Patch's ``compensate`` setting adds, per call, one pass pooling k and v per key block
@@ -8,6 +9,11 @@ The Sparse Attention Patch's ``compensate`` setting adds, per call, one pass poo
 pooled keys). Timed: the plain kernel, the pooling pass, the compensated kernel, and the whole compensated call
 (pooling + kernel). The issue's target: the whole compensated call at most 1.05x the plain one. A check (the
 compensated kernel against the torch reference on two heads) runs before timing; the exit status is 1 if it fails.
+
+``--anatomy`` splits the compensated kernel's extra time, per layout: its host-side preparation alone (pooled
+tensors in the kernel's layout, the kept table), both kernels on an empty layout (no block kept: the compensation
+loop over every pooled group, with nothing else), the compensated kernel at other pooled-group tiles (BLOCK_P), and
+the registers and spills of every compiled variant (Triton's kernel cache).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ def parse_args():
     p.add_argument("--rep", type=float, default=500, help="do_bench repetition time, ms")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny shape on the CPU (Triton interpreter)")
+    p.add_argument("--anatomy", action="store_true", help="also split the compensated kernel's extra time")
     return p.parse_args()
 
 
@@ -59,6 +66,65 @@ def build_layout(torch, core, K, kind, grid, heads, bs, density, gen):
     score.diagonal(dim1=-2, dim2=-1).fill_(2.0)  # above every random score: always kept
     idx = score.topk(kept, dim=-1).indices.sort(dim=-1).values.to(torch.int32).contiguous()
     return idx, torch.full((1, heads, nb), kept, dtype=torch.int32, device=device), kept / nb
+
+
+def with_block_p(kernel, block_p):
+    """kernel._compensation_args with the pooled-group tile set to ``block_p`` (restore kernel._compensation_args
+    after use)."""
+    original = kernel._compensation_args
+
+    def args(*a, **kw):
+        result = original(*a, **kw)
+        result["constants"] = dict(result["constants"], BLOCK_P=block_p)
+        return result
+    return args
+
+
+def compiled_variants(kernel) -> list:
+    """Registers, spills and shared memory of every compiled variant of both block-sparse kernels (Triton's cache;
+    its layout differs between versions, so whatever is not found is left out)."""
+    rows = []
+    for fn in (kernel._block_sparse_fwd, kernel._block_sparse_fwd_tma):
+        for cache in getattr(fn, "device_caches", {}).values():
+            compiled = cache[0] if isinstance(cache, tuple) else cache
+            for key, binary in compiled.items():
+                constants = {k: v for k, v in (getattr(getattr(binary, "src", None), "constants", {}) or {}).items()
+                             if isinstance(k, str) and k in ("COMPENSATE", "BLOCK_P", "RETURN_LSE")}
+                rows.append(dict(kernel=fn.__name__, n_regs=getattr(binary, "n_regs", None),
+                                 n_spills=getattr(binary, "n_spills", None),
+                                 shared=getattr(getattr(binary, "metadata", None), "shared", None),
+                                 constants=constants or str(key)[:160]))
+    return rows
+
+
+def anatomy(torch, K, kernel, timer, q, k, v, out, idx, cnt, bs, pooled):
+    """ms of the compensated kernel's parts (see --anatomy). On the GPU also the kernel at 8 warps: the compensation
+    tiles (the pooled keys and values of BLOCK_P groups, their scores) come on top of the main loop's registers,
+    which at 4 warps are already ~250 a thread (ptxas spills above 255)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    empty = torch.zeros_like(cnt)
+    lse = torch.empty(q.shape[:3], device=q.device)
+    run = lambda counts, pooled_terms, config=None: kernel.triton_block_sparse_attention(  # noqa: E731
+        q, k, v, idx, counts, block_size=bs, scale=scale, out=out, pooled=pooled_terms, config=config)
+    ms = {"preparation (pooled layout + kept table)": timer(lambda: kernel._compensation_args(
+              pooled, q, False, lse, idx.to(torch.int32), cnt.to(torch.int32))),
+          "empty layout, plain": timer(lambda: run(empty, None)),
+          "empty layout, compensated": timer(lambda: run(empty, pooled))}
+    # (BLOCK_P, tile config; None: the GPU's default): the tiles around the default (32)
+    variants = [(16, None), (64, None), (128, None)]
+    if q.is_cuda:
+        eight_warps = dict(kernel._tile_config(q.shape[-1], bs, q.device), num_warps=8)
+        ms["plain kernel, 8 warps"] = timer(lambda: run(cnt, None, eight_warps))
+        variants += [(32, eight_warps)]
+    original = kernel._compensation_args
+    try:
+        for block_p, config in variants:
+            kernel._compensation_args = with_block_p(kernel, block_p)
+            label = f"compensated kernel, BLOCK_P {block_p}" + (", 8 warps" if config else "")
+            ms[label] = timer(lambda: run(cnt, pooled, config))
+    finally:
+        kernel._compensation_args = original
+    return ms
 
 
 def rel_err(a, b):
@@ -129,6 +195,8 @@ def main():
                                                          ("compensated_call", compensated_call))}
             rows.append(dict(shape=name, B=B, H=H, L=L, D=D, layout=kind, density=density, ms=times,
                              overhead=times["compensated_call"] / times["plain"], target=TARGET))
+            if args.anatomy:
+                rows[-1]["anatomy_ms"] = anatomy(torch, K, kernel, timer, q, k, v, out, idx, cnt, bs, pooled)
         del q, k, v, out
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -144,9 +212,16 @@ def main():
         print(f"{r['shape']:12s} {r['layout']:7s} {r['density']:7.3f} {t['plain']:9.3f} {t['pool']:8.3f} "
               f"{t['compensated_kernel']:12.3f} {t['compensated_call']:10.3f} {r['overhead']:6.3f} "
               f"{'yes' if r['overhead'] <= TARGET else 'no':>7s}")
+    variants = compiled_variants(kernel) if args.anatomy else []
+    for r in rows:
+        for part, ms in r.get("anatomy_ms", {}).items():
+            print(f"  {r['layout']:7s} {part:44s} {ms:9.3f} ms")
+    for variant in variants:
+        print(f"  compiled {variant}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(meta=meta, checks=checks, results=rows), indent=1))
+        args.json.write_text(json.dumps(dict(meta=meta, checks=checks, results=rows, compiled=variants), indent=1,
+                                        default=str))
         print(f"wrote {args.json}")
     failed = [f"{c['shape']} {c['layout']}" for c in checks if not c["ok"]]
     if failed:

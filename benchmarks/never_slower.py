@@ -1,7 +1,7 @@
 """Never slower than dense: every method's whole call, routing included, against dense SDPA on every kind of input.
 
     python benchmarks/never_slower.py [--shapes wan14b-720p hunyuan-720p] [--inputs structured unstructured kinds]
-        [--json out.json]                                              # one GPU
+        [--methods radial svg svg2 adaspa] [--json out.json]           # one GPU
     python benchmarks/never_slower.py --smoke [--gpu-class hopper]     # CPU: tiny shape, torch reference, no figures
 
 Inputs, bf16, head_dim 128, at the Wan 2.1 14B and HunyuanVideo 720p shapes (text tokens behind the video):
@@ -12,8 +12,9 @@ Inputs, bf16, head_dim 128, at the Wan 2.1 14B and HunyuanVideo 720p shapes (tex
 Each method runs at its workflow's reference settings (versus.py's) through its planner as the dispatcher calls it:
 with a core.routing.Router whose dense attention is SDPA on the routed heads, and SDPA on the whole call when the
 router sends it dense (core.routing.DenseCall). Per row: ms per call over a few consecutive later steps (the median of
---repeats runs of them: their mean, a plan's cost spread over the calls that reuse it), its ratio to SDPA's (the
-issue's target: at most 1.05 on every input), plan density, heads routed dense, relative error against SDPA.
+--repeats runs of them: their mean, a plan's cost spread over the calls that reuse it), its ratio to SDPA's over as
+many calls back to back (the issue's target: at most 1.05 on every input), plan density, heads routed dense, relative
+error against SDPA, and the ms of each of those steps once more, one by one.
 ``--gpu-class`` routes with another GPU class's break-even table (the CPU's routes nothing: its kernels are the torch
 reference, never timed against dense), so --smoke exercises the routing too.
 """
@@ -40,6 +41,7 @@ from versus import (HEAD_DIM, LATER_STEP, RUN_STEPS, SHAPES, SMOKE_SHAPES, core,
 routing = import_pack("core.routing")
 break_even = import_pack("core.break_even")
 INPUTS = ("structured", "unstructured", "kinds")
+METHODS = ("radial", "svg", "svg2", "adaspa")
 TARGET = 1.05
 # Consecutive later steps timed per row, their mean per call: one period of SVG2's dense verdicts (a layer whose plan
 # went dense is planned again this many steps later), so a plan's cost is spread over the calls it spares, as in a run.
@@ -103,7 +105,11 @@ def measure(settings, grid, q, k, v, dense, backend, gpu, repeats, on_gpu) -> di
     err = metrics.relative_error(out, dense)
     del out
     ms = call_timer(later_steps, runs=repeats, cuda=on_gpu, setup=from_earlier_step) / TIMED_STEPS
-    return dict(ms=ms, density=density, routed_heads=routed, rel_err=err)
+    # Once more, step by step (a sync after each): which steps plan and which run dense on a layer's verdict.
+    from_earlier_step()
+    step_ms = [call_timer(lambda: routed_call(state["planner"], grid, q, k, v, backend, gpu, step), runs=1, warm=0,
+                          cuda=on_gpu) for step in range(LATER_STEP, LATER_STEP + TIMED_STEPS)]
+    return dict(ms=ms, step_ms=step_ms, density=density, routed_heads=routed, rel_err=err)
 
 
 def run(shape, dims, input_kind, args, device, gpu) -> list:
@@ -111,9 +117,15 @@ def run(shape, dims, input_kind, args, device, gpu) -> list:
     grid, q, k, v = inputs_of(input_kind, dims, device, args.seed)
     backend = "reference" if args.smoke else "triton"
     dense = F.scaled_dot_product_attention(q, k, v)
-    sdpa_ms = call_timer(lambda: F.scaled_dot_product_attention(q, k, v), runs=args.repeats, cuda=on_gpu)
+    # SDPA as the methods are timed: TIMED_STEPS calls back to back (a GPU running dense attention for seconds clocks
+    # down: single calls would flatter dense by up to ~5% on the H100, where the calls SVG2 runs dense measured
+    # 196-228 ms against a 196 ms single call).
+    sdpa_ms = call_timer(lambda: [F.scaled_dot_product_attention(q, k, v) for _ in range(TIMED_STEPS)],
+                         runs=args.repeats, cuda=on_gpu) / TIMED_STEPS
     rows = []
     for method, settings in our_methods(shape, args.smoke):
+        if method not in args.methods:
+            continue
         row = dict(shape=shape, inputs=input_kind, method=method, heads=q.shape[1], sdpa_ms=sdpa_ms)
         try:
             row.update(status="ok", **measure(settings, grid, q, k, v, dense, backend, gpu, args.repeats, on_gpu))
@@ -121,7 +133,8 @@ def run(shape, dims, input_kind, args, device, gpu) -> list:
         except Exception as why:  # one row's failure must not lose the others' figures
             row.update(status=f"failed: {type(why).__name__}: {str(why)[:200]}")
         print(f"  {shape} {input_kind} {method}: " + (f"{row['ms']:.2f} ms ({row['ratio']:.2f} of SDPA), density "
-              f"{row['density']:.3f}, {row['routed_heads']} heads dense" if row["status"] == "ok" else row["status"]),
+              f"{row['density']:.3f}, {row['routed_heads']} heads dense; step by step "
+              + " ".join(f"{ms:.0f}" for ms in row["step_ms"]) + " ms" if row["status"] == "ok" else row["status"]),
               flush=True)
         rows.append(row)
     return rows
@@ -131,6 +144,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--inputs", nargs="+", choices=INPUTS, default=list(INPUTS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--gpu-class", choices=list(break_even.TABLE), default=None,
                         help="route with this GPU class's break-even table (default: the device's own)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of the later steps per row (median)")

@@ -2,6 +2,7 @@
 
     python benchmarks/svg2_stages.py --json out.json                 # Wan 14B 720p, reference settings
     python benchmarks/svg2_stages.py --shapes wan14b-720p hunyuan-720p --sweep-assign
+    python benchmarks/svg2_stages.py --profile DIR                   # also: where a later planner call's time goes
     TRITON_INTERPRET=1 python benchmarks/svg2_stages.py --smoke      # CPU: tiny shape, Triton interpreter
 
 Inputs are video-like (benchmarks/synthetic.py: a smooth space-time field, moving objects, Wan's 3D RoPE), laid out
@@ -47,6 +48,9 @@ def parse_args():
     p.add_argument("--sweep-assign", action="store_true", help="time the assignment kernel's tile configs")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
     p.add_argument("--smoke", action="store_true", help="tiny shape on the CPU (Triton interpreter)")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="also profile two later planner calls (torch.profiler: trace, op tables, GPU busy time) and "
+                        "time a later call planned in one group of heads (memory budget lifted)")
     return p.parse_args()
 
 
@@ -125,6 +129,60 @@ def planner_call_ms(torch, core, q, k, v, grid, settings, out, long):
     return first, later
 
 
+def one_group_ms(core, planner_ms):
+    """ms of a later planner call with every head planned in one group (the memory budget lifted): what planning
+    a few heads at a time costs."""
+    budget = core.memory.TRANSIENT_SHARE
+    core.memory.TRANSIENT_SHARE = 1e6  # any count of heads fits
+    try:
+        return planner_ms()
+    finally:
+        core.memory.TRANSIENT_SHARE = budget
+
+
+def profile_planner(torch, planner, call, directory: Path, name: str) -> dict:
+    """Profile two later planner calls: the Chrome trace, the ops by device and by host time, and how much of the
+    wall time the GPU was busy (the union of its kernels' intervals) against the host's syncs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    directory.mkdir(parents=True, exist_ok=True)
+    cuda = call.q.is_cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    planner.attend(call)  # the layer's centroids exist: what follows are later steps
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        for _ in range(2):
+            planner.attend(call)
+        sync()
+    trace = directory / f"svg2_planner_{name}.trace.json"
+    prof.export_chrome_trace(str(trace))
+    events = json.loads(trace.read_text())["traceEvents"]
+    kernels = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "kernel" and "dur" in e)
+    busy, end = 0.0, -math.inf
+    for t0, t1 in kernels:  # union of the kernels' intervals
+        busy += max(0.0, t1 - max(t0, end))
+        end = max(end, t1)
+    by_name = {"kernel": {}, "cuda_runtime": {}}  # per kernel and per host runtime call: [count, ms]
+    for e in events:
+        if e.get("cat") in by_name and "dur" in e:
+            entry = by_name[e["cat"]].setdefault(e["name"][:90], [0, 0.0])
+            entry[0] += 1
+            entry[1] += e["dur"] / 1e3
+    top = lambda table: {k: dict(count=c, ms=ms) for k, (c, ms) in  # noqa: E731
+                         sorted(table.items(), key=lambda kv: -kv[1][1])[:12]}
+    span = (kernels[-1][1] - kernels[0][0]) / 1e3 if kernels else 0.0
+    averages = prof.key_averages()
+    (directory / f"svg2_planner_{name}.ops.txt").write_text(
+        "by device time\n" + averages.table(sort_by="cuda_time_total", row_limit=40)
+        + "\nby host time\n" + averages.table(sort_by="cpu_time_total", row_limit=40))
+    summary = dict(kernels=len(kernels), kernel_span_ms=span, gpu_busy_ms=busy / 1e3,
+                   top_kernels=top(by_name["kernel"]), runtime_calls=top(by_name["cuda_runtime"]))
+    print(f"  profile of two later calls: {len(kernels)} kernels, GPU busy {busy / 1e3:.1f} of {span:.1f} ms; "
+          "host runtime calls (ms): " + ", ".join(f"{k} {v['count']}x {v['ms']:.1f}"
+                                               for k, v in list(summary["runtime_calls"].items())[:5]), flush=True)
+    return summary
+
+
 def sweep_assign(torch, kt, qv, kv, q_centroids, k_centroids, short):
     rows = []
     for cfg in ASSIGN_CONFIGS:
@@ -188,10 +246,16 @@ def main():
         ms, density = stage_times(torch, K, core, q, k, v, grid, settings, out, short, long)
         first_ms, later_ms = planner_call_ms(torch, core, q, k, v, grid, settings, out, long)
         overhead = later_ms - ms["cluster attention"]
+        extra = {}
+        if args.profile:
+            extra["planner_later_one_group_ms"] = one_group_ms(
+                core, lambda: planner_call_ms(torch, core, q, k, v, grid, settings, out, long)[1])
+            call = core.AttentionCall(grid=grid, layer=1, step=0, total_steps=50, q=q, k=k, v=v, out=out)
+            extra["profile"] = profile_planner(torch, settings.make_planner(), call, args.profile, name)
         entry = dict(shape=dict(B=B, H=H, L=L, video=grid.video_tokens, text=text, D=D), settings=vars(settings),
                      check=check, sdpa_ms=sdpa_ms, stages_ms=ms, density=density, planner_first_ms=first_ms,
                      planner_later_ms=later_ms, later_overhead_ms=overhead, later_overhead_vs_sdpa=overhead / sdpa_ms,
-                     meets_target=overhead / sdpa_ms <= TARGET)
+                     meets_target=overhead / sdpa_ms <= TARGET, **extra)
         if args.sweep_assign and not args.smoke:
             kt = import_pack("kernels.kmeans_triton")
             video = grid.video_tokens
@@ -224,7 +288,15 @@ def print_table(name, e):
     print(f"{'planner call, later step':38s} {e['planner_later_ms']:9.3f} {100 * e['planner_later_ms'] / sdpa:9.1f}%")
     print(f"{'  of which not the attention kernel':38s} {e['later_overhead_ms']:9.3f} "
           f"{100 * e['later_overhead_vs_sdpa']:9.1f}%  (target <= {100 * TARGET:.0f}%: "
-          f"{'met' if e['meets_target'] else 'NOT met'})\n", flush=True)
+          f"{'met' if e['meets_target'] else 'NOT met'})", flush=True)
+    if "planner_later_one_group_ms" in e:
+        print(f"{'planner call, later, heads in one group':38s} {e['planner_later_one_group_ms']:9.3f} "
+              f"{100 * e['planner_later_one_group_ms'] / sdpa:9.1f}%", flush=True)
+    if "profile" in e:
+        p = e["profile"]
+        print(f"{'profile (2 calls): GPU busy / kernel span':38s} {p['gpu_busy_ms']:9.3f} "
+              f"{p['kernel_span_ms']:9.3f} ms, {p['kernels']} kernels", flush=True)
+    print()
 
 
 if __name__ == "__main__":

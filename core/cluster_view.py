@@ -33,7 +33,9 @@ def cluster_tile_mask(q_labels, k_labels, kept, block_size: int) -> torch.Tensor
     hq = _block_histogram(q_labels, kept.shape[1], block_size).to(dtype)
     hk = _block_histogram(k_labels, kept.shape[2], block_size).to(dtype)
     covered = torch.matmul(torch.matmul(hq, kept.to(dtype)), hk.transpose(1, 2)).float()
-    rows = torch.bincount(torch.arange(L, device=q_labels.device) // block_size).float()
+    # Tokens per block, computed on the device: a bincount would wait for the GPU (a sync per planned head group).
+    starts = torch.arange(hq.shape[1], device=q_labels.device) * block_size
+    rows = (L - starts).clamp(max=block_size).float()
     return covered >= KEEP_SHARE * rows[:, None] * rows[None, :]
 
 
@@ -41,7 +43,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """(..., W) bool -> (..., ceil(W / 8)) uint8 (8x smaller on the host)."""
     width = mask.shape[-1]
     padded = torch.nn.functional.pad(mask.to(torch.uint8), (0, -width % 8))
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], device=mask.device, dtype=torch.uint8)
+    weights = 1 << torch.arange(8, device=mask.device, dtype=torch.uint8)  # made on the device: no copy, no sync
     return (padded.unflatten(-1, (-1, 8)) * weights).sum(-1, dtype=torch.uint8)
 
 

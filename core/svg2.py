@@ -51,9 +51,10 @@ KEPT_LIST_BYTES = 4
 MAX_CLUSTERS = 16384
 MAX_ITERATIONS = 1000
 # A layer whose plan sent the whole call dense (its keys too diffuse for the cluster kernel to beat dense) runs dense
-# without planning until this many steps later, then plans again: planning costs ~12% of a dense call at Wan 14B
-# 720p, which every call of such a layer would otherwise add to dense's time (benchmarks/never_slower.py).
-DENSE_RECHECK_STEPS = 5
+# without planning until this many steps later, then plans again: a plan costs ~15% of a dense call at Wan 14B 720p,
+# which every call of such a layer would otherwise add to dense's time. Over this period such a layer costs
+# 1.01-1.02x dense (H100, benchmarks/never_slower.py; at 5 steps the plans showed through).
+DENSE_RECHECK_STEPS = 10
 
 
 @dataclass(frozen=True)
@@ -388,7 +389,8 @@ def _with_text(q_offsets, k_offsets, selection, video: int, length: int, kv_leng
     k_end = torch.full((B,), length, device=device) if kv_length is None else kv_length.to(device)
     q_offsets = torch.cat([q_offsets, q_offsets.new_full((B, H, 1), length)], dim=-1)
     k_offsets = torch.cat([k_offsets, k_end.to(torch.int32).view(B, 1, 1).expand(B, H, 1)], dim=-1)
-    every = torch.cat([torch.tensor([CK]), torch.arange(CK)]).to(device=device, dtype=torch.int32)  # text first
+    # Text first: [CK, 0, .., CK - 1], made on the device (a copy from the host would wait for the GPU).
+    every = torch.arange(CK + 1, device=device, dtype=torch.int32).roll(1)
     kv_clusters = torch.cat([torch.cat([order.new_full((B, H, CQ, 1), CK), order], dim=-1),
                              every.expand(B, H, 1, CK + 1)], dim=2)
     counts = torch.cat([counts + 1, counts.new_full((B, H, 1), CK + 1)], dim=-1)

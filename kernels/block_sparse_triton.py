@@ -375,9 +375,10 @@ def _compensation_args(pooled, q, return_lse, lse, lists, counts) -> dict:
     log_size = pooled.log_size.float().expand(B, H, -1).contiguous()
     groups = log_size.shape[-1]
     lse_c = torch.empty_like(lse) if return_lse else log_size  # dummy when unused
-    # 64 groups per tile on a GPU (one tensor-core tile against the query block); 16, the least tl.dot takes, on the
-    # CPU interpreter.
-    constants = dict(COMPENSATE=True, BLOCK_P=64 if device.type == "cuda" else 16)
+    # 32 groups per tile on a GPU: at 64 the pooled tiles push the 4-warp kernel past 255 registers a thread (it
+    # spills; H100, Wan 14B 720p, density 0.25: the compensated kernel 59.3 ms at 64, 56.1 at 32, 56.7 at 16, 189 at
+    # 128; benchmarks/compensation_cost.py --anatomy). 16, the least tl.dot takes, on the CPU interpreter.
+    constants = dict(COMPENSATE=True, BLOCK_P=32 if device.type == "cuda" else 16)
     return dict(tensors=(keys, values, log_size, lse_c, kept_table(lists, counts, groups, B, H)), groups=groups,
                 lse=lse_c if return_lse else None, constants=constants)
 
@@ -385,7 +386,7 @@ def _compensation_args(pooled, q, return_lse, lse, lists, counts) -> dict:
 def kept_table(lists: torch.Tensor, counts: torch.Tensor, groups: int, batch: int, heads: int) -> torch.Tensor:
     """(B * H, R, groups) uint8, contiguous: 1 where a row's list keeps the group. Built once per call, so each program
     reads which pooled groups its row skips (G bytes) instead of matching every group against its whole list (G x
-    count compares, 13-14% of the kernel at density 0.25, Wan 14B 720p: RESULTS.md). A few heads at a time: the
+    count compares; what it saved, and where the cost was instead: RESULTS.md). A few heads at a time: the
     scatter's int64 ids are 8 bytes per list entry (96 MB for SVG2's lists at Wan 14B 720p, all heads at once)."""
     R, width = lists.shape[-2:]
     lists = lists.expand(batch, heads, R, width)

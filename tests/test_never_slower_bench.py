@@ -9,10 +9,15 @@ import json
 from pack import REPO_ROOT
 
 
-def test_never_slower_smoke_routes_what_is_above_the_break_even(tmp_path):
+def load_bench():
     spec = importlib.util.spec_from_file_location("_bench_never_slower", REPO_ROOT / "benchmarks" / "never_slower.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_never_slower_smoke_routes_what_is_above_the_break_even(tmp_path):
+    bench = load_bench()
     assert bench.main(["--smoke", "--gpu-class", "hopper", "--repeats", "1", "--json", str(tmp_path / "n.json")]) == 0
     result = json.loads((tmp_path / "n.json").read_text())
     rows = result["rows"]
@@ -26,5 +31,14 @@ def test_never_slower_smoke_routes_what_is_above_the_break_even(tmp_path):
     assert noise["routed_heads"] > 0 and noise["rel_err"] < 1e-2
     for r in rows:
         assert 0 <= r["routed_heads"] <= r["heads"] and 0 < r["density"] <= 1 and r["ratio"] > 0
+        assert len(r["step_ms"]) == bench.TIMED_STEPS and all(ms > 0 for ms in r["step_ms"]), r
         if r["routed_heads"] == r["heads"]:  # the whole call went dense: SDPA's own output
             assert r["rel_err"] < 1e-2, r
+
+
+def test_never_slower_runs_only_the_methods_asked_for(tmp_path):
+    bench = load_bench()
+    assert bench.main(["--smoke", "--inputs", "unstructured", "--methods", "svg2", "radial", "--repeats", "1",
+                       "--json", str(tmp_path / "n.json")]) == 0
+    rows = json.loads((tmp_path / "n.json").read_text())["rows"]
+    assert sorted(r["method"] for r in rows) == ["radial", "svg2"] and {r["inputs"] for r in rows} == {"unstructured"}
