@@ -22,7 +22,7 @@ want sweep && run sweep python3 benchmarks/kernels.py --shapes wan14b-720p --den
 want kernels && run kernels python3 benchmarks/kernels.py --json "$out/kernels.json"
 want cluster && run cluster python3 benchmarks/cluster_attention.py --configs --json "$out/cluster.json"
 want svg && run svg python3 benchmarks/svg_overhead.py --json "$out/svg_overhead.json"
-want svg2 && run svg2 python3 benchmarks/svg2_stages.py --json "$out/svg2_stages.json"
+want svg2 && run svg2 python3 benchmarks/svg2_stages.py --profile "$out/svg2_profile" --json "$out/svg2_stages.json"
 want adaspa && run adaspa python3 benchmarks/adaspa_overhead.py --json "$out/adaspa_overhead.json"
 want quality && run quality python3 benchmarks/quality.py --json "$out/quality.json" --picture "$out/quality.png"
 want demo && run demo python3 benchmarks/demo.py --gpu
@@ -39,7 +39,7 @@ want fewstep && run quality_4step python3 benchmarks/quality.py --steps 4 --cfg 
 want fewstep && run quality_8step python3 benchmarks/quality.py --steps 8 --cfg 1 --json "$out/quality_8step.json" --picture "$out/quality_8step.png"
 # Compensation of skipped keys (issue 17): its cost at the Wan 14B 720p shape, and the proxy's quality without and with
 # it at both sampling regimes (20 steps cfg 4; 4 steps cfg 1, as few-step distilled runs).
-want compensation && run compensation_cost python3 benchmarks/compensation_cost.py --json "$out/compensation_cost.json"
+want compensation && run compensation_cost python3 benchmarks/compensation_cost.py --anatomy --json "$out/compensation_cost.json"
 want compensation && run quality_compensated python3 benchmarks/quality.py --compensate both --densities 0.40 0.25 0.12 \
     --steps 20 --cfg 4 --json "$out/quality_compensated.json" --picture "$out/quality_compensated.png"
 want compensation && run quality_compensated_4step python3 benchmarks/quality.py --compensate both \
