@@ -13,7 +13,7 @@ compensated kernel against the torch reference on two heads) runs before timing;
 ``--anatomy`` splits the compensated kernel's extra time, per layout: its host-side preparation alone (pooled
 tensors in the kernel's layout, the kept table), both kernels on an empty layout (no block kept: the compensation
 loop over every pooled group, with nothing else), the compensated kernel at other pooled-group tiles (BLOCK_P), and
-the registers and spills of every compiled variant (Triton's kernel cache).
+the registers and spills of every kernel variant it times (GPU only).
 """
 
 from __future__ import annotations
@@ -80,51 +80,65 @@ def with_block_p(kernel, block_p):
     return args
 
 
-def compiled_variants(kernel) -> list:
-    """Registers, spills and shared memory of every compiled variant of both block-sparse kernels (Triton's cache;
-    its layout differs between versions, so whatever is not found is left out)."""
-    rows = []
+def kernel_caches(kernel) -> list:
+    """Triton's in-memory caches (a compiled binary per specialisation) of both block-sparse kernels; their layout
+    differs between Triton versions (3.x: a tuple whose first item is the dict; none under the CPU interpreter)."""
+    caches = []
     for fn in (kernel._block_sparse_fwd, kernel._block_sparse_fwd_tma):
         for cache in getattr(fn, "device_caches", {}).values():
-            compiled = cache[0] if isinstance(cache, tuple) else cache
-            for key, binary in compiled.items():
-                constants = {k: v for k, v in (getattr(getattr(binary, "src", None), "constants", {}) or {}).items()
-                             if isinstance(k, str) and k in ("COMPENSATE", "BLOCK_P", "RETURN_LSE")}
-                rows.append(dict(kernel=fn.__name__, n_regs=getattr(binary, "n_regs", None),
-                                 n_spills=getattr(binary, "n_spills", None),
-                                 shared=getattr(getattr(binary, "metadata", None), "shared", None),
-                                 constants=constants or str(key)[:160]))
-    return rows
+            caches.append(cache[0] if isinstance(cache, tuple) else cache)
+    return caches
+
+
+def registers_of(kernel, launch) -> list:
+    """Registers and spills a thread of the kernel variant(s) ``launch`` runs: the caches are emptied first (Triton
+    reloads the binary from its disk cache), so what they hold afterwards is what it ran."""
+    for cache in kernel_caches(kernel):
+        cache.clear()
+    launch()
+    return [dict(n_regs=binary.n_regs, n_spills=binary.n_spills)
+            for cache in kernel_caches(kernel) for binary in cache.values()]
 
 
 def anatomy(torch, K, kernel, timer, q, k, v, out, idx, cnt, bs, pooled):
-    """ms of the compensated kernel's parts (see --anatomy). On the GPU also the kernel at 8 warps: the compensation
-    tiles (the pooled keys and values of BLOCK_P groups, their scores) come on top of the main loop's registers,
-    which at 4 warps are already ~250 a thread (ptxas spills above 255)."""
+    """(ms, registers) of the compensated kernel's parts (see --anatomy); registers: per kernel variant timed, the
+    registers and spills a thread (GPU only). On the GPU also the kernel at 8 warps: the compensation tiles (the
+    pooled keys and values of BLOCK_P groups, their scores) come on top of the main loop's registers, which at 4
+    warps are already at the 255 a thread may have (H100, Triton 3.6)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     empty = torch.zeros_like(cnt)
     lse = torch.empty(q.shape[:3], device=q.device)
     run = lambda counts, pooled_terms, config=None: kernel.triton_block_sparse_attention(  # noqa: E731
         q, k, v, idx, counts, block_size=bs, scale=scale, out=out, pooled=pooled_terms, config=config)
-    ms = {"preparation (pooled layout + kept table)": timer(lambda: kernel._compensation_args(
-              pooled, q, False, lse, idx.to(torch.int32), cnt.to(torch.int32))),
+    prepare = lambda: kernel._compensation_args(pooled, q, False, lse, idx.to(torch.int32),  # noqa: E731
+                                                cnt.to(torch.int32))
+    ms = {"preparation (pooled layout + kept table)": timer(prepare),
           "empty layout, plain": timer(lambda: run(empty, None)),
           "empty layout, compensated": timer(lambda: run(empty, pooled))}
-    # (BLOCK_P, tile config; None: the GPU's default): the tiles around the default (32)
+    registers = {}
+    kernels = {"plain kernel": lambda: run(cnt, None),
+               f"compensated kernel, BLOCK_P {prepare()['constants']['BLOCK_P']}": lambda: run(cnt, pooled)}
+    # (BLOCK_P, tile config; None: the GPU's default): the tiles around the GPU's default (32)
     variants = [(16, None), (64, None), (128, None)]
     if q.is_cuda:
+        registers.update({label: registers_of(kernel, launch) for label, launch in kernels.items()})
         eight_warps = dict(kernel._tile_config(q.shape[-1], bs, q.device), num_warps=8)
-        ms["plain kernel, 8 warps"] = timer(lambda: run(cnt, None, eight_warps))
+        launch = lambda: run(cnt, None, eight_warps)  # noqa: E731
+        registers["plain kernel, 8 warps"] = registers_of(kernel, launch)
+        ms["plain kernel, 8 warps"] = timer(launch)
         variants += [(32, eight_warps)]
     original = kernel._compensation_args
     try:
         for block_p, config in variants:
             kernel._compensation_args = with_block_p(kernel, block_p)
             label = f"compensated kernel, BLOCK_P {block_p}" + (", 8 warps" if config else "")
-            ms[label] = timer(lambda: run(cnt, pooled, config))
+            launch = lambda: run(cnt, pooled, config)  # noqa: E731
+            if q.is_cuda:
+                registers[label] = registers_of(kernel, launch)
+            ms[label] = timer(launch)
     finally:
         kernel._compensation_args = original
-    return ms
+    return ms, registers
 
 
 def rel_err(a, b):
@@ -196,7 +210,8 @@ def main():
             rows.append(dict(shape=name, B=B, H=H, L=L, D=D, layout=kind, density=density, ms=times,
                              overhead=times["compensated_call"] / times["plain"], target=TARGET))
             if args.anatomy:
-                rows[-1]["anatomy_ms"] = anatomy(torch, K, kernel, timer, q, k, v, out, idx, cnt, bs, pooled)
+                rows[-1]["anatomy_ms"], rows[-1]["registers"] = anatomy(torch, K, kernel, timer, q, k, v, out, idx,
+                                                                        cnt, bs, pooled)
         del q, k, v, out
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -212,16 +227,15 @@ def main():
         print(f"{r['shape']:12s} {r['layout']:7s} {r['density']:7.3f} {t['plain']:9.3f} {t['pool']:8.3f} "
               f"{t['compensated_kernel']:12.3f} {t['compensated_call']:10.3f} {r['overhead']:6.3f} "
               f"{'yes' if r['overhead'] <= TARGET else 'no':>7s}")
-    variants = compiled_variants(kernel) if args.anatomy else []
     for r in rows:
         for part, ms in r.get("anatomy_ms", {}).items():
             print(f"  {r['layout']:7s} {part:44s} {ms:9.3f} ms")
-    for variant in variants:
-        print(f"  compiled {variant}")
+        for part, variants in r.get("registers", {}).items():
+            print(f"  {r['layout']:7s} {part:44s} " + ", ".join(f"{v['n_regs']} registers, {v['n_spills']} spills"
+                                                                for v in variants))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(meta=meta, checks=checks, results=rows, compiled=variants), indent=1,
-                                        default=str))
+        args.json.write_text(json.dumps(dict(meta=meta, checks=checks, results=rows), indent=1))
         print(f"wrote {args.json}")
     failed = [f"{c['shape']} {c['layout']}" for c in checks if not c["ok"]]
     if failed:
