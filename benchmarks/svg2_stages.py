@@ -89,12 +89,15 @@ def stage_times(torch, K, core, q, k, v, grid, settings, out, short, long):
     ms["  update (q + k)"] = short(lambda: (K.kmeans_update(qv, q_km.order, q_km.offsets, q_km.centroids, seeds_q),
                                             K.kmeans_update(kv, k_km.order, k_km.offsets, k_km.centroids, seeds_k)))
 
-    def select():
+    def select(backend, **kwargs):
         return K.select_key_clusters(q_km.centroids, k_km.centroids, k_km.sizes, top_p=settings.top_p,
-                                     min_clusters=settings.min_key_clusters, scale=1.0 / math.sqrt(D))
-    ms["scoring + top-p selection"] = short(select)
-    sel = select()
-    layout = core.svg2._with_text(q_km.offsets, k_km.offsets, sel, video, L, None)
+                                     min_clusters=settings.min_key_clusters, scale=1.0 / math.sqrt(D),
+                                     backend=backend, **kwargs)
+    ms["scoring + top-p selection"] = short(lambda: select("auto"))
+    ms["  (before) in torch"] = short(lambda: select("reference"))
+    kv_clusters, video_lists = core.svg2.kept_lists(B, H, cq, ck, L > video, q.device)
+    sel = select("auto", order_out=video_lists, with_kept=True)
+    layout = core.svg2.with_text(q_km.offsets, k_km.offsets, kv_clusters, sel.counts, video, L, None)
     orders = dict(q_order=q_km.order, k_order=k_km.order)
     ms["cluster attention"] = short(lambda: K.cluster_block_attention(q, k, v, *layout, out=out, check_layout=False,
                                                                       **orders))
@@ -106,17 +109,11 @@ def stage_times(torch, K, core, q, k, v, grid, settings, out, short, long):
         lambda: K.cluster_block_attention(qp, kp, vp, *layout, check_layout=False))
     del qp, kp, vp
 
-    q_offsets, k_offsets, kv_clusters, counts = (t[0] for t in layout)
-    text = L - video
-    q_lab = torch.cat([q_km.labels[0].long(), q_km.labels.new_full((H, text), q_offsets.shape[-1] - 2).long()], 1)
-    k_lab = torch.cat([k_km.labels[0].long(), k_km.labels.new_full((H, text), k_offsets.shape[-1] - 2).long()], 1)
-    used = torch.arange(kv_clusters.shape[-1], device=q.device) < counts[..., None]
-    kept = torch.zeros(H, q_offsets.shape[-1] - 1, k_offsets.shape[-1] - 1, dtype=torch.bool, device=q.device)
-    kept.scatter_(-1, kv_clusters.long(), used)
-    ms["Inspector tile mask"] = short(lambda: core.cluster_view.cluster_tile_mask(q_lab, k_lab, kept,
-                                                                                core.svg2.INSPECT_BLOCK))
-    ms["density count (+ sync)"] = long(lambda: float(K.cluster_pair_count(*layout, check_layout=False).sum()))
-    density = float(K.cluster_pair_count(*layout, check_layout=False).sum()) / (B * H * L * L)
+    drawer = settings.make_planner()
+    ms["Inspector tile mask"] = short(lambda: drawer._tile_mask(q_km.labels[0], k_km.labels[0], sel.kept[0], grid, H))
+    pairs = lambda: core.svg2.pair_counts(q_km.offsets, sel.kept_keys, video, L, None)[0]  # noqa: E731
+    ms["density count (+ sync)"] = long(lambda: float(pairs().sum()))
+    density = float(pairs().sum()) / (B * H * L * L)
     return ms, density
 
 

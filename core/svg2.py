@@ -9,8 +9,9 @@ other conditionings of the same latent, core.method):
      and at least min_key_ratio of them (kernels.cluster_select);
   3. attention over the kept (query cluster, key cluster) blocks of variable size (kernels.cluster_block_attention:
      no padding), the kernel reading q, k, v and writing the output through the cluster orders: no permuted copy.
-Steps 1-2 (the plan) run a few heads at a time within core.memory's budget (the selection's tables are 8 MB a head
-at Wan 720p), the centroids kept per first head of each group; then one device sync reads every head's kept pairs,
+Steps 1-2 (the plan) run as many heads at a time as core.memory's budget allows: on a GPU (the counting sort, the
+selection kernel) every head of a Wan 14B or HunyuanVideo 720p call in one group, so the plan's ~350 kernel launches
+are paid once; the centroids are kept per first head of each group. Then one device sync reads every head's kept pairs,
 heads above the cluster kernel's break-even go to the dense attention (core.routing), and step 3 launches group by
 group with nothing more to wait for: the GPU runs the launches back to back while the host has returned. A layer whose
 plan sends the whole call dense (diffuse keys: the plan keeps most pairs) runs dense unplanned until
@@ -31,21 +32,26 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import (ClusterSelection, batched_kmeans, cluster_block_attention, cluster_pair_count,
-                       pool_key_clusters, select_key_clusters)
+from ..kernels import (COUNTING_SORT_BINS, COUNTING_SORT_BYTES, MAX_KEY_CLUSTERS, TORCH_SORT_BYTES, batched_kmeans,
+                       cluster_block_attention, pool_key_clusters, select_key_clusters, selection_backend,
+                       selection_pair_bytes)
 from .break_even import CLUSTER
-from .cluster_view import cluster_tile_mask, pack_bits, unpack_bits
+from .cluster_view import cluster_tile_mask, pack_bits, tile_mask_bytes, unpack_bits
 from .grid import VideoGrid
 from .memory import head_parts, heads_of, heads_per_chunk
 from .method import AttentionCall, share_over_conditionings, split_lse
 from .routing import DenseCall, keep_sparse
 
 INSPECT_BLOCK = 128  # tile size of the Inspector's drawing
-# Bytes per head (core.memory). While a group of heads is planned: per token the labels, distances and orders of
-# both k-means, per (query cluster, key cluster) pair the selection's scores, their sort and the kept lists. Kept
-# for every head until its launch: per token the two cluster orders (int32), per pair the kept list (int32).
-KMEANS_BYTES = 32
-SELECTION_BYTES = 28
+# Bytes per head (core.memory). While a group of heads is planned: per token the labels of both k-means and the
+# distances of one (and the sort's: kernels.COUNTING_SORT_BYTES / TORCH_SORT_BYTES), per centroid coordinate the float32 centroids and their rounded copy, per (query cluster, key
+# cluster) pair the kept table (bool) and the selection's temporaries (kernels.selection_pair_bytes: none in the
+# GPU's kernel). Kept for every head until its launch: per token the two cluster orders (int32), per pair the kept
+# list (int32). Measured at Wan 14B 720p: benchmarks/memory.py.
+KMEANS_BYTES = 16
+LABEL_BYTES = 8  # of those, the labels of both, which the Inspector's drawing reads after the k-means
+CENTROID_BYTES = 8
+KEPT_TABLE_BYTES = 1
 ORDER_BYTES = 8
 KEPT_LIST_BYTES = 4
 MAX_CLUSTERS = 16384
@@ -187,9 +193,11 @@ class SVG2Planner:
         verdict = self._dense.get(key)
         if verdict is not None and verdict.covers(call):
             call.route(CLUSTER, verdict.densities)  # sends the whole call dense again (core.routing.DenseCall)
-        plans = [self._plan_heads(heads_of(call, part, None), part)
-                 for part in head_parts(H, heads_per_chunk(call.q, self.plan_head_bytes(call.q),
-                                                           reserved=H * self.layout_head_bytes(call.q)))]
+        reserved = H * self.layout_head_bytes(call.q)
+        gpu_kernels = call.q.device.type == "cuda" and call.backend != "reference"
+        group = heads_per_chunk(call.q, self.plan_head_bytes(call.q, gpu_kernels), reserved=reserved)
+        drawing = self.drawing_heads(call.q, grid, group, reserved)
+        plans = [self._plan_heads(heads_of(call, part, None), part, drawing) for part in head_parts(H, group)]
         # The call's one device sync, before any launch: every head's share of the pairs it keeps (routing) and the
         # pairs kept and in all (the call's density).
         pairs = torch.cat([plan.pairs for plan in plans], dim=1)
@@ -222,24 +230,39 @@ class SVG2Planner:
         (what a planner that sends some heads here checks first, instead of the ValueError)."""
         return self.fits(call.grid) and (call.kv_length is None or bool(call.grid.text_tokens))
 
-    def plan_clusters(self, call: AttentionCall):
+    def plan_clusters(self, call: AttentionCall, order_out=None, with_kept: bool = False):
         """(query k-means, key k-means, selection) of the call's first conditioning chunk: k-means of its video
         queries and keys (warm-started from the layer's centroids, which it updates) and the key clusters each query
-        cluster keeps."""
+        cluster keeps (their order written into ``order_out`` when given; the kept table ``with_kept``)."""
         s = self.settings
         video = call.grid.video_tokens
         first = call.first_conditioning()  # its clusters and selection serve the other conditionings
         q_km, k_km = self._cluster(call, first.q[:, :, :video], first.k[:, :, :video])
         selection = select_key_clusters(q_km.centroids, k_km.centroids, k_km.sizes, top_p=s.top_p,
-                                        min_clusters=s.min_key_clusters, scale=1.0 / math.sqrt(call.q.shape[-1]))
+                                        min_clusters=s.min_key_clusters, scale=1.0 / math.sqrt(call.q.shape[-1]),
+                                        backend=self.selection_backend(call), order_out=order_out,
+                                        with_kept=with_kept)
         return q_km, k_km, selection
 
-    def plan_head_bytes(self, q: torch.Tensor) -> int:
+    def selection_backend(self, call: AttentionCall) -> str:
+        """Where the call's selection runs: the kernel on a GPU when the key clusters fit it, else torch (also on
+        the CPU, where Triton's interpreter would sort slowly)."""
+        wanted = "reference" if call.backend == "reference" or call.q.device.type != "cuda" else "auto"
+        return selection_backend(wanted, call.q.device, self.settings.key_clusters)
+
+    def plan_head_bytes(self, q: torch.Tensor, gpu_kernels: bool) -> int:
         """Temporaries per head of a call whose queries are ``q`` while a group of heads is planned: the k-means
-        tables and the selection's (query cluster, key cluster) tables."""
-        B = q.shape[0]
+        tables and its sort's, the centroids, the selection's per pair and the kept table the Inspector's drawing
+        starts from. ``gpu_kernels``: the plan runs the GPU's counting sort and selection kernel where the cluster
+        counts allow (else torch's sort and selection, which hold much more)."""
+        B, _, L, D = q.shape
         s = self.settings
-        return KMEANS_BYTES * B * q.shape[2] + SELECTION_BYTES * B * s.query_clusters * s.key_clusters
+        counting = gpu_kernels and max(s.query_clusters, s.key_clusters) < COUNTING_SORT_BINS
+        selection = "triton" if gpu_kernels and s.key_clusters <= MAX_KEY_CLUSTERS else "reference"
+        pair_bytes = selection_pair_bytes(selection) + KEPT_TABLE_BYTES
+        token_bytes = KMEANS_BYTES + (COUNTING_SORT_BYTES if counting else TORCH_SORT_BYTES)
+        return B * (token_bytes * L + CENTROID_BYTES * (s.query_clusters + s.key_clusters) * D
+                    + pair_bytes * s.query_clusters * s.key_clusters)
 
     def layout_head_bytes(self, q: torch.Tensor) -> int:
         """What a head's plan keeps until its launch: its cluster orders and kept lists."""
@@ -247,20 +270,42 @@ class SVG2Planner:
         s = self.settings
         return ORDER_BYTES * B * q.shape[2] + KEPT_LIST_BYTES * B * (s.query_clusters + 1) * (s.key_clusters + 1)
 
-    def _plan_heads(self, call: AttentionCall, part: slice) -> "_HeadsPlan":
+    def drawing_heads(self, q: torch.Tensor, grid: VideoGrid, group: int, reserved: int, device=None) -> int:
+        """Heads at a time of the Inspector's tile mask in a call whose queries are ``q`` (on ``device``, default
+        q's), planned ``group`` heads at a time beside ``reserved`` bytes (every head's layout): what the group holds
+        then is its k-means labels, float32 centroids and kept tables."""
+        B, _, L, D = q.shape
+        s = self.settings
+        held = reserved + group * B * (LABEL_BYTES * L + 4 * (s.query_clusters + s.key_clusters) * D
+                                       + KEPT_TABLE_BYTES * s.query_clusters * s.key_clusters)
+        return heads_per_chunk(q, self.tile_head_bytes(grid, q.device if device is None else device), reserved=held)
+
+    def _plan_heads(self, call: AttentionCall, part: slice, drawing: int) -> "_HeadsPlan":
         """k-means, selection and layout of the heads of ``call`` (heads ``part`` of the whole call), shared over
-        its conditionings; nothing is read back from the device."""
+        its conditionings; the Inspector's tile mask ``drawing`` heads at a time. Nothing is read back from the
+        device."""
+        s = self.settings
         L = call.q.shape[2]
         grid = call.grid
         video = grid.video_tokens
-        q_km, k_km, selection = self.plan_clusters(call)
+        latents, heads = call.first_conditioning().q.shape[:2]
+        kv_clusters, video_lists = kept_lists(latents, heads, s.query_clusters, s.key_clusters, L > video,
+                                              call.q.device)
+        q_km, k_km, selection = self.plan_clusters(call, order_out=video_lists, with_kept=True)
         share = lambda t: share_over_conditionings(t, call)  # noqa: E731
-        selection = ClusterSelection(share(selection.order), share(selection.counts), share(selection.kept_keys))
-        layout = _with_text(share(q_km.offsets), share(k_km.offsets), selection, video, L, call.kv_length)
-        tiles = self._tile_mask(q_km.labels[0], k_km.labels[0], layout, grid)
-        return _HeadsPlan(part, share(q_km.order), share(k_km.order), layout,
-                          pairs=cluster_pair_count(*layout, check_layout=False).double(),
-                          dense=L * layout[1][..., -1].double(), tiles=pack_bits(tiles), width=tiles.shape[-1])
+        # Each conditioning chunk has its own text padding (kv_length): shared first, then the text added.
+        q_offsets, k_offsets, kept_keys = share(q_km.offsets), share(k_km.offsets), share(selection.kept_keys)
+        layout = with_text(q_offsets, k_offsets, share(kv_clusters), share(selection.counts), video, L, call.kv_length)
+        pairs, dense = pair_counts(q_offsets, kept_keys, video, L, call.kv_length)
+        tiles = self._tile_mask(q_km.labels[0], k_km.labels[0], selection.kept[0], grid, drawing)
+        return _HeadsPlan(part, share(q_km.order), share(k_km.order), layout, pairs=pairs, dense=dense,
+                          tiles=pack_bits(tiles), width=tiles.shape[-1])
+
+    def tile_head_bytes(self, grid: VideoGrid, device) -> int:
+        """Temporaries per head of the Inspector's tile mask (core.cluster_view) on ``device``."""
+        s = self.settings
+        nb = -(-grid.total_tokens // self.block_size)
+        return tile_mask_bytes(nb, s.query_clusters + 1, s.key_clusters + 1, grid.total_tokens, device)
 
     def _launch(self, call: AttentionCall, plan: "_HeadsPlan", route, out: torch.Tensor, lses: list) -> None:
         """Run the heads of ``plan`` that ``route`` leaves sparse, written into ``out`` (and their LSE rows into
@@ -308,14 +353,20 @@ class SVG2Planner:
                                           k_km.centroids.to(k_video.dtype))
         return q_km, k_km
 
-    def _tile_mask(self, q_labels, k_labels, layout, grid: VideoGrid):
-        """Batch element 0's (H, NB, NB) tile mask; text tokens (and their padding) drawn as one kept cluster."""
-        q_offsets, k_offsets, kv_clusters, counts = (t[0] for t in layout)
-        CQ, CK = q_offsets.shape[-1] - 1, k_offsets.shape[-1] - 1
+    def _tile_mask(self, q_labels, k_labels, kept, grid: VideoGrid, chunk: int):
+        """Batch element 0's (H, NB, NB) tile mask, ``chunk`` heads at a time; text tokens (and their padding) drawn
+        as one more query and key cluster that keeps and is kept by every cluster. q_labels, k_labels (H, video
+        tokens); kept (H, CQ, CK) bool."""
         H, text = q_labels.shape[0], grid.text_tokens
-        q_lab = torch.cat([q_labels.long(), q_labels.new_full((H, text), CQ - 1).long()], dim=1)
-        k_lab = torch.cat([k_labels.long(), k_labels.new_full((H, text), CK - 1).long()], dim=1)
-        return cluster_tile_mask(q_lab, k_lab, kept_clusters(kv_clusters, counts, CK), self.block_size)
+        if text:
+            kept = torch.nn.functional.pad(kept, (0, 1, 0, 1), value=True)
+        CQ, CK = kept.shape[1:]
+        parts = []
+        for part in head_parts(H, chunk):
+            q_lab, k_lab = (torch.cat([labels[part], labels.new_full((part.stop - part.start, text), last)], 1)
+                            for labels, last in ((q_labels, CQ - 1), (k_labels, CK - 1)))
+            parts.append(cluster_tile_mask(q_lab, k_lab, kept[part], self.block_size))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def reset(self) -> None:
         """A new sampling run: centroids of the last run's q/k no longer fit; drop them, the drawings and the dense
@@ -368,30 +419,42 @@ def _signature(call: AttentionCall) -> tuple:
     return call.grid, B, H, D
 
 
-def kept_clusters(order: torch.Tensor, counts: torch.Tensor, key_clusters: int) -> torch.Tensor:
-    """(..., CQ, key_clusters) bool: the key clusters each query cluster keeps, from a selection's ``order``
-    (..., CQ, n) and ``counts`` (..., CQ): the first counts of each row's list (distinct clusters)."""
-    used = torch.arange(order.shape[-1], device=counts.device) < counts[..., None]
-    kept = torch.zeros(*order.shape[:-1], key_clusters, dtype=torch.bool, device=counts.device)
-    return kept.scatter_(-1, order.long(), used)
+def kept_lists(latents: int, heads: int, query_clusters: int, key_clusters: int, text: bool, device):
+    """(kv_clusters, video part): the kernel's kept lists (latents, heads, CQ, CK), and with text tokens (CQ + 1,
+    CK + 1) with the text filled in: one more key cluster (id CK), first in every query cluster's list, and one
+    more query cluster (the text queries) that keeps every key cluster. The video part, [..., :CQ, 1:] with text,
+    is where the selection writes each query cluster's key clusters: no copy of the lists is ever made."""
+    if not text:
+        lists = torch.empty(latents, heads, query_clusters, key_clusters, device=device, dtype=torch.int32)
+        return lists, lists
+    lists = torch.empty(latents, heads, query_clusters + 1, key_clusters + 1, device=device, dtype=torch.int32)
+    lists[:, :, :query_clusters, 0] = key_clusters
+    # Text first: [CK, 0, .., CK - 1], made on the device (a copy from the host would wait for the GPU).
+    lists[:, :, query_clusters] = torch.arange(key_clusters + 1, device=device, dtype=torch.int32).roll(1)
+    return lists, lists[:, :, :query_clusters, 1:]
 
 
-def _with_text(q_offsets, k_offsets, selection, video: int, length: int, kv_length):
-    """(q_offsets, k_offsets, kv_clusters, counts) for the cluster attention kernel. Without text tokens: the
-    clusters as they are. With text (tokens video..length): one more query cluster that keeps every key cluster, and
-    one more key cluster, first in every query cluster's list, that ends at kv_length (the padding after it is
-    never attended)."""
-    order, counts = selection.order, selection.counts
+def with_text(q_offsets, k_offsets, kv_clusters, counts, video: int, length: int, kv_length):
+    """(q_offsets, k_offsets, kv_clusters, counts) for the cluster attention kernel, ``kv_clusters`` from
+    :func:`kept_lists`. Without text tokens: the clusters as they are. With text (tokens video..length): the text
+    query cluster, and the text key cluster that ends at kv_length (the padding after it is never attended)."""
     if length == video:
-        return q_offsets, k_offsets, order, counts
-    B, H, CQ, CK = order.shape
-    device = order.device
-    k_end = torch.full((B,), length, device=device) if kv_length is None else kv_length.to(device)
+        return q_offsets, k_offsets, kv_clusters, counts
+    B, H = counts.shape[:2]
+    k_end = torch.full((B,), length, device=counts.device) if kv_length is None else kv_length.to(counts.device)
     q_offsets = torch.cat([q_offsets, q_offsets.new_full((B, H, 1), length)], dim=-1)
     k_offsets = torch.cat([k_offsets, k_end.to(torch.int32).view(B, 1, 1).expand(B, H, 1)], dim=-1)
-    # Text first: [CK, 0, .., CK - 1], made on the device (a copy from the host would wait for the GPU).
-    every = torch.arange(CK + 1, device=device, dtype=torch.int32).roll(1)
-    kv_clusters = torch.cat([torch.cat([order.new_full((B, H, CQ, 1), CK), order], dim=-1),
-                             every.expand(B, H, 1, CK + 1)], dim=2)
-    counts = torch.cat([counts + 1, counts.new_full((B, H, 1), CK + 1)], dim=-1)
+    counts = torch.cat([counts + 1, counts.new_full((B, H, 1), kv_clusters.shape[-1])], dim=-1)
     return q_offsets, k_offsets, kv_clusters, counts
+
+
+def pair_counts(q_offsets, kept_keys, video: int, length: int, kv_length):
+    """(pairs, dense) (B, H) float64: the query-key pairs a layout computes (each video query cluster's rows times its
+    kept video keys and every text key; the text rows every key) and those dense attention would, from the
+    selection's kept keys: no (query cluster x key cluster) temporaries."""
+    B = kept_keys.shape[0]
+    k_end = torch.full((B,), length, device=kept_keys.device) if kv_length is None else kv_length.to(kept_keys.device)
+    k_end = k_end.double()[:, None]
+    q_sizes = (q_offsets[..., 1:] - q_offsets[..., :-1]).double()
+    pairs = (q_sizes * (kept_keys.double() + (k_end - video)[..., None])).sum(-1) + (length - video) * k_end
+    return pairs, (length * k_end).expand_as(pairs)

@@ -18,7 +18,7 @@ import torch
 from ..kernels.mask_errors import token_masks
 from .memory import head_parts, heads_of, heads_per_chunk
 from .method import AttentionCall
-from .svg2 import SVG2Planner, kept_clusters
+from .svg2 import SVG2Planner
 
 ENOUGH = 0.75
 MAX_CLUSTER_DENSITY = 0.5
@@ -56,9 +56,9 @@ def cluster_mass(call: AttentionCall, rows: torch.Tensor, clusters: SVG2Planner)
     its first conditioning chunk: k-means of that head (the planner's, whose centroid cache it warm-starts) and the
     key clusters top-p keeps per query cluster. Text keys are kept, as SVG2 keeps them."""
     first = call.first_conditioning()
-    q_km, k_km, selection = clusters.plan_clusters(call)
+    q_km, k_km, selection = clusters.plan_clusters(call, with_kept=True)
     video = call.grid.video_tokens
-    kept = kept_clusters(selection.order, selection.counts, selection.order.shape[-1])  # (B, 1, CQ, CK)
+    kept = selection.kept  # (B, 1, CQ, CK)
     row_cluster = q_km.labels.index_select(2, rows).long()                             # (B, 1, R)
     kept_rows = torch.gather(kept, 2, row_cluster[..., None].expand(-1, -1, -1, kept.shape[-1]))
     keep = torch.gather(kept_rows, 3, k_km.labels.long()[:, :, None, :].expand(-1, -1, rows.numel(), -1))

@@ -22,6 +22,13 @@ from .kmeans_reference import reference_assign, reference_update
 # Empty clusters re-seeded per problem and iteration (the farthest points): a bound that keeps the search a cheap
 # top-k. More empties than this (rare: duplicate points) keep their old centroid and are re-seeded the next time.
 RESEED_LIMIT = 32
+# The counting sort keeps a histogram of this many bins per tile of points in registers: more clusters sort in torch.
+COUNTING_SORT_BINS = 4096
+# What :func:`cluster_order` holds per point while it runs, besides its labels and the order: the counting sort's
+# table of tile starts and its sums; torch's stable sort (int64 indices and CUB's buffers: 44 bytes a point measured
+# on an H100, torch 2.11).
+COUNTING_SORT_BYTES = 2
+TORCH_SORT_BYTES = 48
 
 
 @dataclass
@@ -75,14 +82,20 @@ def kmeans_assign(x, centroids, *, backend="auto"):
     return triton_assign(x, centroids)
 
 
-def cluster_order(labels, num_clusters: int):
+def cluster_order(labels, num_clusters: int, *, backend="auto"):
     """(order, offsets) of labels (B, H, N): the stable sort of the points by label, int32, and the (B, H, K + 1)
-    int32 start of each cluster in it (offsets[..., -1] = N)."""
+    int32 start of each cluster in it (offsets[..., -1] = N). On Triton a counting sort (kmeans_triton.py: ~1 byte
+    per point besides the order, where torch's sort holds ~44), for fewer than COUNTING_SORT_BINS clusters."""
     if labels.ndim != 3:
         raise ValueError(f"labels must be (batch, heads, points), got {tuple(labels.shape)}")
+    # (Labels are integers: the dtype only lets the backend check pass for a kernel that reads no float.)
+    if num_clusters < COUNTING_SORT_BINS and resolve_backend(backend, labels.device, torch.bfloat16) == "triton":
+        from .kmeans_triton import triton_cluster_order
+        return triton_cluster_order(labels, num_clusters)
     sorted_labels, order = torch.sort(labels, dim=-1, stable=True)
     bounds = torch.arange(num_clusters + 1, device=labels.device, dtype=sorted_labels.dtype)
     offsets = torch.searchsorted(sorted_labels, bounds.expand(*labels.shape[:2], -1).contiguous(), out_int32=True)
+    del sorted_labels  # before the int32 copy of the (int64) order
     return order.to(torch.int32), offsets
 
 
@@ -98,8 +111,9 @@ def reseed_points(offsets, dist, limit: int = RESEED_LIMIT):
     return torch.where(empty & (rank < take), chosen, torch.full_like(chosen, -1))
 
 
-def kmeans_update(x, order, offsets, centroids, seeds, *, backend="auto"):
-    """Centroids (B, H, K, D) float32 after one update: see :func:`kmeans_triton.triton_update`."""
+def kmeans_update(x, order, offsets, centroids, seeds, *, backend="auto", in_place: bool = False):
+    """Centroids (B, H, K, D) float32 after one update: see :func:`kmeans_triton.triton_update`. ``in_place``: write
+    them over ``centroids`` (float32, contiguous), which then holds the result."""
     _check_points(x)
     _check_centroids(x, centroids)
     B, H, N, _ = x.shape
@@ -108,10 +122,13 @@ def kmeans_update(x, order, offsets, centroids, seeds, *, backend="auto"):
         if t.shape != shape or t.dtype != torch.int32 or t.device != x.device:
             raise ValueError(f"{name} must be an int32 tensor of shape {shape} on {x.device}, got {t.dtype} "
                              f"{tuple(t.shape)} on {t.device}")
+    if in_place and (centroids.dtype != torch.float32 or not centroids.is_contiguous()):
+        raise ValueError("in_place needs float32 contiguous centroids")
     if resolve_backend(backend, x.device, x.dtype) == "reference":
-        return reference_update(x, order, offsets, centroids, seeds)
+        new = reference_update(x, order, offsets, centroids, seeds)
+        return centroids.copy_(new) if in_place else new
     from .kmeans_triton import triton_update
-    return triton_update(x, order, offsets, centroids, seeds)
+    return triton_update(x, order, offsets, centroids, seeds, in_place=in_place)
 
 
 def strided_init(x, num_clusters: int):
@@ -138,11 +155,15 @@ def batched_kmeans(x, num_clusters: int, iterations: int, *, init=None, backend=
         _check_centroids(x, init, "init")
         if init.shape[2] != num_clusters:
             raise ValueError(f"init has {init.shape[2]} centroids but num_clusters is {num_clusters}")
-        centroids = init.float()
+        centroids = init.to(torch.float32, copy=True).contiguous()  # updated in place: never the caller's tensor
     resolve_backend(backend, x.device, x.dtype)  # reject a bad backend before the loop
+    # The counting sort on a GPU; Triton's CPU interpreter sorts slowly, so the CPU takes torch's sort.
+    sort_backend = "reference" if backend == "reference" else "auto"
     for _ in range(iterations):
+        labels = order = None  # the last iteration's, freed before this one's: a planner budgets one of each
         labels, dist = kmeans_assign(x, centroids, backend=backend)
-        order, offsets = cluster_order(labels, num_clusters)
+        order, offsets = cluster_order(labels, num_clusters, backend=sort_backend)
         seeds = reseed_points(offsets, dist)
-        centroids = kmeans_update(x, order, offsets, centroids, seeds, backend=backend)
+        del dist
+        centroids = kmeans_update(x, order, offsets, centroids, seeds, backend=backend, in_place=True)
     return KMeansResult(labels=labels, order=order, offsets=offsets, centroids=centroids)

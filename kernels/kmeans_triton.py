@@ -11,6 +11,11 @@ with a contiguous last dimension, e.g. ComfyUI's (B, N, H, D) memory), its centr
   of points sorted by label, so their rows are summed in a fixed order (deterministic, no atomics: the same input
   gives bit-identical centroids, so a run is reproducible). Atomics would save the sort, but their float sums
   depend on scheduling; the sort is needed anyway for the permutation.
+* Order: a counting sort by label, stable (exact integers: deterministic). One pass counts each tile's labels
+  (tl.histogram), torch turns the counts into where each (tile, label) run starts in the order, and a second pass
+  sorts each tile in registers by (label, position) and writes every point to its place. torch's stable sort holds
+  ~44 bytes per point while it runs (int64 indices and CUB's buffers: 128 MB for one Wan 14B 720p call's keys);
+  this holds the int32 order and a table of (tile, label) starts, ~1 byte per point.
 """
 
 from __future__ import annotations
@@ -100,6 +105,61 @@ def _update_kernel(
     tl.store(NEW + out, centroid, mask=d_ok)
 
 
+@triton.jit
+def _tile_histogram_kernel(LABELS, HIST, N, T, BLOCK: tl.constexpr, BINS: tl.constexpr):
+    t = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs = t * BLOCK + tl.arange(0, BLOCK)
+    # Points past N count in the last bin, which no label reaches (BINS > clusters): tl.histogram's mask is newer
+    # than the oldest Triton this pack supports.
+    labels = tl.load(LABELS + bh * N + offs, mask=offs < N, other=BINS - 1)
+    tl.store(HIST + (bh * T + t) * BINS + tl.arange(0, BINS), tl.histogram(labels, BINS))
+
+
+@triton.jit
+def _place_kernel(LABELS, STARTS, ORDER, N, T, BLOCK: tl.constexpr, BINS: tl.constexpr, LOG_BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    rank = tl.arange(0, BLOCK)
+    offs = t * BLOCK + rank
+    labels = tl.load(LABELS + bh * N + offs, mask=offs < N, other=BINS - 1)
+    keys = tl.sort((labels << LOG_BLOCK) | rank)  # by label, then by position: stable
+    label = keys >> LOG_BLOCK
+    real = label < BINS - 1
+    # STARTS[t, l]: where tile t's first point of label l goes, less the points of lower labels in the tile (the
+    # sorted rank of that first point).
+    start = tl.load(STARTS + (bh * T + t) * BINS + label, mask=real, other=0)
+    tl.store(ORDER + bh * N + start + rank, t * BLOCK + (keys & (BLOCK - 1)), mask=real)
+
+
+def _order_config(device: torch.device) -> dict:
+    if device.type != "cuda":  # Triton's CPU interpreter sorts slowly: small tiles (and several per test input)
+        return dict(BLOCK=64, num_warps=4)
+    return dict(BLOCK=4096, num_warps=8)
+
+
+def triton_cluster_order(labels, num_clusters: int):
+    """(order (B, H, N) int32, offsets (B, H, K + 1) int32): the stable sort of the points by label. labels int32 in
+    [0, num_clusters), num_clusters < COUNTING_SORT_BINS."""
+    B, H, N = labels.shape
+    labels = labels.to(torch.int32).contiguous()
+    cfg = _order_config(labels.device)
+    block = cfg.pop("BLOCK")
+    bins = triton.next_power_of_2(num_clusters + 1)
+    tiles = triton.cdiv(N, block)
+    hist = torch.empty(B * H, tiles, bins, device=labels.device, dtype=torch.int32)
+    _tile_histogram_kernel[(tiles, B * H)](labels, hist, N, tiles, BLOCK=block, BINS=bins, **cfg)
+    counts = hist.sum(1, dtype=torch.int32)
+    cluster_start = counts.cumsum(-1, dtype=torch.int32) - counts
+    starts = hist.cumsum(1, dtype=torch.int32).sub_(hist).add_(cluster_start[:, None, :])
+    starts -= hist.cumsum(2, dtype=torch.int32).sub_(hist)
+    del hist
+    order = torch.empty(B, H, N, device=labels.device, dtype=torch.int32)
+    _place_kernel[(tiles, B * H)](labels, starts, order, N, tiles, BLOCK=block, BINS=bins,
+                                  LOG_BLOCK=block.bit_length() - 1, **cfg)
+    return order, cluster_start[:, :num_clusters + 1].reshape(B, H, num_clusters + 1).contiguous()
+
+
 def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
@@ -129,14 +189,15 @@ def triton_assign(x, centroids, *, config=None):
     return labels, dist
 
 
-def triton_update(x, order, offsets, centroids, seeds):
+def triton_update(x, order, offsets, centroids, seeds, in_place: bool = False):
     """New centroids (B, H, K, D) float32: the mean of each cluster's points, the seed point of an empty cluster
     whose seed is >= 0, else its old centroid. order (B, H, N) int32, offsets (B, H, K + 1) int32, seeds
-    (B, H, K) int32."""
+    (B, H, K) int32. ``in_place``: written over ``centroids`` (float32, contiguous): each program reads only its own
+    cluster's old centroid before writing it."""
     B, H, N, D = x.shape
     K = centroids.shape[2]
     old = centroids.float().contiguous()
-    new = torch.empty_like(old)
+    new = old if in_place else torch.empty_like(old)
     interpreted = x.device.type == "cpu"
     _update_kernel[(K, B * H)](x, order.contiguous(), offsets.contiguous(), old, seeds.contiguous(), new,
                                x.stride(0), x.stride(1), x.stride(2), H, N, K, D,

@@ -106,7 +106,8 @@ def test_chunks_at_wan14b_720p_are_the_largest_within_the_budget(method):
     every head: SVG2's plans until their launch), one head more would not."""
     q = wan14b_queries()
     svg2 = core.SVG2Settings().make_planner()
-    per_head, reserved = {"svg2": lambda: (svg2.plan_head_bytes(q), 40 * svg2.layout_head_bytes(q)),
+    per_head, reserved = {"svg2": lambda: (svg2.plan_head_bytes(q, gpu_kernels=False),
+                                    40 * svg2.layout_head_bytes(q)),
                           "svg": lambda: (svg.TEMPORAL_COPIES * memory.head_bytes(q), 0),
                           "adaspa": lambda: (core.AdaSpaSettings().make_planner().search_head_bytes(q), 0)}[method]()
     heads = memory.heads_per_chunk(q, per_head, reserved)
@@ -117,11 +118,28 @@ def test_chunks_at_wan14b_720p_are_the_largest_within_the_budget(method):
 
 def test_svg2_plans_in_a_few_groups_and_copies_nothing_at_wan14b_720p():
     """SVG2 holds no copy of q, k, v (the kernel reads through the cluster orders): at the Wan 14B 720p shape every
-    head's plan (80 MB) stays within the budget beside a group being planned, and the plan runs in a few groups,
-    where the permuted copies (88 MB a head) allowed two heads at a time."""
+    head's plan (80 MB) stays within the budget beside a group being planned, and even on torch's sort and selection
+    the plan runs in a few groups, where the permuted copies (88 MB a head) allowed two heads at a time."""
     q = wan14b_queries()
     planner = core.SVG2Settings().make_planner()
     reserved = 40 * planner.layout_head_bytes(q)
     budget = memory.TRANSIENT_SHARE * q.numel() * q.element_size()
     assert reserved < budget / 2
-    assert memory.heads_per_chunk(q, planner.plan_head_bytes(q), reserved) >= 10
+    assert memory.heads_per_chunk(q, planner.plan_head_bytes(q, gpu_kernels=False), reserved) >= 5
+
+
+@pytest.mark.parametrize("shape", ["wan14b-720p", "hunyuan-720p"])
+def test_svg2_plans_every_head_at_once_with_the_selection_kernel(shape):
+    """With the selection kernel (a GPU's path: no per-pair temporaries) every head of a Wan 14B 720p or a
+    HunyuanVideo 720p call is planned in one group within the budget: one set of k-means launches a call instead of
+    one per group (4 groups of 11 heads cost 24% of the call's time on the H100). The Inspector's tile mask, drawn a
+    few heads at a time, fits beside them in at most 4 chunks."""
+    heads, tokens, grid = {"wan14b-720p": (40, 75600, core.VideoGrid(21, 45, 80)),
+                           "hunyuan-720p": (24, 119056, core.VideoGrid(33, 45, 80, text_tokens=256))}[shape]
+    assert grid.total_tokens == tokens
+    q = torch.empty(1, heads, tokens, 128, dtype=torch.bfloat16, device="meta")
+    settings = core.svg2.PRESETS["hunyuan_720p" if grid.text_tokens else "wan_720p"]
+    planner = settings.make_planner()
+    reserved = heads * planner.layout_head_bytes(q)
+    assert memory.heads_per_chunk(q, planner.plan_head_bytes(q, gpu_kernels=True), reserved) == heads
+    assert planner.drawing_heads(q, grid, heads, reserved, device="cuda") >= heads // 4  # a few chunks of launches

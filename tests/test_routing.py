@@ -64,7 +64,8 @@ def spy_svg2_plans(monkeypatch) -> list:
     planned = []
     plan_heads = svg2.SVG2Planner._plan_heads
     monkeypatch.setattr(svg2.SVG2Planner, "_plan_heads",
-                        lambda self, call, part: planned.append((call.step, part)) or plan_heads(self, call, part))
+                        lambda self, call, part, drawing: planned.append((call.step, part))
+                        or plan_heads(self, call, part, drawing))
     return planned
 
 

@@ -219,6 +219,22 @@ def test_conditionings_share_the_first_chunks_layout(grid, monkeypatch, gen):
     torch.testing.assert_close(out[:2], alone, rtol=0, atol=0, msg=ctx)
 
 
+@pytest.mark.parametrize("grid", [WAN_GRID, HUNYUAN_GRID], ids=["wan", "hunyuan"])
+def test_pair_counts_from_the_kept_keys_equal_the_layouts(grid, gen):
+    """The density a plan reports comes from the selection's kept keys per query cluster (no per-pair tensors):
+    the pairs the kernel's layout covers, and L x the attended keys dense, for a CFG batch whose conditionings pad
+    their text differently."""
+    call = make_call(grid, gen, B=4)
+    call.conditionings = 2
+    if call.kv_length is not None:
+        call.kv_length[2] = grid.total_tokens - 5
+    plan = SMALL.make_planner()._plan_heads(call, slice(0, 2), drawing=1)
+    assert torch.equal(plan.pairs, K.cluster_pair_count(*plan.layout).double())
+    assert torch.equal(plan.dense, grid.total_tokens * plan.layout[1][..., -1].double())
+    whole = SMALL.make_planner()._plan_heads(call, slice(0, 2), drawing=2)
+    assert torch.equal(plan.tiles, whole.tiles), "the tile mask a head at a time is the one of both heads at once"
+
+
 def test_centroid_cache_warm_starts_later_steps_and_resets_per_run(monkeypatch, gen):
     runs = spy_kmeans(monkeypatch)
     planner = SMALL.make_planner()

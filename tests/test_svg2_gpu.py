@@ -82,6 +82,45 @@ def test_kmeans_is_deterministic_and_consistent(gen):
     assert torch.equal(a.sizes.long(), sizes)
 
 
+@pytest.mark.parametrize("top_p,clusters", [(0.9, (300, 1000)), (0.5, (400, 1000)), (0.9, (300, 1024)),
+                                            (0.9, (64, 100)), (1.0, (300, 1000))])
+def test_selection_kernel_at_reference_sizes(top_p, clusters, gen):
+    """The selection kernel at SVG2's reference cluster counts, on centroids of a real k-means: every row a
+    permutation by decreasing P' (float64), the top-p prefix the torch path keeps (rows whose mass lands within
+    1e-5 of top_p may keep one cluster more or less), kept keys and kept table that prefix's."""
+    CQ, CK = clusters
+    x = token_major(1, H, N, D, dtype=torch.bfloat16, gen=gen)
+    q_km, k_km = K.batched_kmeans(x, CQ, 3), K.batched_kmeans(x * 0.7, CK, 3)
+    args = (q_km.centroids, k_km.centroids, k_km.sizes)
+    got = K.select_key_clusters(*args, top_p=top_p, min_clusters=CK // 10, backend="triton", with_kept=True)
+    want = K.select_key_clusters(*args, top_p=top_p, min_clusters=CK // 10, backend="reference")
+    ctx = f"seed={gen.initial_seed()}"
+    assert torch.equal(got.order.sort(-1).values, torch.arange(CK, device="cuda").expand(1, H, CQ, CK).int()), ctx
+    probs = K.cluster_scores(*args).double()
+    ranked = torch.gather(probs, -1, got.order.long())
+    assert (ranked[..., 1:] <= ranked[..., :-1] + 1e-7).all(), ctx
+    last = (want.counts.long() - 1)[..., None]
+    around = ranked.cumsum(-1).gather(-1, torch.cat([(last - 1).clamp(min=0), last], -1))  # before / with the last
+    close = ((around - top_p).abs() < 1e-5).any(-1) & (top_p < 1.0)
+    assert torch.equal(got.counts[~close], want.counts[~close]), ctx
+    assert close.float().mean() < 0.1, ctx  # (5-6% of the rows at top_p 0.9: many tiny P' near the boundary)
+    assert torch.equal(got.kept, K.kept_table(got.order, got.counts, CK)), ctx
+    sizes = k_km.sizes.long()[:, :, None, :].expand(-1, -1, CQ, -1)
+    assert torch.equal(got.kept_keys, (sizes * got.kept).sum(-1)), ctx
+
+
+@pytest.mark.parametrize("clusters", [300, 1000, 4095])
+def test_counting_sort_equals_torch_sort(clusters, gen):
+    """The counting sort at SVG2's sizes (4,096-point tiles, the last ragged; up to the largest cluster count it
+    takes) gives torch's stable sort bit for bit."""
+    labels = torch.randint(0, clusters, (B, H, N), generator=gen, device="cuda", dtype=torch.int32)
+    labels[0, 1] = 7  # one cluster holds every point
+    got = K.cluster_order(labels, clusters, backend="triton")
+    want = K.cluster_order(labels, clusters, backend="reference")
+    for g, w in zip(got, want):
+        assert torch.equal(g, w), f"clusters={clusters} seed={gen.initial_seed()}"
+
+
 def test_kernel_through_the_orders_equals_the_kernel_on_permuted_copies(gen):
     """SVG2's launch reads q, k, v and writes the output (and LSE) through the cluster orders: bit for bit the
     kernel on copies in cluster order, scattered back (text tokens past the orders, key padding past the last
@@ -93,8 +132,9 @@ def test_kernel_through_the_orders_equals_the_kernel_on_permuted_copies(gen):
     q_order, k_order = q_km[0], k_km[0]
     lists = torch.rand(B, H, 300, 999, generator=gen, device="cuda").argsort(-1).to(torch.int32)
     counts = torch.randint(1, 300, (B, H, 300), generator=gen, device="cuda", dtype=torch.int32)
-    selection = K.ClusterSelection(order=lists, counts=counts, kept_keys=None)  # the kept tokens are not used here
-    layout = core.svg2._with_text(q_km[1], k_km[1], selection, N, L, torch.tensor([L, L - 100], device="cuda"))
+    kv_clusters, video_lists = core.svg2.kept_lists(B, H, 300, 999, True, "cuda")
+    video_lists.copy_(lists)
+    layout = core.svg2.with_text(q_km[1], k_km[1], kv_clusters, counts, N, L, torch.tensor([L, L - 100], device="cuda"))
     permuted = [K.to_cluster_order(t, order) for t, order in ((q, q_order), (k, k_order), (v, k_order))]
     want = K.cluster_block_attention(*permuted, *layout, return_lse=True)
     out = torch.empty(B, L, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
@@ -176,7 +216,7 @@ def test_planning_a_head_group_waits_for_nothing(grid, gen):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        plan = planner._plan_heads(call, slice(0, H))
+        plan = planner._plan_heads(call, slice(0, H), drawing=1)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert plan.pairs.shape == (B, H) and bool((plan.pairs > 0).all())

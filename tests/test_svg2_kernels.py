@@ -106,16 +106,44 @@ def test_assign_ties_go_to_the_lowest_index(backend, gen):
 # ------------------------------------------------------------------------------------------------ order and update
 
 
-def test_cluster_order_is_the_stable_sort(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cluster_order_is_the_stable_sort(backend, gen):
+    """torch's sort, and the counting sort (two tiles of 64 points on the CPU, the second ragged; 9 clusters in 16
+    bins, the last of them the padding's)."""
     labels = torch.randint(0, 9, (2, 3, 101), generator=gen, device=DEVICE, dtype=torch.int32)
     labels[0, 0] = 4  # a problem with one non-empty cluster
-    order, offsets = K.cluster_order(labels, 9)
+    order, offsets = K.cluster_order(labels, 9, backend=backend)
     assert order.dtype == offsets.dtype == torch.int32 and offsets.shape == (2, 3, 10)
     expected = torch.from_numpy(labels.cpu().numpy().argsort(axis=-1, kind="stable")).to(DEVICE)
     assert torch.equal(order.long(), expected)
     counts = torch.stack([torch.bincount(row, minlength=9) for row in labels.reshape(-1, 101).long()]).view(2, 3, 9)
     assert torch.equal(offsets[..., 1:].long() - offsets[..., :-1].long(), counts)
     assert (offsets[..., 0] == 0).all() and (offsets[..., -1] == 101).all()
+
+
+@pytest.mark.parametrize("clusters", [1, 15, 16, 200])
+def test_counting_sort_at_bin_edges(clusters, gen):
+    """The counting sort equals torch's for one cluster, for cluster counts that just fill (15) or just pass (16) a
+    power of two of bins, and for more clusters than a tile has points (most of them empty in every tile)."""
+    labels = torch.randint(0, clusters, (1, 2, 150), generator=gen, device=DEVICE, dtype=torch.int32)
+    got = K.cluster_order(labels, clusters, backend="triton")
+    want = K.cluster_order(labels, clusters, backend="reference")
+    for g, w in zip(got, want):
+        assert torch.equal(g, w), f"clusters={clusters} seed={gen.initial_seed()}"
+
+
+def test_update_in_place_writes_the_same_centroids(gen):
+    x = points(1, 2, 77, 64, torch.bfloat16, gen)
+    old = randn(1, 2, 11, 64, gen=gen)
+    order, offsets = K.cluster_order(labels_with_empty_clusters(1, 2, 77, 11, {3}, gen), 11)
+    seeds = torch.full((1, 2, 11), -1, dtype=torch.int32, device=DEVICE)
+    for backend in BACKENDS:
+        want = K.kmeans_update(x, order, offsets, old, seeds, backend=backend)
+        work = old.clone()
+        got = K.kmeans_update(x, order, offsets, work, seeds, backend=backend, in_place=True)
+        assert got.data_ptr() == work.data_ptr() and torch.equal(got, want), backend
+    with pytest.raises(ValueError, match="in_place needs float32 contiguous"):
+        K.kmeans_update(x, order, offsets, old.half(), seeds, in_place=True)
 
 
 def labels_with_empty_clusters(B, H, N, C, empty, gen):
@@ -306,14 +334,18 @@ def brute_force_selection(qc, kc, sizes, top_p, min_clusters):
     return kept
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("top_p,min_clusters", [(0.9, 1), (0.5, 4), (0.02, 3), (1.0, 1)])
-def test_selection_matches_brute_force(top_p, min_clusters, gen):
-    B, H, CQ, CK, D = 2, 2, 5, 13, 64
+def test_selection_matches_brute_force(top_p, min_clusters, backend, gen):
+    B, H, CQ, CK, D = 2, 2, 17, 13, 64  # 17 query clusters: two of the kernel's 16-row tiles, the second ragged
     qc, kc = randn(B, H, CQ, D, gen=gen, scale=1.5), randn(B, H, CK, D, gen=gen, scale=1.5)
     sizes = torch.randint(0, 9, (B, H, CK), generator=gen, device=DEVICE)
     sizes[..., 0] = 3  # at least one non-empty key cluster
-    sel = K.select_key_clusters(qc, kc, sizes, top_p=top_p, min_clusters=min_clusters)
+    sel = K.select_key_clusters(qc, kc, sizes, top_p=top_p, min_clusters=min_clusters, backend=backend,
+                                with_kept=True)
     assert sel.order.dtype == sel.counts.dtype == torch.int32 and sel.order.shape == (B, H, CQ, CK)
+    assert sorted(sel.order.flatten(0, 2).tolist()[0]) == list(range(CK)), "each row is a permutation"
+    assert torch.equal(sel.kept, K.kept_table(sel.order, sel.counts, CK))
     expected = brute_force_selection(qc, kc, sizes, top_p, min_clusters)
     checked = 0
     for (b, h, i), want in expected.items():
@@ -338,8 +370,52 @@ def test_selection_size_weighting_and_empty_clusters(gen):
     sizes = torch.tensor([[[10, 30, 0]]], device=DEVICE)
     probs = K.cluster_scores(qc, kc, sizes)
     torch.testing.assert_close(probs[0, 0, 0], torch.tensor([0.25, 0.75, 0.0], device=DEVICE))
-    sel = K.select_key_clusters(qc, kc, sizes, top_p=0.5)
-    assert sel.order[0, 0, 0].tolist() == [1, 0, 2] and sel.counts.item() == 1 and sel.kept_keys.item() == 30
+    for backend in BACKENDS:
+        sel = K.select_key_clusters(qc, kc, sizes, top_p=0.5, backend=backend)
+        assert sel.order[0, 0, 0].tolist() == [1, 0, 2] and sel.counts.item() == 1 and sel.kept_keys.item() == 30
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_selection_kernel_equals_the_torch_path(D, gen):
+    """The kernel against the torch path on the same centroids: same counts, kept keys and kept table; the orders
+    may differ only among clusters of (nearly) equal probability, which rank the same (empty clusters, and padding
+    past 33 key clusters, last and in id order). The order lands in a strided view: SVG2's layout buffer with
+    HunyuanVideo's text column first."""
+    B, H, CQ, CK = 1, 3, 21, 33
+    qc, kc = randn(B, H, CQ, D, gen=gen, scale=0.5), randn(B, H, CK, D, gen=gen, scale=0.5)
+    sizes = torch.randint(1, 40, (B, H, CK), generator=gen, device=DEVICE)
+    sizes[..., ::5] = 0  # 7 empty clusters in every head
+    buffer = torch.full((B, H, CQ + 1, CK + 1), -7, dtype=torch.int32, device=DEVICE)
+    got = K.select_key_clusters(qc, kc, sizes, top_p=0.7, min_clusters=2, backend="triton",
+                                order_out=buffer[:, :, :CQ, 1:], with_kept=True)
+    want = K.select_key_clusters(qc, kc, sizes, top_p=0.7, min_clusters=2, backend="reference", with_kept=True)
+    assert got.order.data_ptr() == buffer[:, :, :CQ, 1:].data_ptr()
+    assert (buffer[:, :, :, 0] == -7).all() and (buffer[:, :, CQ] == -7).all(), "wrote outside the view"
+    probs = K.cluster_scores(qc, kc, sizes).double()
+    ranked = torch.gather(probs, -1, got.order.long())
+    assert (ranked[..., 1:] <= ranked[..., :-1] + 1e-7).all(), f"not by decreasing P', seed={gen.initial_seed()}"
+    empty = torch.gather((sizes == 0)[:, :, None].expand(-1, -1, CQ, -1), -1, got.order.long())
+    assert empty[..., -7:].all() and not empty[..., :-7].any() and (got.order[..., -7:].diff(dim=-1) > 0).all()
+    assert torch.equal(got.counts, want.counts), f"seed={gen.initial_seed()}"
+    assert torch.equal(got.kept_keys, want.kept_keys) and torch.equal(got.kept, want.kept)
+
+
+def test_selection_backends_named(gen):
+    """'auto' takes the kernel only on a GPU and within its key clusters; asking for the kernel where it cannot run
+    names the limit."""
+    assert K.selection_backend("auto", torch.device("cpu"), 1000) == "reference"
+    assert K.selection_backend("auto", torch.device("cuda"), K.MAX_KEY_CLUSTERS + 1) == "reference"
+    assert K.selection_pair_bytes("triton") == 0 < K.selection_pair_bytes("reference")
+    qc = randn(1, 1, 2, 64, gen=gen)
+    kc = randn(1, 1, K.MAX_KEY_CLUSTERS + 1, 64, gen=gen)
+    with pytest.raises(ValueError, match="at most 1024 key clusters"):
+        K.select_key_clusters(qc, kc, torch.ones(1, 1, K.MAX_KEY_CLUSTERS + 1, device=DEVICE), top_p=0.5,
+                              backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        K.select_key_clusters(qc, qc, torch.ones(1, 1, 2, device=DEVICE), top_p=0.5, backend="cuda")
+    with pytest.raises(ValueError, match="order_out must be an int32"):
+        K.select_key_clusters(qc, qc, torch.ones(1, 1, 2, device=DEVICE), top_p=0.5,
+                              order_out=torch.empty(1, 1, 2, 2, dtype=torch.int64, device=DEVICE))
 
 
 def test_selection_rejects_bad_top_p(gen):
