@@ -44,10 +44,11 @@ from .routing import DenseCall, keep_sparse
 
 INSPECT_BLOCK = 128  # tile size of the Inspector's drawing
 # Bytes per head (core.memory). While a group of heads is planned: per token the labels of both k-means and the
-# distances of one (and the sort's: kernels.COUNTING_SORT_BYTES / TORCH_SORT_BYTES), per centroid coordinate the float32 centroids and their rounded copy, per (query cluster, key
-# cluster) pair the kept table (bool) and the selection's temporaries (kernels.selection_pair_bytes: none in the
-# GPU's kernel). Kept for every head until its launch: per token the two cluster orders (int32), per pair the kept
-# list (int32). Measured at Wan 14B 720p: benchmarks/memory.py.
+# distances of one (and the sort's: kernels.COUNTING_SORT_BYTES / TORCH_SORT_BYTES), per centroid coordinate the
+# float32 centroids, their rounded copy and the layer's new cache entry, per (query cluster, key cluster) pair the
+# kept table (bool) and the selection's temporaries (kernels.selection_pair_bytes: none in the GPU's kernel). Kept for
+# every head until its launch: per token the two cluster orders (int32), per pair the kept list (int32). Checked
+# against the peak at Wan 14B 720p: benchmarks/memory.py.
 KMEANS_BYTES = 16
 LABEL_BYTES = 8  # of those, the labels of both, which the Inspector's drawing reads after the k-means
 CENTROID_BYTES = 8
