@@ -18,10 +18,10 @@ allocated before it (the inputs and the session's caches; the bytes a call adds 
 layout, are allowed and listed).
 
 Every phase runs twice, in two sessions: with the planners' memory budget (core.memory: stages of a few heads at a
-time within TRANSIENT_SHARE of the output) and with every head at once, so the table shows what the budget saves and
+time within TRANSIENT_SHARE of the output, at least TRANSIENT_FLOOR) and with every head at once, so the table shows what the budget saves and
 what it costs in time (median of --repeat calls where the phase can repeat; one call for a search).
 
-Exit status 1 if a sparse peak (with the budget) is above dense's peak + TRANSIENT_SHARE of the output + the cache
+Exit status 1 if a sparse peak (with the budget) is above dense's peak + the transient budget + the cache
 growth + a slack (--slack-mib, default 64), plus for float32 on the GPU the bf16 copies the kernel needs, a few heads
 at a time (4 x core.dispatcher.STAGE_CHUNK_BYTES).
 """
@@ -209,7 +209,7 @@ def run(shape, dtype, device, slack: int, check_output: bool, methods, repeat: i
     if device.type == "cuda" and dtype not in (torch.float16, torch.bfloat16):  # q, k, v, result in bf16, a few heads
         cast = 4 * dispatcher.STAGE_CHUNK_BYTES
         print(f"bf16 cast buffers allowed: {cast / MIB:.2f} MiB (float32 inputs: 4 x STAGE_CHUNK_BYTES)")
-    allowance = int(memory_budget.TRANSIENT_SHARE * size)  # the output is q's size
+    allowance = memory_budget.transient_budget(q)  # the output is q's size
     print(f"{'method':<8}{'phase':<24}{'density':>8}{'peak MiB':>10}{'all heads':>11}{'limit':>9}{'ms':>9}"
           f"{'all heads':>11}{'time cost':>11}{'cached layouts':>16}")
     ok = True

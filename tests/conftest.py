@@ -90,6 +90,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 from server_fixture import comfy_server  # noqa: E402,F401  (a real ComfyUI server, shared by test_server / test_browser)
 
 
+@pytest.fixture(autouse=True)
+def share_alone_bounds_tiny_calls(monkeypatch):
+    """The tests' calls are tiny: without the transient floor (core.memory) their planners still work a few heads at
+    a time, as a 720p call's do. tests/test_memory.py checks the floor itself."""
+    from pack import import_pack
+
+    monkeypatch.setattr(import_pack("core.memory"), "TRANSIENT_FLOOR", 0)
+
+
 class WorkflowCheckUnavailable(pytest.PytestWarning):
     """ComfyUI was found but its node classes could not be loaded: the tests that need them are skipped (strict:
     failed)."""

@@ -17,6 +17,7 @@ adaspa = import_pack("core.adaspa")
 
 GRID = core.VideoGrid(4, 6, 9, text_tokens=13)  # 216 video tokens, then 13 text: 4 blocks of 64
 WHOLE, FEW = 1e6, 1e-9  # TRANSIENT_SHARE: every head at once / one head at a time
+SHIPPED_FLOOR = memory.TRANSIENT_FLOOR  # (read at import: conftest zeroes it for the tests' tiny calls)
 
 
 def make_call(step, H=3, B=2, D=32, seed=0):
@@ -111,7 +112,7 @@ def test_chunks_at_wan14b_720p_are_the_largest_within_the_budget(method):
                           "svg": lambda: (svg.TEMPORAL_COPIES * memory.head_bytes(q), 0),
                           "adaspa": lambda: (core.AdaSpaSettings().make_planner().search_head_bytes(q), 0)}[method]()
     heads = memory.heads_per_chunk(q, per_head, reserved)
-    budget = memory.TRANSIENT_SHARE * q.numel() * q.element_size()  # 185 MiB: a quarter of the 738 MiB output
+    budget = memory.transient_budget(q)  # 185 MiB: a quarter of the 738 MiB output
     assert reserved + heads * per_head <= budget < reserved + (heads + 1) * per_head
     assert 1 < heads < 40  # a few heads: the stage is bounded, and not a head at a time
 
@@ -123,7 +124,7 @@ def test_svg2_plans_in_a_few_groups_and_copies_nothing_at_wan14b_720p():
     q = wan14b_queries()
     planner = core.SVG2Settings().make_planner()
     reserved = 40 * planner.layout_head_bytes(q)
-    budget = memory.TRANSIENT_SHARE * q.numel() * q.element_size()
+    budget = memory.transient_budget(q)
     assert reserved < budget / 2
     assert memory.heads_per_chunk(q, planner.plan_head_bytes(q, gpu_kernels=False), reserved) >= 5
 
@@ -143,3 +144,17 @@ def test_svg2_plans_every_head_at_once_with_the_selection_kernel(shape):
     reserved = heads * planner.layout_head_bytes(q)
     assert memory.heads_per_chunk(q, planner.plan_head_bytes(q, gpu_kernels=True), reserved) == heads
     assert planner.drawing_heads(q, grid, heads, reserved, device="cuda") >= heads // 4  # a few chunks of launches
+
+
+def test_a_short_call_plans_svg2_in_one_group_within_the_floor(monkeypatch):
+    """A Wan 1.3B 480p call (12 heads, 32,760 tokens): a quarter of its output is 25 MB, which split SVG2's plan into
+    4 groups of 3 heads (3.9x dense's time on the H100); the floor lets it plan at once, and a 720p call's budget is
+    its quarter still."""
+    monkeypatch.setattr(memory, "TRANSIENT_FLOOR", SHIPPED_FLOOR)
+    q = torch.empty(1, 12, 32760, 128, dtype=torch.bfloat16, device="meta")
+    planner = core.svg2.PRESETS["wan_720p"].make_planner()
+    reserved = 12 * planner.layout_head_bytes(q)
+    assert memory.transient_budget(q) == SHIPPED_FLOOR > memory.TRANSIENT_SHARE * q.numel() * q.element_size()
+    assert memory.heads_per_chunk(q, planner.plan_head_bytes(q, gpu_kernels=True), reserved) == 12
+    big = wan14b_queries()
+    assert memory.transient_budget(big) == int(memory.TRANSIENT_SHARE * big.numel() * big.element_size())
