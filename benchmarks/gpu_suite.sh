@@ -29,6 +29,9 @@ want demo && run demo python3 benchmarks/demo.py --gpu
 want e2e && run e2e python3 benchmarks/e2e.py --json "$out/e2e.json"
 want textorder && run textorder python3 benchmarks/text_order.py --json "$out/text_order.json"
 want memory && run memory python3 benchmarks/memory.py --json "$out/memory.json"
+# A short call, where the budget's floor (core.memory.TRANSIENT_FLOOR) applies (SVG was over its bound here on
+# 2026-12-05: RESULTS.md).
+want memory && run memory_short python3 benchmarks/memory.py --shape wan1.3b-480p --json "$out/memory_short.json"
 want breakeven && run breakeven python3 benchmarks/break_even.py --shapes wan1.3b-480p wan14b-720p hunyuan-720p --json "$out/break_even.json"
 want sanitize && run sanitize bash benchmarks/sanitize.sh "$out/sanitize_full.log"
 want int8 && run int8_kernels python3 benchmarks/int8_kernels.py --configs --json "$out/int8_kernels.json"

@@ -140,7 +140,7 @@ def _order_config(device: torch.device) -> dict:
 
 def triton_cluster_order(labels, num_clusters: int):
     """(order (B, H, N) int32, offsets (B, H, K + 1) int32): the stable sort of the points by label. labels int32 in
-    [0, num_clusters), num_clusters < COUNTING_SORT_BINS."""
+    [0, num_clusters), num_clusters < kmeans.COUNTING_SORT_BINS (the bins of a tile live in registers)."""
     B, H, N = labels.shape
     labels = labels.to(torch.int32).contiguous()
     cfg = _order_config(labels.device)
