@@ -32,9 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import (COUNTING_SORT_BINS, COUNTING_SORT_BYTES, MAX_KEY_CLUSTERS, TORCH_SORT_BYTES, batched_kmeans,
-                       cluster_block_attention, pool_key_clusters, select_key_clusters, selection_backend,
-                       selection_pair_bytes)
+from ..kernels import (batched_kmeans, cluster_block_attention, pool_key_clusters, select_key_clusters,
+                       selection_backend, selection_pair_bytes, sort_point_bytes)
 from .break_even import CLUSTER
 from .cluster_view import cluster_tile_mask, pack_bits, tile_mask_bytes, unpack_bits
 from .grid import VideoGrid
@@ -44,7 +43,7 @@ from .routing import DenseCall, keep_sparse
 
 INSPECT_BLOCK = 128  # tile size of the Inspector's drawing
 # Bytes per head (core.memory). While a group of heads is planned: per token the labels of both k-means and the
-# distances of one (and the sort's: kernels.COUNTING_SORT_BYTES / TORCH_SORT_BYTES), per centroid coordinate the
+# distances of one (and the sort's: kernels.sort_point_bytes), per centroid coordinate the
 # float32 centroids, their rounded copy and the layer's new cache entry, per (query cluster, key cluster) pair the
 # kept table (bool) and the selection's temporaries (kernels.selection_pair_bytes: none in the GPU's kernel). Kept for
 # every head until its launch: per token the two cluster orders (int32), per pair the kept list (int32). Checked
@@ -195,8 +194,7 @@ class SVG2Planner:
         if verdict is not None and verdict.covers(call):
             call.route(CLUSTER, verdict.densities)  # sends the whole call dense again (core.routing.DenseCall)
         reserved = H * self.layout_head_bytes(call.q)
-        gpu_kernels = call.q.device.type == "cuda" and call.backend != "reference"
-        group = heads_per_chunk(call.q, self.plan_head_bytes(call.q, gpu_kernels), reserved=reserved)
+        group = heads_per_chunk(call.q, self.plan_head_bytes(call.q, _gpu_kernels(call)), reserved=reserved)
         drawing = self.drawing_heads(call.q, grid, group, reserved)
         plans = [self._plan_heads(heads_of(call, part, None), part, drawing) for part in head_parts(H, group)]
         # The call's one device sync, before any launch: every head's share of the pairs it keeps (routing) and the
@@ -248,7 +246,7 @@ class SVG2Planner:
     def selection_backend(self, call: AttentionCall) -> str:
         """Where the call's selection runs: the kernel on a GPU when the key clusters fit it, else torch (also on
         the CPU, where Triton's interpreter would sort slowly)."""
-        wanted = "reference" if call.backend == "reference" or call.q.device.type != "cuda" else "auto"
+        wanted = "auto" if _gpu_kernels(call) else "reference"
         return selection_backend(wanted, call.q.device, self.settings.key_clusters)
 
     def plan_head_bytes(self, q: torch.Tensor, gpu_kernels: bool) -> int:
@@ -258,10 +256,9 @@ class SVG2Planner:
         counts allow (else torch's sort and selection, which hold much more)."""
         B, _, L, D = q.shape
         s = self.settings
-        counting = gpu_kernels and max(s.query_clusters, s.key_clusters) < COUNTING_SORT_BINS
-        selection = "triton" if gpu_kernels and s.key_clusters <= MAX_KEY_CLUSTERS else "reference"
-        pair_bytes = selection_pair_bytes(selection) + KEPT_TABLE_BYTES
-        token_bytes = KMEANS_BYTES + (COUNTING_SORT_BYTES if counting else TORCH_SORT_BYTES)
+        pair_bytes = selection_pair_bytes(s.key_clusters, gpu_kernels) + KEPT_TABLE_BYTES
+        # The larger k-means' sort is the one that may fall back to torch's.
+        token_bytes = KMEANS_BYTES + sort_point_bytes(max(s.query_clusters, s.key_clusters), gpu_kernels)
         return B * (token_bytes * L + CENTROID_BYTES * (s.query_clusters + s.key_clusters) * D
                     + pair_bytes * s.query_clusters * s.key_clusters)
 
@@ -420,6 +417,17 @@ def _signature(call: AttentionCall) -> tuple:
     return call.grid, B, H, D
 
 
+def _gpu_kernels(call: AttentionCall) -> bool:
+    """Whether the call's plan runs the GPU's kernels (the counting sort, the selection kernel) where its cluster
+    counts fit them: on CUDA unless the torch reference was asked for."""
+    return call.q.device.type == "cuda" and call.backend != "reference"
+
+
+def _key_ends(batch: int, length: int, kv_length, device) -> torch.Tensor:
+    """(batch,) where each batch element's keys end: ``length``, or ``kv_length`` (text padding after it)."""
+    return torch.full((batch,), length, device=device) if kv_length is None else kv_length.to(device)
+
+
 def kept_lists(latents: int, heads: int, query_clusters: int, key_clusters: int, text: bool, device):
     """(kv_clusters, video part): the kernel's kept lists (latents, heads, CQ, CK), and with text tokens (CQ + 1,
     CK + 1) with the text filled in: one more key cluster (id CK), first in every query cluster's list, and one
@@ -442,7 +450,7 @@ def with_text(q_offsets, k_offsets, kv_clusters, counts, video: int, length: int
     if length == video:
         return q_offsets, k_offsets, kv_clusters, counts
     B, H = counts.shape[:2]
-    k_end = torch.full((B,), length, device=counts.device) if kv_length is None else kv_length.to(counts.device)
+    k_end = _key_ends(B, length, kv_length, counts.device)
     q_offsets = torch.cat([q_offsets, q_offsets.new_full((B, H, 1), length)], dim=-1)
     k_offsets = torch.cat([k_offsets, k_end.to(torch.int32).view(B, 1, 1).expand(B, H, 1)], dim=-1)
     counts = torch.cat([counts + 1, counts.new_full((B, H, 1), kv_clusters.shape[-1])], dim=-1)
@@ -453,9 +461,7 @@ def pair_counts(q_offsets, kept_keys, video: int, length: int, kv_length):
     """(pairs, dense) (B, H) float64: the query-key pairs a layout computes (each video query cluster's rows times its
     kept video keys and every text key; the text rows every key) and those dense attention would, from the
     selection's kept keys: no (query cluster x key cluster) temporaries."""
-    B = kept_keys.shape[0]
-    k_end = torch.full((B,), length, device=kept_keys.device) if kv_length is None else kv_length.to(kept_keys.device)
-    k_end = k_end.double()[:, None]
+    k_end = _key_ends(kept_keys.shape[0], length, kv_length, kept_keys.device).double()[:, None]
     q_sizes = (q_offsets[..., 1:] - q_offsets[..., :-1]).double()
     pairs = (q_sizes * (kept_keys.double() + (k_end - video)[..., None])).sum(-1) + (length - video) * k_end
     return pairs, (length * k_end).expand_as(pairs)

@@ -5,11 +5,11 @@ from .attention import (BACKENDS, MAX_TRITON_HEAD_DIM, SUPPORTED_BLOCK_SIZES, bl
 from .block_mass import block_mass
 from .cluster_attention import cluster_block_attention, cluster_pair_count
 from .cluster_reference import reference_cluster_block_attention, to_cluster_order, to_token_order
-from .cluster_select import (MAX_KEY_CLUSTERS, ClusterSelection, cluster_scores, kept_table, select_key_clusters,
+from .cluster_select import (MAX_KEY_CLUSTERS, ClusterSelection, cluster_scores, select_key_clusters,
                              selection_backend, selection_pair_bytes)
 from .dense_lse import dense_attention_with_lse
-from .kmeans import (COUNTING_SORT_BINS, COUNTING_SORT_BYTES, TORCH_SORT_BYTES, KMeansResult, batched_kmeans,
-                     cluster_order, kmeans_assign, kmeans_update, reseed_points, strided_init)
+from .kmeans import (KMeansResult, batched_kmeans, cluster_order, kmeans_assign, kmeans_update, reseed_points,
+                     sort_point_bytes, strided_init)
 from .layout import block_mask_to_indices, indices_to_block_mask, layout_density, num_blocks, validate_layout
 from .mask_errors import candidate_mask_errors, candidate_mask_outputs, reference_candidate_mask_outputs
 from .mass_reference import full_layout, reference_block_mass
@@ -27,10 +27,10 @@ __all__ = [
     # SVG2
     "cluster_block_attention", "cluster_pair_count", "reference_cluster_block_attention", "to_cluster_order",
     "to_token_order",
-    "MAX_KEY_CLUSTERS", "ClusterSelection", "cluster_scores", "kept_table", "select_key_clusters",
+    "MAX_KEY_CLUSTERS", "ClusterSelection", "cluster_scores", "select_key_clusters",
     "selection_backend", "selection_pair_bytes",
-    "COUNTING_SORT_BINS", "COUNTING_SORT_BYTES", "TORCH_SORT_BYTES", "KMeansResult", "batched_kmeans", "cluster_order",
-    "kmeans_assign", "kmeans_update", "reseed_points", "strided_init",
+    "KMeansResult", "batched_kmeans", "cluster_order", "kmeans_assign", "kmeans_update", "reseed_points",
+    "sort_point_bytes", "strided_init",
     # SVG
     "candidate_mask_errors", "candidate_mask_outputs", "reference_candidate_mask_outputs", "gather_head_rows",
     "scatter_head_rows",

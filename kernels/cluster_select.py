@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import triton_available
+from .cluster_reference import keep_table
 
 SELECTION_BACKENDS = ("auto", "triton", "reference")
 # The kernel sorts a row of key clusters whole in registers: at most this many (the references use 1,000).
@@ -52,10 +53,10 @@ def selection_backend(backend: str, device: torch.device, key_clusters: int) -> 
     return backend
 
 
-def selection_pair_bytes(backend: str) -> int:
-    """Temporaries a selection on ``backend`` ('triton' or 'reference', as :func:`selection_backend` resolves it)
-    holds per (query cluster, key cluster) pair beyond its results."""
-    return 0 if backend == "triton" else TORCH_PAIR_BYTES
+def selection_pair_bytes(key_clusters: int, on_gpu: bool) -> int:
+    """Temporaries a selection over ``key_clusters`` key clusters holds per (query cluster, key cluster) pair beyond
+    its results: none in the kernel (``on_gpu``, where the clusters fit it), TORCH_PAIR_BYTES in torch."""
+    return 0 if on_gpu and key_clusters <= MAX_KEY_CLUSTERS else TORCH_PAIR_BYTES
 
 
 def cluster_scores(q_centroids, k_centroids, k_sizes, scale=None):
@@ -108,13 +109,5 @@ def select_key_clusters(q_centroids, k_centroids, k_sizes, *, top_p: float, min_
     kept = torch.gather(sorted_sizes.cumsum(-1, dtype=torch.int32), -1, (counts.long() - 1)[..., None])
     kept_keys = kept.squeeze(-1).long()
     order = order.to(torch.int32) if order_out is None else order_out.copy_(order)
-    table = kept_table(order, counts, CK) if with_kept else None
+    table = keep_table(order, counts, CK)[..., :CK] if with_kept else None  # (its last column: keys in no cluster)
     return ClusterSelection(order=order, counts=counts, kept_keys=kept_keys, kept=table)
-
-
-def kept_table(order: torch.Tensor, counts: torch.Tensor, key_clusters: int) -> torch.Tensor:
-    """(..., CQ, key_clusters) bool: the key clusters each query cluster keeps, from a selection's ``order``
-    (..., CQ, n) and ``counts`` (..., CQ): the first counts of each row's list (distinct clusters)."""
-    used = torch.arange(order.shape[-1], device=counts.device) < counts[..., None]
-    kept = torch.zeros(*order.shape[:-1], key_clusters, dtype=torch.bool, device=counts.device)
-    return kept.scatter_(-1, order.long(), used)

@@ -99,6 +99,12 @@ def cluster_order(labels, num_clusters: int, *, backend="auto"):
     return order.to(torch.int32), offsets
 
 
+def sort_point_bytes(num_clusters: int, on_gpu: bool) -> int:
+    """What :func:`cluster_order` of ``num_clusters`` clusters holds per point besides its labels and the order: the
+    counting sort's (``on_gpu``, where the clusters fit it), else torch's sort's."""
+    return COUNTING_SORT_BYTES if on_gpu and num_clusters < COUNTING_SORT_BINS else TORCH_SORT_BYTES
+
+
 def reseed_points(offsets, dist, limit: int = RESEED_LIMIT):
     """(B, H, K) int32: for the j-th empty cluster of a problem (j < limit) the j-th farthest point from its
     centroid (by ``dist``), -1 for every other cluster."""

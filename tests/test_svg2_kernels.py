@@ -17,6 +17,7 @@ import torch
 from pack import import_pack
 
 K = import_pack("kernels")
+reference = import_pack("kernels.cluster_reference")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # conftest: no CUDA -> interpreter
 BACKENDS = ("triton", "reference")
@@ -345,7 +346,7 @@ def test_selection_matches_brute_force(top_p, min_clusters, backend, gen):
                                 with_kept=True)
     assert sel.order.dtype == sel.counts.dtype == torch.int32 and sel.order.shape == (B, H, CQ, CK)
     assert sorted(sel.order.flatten(0, 2).tolist()[0]) == list(range(CK)), "each row is a permutation"
-    assert torch.equal(sel.kept, K.kept_table(sel.order, sel.counts, CK))
+    assert torch.equal(sel.kept, reference.keep_table(sel.order, sel.counts, CK)[..., :CK])
     expected = brute_force_selection(qc, kc, sizes, top_p, min_clusters)
     checked = 0
     for (b, h, i), want in expected.items():
@@ -405,7 +406,8 @@ def test_selection_backends_named(gen):
     names the limit."""
     assert K.selection_backend("auto", torch.device("cpu"), 1000) == "reference"
     assert K.selection_backend("auto", torch.device("cuda"), K.MAX_KEY_CLUSTERS + 1) == "reference"
-    assert K.selection_pair_bytes("triton") == 0 < K.selection_pair_bytes("reference")
+    assert K.selection_pair_bytes(1000, on_gpu=True) == 0 < K.selection_pair_bytes(1000, on_gpu=False)
+    assert K.selection_pair_bytes(K.MAX_KEY_CLUSTERS + 1, on_gpu=True) == K.selection_pair_bytes(1000, on_gpu=False)
     qc = randn(1, 1, 2, 64, gen=gen)
     kc = randn(1, 1, K.MAX_KEY_CLUSTERS + 1, 64, gen=gen)
     with pytest.raises(ValueError, match="at most 1024 key clusters"):
