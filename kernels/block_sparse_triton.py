@@ -182,27 +182,6 @@ def _program_layout(KV_IDX, KV_CNT, KV_LEN, stride_ib, stride_ih, stride_iq, str
 
 
 @triton.jit
-def _first_entry(count, PHASE_WAVE):
-    """Where this program starts its key list. With PHASE_WAVE (the programs resident on the GPU at once) > 0,
-    program p starts at fraction (p mod PHASE_WAVE) / PHASE_WAVE of its list and wraps around: programs launch in
-    order as earlier ones finish, so p starts about (p / PHASE_WAVE) program-lengths into the launch, and every
-    program running at a given moment is then at about the same fraction of its list. On scattered layouts those
-    fractions are the same key positions, so what runs at once reads one window of the head's keys, which stays
-    in L2, instead of the whole head (which outgrows L2 at HunyuanVideo length). 0: the list in its order."""
-    wave = tl.maximum(PHASE_WAVE, 1)  # 0 or 1: every program starts at entry 0
-    p = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    return ((p % wave) * count) // wave
-
-
-@triton.jit
-def _list_entry(j, first, count):
-    """Entry j of the list walked from ``first`` and wrapped: every entry once, in any order (the online softmax
-    does not depend on it)."""
-    j = j + first
-    return tl.where(j >= count, j - count, j)
-
-
-@triton.jit(do_not_specialize=["PHASE_WAVE"])  # one compiled kernel for every wave
 def _block_sparse_fwd(
     Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_LEN, KM, VM, LOGN, LSE_C, KEPT,
     qk_scale,
@@ -212,7 +191,7 @@ def _block_sparse_fwd(
     stride_ob, stride_oh, stride_ol,
     stride_ib, stride_ih, stride_iq,
     stride_cb, stride_ch,
-    H, LQ, LK, G, PHASE_WAVE,
+    H, LQ, LK, G,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_KV_LEN: tl.constexpr, MASK_KEYS: tl.constexpr, EVEN_Q: tl.constexpr, RETURN_LSE: tl.constexpr,
     UPCAST_DOT: tl.constexpr, COMPENSATE: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -232,9 +211,8 @@ def _block_sparse_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     SUB_TILES: tl.constexpr = KV_BLOCK // BLOCK_N
-    first = _first_entry(count, PHASE_WAVE)
     for it in range(0, count * SUB_TILES):
-        kb = tl.load(idx_base + _list_entry(it // SUB_TILES, first, count))
+        kb = tl.load(idx_base + it // SUB_TILES)
         start = kb * KV_BLOCK + (it % SUB_TILES) * BLOCK_N
         cols = start + offs_n
         k = _load_keys(k_base, cols, offs_d, stride_kl, LK, MASK_KEYS, UPCAST_DOT)
@@ -255,13 +233,13 @@ def _block_sparse_fwd(
             tl.store(lse_ptrs, lse, mask=offs_m < LQ)
 
 
-@triton.jit(do_not_specialize=["PHASE_WAVE"])
+@triton.jit
 def _block_sparse_fwd_tma(
     q_desc, k_desc, v_desc, o_desc, LSE, KV_IDX, KV_CNT, KV_LEN, KM, VM, LOGN, LSE_C, KEPT,
     qk_scale,
     stride_ib, stride_ih, stride_iq,
     stride_cb, stride_ch,
-    H, LQ, LK, G, PHASE_WAVE,
+    H, LQ, LK, G,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_KV_LEN: tl.constexpr, MASK_KEYS: tl.constexpr, RETURN_LSE: tl.constexpr, UPCAST_DOT: tl.constexpr,
     COMPENSATE: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -279,9 +257,8 @@ def _block_sparse_fwd_tma(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     SUB_TILES: tl.constexpr = KV_BLOCK // BLOCK_N
-    first = _first_entry(count, PHASE_WAVE)
     for it in range(0, count * SUB_TILES):
-        kb = tl.load(idx_base + _list_entry(it // SUB_TILES, first, count))
+        kb = tl.load(idx_base + it // SUB_TILES)
         start = kb * KV_BLOCK + (it % SUB_TILES) * BLOCK_N
         k = k_desc.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
         v = v_desc.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
@@ -310,33 +287,6 @@ def _tile_config(head_dim: int, block_size: int, device: torch.device) -> dict:
     if hopper:  # H100 sweep (benchmarks/RESULTS.md): 64-wide key tiles, one warpgroup, TMA loads
         return dict(BLOCK_N=64, num_warps=4, num_stages=2, tma=True)
     return dict(BLOCK_N=64, num_warps=4, num_stages=3 if head_dim <= 64 else 2, tma=False)
-
-
-# (device, kernel, its constants) -> programs resident at once: the list phase's wave (_first_entry)
-_RESIDENT: dict = {}
-
-
-def resident_programs(kernel, grid, args, constants: dict, device: torch.device) -> int:
-    """How many programs of this compiled kernel the GPU holds at once (SMs x blocks per SM, from its registers,
-    shared memory and threads), 0 on the CPU or where Triton does not tell. Compiled (not launched) once per
-    specialization: a warp's registers are allocated in 256s, each block reserves 1 KiB of shared memory."""
-    if device.type != "cuda":
-        return 0
-    key = (device, kernel.fn.__name__, tuple(sorted(constants.items())))
-    if key not in _RESIDENT:
-        try:
-            compiled = kernel.warmup(*args, grid=grid, **constants)
-            compiled.run  # noqa: B018  (loads the binary: its register count is known from then on)
-            regs, shared, warps = compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps
-        except (AttributeError, TypeError):  # a Triton whose compiled kernels do not say
-            _RESIDENT[key] = 0
-            return 0
-        props = torch.cuda.get_device_properties(device)
-        by_regs = props.regs_per_multiprocessor // max(1, warps * -(-regs * 32 // 256) * 256)
-        by_shared = props.shared_memory_per_multiprocessor // (shared + 1024)
-        by_threads = props.max_threads_per_multi_processor // (warps * 32)
-        _RESIDENT[key] = props.multi_processor_count * max(1, min(by_regs, by_shared, by_threads))
-    return _RESIDENT[key]
 
 
 def _tensor_descriptor_class():
@@ -380,7 +330,6 @@ def triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size,
     if block_size % cfg["BLOCK_N"]:
         raise ValueError(f"config BLOCK_N={cfg['BLOCK_N']} must divide the layout block size {block_size}")
     descriptor = _tensor_descriptor_class() if cfg.pop("tma", False) else None
-    phase_wave = cfg.pop("phase_wave", None)
     if descriptor is not None and not _tma_compatible(q, k, v, out):
         descriptor = None
 
@@ -397,22 +346,17 @@ def triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size,
     if descriptor is not None:
         q_desc, o_desc = (descriptor.from_tensor(t, [1, 1, block_size, D]) for t in (q, out))
         k_desc, v_desc = (descriptor.from_tensor(t, [1, 1, cfg["BLOCK_N"], D]) for t in (k, v))
-        kernel = _block_sparse_fwd_tma
-        args = [q_desc, k_desc, v_desc, o_desc, lse, kv_indices, kv_counts, kv_len, *pooled_args, scale * _LOG2E,
-                *layout_strides, H, LQ, LK, compensation["groups"], phase_wave or 0]
+        _block_sparse_fwd_tma[(nqb, B * H)](
+            q_desc, k_desc, v_desc, o_desc, lse, kv_indices, kv_counts, kv_len, *pooled_args, scale * _LOG2E,
+            *layout_strides, H, LQ, LK, compensation["groups"], **common)
     else:
-        kernel = _block_sparse_fwd
-        args = [q, k, v, out, lse, kv_indices, kv_counts, kv_len, *pooled_args, scale * _LOG2E,
-                q.stride(0), q.stride(1), q.stride(2),
-                k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2),
-                out.stride(0), out.stride(1), out.stride(2),
-                *layout_strides, H, LQ, LK, compensation["groups"], phase_wave or 0]
-        common["EVEN_Q"] = LQ % block_size == 0
-    grid = (nqb, B * H)
-    if phase_wave is None:
-        args[-1] = resident_programs(kernel, grid, args, common, q.device)
-    kernel[grid](*args, **common)
+        _block_sparse_fwd[(nqb, B * H)](
+            q, k, v, out, lse, kv_indices, kv_counts, kv_len, *pooled_args, scale * _LOG2E,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            *layout_strides, H, LQ, LK, compensation["groups"], EVEN_Q=LQ % block_size == 0, **common)
     if not return_lse:
         return out
     return (out, lse, compensation["lse"]) if pooled is not None else (out, lse)
