@@ -29,8 +29,10 @@ def _pool_fwd(K, V, KM, VM, LOGN, STARTS, ENDS, ORDER,
     offs_d = tl.arange(0, HEAD_DIM)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    k_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    v_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    # row-wise float32 sums, reduced once after the loop: a reduction across warps per tile made the pass wait on
+    # shared memory between loads
+    k_sum = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
+    v_sum = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
     for r0 in range(lo, hi, BLOCK_R):
         positions = r0 + offs_r  # of the cluster order (GATHER), else rows
         inside = positions < hi
@@ -38,9 +40,11 @@ def _pool_fwd(K, V, KM, VM, LOGN, STARTS, ENDS, ORDER,
         ok = inside[:, None] & (offs_d < D)[None, :]
         k = tl.load(k_base + rows[:, None] * stride_kl + offs_d[None, :], mask=ok, other=0.0)
         v = tl.load(v_base + rows[:, None] * stride_vl + offs_d[None, :], mask=ok, other=0.0)
-        k_sum += tl.sum(k.to(tl.float32), 0)
-        v_sum += tl.sum(v.to(tl.float32), 0)
+        k_sum += k.to(tl.float32)
+        v_sum += v.to(tl.float32)
     size = (hi - lo).to(tl.float32)
+    k_sum = tl.sum(k_sum, 0)
+    v_sum = tl.sum(v_sum, 0)
     out = (bh.to(tl.int64) * G + g) * D + offs_d
     tl.store(KM + out, (k_sum / tl.maximum(size, 1.0)).to(KM.dtype.element_ty), mask=offs_d < D)
     tl.store(VM + out, (v_sum / tl.maximum(size, 1.0)).to(VM.dtype.element_ty), mask=offs_d < D)

@@ -66,13 +66,17 @@ def reference_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_si
             sp = torch.matmul(qc, k_mean[:, :, None].transpose(-1, -2)) * scale + log_size[:, :, None, None]
             sp = sp.masked_fill(listed[..., None, :nkb], float("-inf"))
             exact_lse = torch.logsumexp(s, dim=-1, keepdim=True)
-            s = torch.cat([s, sp], dim=-1)
-            vg = torch.cat([vg, v_mean[:, :, None].expand(B, H, nq, nkb, D)], dim=-2)
-        m = s.amax(dim=-1, keepdim=True)
+        m = s.amax(dim=-1, keepdim=True) if pooled is None else torch.maximum(s.amax(-1, True), sp.amax(-1, True))
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = torch.exp(s - m)
         l = p.sum(dim=-1, keepdim=True)
-        o = torch.matmul(p, vg) / torch.where(l > 0, l, torch.ones_like(l))
+        numerator = torch.matmul(p, vg)
+        if pooled is not None:  # summed apart from the exact keys: with every block kept they add exactly nothing
+            # (one matmul over the concatenated keys rounds differently on a GPU, whatever the extra columns hold)
+            pp = torch.exp(sp - m)
+            l = l + pp.sum(dim=-1, keepdim=True)
+            numerator = numerator + torch.matmul(pp, v_mean[:, :, None])
+        o = numerator / torch.where(l > 0, l, torch.ones_like(l))
         result[:, :, r0:r1] = o.view(B, H, nq * block_size, D)[:, :, : r1 - r0].to(result.dtype)
         if lse is not None:  # over the exact keys alone
             if pooled is None:
