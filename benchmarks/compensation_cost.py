@@ -68,14 +68,14 @@ def build_layout(torch, core, K, kind, grid, heads, bs, density, gen):
     return idx, torch.full((1, heads, nb), kept, dtype=torch.int32, device=device), kept / nb
 
 
-def with_block_p(kernel, block_p):
-    """kernel._compensation_args with the pooled-group tile set to ``block_p`` (restore kernel._compensation_args
-    after use)."""
+def with_constants(kernel, **constants):
+    """kernel._compensation_args with the compensation's tile constants (BLOCK_P: pooled groups per tile) set as
+    given (restore kernel._compensation_args after use)."""
     original = kernel._compensation_args
 
     def args(*a, **kw):
         result = original(*a, **kw)
-        result["constants"] = dict(result["constants"], BLOCK_P=block_p)
+        result["constants"] = dict(result["constants"], **constants)
         return result
     return args
 
@@ -96,7 +96,7 @@ def registers_of(kernel, launch) -> list:
     for cache in kernel_caches(kernel):
         cache.clear()
     launch()
-    return [dict(n_regs=binary.n_regs, n_spills=binary.n_spills)
+    return [dict(n_regs=binary.n_regs, n_spills=binary.n_spills, shared=binary.metadata.shared)
             for cache in kernel_caches(kernel) for binary in cache.values()]
 
 
@@ -122,16 +122,17 @@ def anatomy(torch, K, kernel, timer, q, k, v, out, idx, cnt, bs, pooled):
     variants = [(16, None), (64, None), (128, None)]
     if q.is_cuda:
         registers.update({label: registers_of(kernel, launch) for label, launch in kernels.items()})
-        eight_warps = dict(kernel._tile_config(q.shape[-1], bs, q.device), num_warps=8)
+        # 128-wide key tiles over 8 warps and 3 stages (the fastest tile at HunyuanVideo length, RESULTS.md)
+        eight_warps = dict(kernel._tile_config(q.shape[-1], bs, q.device), BLOCK_N=128, num_warps=8, num_stages=3)
         launch = lambda: run(cnt, None, eight_warps)  # noqa: E731
-        registers["plain kernel, 8 warps"] = registers_of(kernel, launch)
-        ms["plain kernel, 8 warps"] = timer(launch)
-        variants += [(32, eight_warps)]
+        registers["plain kernel, 128/8/3"] = registers_of(kernel, launch)
+        ms["plain kernel, 128/8/3"] = timer(launch)
+        variants += [(32, eight_warps), (64, eight_warps)]
     original = kernel._compensation_args
     try:
         for block_p, config in variants:
-            kernel._compensation_args = with_block_p(kernel, block_p)
-            label = f"compensated kernel, BLOCK_P {block_p}" + (", 8 warps" if config else "")
+            kernel._compensation_args = with_constants(kernel, BLOCK_P=block_p)
+            label = f"compensated kernel, BLOCK_P {block_p}" + (", 128/8/3" if config else "")
             launch = lambda: run(cnt, pooled, config)  # noqa: E731
             if q.is_cuda:
                 registers[label] = registers_of(kernel, launch)

@@ -36,6 +36,21 @@ TILE_CONFIGS = [dict(BLOCK_N=n, num_warps=w, num_stages=s, tma=tma)
 CHECK_TOL = 1e-2
 
 
+def tile_spec(text: str):
+    """'default' -> None (the GPU's tile config); 'N/W/S/tma' or 'N/W/S/ptr' -> the kernel's config dict."""
+    if text == "default":
+        return None
+    n, w, st, path = text.split("/")
+    if path not in ("tma", "ptr"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the load path is 'tma' or 'ptr'")
+    return dict(BLOCK_N=int(n), num_warps=int(w), num_stages=int(st), tma=path == "tma")
+
+
+def tile_name(config) -> str:
+    return "default" if config is None else \
+        f"{config['BLOCK_N']}/{config['num_warps']}/{config['num_stages']}/{'tma' if config['tma'] else 'ptr'}"
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
@@ -44,6 +59,9 @@ def parse_args():
     p.add_argument("--block-size", type=int, choices=[64, 128], default=128)
     p.add_argument("--configs", action="store_true",
                    help="sweep BLOCK_N/num_warps/num_stages/tma at the first layout and the lowest density")
+    p.add_argument("--tiles", nargs="+", type=tile_spec, default=[None], metavar="N/W/S/tma|ptr",
+                   help="tile configs the table times, each layout at each (BLOCK_N/num_warps/num_stages/load "
+                        "path, or 'default': the GPU's); default: the GPU's alone")
     p.add_argument("--json", type=Path, help="write every result here")
     p.add_argument("--warmup", type=float, default=100, help="do_bench warmup, ms")
     p.add_argument("--rep", type=float, default=500, help="do_bench repetition time, ms")
@@ -164,13 +182,15 @@ def time_layouts(torch, K, launch, q, bs, gen, timer, args, shape_name, sdpa_ms)
         for density in args.densities:
             idx, cnt = build_layout(torch, kind, H, nb, density, gen)
             achieved = K.layout_density(cnt, nb)
-            ms = timer(lambda: launch(idx, cnt, None))
-            tflops = dense_flops * achieved / ms / 1e9
-            sdpa_tflops = dense_flops / sdpa_ms / 1e9
-            rows.append(dict(shape=shape_name, layout=kind, density=density, achieved_density=achieved,
-                             sdpa_ms=sdpa_ms, ms=ms, tflops=tflops, sdpa_tflops=sdpa_tflops,
-                             tflops_ratio=tflops / sdpa_tflops, speedup=sdpa_ms / ms))
-            print(f"  {kind:7s} density {achieved:.3f}: {ms:9.3f} ms  {tflops:7.1f} TFLOP/s", flush=True)
+            for config in args.tiles:
+                ms = timer(lambda: launch(idx, cnt, config))
+                tflops = dense_flops * achieved / ms / 1e9
+                sdpa_tflops = dense_flops / sdpa_ms / 1e9
+                rows.append(dict(shape=shape_name, layout=kind, density=density, achieved_density=achieved,
+                                 tile=tile_name(config), sdpa_ms=sdpa_ms, ms=ms, tflops=tflops,
+                                 sdpa_tflops=sdpa_tflops, tflops_ratio=tflops / sdpa_tflops, speedup=sdpa_ms / ms))
+                print(f"  {kind:7s} density {achieved:.3f} tile {tile_name(config)}: {ms:9.3f} ms  "
+                      f"{tflops:7.1f} TFLOP/s", flush=True)
     return rows
 
 
@@ -221,11 +241,12 @@ def print_report(meta, per_shape, rows):
             best = min(timed, key=lambda r: r["ms"])
             print(f"  best tile config {best['config']}: {best['ms']:.3f} ms "
                   f"(default {info['default_config']}: {info['default_config_ms']:.3f} ms)")
-    header = f"{'shape':14s} {'layout':7s} {'density':>7s} {'SDPA ms':>9s} {'ours ms':>9s} {'TFLOP/s':>8s} " \
-             f"{'vs SDPA':>7s} {'speedup':>7s}"
+    header = f"{'shape':14s} {'layout':7s} {'density':>7s} {'tile':>12s} {'SDPA ms':>9s} {'ours ms':>9s} " \
+             f"{'TFLOP/s':>8s} {'vs SDPA':>7s} {'speedup':>7s}"
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
-        print(f"{r['shape']:14s} {r['layout']:7s} {r['achieved_density']:7.3f} {r['sdpa_ms']:9.3f} {r['ms']:9.3f} "
+        print(f"{r['shape']:14s} {r['layout']:7s} {r['achieved_density']:7.3f} {r['tile']:>12s} {r['sdpa_ms']:9.3f} "
+              f"{r['ms']:9.3f} "
               f"{r['tflops']:8.1f} {r['tflops_ratio']:7.2f} {r['speedup']:6.2f}x")
 
 

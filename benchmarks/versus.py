@@ -1,6 +1,7 @@
 """The pack against what artists already have: one attention call at the Wan 2.1 14B and HunyuanVideo 720p shapes.
 
     python benchmarks/versus.py [--shapes wan14b-720p hunyuan-720p] [--json out.json]     # one GPU
+    python benchmarks/versus.py --sol-taus --ours-only --compensate both   # ours with and without compensation
     python benchmarks/versus.py --smoke [--json out.json]      # CPU: tiny shape, kitchen's eager backend, our reference
 
 Rows, all on the same video-structured bf16 inputs (benchmarks/synthetic.py: moving objects on a smooth field, 3D
@@ -16,6 +17,9 @@ RoPE; HunyuanVideo's 256 text tokens behind the video, as every planner orders t
 Each kernel gets its own contiguous layout, prepared outside the timing: (B, H, L, D) for SDPA, the 8-bit kernels
 and ours, (B, L, H, D) for sol_attn (what ComfyUI's Wan (B, L, H*D) tensors are as a view).
 
+``--compensate on|both`` runs each of ours with the patch's compensate setting (the skipped keys' pooled terms) too;
+``--ours-only`` leaves out the dense 8-bit rows (``--sol-taus`` with no value: no built-in rows).
+
 Per row: median ms per call (synchronised wall clock), speedup over SDPA, the density the method reports (sol_attn
 reports none), and the relative L2 error of the output against dense SDPA. A package that is missing makes its row
 say "not installed"; a row that fails says why; the others still run. Full results as JSON with --json.
@@ -27,6 +31,7 @@ import argparse
 import dataclasses
 import datetime
 import importlib.metadata
+import itertools
 import json
 import platform
 import sys
@@ -148,12 +153,12 @@ def time_row(build, q, k, v, dense, args, on_gpu):
     return call_timer(fn, runs=args.repeats, cuda=on_gpu), err
 
 
-def time_planner(settings, grid, q, k, v, dense, backend, args, on_gpu):
+def time_planner(settings, grid, q, k, v, dense, backend, args, on_gpu, compensate=False):
     """(first call ms, later call ms, density, relative error) of one method through a fresh planner. A throwaway
     planner runs first so compilation is not timed."""
     def call(step):
         return core.AttentionCall(grid=grid, layer=1, step=step, total_steps=RUN_STEPS, q=q, k=k, v=v,
-                                  backend=backend)
+                                  backend=backend, compensate=compensate)
 
     warm = settings.make_planner()
     warm.attend(call(LATER_STEP - 1))
@@ -179,8 +184,8 @@ def run_shape(name, dims, args, device, dtype):
     sdpa_ms = call_timer(lambda: F.scaled_dot_product_attention(q, k, v), runs=args.repeats, cuda=on_gpu)
     rows = [dict(shape=name, kind="dense", method="torch SDPA", settings="", status="ok", ms=sdpa_ms, rel_err=0.0,
                  density=1.0)]
-    others = [("dense 8-bit", "comfy_kitchen.int8_attention", "", int8_row),
-              ("dense 8-bit", "SageAttention sageattn", "", sage_row)]
+    others = [] if args.ours_only else [("dense 8-bit", "comfy_kitchen.int8_attention", "", int8_row),
+                                        ("dense 8-bit", "SageAttention sageattn", "", sage_row)]
     others += [("built-in sparse", "comfy_kitchen.sol_attn", f"tau {tau}" + (" (node default)" if tau == SOL_DEFAULT_TAU
                 else ""), sol_row(tau)) for tau in args.sol_taus]
     for kind, method, settings, build in others:
@@ -197,12 +202,15 @@ def run_shape(name, dims, args, device, dtype):
         report(row)
         rows.append(row)
         free(device)
-    for method, settings in our_methods(name, args.smoke):
+    compensations = {"off": [False], "on": [True], "both": [False, True]}[args.compensate]
+    for (method, settings), compensate in itertools.product(our_methods(name, args.smoke), compensations):
         knob = KNOBS[method]
-        row = dict(shape=name, kind="ours", method=method, settings=f"{knob} {getattr(settings, knob)}",
-                   all_settings=describe(settings), backend=backend)
+        row = dict(shape=name, kind="ours", method=method + (", compensated" if compensate else ""),
+                   settings=f"{knob} {getattr(settings, knob)}", all_settings=describe(settings), backend=backend,
+                   compensate=compensate)
         try:
-            first_ms, ms, density, err = time_planner(settings, grid, q, k, v, dense, backend, args, on_gpu)
+            first_ms, ms, density, err = time_planner(settings, grid, q, k, v, dense, backend, args, on_gpu,
+                                                      compensate)
             row.update(status="ok", ms=ms, first_call_ms=first_ms, density=density, rel_err=err)
         except Exception as why:
             row.update(status=f"failed: {type(why).__name__}: {str(why)[:200]}")
@@ -267,9 +275,12 @@ def print_table(meta, rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
-    parser.add_argument("--sol-taus", nargs="+", type=float, default=[SOL_DEFAULT_TAU, 1.0, 2.0],
+    parser.add_argument("--sol-taus", nargs="*", type=float, default=[SOL_DEFAULT_TAU, 1.0, 2.0],
                         help="sol_attn thresholds (its node's tooltip: 1.0 keeps ~16%% of key blocks exact, "
                              "2.0 ~2.7%%)")
+    parser.add_argument("--compensate", choices=("off", "on", "both"), default="off",
+                        help="ours with the skipped keys' pooled terms: off, on, or both rows")
+    parser.add_argument("--ours-only", action="store_true", help="no dense 8-bit rows")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per row (median)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)

@@ -90,9 +90,24 @@ def gpu_class(device) -> str:
     return "ada" if (major, minor) == (8, 9) else "ampere"
 
 
-def break_even(kernel: str, gpu: str) -> BreakEven:
-    """The entry of ``kernel`` on GPU class ``gpu``; ValueError naming the known ones otherwise."""
+# What compensating skipped keys adds to a sparse call, as a share of a dense call: the pooling pass and one pooled
+# term per skipped block or cluster, about the same at every density. Measured on the H100 (benchmarks/versus.py
+# --compensate both, RESULTS.md 'Compensation on the proxy, every method'), the largest of Wan 14B / HunyuanVideo
+# 720p per kernel: block-128 SVG at Wan 14B, 9.6 of 196.0 ms (Radial 3.9); block-64 AdaSpa at Wan 14B, 8.5 ms;
+# cluster SVG2 at Wan 14B, 18.0 ms.
+COMPENSATION_SHARE = {BLOCK_128: 0.049, BLOCK_64: 0.043, CLUSTER: 0.092}
+
+
+def break_even(kernel: str, gpu: str, compensated: bool = False) -> BreakEven:
+    """The entry of ``kernel`` on GPU class ``gpu``; ValueError naming the known ones otherwise. ``compensated``: the
+    call also adds the skipped keys' pooled terms, a fixed share c of a dense call, so the kernel breaks even where
+    d / r + c = 1: at density r (1 - c) (the reference is never timed, its entry stays)."""
     if gpu not in TABLE or kernel not in TABLE[gpu]:
         raise ValueError(f"no break-even density for kernel {kernel!r} on {gpu!r}; known kernels {KERNELS}, "
                          f"classes {tuple(TABLE)}")
-    return TABLE[gpu][kernel]
+    entry = TABLE[gpu][kernel]
+    if not compensated or gpu == "cpu":
+        return entry
+    share = COMPENSATION_SHARE[kernel]
+    return BreakEven(entry.density * (1 - share), f"compensated: {entry.density} x (1 - {share}), the pooled terms' "
+                                                  f"share of a dense call (COMPENSATION_SHARE). {entry.source}")

@@ -92,7 +92,7 @@ class AttentionCall:
         ``kernel``; raises core.routing.DenseCall when the whole call runs dense."""
         if self.router is None:
             return Route(kernel, 1.0, "none", self.head_offset, tuple(float(d) for d in densities), ())
-        return self.router.route(kernel, densities, self.head_offset)
+        return self.router.route(kernel, densities, self.head_offset, compensated=self.compensate)
 
     def fill_dense(self, route: Route, out: torch.Tensor) -> None:
         """The user's dense attention of the heads ``route`` sends dense, written into ``out`` (B, H, L, D)."""

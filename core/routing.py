@@ -71,8 +71,8 @@ class Router:
     dense: Callable[[list], torch.Tensor]
     routes: list = field(default_factory=list)
 
-    def route(self, kernel: str, densities, head_offset: int) -> Route:
-        limit = break_even(kernel, self.gpu).density
+    def route(self, kernel: str, densities, head_offset: int, compensated: bool = False) -> Route:
+        limit = break_even(kernel, self.gpu, compensated).density
         densities = tuple(float(d) for d in densities)
         dense = tuple(h for h, d in enumerate(densities) if d > limit)
         if 2 * len(dense) > len(densities):  # most of them: all of them, in one dense launch

@@ -221,7 +221,7 @@ def session_from_settings(settings: dict, group=None) -> SparseAttentionSession:
 
     ``method``: 'radial', 'svg', 'svg2' or 'adaspa'; ``method_settings``: that method's settings by field name
     (core.RadialSettings...); ``dense_steps``, ``sparse_end``, ``dense_layers``: the schedule (core.SparseSchedule);
-    ``backend``, ``verbose``, ``compensate`` ('off' / 'on'), ``precision`` ('bf16', '8-bit', 'auto',
+    ``backend``, ``verbose``, ``compensate`` ('auto' / 'off' / 'on'), ``precision`` ('bf16', '8-bit', 'auto',
     '8-bit + dense calls'): as on Sparse Attention Patch. Missing keys take the node defaults.
     """
     unknown = set(settings) - set(SESSION_KEYS)
@@ -239,11 +239,9 @@ def session_from_settings(settings: dict, group=None) -> SparseAttentionSession:
     given = {key: tuple(value) if isinstance(value, list) else value for key, value in given.items()}
     schedule = SparseSchedule(dense_steps=settings.get("dense_steps", 0.25), sparse_end=settings.get("sparse_end", 1.0),
                               dense_layers=settings.get("dense_layers", 1))
-    compensate = settings.get("compensate", "off")
-    if compensate not in ("off", "on"):
-        raise ValueError(f"compensate must be 'off' or 'on', got {compensate!r}")
     session = SparseAttentionSession(kind(**given), schedule, backend=settings.get("backend", "auto"),
-                                     verbose=bool(settings.get("verbose", False)), compensate=compensate == "on",
+                                     verbose=bool(settings.get("verbose", False)),
+                                     compensate=settings.get("compensate", "auto"),
                                      precision=settings.get("precision", "bf16"))
     fingerprint = json.dumps(settings, sort_keys=True, default=str)
     session.sequence_parallel = SequenceParallel(group, fingerprint=fingerprint)

@@ -20,6 +20,8 @@ from .summary import run_summary
 from .timing import CallTimer
 
 log = logging.getLogger("sparse_video_attention")
+# The patch's compensate setting: 'auto' is each method's measured default (SparseAttentionSession._compensates)
+COMPENSATE = ("auto", "off", "on")
 
 
 @dataclass(frozen=True)
@@ -224,7 +226,7 @@ class SparseAttentionSession:
     """
 
     def __init__(self, method, schedule: SparseSchedule, backend: str = "auto", verbose: bool = False,
-                 compensate: bool = False, precision: str = "bf16"):
+                 compensate: bool | str = False, precision: str = "bf16"):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if precision not in PRECISIONS:
@@ -235,8 +237,8 @@ class SparseAttentionSession:
         self.precision = precision  # what the user asked: 'bf16', '8-bit' or 'auto'
         self._kernel_precisions: dict = {}  # device -> 'bf16', 'fp8' or 'int8'
         self.verbose = verbose
-        self.compensate = bool(compensate)  # every sparse call adds the pooled terms of the keys it skips
         self.planner = make_planner(method)  # the first device's (what the Inspector draws)
+        self.compensate = self._compensates(compensate, precision)  # every sparse call adds the skipped keys' terms
         if self.compensate and not getattr(self.planner, "compensates", False):
             raise ValueError(f"compensate 'on' does not apply to the method {type(method).__name__}: its planner "
                              "cannot add the skipped keys' pooled terms; set compensate to 'off'")
@@ -257,6 +259,18 @@ class SparseAttentionSession:
         self._warned: set[str] = set()
         self.sequence_parallel = None  # core.sequence_parallel.SequenceParallel when this rank is one of several
 
+
+    def _compensates(self, compensate, precision: str) -> bool:
+        """The patch's compensate setting ('auto', 'off', 'on' or a bool) as a yes / no for this method: 'auto' is the
+        method's measured default (its planner's compensate_by_default), off where an 8-bit precision was asked."""
+        if isinstance(compensate, str) and compensate in COMPENSATE:
+            if compensate == "auto":
+                return getattr(self.planner, "compensate_by_default", False) and precision not in ("8-bit",
+                                                                                                  EIGHT_BIT_DENSE)
+            return compensate == "on"
+        if isinstance(compensate, bool):
+            return compensate
+        raise ValueError(f"compensate must be one of {COMPENSATE} (or a bool), got {compensate!r}")
     def planner_for(self, device) -> object:
         """The planner of ``device`` (the first device gets ``self.planner``)."""
         key = _device_key(device)

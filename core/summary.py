@@ -166,7 +166,8 @@ def skipped_steps_text(stats) -> str | None:
 def run_summary(session) -> str:
     """A few lines: method and settings, calls, schedule, density and FLOPs saved, time (if measured), fallbacks."""
     stats = session.stats
-    head = f"{TITLE}: {method_text(session.method)}, backend {session.backend}"
+    head = f"{TITLE}: {method_text(session.method)}, backend {session.backend}" \
+        + (", skipped keys compensated" if session.compensate else "")
     if not stats.calls:
         lines = [head, "  no video self-attention call reached the patch in this run"]
         return "\n".join(lines + ["  " + line for line in fallback_lines(stats)])
@@ -202,6 +203,6 @@ def report_line(session) -> str:
     platform = " | ".join(f"{name} {version}" for name, version in session.platform.items())
     return (f"for a bug report: {platform + ' | ' if platform else ''}torch {torch.__version__} | Triton "
             f"{triton_version} | {gpu} | {method_text(session.method)} | backend {session.backend} | precision "
-            f"{session.precision} | schedule "
+            f"{session.precision} | compensate {'on' if session.compensate else 'off'} | schedule "
             f"dense_steps {session.schedule.dense_steps:g}, sparse_end {session.schedule.sparse_end:g}, dense_layers "
             f"{session.schedule.dense_layers} | mean density {stats.mean_density:.3f} | fallbacks {fallbacks}")

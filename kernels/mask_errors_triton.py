@@ -104,13 +104,20 @@ def default_config(device: torch.device) -> dict:
     return dict(BLOCK_R=16, BLOCK_N=64, num_warps=4, num_stages=3)
 
 
-def _default_splits(device: torch.device, programs: int, key_tiles: int) -> int:
+# The float32 partials (m, three sums and three accumulators per split and row) may hold this much: a short call
+# has few row tiles, so filling the GPU takes many splits, and at Wan 1.3B 480p (12 heads, 64 rows, 64 splits) they
+# were 76 MB, twice that during their merge: the SVG profile's peak above its call's output (H100, RESULTS.md).
+PARTIAL_BYTES = 32 << 20
+
+
+def _default_splits(device: torch.device, programs: int, key_tiles: int, split_bytes: int) -> int:
     """Enough key splits for about 24 programs per SM: each program's walk is a chain of small dependent products,
-    so many in flight hide its latency (measured on the H100: 16 splits 2.24 ms, 3 splits 2.58 ms; 2026-11-23)."""
+    so many in flight hide its latency (measured on the H100: 16 splits 2.24 ms, 3 splits 2.58 ms; 2026-11-23); at
+    most what PARTIAL_BYTES holds at ``split_bytes`` a split."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(key_tiles, -(-24 * sms // programs), 64))
+    return max(1, min(key_tiles, -(-24 * sms // programs), 64, PARTIAL_BYTES // split_bytes))
 
 
 def triton_candidate_mask_outputs(q_rows, k, v, token_mask, *, scale, kv_length=None, splits=None, config=None):
@@ -124,7 +131,7 @@ def triton_candidate_mask_outputs(q_rows, k, v, token_mask, *, scale, kv_length=
     block_r, block_n = cfg.pop("BLOCK_R"), cfg.pop("BLOCK_N")
     row_tiles = triton.cdiv(R, block_r)
     key_tiles = triton.cdiv(LK, block_n)
-    splits = splits or _default_splits(q_rows.device, row_tiles * B * H, key_tiles)
+    splits = splits or _default_splits(q_rows.device, row_tiles * B * H, key_tiles, 4 * B * H * R * (4 + 3 * D))
     keys_per_split = triton.cdiv(key_tiles, splits) * block_n
     splits = triton.cdiv(LK, keys_per_split)
     partials = splits * B * H * R
@@ -145,5 +152,5 @@ def triton_candidate_mask_outputs(q_rows, k, v, token_mask, *, scale, kv_length=
         UPCAST_DOT=not on_gpu, **cfg)
     weight = torch.exp2(m - m.amax(dim=0, keepdim=True))  # (S, B, H, R); splits with no key have weight 0
     total = (weight * sums).sum(dim=1)                     # (3, B, H, R)
-    out = (weight[..., None] * acc).sum(dim=1)             # (3, B, H, R, D)
+    out = acc.mul_(weight[..., None]).sum(dim=1)           # (3, B, H, R, D); in place: no second copy of the partials
     return out / torch.where(total > 0, total, torch.ones_like(total))[..., None]

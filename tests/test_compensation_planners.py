@@ -212,8 +212,8 @@ def test_session_refuses_a_method_that_cannot_compensate():
 
 @pytest.mark.comfyui
 def test_patch_node_compensate(nodes, bridge, monkeypatch):
-    """The node's last optional input: 'on' reaches the planner's calls and changes the video; a bad value is an
-    error naming the setting; the default stays off."""
+    """The node's compensate input: 'on' reaches the planner's calls and changes the video; a bad value is an
+    error naming the setting; the default is 'auto', which leaves Radial uncompensated and compensates SVG2."""
     from test_comfy_integration import latent
 
     model = comfy_env.tiny_wan_t2v(seed=3)
@@ -222,6 +222,9 @@ def test_patch_node_compensate(nodes, bridge, monkeypatch):
     off = nodes.SparseAttentionPatch().patch(model, **args)[0]
     on = nodes.SparseAttentionPatch().patch(model, **args, compensate="on")[0]
     assert bridge.session_of(off).compensate is False and bridge.session_of(on).compensate is True
+    assert nodes.SparseAttentionPatch.INPUT_TYPES()["optional"]["compensate"][1]["default"] == "auto"
+    svg2 = core.SVG2Settings(query_clusters=4, key_clusters=8)
+    assert bridge.session_of(nodes.SparseAttentionPatch().patch(model, **dict(args, method=svg2))[0]).compensate
     seen = []
     planner = bridge.session_of(on).planner
     attend = planner.attend
@@ -233,3 +236,30 @@ def test_patch_node_compensate(nodes, bridge, monkeypatch):
     assert not torch.equal(videos[0], videos[1])
     with pytest.raises(ValueError, match="compensate"):
         nodes.SparseAttentionPatch().patch(model, **args, compensate="yes")
+
+
+def test_compensate_auto_is_each_methods_measured_default():
+    """'auto' compensates SVG2 (the method it served on the proxy, RESULTS.md) and no block method; an explicit 8-bit
+    precision keeps it off (the 8-bit kernel has no pooled terms); 'on' / 'off' force it; another value is an error
+    naming the setting."""
+    schedule = core.SparseSchedule(0.0, 1.0, 0)
+    svg2 = core.SVG2Settings(query_clusters=4, key_clusters=8)
+    assert core.SparseAttentionSession(svg2, schedule, compensate="auto").compensate is True
+    for method in (core.RadialSettings(), core.SVGSettings(), core.AdaSpaSettings()):
+        assert core.SparseAttentionSession(method, schedule, compensate="auto").compensate is False
+    for precision in ("8-bit", "8-bit + dense calls"):
+        assert core.SparseAttentionSession(svg2, schedule, compensate="auto", precision=precision).compensate is False
+    assert core.SparseAttentionSession(svg2, schedule, compensate="auto", precision="auto").compensate is True
+    assert core.SparseAttentionSession(svg2, schedule, compensate="off").compensate is False
+    assert core.SparseAttentionSession(core.RadialSettings(), schedule, compensate="on").compensate is True
+    with pytest.raises(ValueError, match="compensate must be one of"):
+        core.SparseAttentionSession(svg2, schedule, compensate="yes")
+
+
+def test_summary_says_whether_skipped_keys_were_compensated():
+    schedule = core.SparseSchedule(0.0, 1.0, 0)
+    summary = import_pack("core.summary")
+    on = core.SparseAttentionSession(core.SVG2Settings(), schedule, compensate="auto")
+    off = core.SparseAttentionSession(core.RadialSettings(), schedule, compensate="auto")
+    assert "skipped keys compensated" in summary.run_summary(on) and "| compensate on |" in summary.report_line(on)
+    assert "compensated" not in summary.run_summary(off) and "| compensate off |" in summary.report_line(off)

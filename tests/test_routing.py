@@ -15,6 +15,7 @@ from test_radial import dense_attention as comfy_attention  # a stand-in for Com
 
 core = import_pack("core")
 break_even = import_pack("core.break_even")
+routing = import_pack("core.routing")
 memory = import_pack("core.memory")
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -190,6 +191,28 @@ def test_break_even_table_entries():
     assert break_even.gpu_class("cpu") == "cpu"
     with pytest.raises(ValueError, match="known kernels"):
         break_even.break_even("block-32", "hopper")
+
+
+def test_compensated_calls_break_even_lower():
+    """A compensated call pays its pooled terms on top of the kernel: its break-even is r (1 - share) on every GPU
+    class, and the torch reference (never routed) keeps 1.0."""
+    for gpu in ("hopper", "ampere"):
+        for kernel in break_even.KERNELS:
+            plain, compensated = (break_even.break_even(kernel, gpu, c) for c in (False, True))
+            share = break_even.COMPENSATION_SHARE[kernel]
+            assert compensated.density == pytest.approx(plain.density * (1 - share))
+            assert compensated.density < plain.density
+            assert compensated.source.startswith("compensated")
+    assert break_even.break_even("cluster", "cpu", True).density == 1.0
+
+
+def test_a_compensated_call_routes_at_the_compensated_break_even(monkeypatch):
+    """A head between the compensated and the plain break-even runs dense only when the call compensates."""
+    monkeypatch.setitem(break_even.TABLE, "hopper", {k: break_even.BreakEven(0.5, "test") for k in break_even.KERNELS})
+    router = routing.Router("hopper", 2, dense=lambda heads: None)
+    density = 0.5 * (1 - break_even.COMPENSATION_SHARE["cluster"] / 2)  # between the two
+    assert router.route("cluster", [density, 0.1], 0).dense == ()
+    assert router.route("cluster", [density, 0.1], 0, compensated=True).dense == (0,)
 
 
 def test_break_even_benchmark_smoke(capsys):

@@ -270,6 +270,27 @@ def test_candidate_errors_are_chunked_over_rows(gen, monkeypatch):
     torch.testing.assert_close(chunked.double(), (want[1:] - want[:1]).square().mean(dim=(-2, -1)))
 
 
+def test_candidate_partials_stay_within_their_byte_cap(monkeypatch):
+    """A short call (Wan 1.3B 480p: 12 heads, 64 sampled rows, one row tile each) would take 64 key splits to fill
+    the GPU; the float32 partials then held 76 MB. The splits stop where PARTIAL_BYTES is full; a long call's rows
+    already fill the GPU with few splits."""
+    pytest.importorskip("triton")
+    triton_path = import_pack("kernels.mask_errors_triton")
+
+    class Props:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    B, H, R, D = 1, 12, 64, 128
+    split_bytes = 4 * B * H * R * (4 + 3 * D)
+    splits = triton_path._default_splits(torch.device("cuda"), 1 * B * H, 256, split_bytes)
+    assert splits * split_bytes <= triton_path.PARTIAL_BYTES < (splits + 1) * split_bytes
+    long_call = 4 * 40 * 76 * 388  # Wan 14B 720p: 40 heads, 76 rows in 2 row tiles; 40 splits would fill the GPU
+    assert triton_path._default_splits(torch.device("cuda"), 2 * 40, 600, long_call) == \
+        triton_path.PARTIAL_BYTES // long_call < 40
+    assert triton_path._default_splits(torch.device("cpu"), 12, 256, split_bytes) == 1
+
+
 def test_candidate_outputs_pad_odd_head_dims(gen):
     q, k, v = (torch.randn(1, 2, n, 40, generator=gen).to(torch.bfloat16) for n in (20, 90, 90))
     keep = torch.rand(2, 20, 3, generator=gen) < 0.5
