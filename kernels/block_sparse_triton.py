@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .cluster_reference import keep_table
+
 _LOG2E = 1.4426950408889634
 _LOG2E_C = tl.constexpr(_LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)  # globals read inside @triton.jit must be constexpr
@@ -389,13 +391,6 @@ def kept_table(lists: torch.Tensor, counts: torch.Tensor, groups: int, batch: in
     count compares; what it saved, and where the cost was instead: RESULTS.md). A few heads at a time: the
     scatter's int64 ids are 8 bytes per list entry (96 MB for SVG2's lists at Wan 14B 720p, all heads at once)."""
     R, width = lists.shape[-2:]
-    lists = lists.expand(batch, heads, R, width)
-    counts = counts.expand(batch, heads, R)
-    table = torch.zeros(batch, heads, R, groups + 1, dtype=torch.uint8, device=lists.device)
-    step = max(1, _KEPT_TABLE_CHUNK_BYTES // max(1, 8 * batch * R * width))
-    slots = torch.arange(width, device=lists.device)
-    for h in range(0, heads, step):
-        part = slice(h, h + step)
-        ids = torch.where(slots < counts[:, part, :, None], lists[:, part], groups)  # unused slots: the extra column
-        table[:, part].scatter_(-1, ids.long(), 1)
+    table = keep_table(lists.expand(batch, heads, R, width), counts.expand(batch, heads, R), groups,
+                       dtype=torch.uint8, chunk_bytes=_KEPT_TABLE_CHUNK_BYTES)
     return table[..., :groups].reshape(batch * heads, R, groups).contiguous()

@@ -26,14 +26,24 @@ def token_clusters(offsets: torch.Tensor, length: int) -> torch.Tensor:
     return torch.searchsorted(offsets.long().contiguous(), positions, right=True) - 1
 
 
-def keep_table(kv_clusters: torch.Tensor, kv_cluster_counts: torch.Tensor, num_key_clusters: int) -> torch.Tensor:
-    """(B, H, CQ, CK + 1) bool: query cluster c keeps key cluster j; the extra last column (keys in no
-    cluster) is always False. Entries of kv_clusters past the count are ignored, whatever their value."""
-    used = torch.arange(kv_clusters.shape[-1], device=kv_clusters.device) < kv_cluster_counts[..., None].long()
-    ids = torch.where(used, kv_clusters.long(), num_key_clusters)
-    table = torch.zeros(*kv_clusters.shape[:-1], num_key_clusters + 1, dtype=torch.bool, device=kv_clusters.device)
-    table.scatter_(-1, ids, True)
-    table[..., num_key_clusters] = False
+def keep_table(kv_clusters: torch.Tensor, kv_cluster_counts: torch.Tensor, num_key_clusters: int,
+               dtype: torch.dtype = torch.bool, chunk_bytes: int | None = None) -> torch.Tensor:
+    """(B, H, CQ, CK + 1) ``dtype``: query cluster c keeps key cluster j (True / 1); the extra last column (keys in
+    no cluster) is always empty. Entries of kv_clusters past the count are ignored, whatever their value. Any list
+    of groups works the same (a fixed-block layout's key blocks per query block). ``chunk_bytes``: the scatter's
+    int64 ids (8 bytes per list entry) are made for that many bytes of heads at a time; None: all at once."""
+    B, H = kv_clusters.shape[:2]
+    width = kv_clusters.shape[-1]
+    table = torch.zeros(*kv_clusters.shape[:-1], num_key_clusters + 1, dtype=dtype, device=kv_clusters.device)
+    slots = torch.arange(width, device=kv_clusters.device)
+    per_head = 8 * B * math.prod(kv_clusters.shape[2:])
+    step = H if chunk_bytes is None else max(1, chunk_bytes // max(1, per_head))
+    for h in range(0, H, step):
+        part = slice(h, h + step)
+        ids = torch.where(slots < kv_cluster_counts[:, part, ..., None].long(), kv_clusters[:, part].long(),
+                          num_key_clusters)  # unused slots: the extra column
+        table[:, part].scatter_(-1, ids, 1)
+    table[..., num_key_clusters] = 0
     return table
 
 
