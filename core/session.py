@@ -259,18 +259,18 @@ class SparseAttentionSession:
         self._warned: set[str] = set()
         self.sequence_parallel = None  # core.sequence_parallel.SequenceParallel when this rank is one of several
 
-
     def _compensates(self, compensate, precision: str) -> bool:
         """The patch's compensate setting ('auto', 'off', 'on' or a bool) as a yes / no for this method: 'auto' is the
         method's measured default (its planner's compensate_by_default), off where an 8-bit precision was asked."""
         if isinstance(compensate, str) and compensate in COMPENSATE:
             if compensate == "auto":
-                return getattr(self.planner, "compensate_by_default", False) and precision not in ("8-bit",
-                                                                                                  EIGHT_BIT_DENSE)
+                eight_bit = precision in ("8-bit", EIGHT_BIT_DENSE)
+                return getattr(self.planner, "compensate_by_default", False) and not eight_bit
             return compensate == "on"
         if isinstance(compensate, bool):
             return compensate
         raise ValueError(f"compensate must be one of {COMPENSATE} (or a bool), got {compensate!r}")
+
     def planner_for(self, device) -> object:
         """The planner of ``device`` (the first device gets ``self.planner``)."""
         key = _device_key(device)
