@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from .reference import softmax_rows
+
 # Upper bound on the float32 score buffer of one chunk of rows (elements).
 _CHUNK_ELEMENTS = 1 << 25
 
@@ -120,20 +122,12 @@ def reference_cluster_block_attention(q, k, v, q_offsets, k_offsets, kv_clusters
         s = s.masked_fill(~allowed, float("-inf"))
         if lse is not None:  # over the exact keys alone
             exact_lse = lse[:, :, r0:r1] = torch.logsumexp(s, dim=-1)
-        m = s.amax(dim=-1, keepdim=True)
-        if pooled is not None:  # the skipped clusters' virtual keys, summed apart: they add exactly 0 when none is
+        sp = None
+        if pooled is not None:  # the skipped clusters' virtual keys
             sp = torch.matmul(q[:, :, r0:r1].float(), k_mean.transpose(-1, -2)) * scale + log_size[:, :, None, :]
             sp = sp.masked_fill(rows_table[..., :num_key_clusters], float("-inf"))
-            m = torch.maximum(m, sp.amax(dim=-1, keepdim=True))
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        p = torch.exp(s - m)
-        l = p.sum(dim=-1, keepdim=True)
-        numerator = torch.matmul(p, vf)
-        if pooled is not None:
-            p_pooled = torch.exp(sp - m)
-            l = l + p_pooled.sum(dim=-1, keepdim=True)
-            numerator = numerator + torch.matmul(p_pooled, v_mean)
-        result[:, :, r0:r1] = (numerator / torch.where(l > 0, l, torch.ones_like(l))).to(result.dtype)
+        o, _, _ = softmax_rows(s, vf, sp, v_mean if pooled is not None else None)
+        result[:, :, r0:r1] = o.to(result.dtype)
         if lse_c is not None:
             lse_c[:, :, r0:r1] = torch.logaddexp(exact_lse, torch.logsumexp(sp, dim=-1))  # = exact_lse when all kept
     if not return_lse:

@@ -60,27 +60,19 @@ def reference_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_si
         valid = valid.reshape(B, H, nq, 1, max_kept * block_size)
         s = torch.matmul(qc, kg.transpose(-1, -2)) * scale                 # (B, H, nq, bs, M*bs)
         s = s.masked_fill(~valid, float("-inf"))
-        if pooled is not None:  # the skipped blocks' virtual keys, after the exact ones
+        if pooled is not None:  # the skipped blocks' virtual keys
             listed = torch.zeros(B, H, nq, nkb + 1, dtype=torch.bool, device=q.device)
             listed.scatter_(-1, torch.where(slot < cnt_all[:, :, qb0:qb1, None], idx, nkb), True)
             sp = torch.matmul(qc, k_mean[:, :, None].transpose(-1, -2)) * scale + log_size[:, :, None, None]
             sp = sp.masked_fill(listed[..., None, :nkb], float("-inf"))
             exact_lse = torch.logsumexp(s, dim=-1, keepdim=True)
-        m = s.amax(dim=-1, keepdim=True) if pooled is None else torch.maximum(s.amax(-1, True), sp.amax(-1, True))
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        p = torch.exp(s - m)
-        l = p.sum(dim=-1, keepdim=True)
-        numerator = torch.matmul(p, vg)
-        if pooled is not None:  # summed apart from the exact keys: with every block kept they add exactly nothing
-            # (one matmul over the concatenated keys rounds differently on a GPU, whatever the extra columns hold)
-            pp = torch.exp(sp - m)
-            l = l + pp.sum(dim=-1, keepdim=True)
-            numerator = numerator + torch.matmul(pp, v_mean[:, :, None])
-        o = numerator / torch.where(l > 0, l, torch.ones_like(l))
+            o, _, _ = softmax_rows(s, vg, sp, v_mean[:, :, None])
+        else:
+            o, m, l = softmax_rows(s, vg)
+            if lse is not None:
+                exact_lse = m + torch.log(l)
         result[:, :, r0:r1] = o.view(B, H, nq * block_size, D)[:, :, : r1 - r0].to(result.dtype)
         if lse is not None:  # over the exact keys alone
-            if pooled is None:
-                exact_lse = m + torch.log(l)
             lse[:, :, r0:r1] = _rows(exact_lse, B, H, r1 - r0)
         if lse_c is not None:  # exactly the exact LSE when every block is kept
             lse_c[:, :, r0:r1] = _rows(torch.logaddexp(exact_lse, torch.logsumexp(sp, dim=-1, keepdim=True)),
@@ -88,6 +80,25 @@ def reference_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_si
     if not return_lse:
         return result
     return (result, lse, lse_c) if pooled is not None else (result, lse)
+
+
+def softmax_rows(s, values, pooled_scores=None, pooled_values=None):
+    """(output, max, denominator) of the rows of scores ``s`` (masked keys -inf) over ``values``; with
+    ``pooled_scores`` / ``pooled_values`` the skipped groups' virtual keys join the same softmax, summed apart from
+    the exact keys: with every group kept (all -inf) they add exactly nothing (one matmul over the concatenated keys
+    rounds differently on a GPU, whatever the extra columns hold). A row with no key gives 0."""
+    m = s.amax(dim=-1, keepdim=True)
+    if pooled_scores is not None:
+        m = torch.maximum(m, pooled_scores.amax(dim=-1, keepdim=True))
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    l = p.sum(dim=-1, keepdim=True)
+    numerator = torch.matmul(p, values)
+    if pooled_scores is not None:
+        p_pooled = torch.exp(pooled_scores - m)
+        l = l + p_pooled.sum(dim=-1, keepdim=True)
+        numerator = numerator + torch.matmul(p_pooled, pooled_values)
+    return numerator / torch.where(l > 0, l, torch.ones_like(l)), m, l
 
 
 def _rows(per_block_rows, B, H, n):
