@@ -37,9 +37,10 @@ CHECK_TOL = 1e-2
 
 
 def tile_spec(text: str):
-    """'default' -> None (the GPU's tile config); 'N/W/S/tma' or 'N/W/S/ptr' -> the kernel's config dict."""
-    if text == "default":
-        return None
+    """'default' -> None (the GPU's tile config); 'scattered' -> the kernel's choice for lists its caller calls
+    scattered (what AdaSpa's layouts get); 'N/W/S/tma' or 'N/W/S/ptr' -> the kernel's config dict."""
+    if text in ("default", "scattered"):
+        return None if text == "default" else text
     n, w, st, path = text.split("/")
     if path not in ("tma", "ptr"):
         raise argparse.ArgumentTypeError(f"{text!r}: the load path is 'tma' or 'ptr'")
@@ -47,7 +48,9 @@ def tile_spec(text: str):
 
 
 def tile_name(config) -> str:
-    return "default" if config is None else \
+    if config is None or isinstance(config, str):
+        return config or "default"
+    return \
         f"{config['BLOCK_N']}/{config['num_warps']}/{config['num_stages']}/{'tma' if config['tma'] else 'ptr'}"
 
 
@@ -61,7 +64,8 @@ def parse_args():
                    help="sweep BLOCK_N/num_warps/num_stages/tma at the first layout and the lowest density")
     p.add_argument("--tiles", nargs="+", type=tile_spec, default=[None], metavar="N/W/S/tma|ptr",
                    help="tile configs the table times, each layout at each (BLOCK_N/num_warps/num_stages/load "
-                        "path, or 'default': the GPU's); default: the GPU's alone")
+                        "path, 'default': the GPU's, or 'scattered': the kernel's pick for lists called scattered); "
+                        "default: the GPU's alone")
     p.add_argument("--json", type=Path, help="write every result here")
     p.add_argument("--warmup", type=float, default=100, help="do_bench warmup, ms")
     p.add_argument("--rep", type=float, default=500, help="do_bench repetition time, ms")
@@ -281,8 +285,10 @@ def main():
         def launch(idx, cnt, config):
             # The launcher, not the public API: validation reads layout min/max on the host (GPU syncs),
             # which is no part of the kernel's cost. run_checks goes through the public API.
+            named = isinstance(config, str)
             return kernel.triton_block_sparse_attention(q, k, v, idx, cnt, block_size=bs, scale=scale, out=out,
-                                                        config=config)
+                                                        config=None if named else config,
+                                                        scattered=config == "scattered")
 
         info = dict(shape=dict(B=B, H=H, L=L, D=D), checks=run_checks(torch, K, q, k, v, bs, gen, args))
         info["sdpa"] = time_sdpa(torch, q, k, v, timer)

@@ -434,7 +434,7 @@ class AdaSpaPlanner:
         result = block_sparse_attention(q, call.k, call.v, kv_indices, kv_counts, block_size=self.block_size,
                                         kv_length=call.kv_length, out=out, backend=call.backend,
                                         check_layout=False, return_lse=call.want_lse, pooled=pooled,
-                                        precision=call.precision)
+                                        precision=call.precision, scattered=True)
         if call.want_lse:
             lses.append(split_lse(result, pooled)[1:])
 

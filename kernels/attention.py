@@ -54,7 +54,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
 
 def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, scale=None, kv_length=None,
                            return_lse=False, out=None, backend="auto", check_layout=True, pooled=None,
-                           precision="bf16"):
+                           precision="bf16", scattered=False):
     """Attention of q over k/v restricted to key blocks listed per (batch, head, query block).
 
     Args:
@@ -78,6 +78,8 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, sc
             (out, lse, compensated lse): ``lse`` stays the LSE over the keys computed exactly. bf16 precision only.
         precision: 'bf16' (q/k/v's own 16-bit type), 'fp8' or 'int8' (kernels/block_sparse_8bit_triton.py; on the
             reference backend its simulated-quantization reference). kernels.eight_bit_support says which a GPU has.
+        scattered: the lists keep blocks scattered over the keys (a searched layout), not bands around the
+            diagonal: at long sequences on Hopper the bf16 kernel then takes a wider key tile (same result).
 
     Rows whose list is empty (or whose keys are all masked) give 0 and an LSE of -inf, never NaN (with ``pooled``:
     the pooled terms alone, and 0 / -inf when every block is empty).
@@ -112,7 +114,7 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, sc
         args = dict(block_size=block_size, scale=scale, kv_length=kv_length, return_lse=return_lse, out=out)
         if precision == "bf16":
             return triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, pooled=pad_pooled(pooled, q.shape[-1]),
-                                                 **args)
+                                                 scattered=scattered, **args)
         return triton_block_sparse_attention_8bit(q, k, v, kv_indices, kv_counts, precision=precision, **args)
 
     with shared_memory_guard("use block_size 64 or backend 'reference'"):

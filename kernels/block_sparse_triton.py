@@ -10,6 +10,8 @@ Programs of the same (batch, head) are adjacent in launch order, so the K/V bloc
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -23,6 +25,7 @@ _LN2 = tl.constexpr(0.6931471805599453)  # globals read inside @triton.jit must 
 # instead of exp2(-inf - -inf) = NaN.
 _NEG_BIG = tl.constexpr(-1.0e30)
 _KEPT_TABLE_CHUNK_BYTES = 16 << 20  # kept_table's int64 ids at a time
+WIDE_TILE_MAX_FRACTION = 0.3  # _wide_tile_pays: between the measured 0.25 (wins) and 0.50 (loses)
 
 
 @triton.jit
@@ -280,15 +283,39 @@ def _block_sparse_fwd_tma(
         tl.store(LSE + (b * H + h) * LQ + offs_m, lse, mask=offs_m < LQ)
 
 
-def _tile_config(head_dim: int, block_size: int, device: torch.device) -> dict:
-    """Tile shape, pipelining and load path per GPU generation (measured: benchmarks/RESULTS.md)."""
+def _tile_config(head_dim: int, block_size: int, device: torch.device, wide: bool = False) -> dict:
+    """Tile shape, pipelining and load path per GPU generation (measured: benchmarks/RESULTS.md); ``wide``: the
+    tile for scattered lists over keys that overflow L2 (see _wide_tile_pays)."""
     if device.type != "cuda":  # Triton's CPU interpreter (tests): any valid shape will do
         return dict(BLOCK_N=min(block_size, 64), num_warps=4, num_stages=1, tma=False)
     major, _ = torch.cuda.get_device_capability(device)
     hopper = major >= 9
+    if hopper and wide:  # 128-wide key tiles over two warpgroups, three stages in flight
+        return dict(BLOCK_N=128, num_warps=8, num_stages=3, tma=True)
     if hopper:  # H100 sweep (benchmarks/RESULTS.md): 64-wide key tiles, one warpgroup, TMA loads
         return dict(BLOCK_N=64, num_warps=4, num_stages=2, tma=True)
     return dict(BLOCK_N=64, num_warps=4, num_stages=3 if head_dim <= 64 else 2, tma=False)
+
+
+def _wide_tile_pays(k: torch.Tensor, block_size: int, list_width: int) -> bool:
+    """Whether a layout the caller calls scattered runs faster on the wide tile: on Hopper, at head_dim and block
+    128, when one head's keys and values overflow L2 (so a scattered list's key tiles come from HBM and want more
+    loads in flight) and the lists are short (at most WIDE_TILE_MAX_FRACTION of the key blocks; above it the
+    default tile's more resident programs win). Measured on the H100 at HunyuanVideo 720p, random layouts:
+    0.89 -> 0.92 of SDPA's throughput at density 0.25, 0.83 -> 0.89 at 0.10, 0.98 -> 0.88 at 0.50; banded lists and
+    Wan 14B's 75,600 tokens (a head's keys fit L2) lose on it (benchmarks/RESULTS.md)."""
+    if k.device.type != "cuda" or k.shape[-1] != 128 or block_size != 128:
+        return False
+    if torch.cuda.get_device_capability(k.device)[0] < 9:
+        return False
+    head_kv_bytes = 2 * k.shape[2] * k.shape[3] * k.element_size()
+    key_blocks = -(-k.shape[2] // block_size)
+    return head_kv_bytes > _l2_bytes(k.device) and list_width <= WIDE_TILE_MAX_FRACTION * key_blocks
+
+
+@functools.lru_cache(maxsize=None)
+def _l2_bytes(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).L2_cache_size
 
 
 def _tensor_descriptor_class():
@@ -306,10 +333,12 @@ def _tma_compatible(*tensors) -> bool:
 
 
 def triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size, scale, kv_length=None,
-                                  return_lse=False, out=None, config=None, pooled=None):
+                                  return_lse=False, out=None, config=None, pooled=None, scattered=False):
     """Launch the kernel. Inputs are assumed validated; head_dim must be a power of two in [16, 128].
 
-    ``config``: BLOCK_N, num_warps, num_stages and tma (use the TMA variant), default per GPU.
+    ``config``: BLOCK_N, num_warps, num_stages and tma (use the TMA variant), default per GPU and layout.
+    ``scattered``: the caller's word that the lists are scattered over the keys, not bands (the kernel cannot tell
+    without reading them back); at long sequences such lists take a wider tile (_wide_tile_pays).
     ``pooled``: PooledKeys of the key blocks (head dim as q's): each row also gets the pooled term of every block
     its list skips; with return_lse the result is then (out, exact LSE, compensated LSE).
     """
@@ -328,7 +357,10 @@ def triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size,
         kv_counts = kv_counts.contiguous()
     has_len = kv_length is not None
     kv_len = kv_length.to(device=q.device, dtype=torch.int32).contiguous() if has_len else kv_counts
-    cfg = dict(config) if config is not None else _tile_config(D, block_size, q.device)
+    if config is None:
+        wide = scattered and _wide_tile_pays(k, block_size, kv_indices.shape[-1])
+        config = _tile_config(D, block_size, q.device, wide)
+    cfg = dict(config)
     if block_size % cfg["BLOCK_N"]:
         raise ValueError(f"config BLOCK_N={cfg['BLOCK_N']} must divide the layout block size {block_size}")
     descriptor = _tensor_descriptor_class() if cfg.pop("tma", False) else None

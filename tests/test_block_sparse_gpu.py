@@ -150,6 +150,35 @@ def test_load_paths(D, block_size, tma, gen):
     assert_matches(out, lse, expected, q.dtype, f"tma={tma} D={D} bs={block_size} seed={gen.initial_seed()}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_wide_tile_for_scattered_lists(dtype, gen):
+    """The tile that scattered lists take at long sequences (128-wide key tiles, 8 warps, 3 stages) against the
+    oracle, and compensated against the default tile; at this length the public API keeps the default tile."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the wide tile is Hopper's (TMA loads)")
+    kernel = import_pack("kernels.block_sparse_triton")
+    D, bs = 128, 128
+    q, k, v = make_qkv(L, L, D, dtype, gen)
+    nb = K.num_blocks(L, bs)
+    layout = random_layout((B, H), nb, nb, gen, width=max(1, nb // 4), min_count=0, device="cuda")
+    kv_length = torch.tensor([L, L - 300], device="cuda")
+    wide = kernel._tile_config(D, bs, q.device, wide=True)
+    args = dict(block_size=bs, scale=D ** -0.5, kv_length=kv_length, return_lse=True)
+    out, lse = kernel.triton_block_sparse_attention(q, k, v, *layout, config=wide, **args)
+    expected = dense_oracle(q, k, v, *layout, bs, kv_length=kv_length, row_chunk=ROW_CHUNK)
+    ctx = f"{dtype} seed={gen.initial_seed()}"
+    assert_matches(out, lse, expected, q.dtype, ctx)
+    pooled = K.pool_key_blocks(k, v, bs, kv_length)
+    got = kernel.triton_block_sparse_attention(q, k, v, *layout, config=wide, pooled=pooled, **args)
+    want = kernel.triton_block_sparse_attention(q, k, v, *layout, pooled=pooled, **args)
+    assert (got[0].float() - want[0].float()).norm() / want[0].float().norm() < 1e-2, ctx
+    for g, w in zip(got[1:], want[1:]):
+        assert torch.equal(torch.isneginf(g), torch.isneginf(w)), ctx
+        finite = torch.isfinite(w)
+        assert (g - w)[finite].abs().max() < 1e-3, ctx
+    assert not kernel._wide_tile_pays(k, bs, layout[0].shape[-1]), "a 4k-token head fits any GPU's L2"
+
+
 @pytest.mark.parametrize("misalign", [0, 1], ids=["aligned", "misaligned"])
 def test_batch_offsets_past_int32(misalign, gen):
     """Batch offsets b * stride(0) beyond 2**31 elements (a large batch of 720p videos) must not wrap around.

@@ -448,3 +448,36 @@ def test_out_of_shared_memory_becomes_a_value_error(monkeypatch):
     idx, cnt = K.block_mask_to_indices(torch.ones(1, 1, 1, 1, dtype=torch.bool))
     with pytest.raises(ValueError, match="shared memory"):
         K.block_sparse_attention(q, q, q, idx, cnt, block_size=64, backend="triton")
+
+
+class _KeysOnGPU:
+    """What _wide_tile_pays reads of k (shape, element size, device), without a GPU."""
+
+    def __init__(self, tokens, head_dim=128, element_size=2):
+        self.shape, self.device, self._size = (1, 24, tokens, head_dim), torch.device("cuda", 0), element_size
+
+    def element_size(self):
+        return self._size
+
+
+@pytest.mark.parametrize("capability, tokens, head_dim, block_size, list_fraction, wide", [
+    ((9, 0), 119_056, 128, 128, 0.10, True),   # HunyuanVideo 720p, AdaSpa's density: one head's K, V 61 MB
+    ((9, 0), 119_056, 128, 128, 0.25, True),
+    ((9, 0), 119_056, 128, 128, 0.50, False),  # long lists: the default tile's resident programs win
+    ((9, 0), 75_600, 128, 128, 0.10, False),   # Wan 14B 720p: a head's 39 MB fit the 50 MB L2
+    ((8, 0), 119_056, 128, 128, 0.10, False),  # measured on Hopper only
+    ((9, 0), 119_056, 64, 128, 0.10, False),
+    ((9, 0), 119_056, 128, 64, 0.10, False),
+])
+def test_wide_tile_rule(capability, tokens, head_dim, block_size, list_fraction, wide, monkeypatch):
+    kernel = import_pack("kernels.block_sparse_triton")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(kernel, "_l2_bytes", lambda device: 50 << 20)
+    k = _KeysOnGPU(tokens, head_dim)
+    width = round(list_fraction * K.num_blocks(tokens, block_size))
+    assert kernel._wide_tile_pays(k, block_size, width) is wide
+
+
+def test_wide_tile_never_on_cpu(cpu_gen):
+    kernel = import_pack("kernels.block_sparse_triton")
+    assert not kernel._wide_tile_pays(torch.zeros(1, 1, 1 << 20, 128, dtype=torch.bfloat16), 128, 1)
