@@ -1,17 +1,26 @@
-"""Does a second-order term pay for the compensation of skipped keys? Measured on the proxy's real q, k, v (CPU).
+"""Which compensation of skipped keys pays, per call? Measured on the proxy's real q, k, v (CPU).
 
-    python benchmarks/compensation_terms.py --comfyui PATH [--step 10 --steps 20] [--rows 256] [--json out.json]
+    python benchmarks/compensation_terms.py --comfyui PATH [--step 10 --steps 20 --cfg 4] [--rows 256] [--json F]
 
 The proxy (benchmarks/proxy_model.py, 16,384 tokens, 4 heads of 64) samples up to ``--step`` of ``--steps``
-(Euler, cfg 4, dense throughout); the q, k, v of every block's self-attention at that step (the conditional batch
-element) are captured and the run stops. On ``--rows`` strided query rows per head, each block-64 layout's output
-is compared with exact attention (relative L2 error, mean over the blocks and heads), the skipped key blocks
+(Euler, dense throughout); the q, k, v of every block's self-attention at that step (the conditional batch
+element) are captured and the run stops. On ``--rows`` strided query rows per head, each layout's output is
+compared with exact attention (relative L2 error, mean over the blocks and heads), the skipped key groups (key
+blocks of 64, or SVG2's key clusters)
   * dropped (the methods as published),
-  * compensated to first order: size x exp(q.k_mean * scale), value v_mean (what the kernels do),
+  * compensated to first order: one virtual key per skipped group, size x exp(q.k_mean * scale), value v_mean
+    (what the kernels do: G terms a row),
+  * per list row: the skipped groups' first-order terms taken at the mean query of the row's query block or
+    cluster and summed into one virtual key (weights w: key k_w and value v_w their w-means), whose score is
+    moved to the row's own query to first order (a.k_w + A - a_mean.k_w): one term a row, whatever G;
+  * per list row (constant): the same term without the move (score A for every row of the list row);
+  * top 16 / 64 + rest: that many skipped groups, the heaviest at the list row's mean query, get their own
+    first-order terms, the others one term per list row as above;
   * to second order (a Gaussian moment of each block): weight x exp(scale^2 q^T Cov_k q / 2), numerator also
-    + scale Cov_vk q (the block's key covariance and value-key cross-covariance, D x D each),
+    + scale Cov_vk q (the block's key covariance and value-key cross-covariance, D x D each), block layouts only;
   * to second order with the diagonal of Cov_k alone (one more dot product per block, no cross term).
-Layouts: SVG's spatial band and AdaSpa's rows at density 0.25, and Radial's (its floor on this grid).
+Layouts at density about 0.25: SVG's spatial band, AdaSpa's (each query block's top key blocks by exact mass),
+SVG2's clusters (quality.py's proxy cluster counts and its 0.25 top-p), and Radial's (its floor on this grid).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +41,9 @@ import proxy_model  # noqa: E402
 from pack import import_pack  # noqa: E402
 
 BLOCK = 64
-VARIANTS = ("dropped", "first order", "second order", "second order (diagonal)")
+VARIANTS = ("dropped", "first order", "top 16 + rest", "top 64 + rest", "per list row", "per list row (constant)",
+            "second order", "second order (diagonal)")
+SVG2_CLUSTERS, SVG2_TOP_P, KMEANS_ITERATIONS = (64, 256), 0.487, 20  # quality.py's proxy scaling, its 0.25 knob
 
 
 class Captured(Exception):
@@ -64,61 +76,153 @@ def capture(proxy, nodes, bridge, step: int, steps: int, cfg: float, seed: int, 
     raise RuntimeError(f"the run ended before step {step} captured every block")
 
 
-def layouts(grid):
-    """name -> (NB, NB) bool block mask, or a callable of the head's block masses for AdaSpa's row-wise top-k."""
-    core, svg_layout = import_pack("core"), import_pack("core.svg_layout")
-    return {"svg spatial 0.25": svg_layout.svg_block_masks(grid, 0.25, BLOCK, True)[0],
-            "radial (floor)": core.radial_block_mask(grid, core.RadialSettings(decay_factor=0.01, block_size=BLOCK)),
-            "adaspa rows 0.25": None}
+@dataclass
+class Layout:
+    """What one layout keeps for the sampled rows. kept (H, R, G) bool: row keeps key group g; key_group (H, L):
+    each key's group; row_list (H, R): each row's list row (its query block or cluster), whose mean query is
+    list_means (H, NR, D); blocks: the groups are key blocks of BLOCK (the second-order terms need that)."""
+
+    kept: torch.Tensor
+    key_group: torch.Tensor
+    row_list: torch.Tensor
+    list_means: torch.Tensor
+    blocks: bool
 
 
-def block_stats(k, v):
-    """Per key block: size, mean key, mean value, key covariance, value-key cross-covariance (float64)."""
-    H, L, D = k.shape
+def block_layout(mask, q, rows):
+    """A fixed-block layout: (NB, NB) bool for every head, or (H, NB, NB) one per head."""
+    H, L, D = q.shape
     nb = L // BLOCK
-    kb, vb = (t.double().view(H, nb, BLOCK, D) for t in (k, v))
-    k_mean, v_mean = kb.mean(2), vb.mean(2)
-    dk, dv = kb - k_mean[:, :, None], vb - v_mean[:, :, None]
-    return k_mean, v_mean, dk.transpose(-1, -2) @ dk / BLOCK, dv.transpose(-1, -2) @ dk / BLOCK
+    key_group = (torch.arange(L) // BLOCK).expand(H, L)
+    means = q.double().view(H, nb, BLOCK, D).mean(2)
+    kept = mask[..., rows // BLOCK, :].expand(H, -1, -1)
+    return Layout(kept, key_group, (rows // BLOCK).expand(H, -1), means, True)
 
 
-def errors(q, k, v, mask_of, rows):
-    """{variant: relative L2 error} over ``rows`` of every head, for one layout (block mask (NB, NB), or None:
-    per head the row-wise top 25% blocks by exact block mass)."""
+def adaspa_layout(q, k, rows, density=0.25):
+    """AdaSpa's layout at ``density``: per head and query block, the key blocks of the most exact attention mass
+    (the query block's rows' mean), found here on every block of the call."""
+    H, L, D = q.shape
+    nb = L // BLOCK
+    mass = torch.empty(H, nb, nb, dtype=torch.float64)
+    for b in range(nb):  # a query block at a time: (H, BLOCK, L) scores
+        p = torch.softmax(q[:, b * BLOCK:(b + 1) * BLOCK].double() @ k.double().transpose(-1, -2) / math.sqrt(D), -1)
+        mass[:, b] = p.view(H, BLOCK, nb, BLOCK).sum(-1).mean(1)
+    top = mass.topk(round(density * nb), dim=-1).indices
+    return block_layout(torch.zeros(H, nb, nb, dtype=torch.bool).scatter_(-1, top, True), q, rows)
+
+
+def svg2_layout(q, k, rows):
+    """SVG2's cluster layout: k-means of q and k, key clusters kept by top-p of the centroid estimate; a query
+    cluster's mean query is its centroid."""
+    K = import_pack("kernels")
+    cq, ck = SVG2_CLUSTERS
+    qc = K.batched_kmeans(q[None], cq, KMEANS_ITERATIONS, backend="reference")
+    kc = K.batched_kmeans(k[None], ck, KMEANS_ITERATIONS, backend="reference")
+    sel = K.select_key_clusters(qc.centroids, kc.centroids, kc.sizes, top_p=SVG2_TOP_P, backend="reference",
+                                with_kept=True)
+    row_list = qc.labels[0][:, rows].long()
+    kept = torch.gather(sel.kept[0], 1, row_list[..., None].expand(-1, -1, ck))
+    return Layout(kept, kc.labels[0].long(), row_list, qc.centroids[0].double(), False)
+
+
+def layouts(grid, q, k, rows):
+    """name -> Layout of one block's q, k."""
+    core, svg_layout = import_pack("core"), import_pack("core.svg_layout")
+    spatial = svg_layout.svg_block_masks(grid, 0.25, BLOCK, True)[0]
+    radial = core.radial_block_mask(grid, core.RadialSettings(decay_factor=0.01, block_size=BLOCK))
+    return {"svg spatial 0.25": block_layout(spatial, q, rows), "radial (floor)": block_layout(radial, q, rows),
+            "adaspa blocks 0.25": adaspa_layout(q, k, rows), "svg2 clusters 0.25": svg2_layout(q, k, rows)}
+
+
+def group_stats(k, v, key_group, groups):
+    """Per key group: log size (-inf when empty), mean key, mean value (float64)."""
+    H, L, D = k.shape
+    size = torch.zeros(H, groups, dtype=torch.float64).scatter_add_(1, key_group,
+                                                                     torch.ones(H, L, dtype=torch.float64))
+    sums = [torch.zeros(H, groups, D, dtype=torch.float64).scatter_add_(1, key_group[..., None].expand(H, L, D),
+                                                                         t.double()) for t in (k, v)]
+    means = [t / size.clamp(min=1)[..., None] for t in sums]
+    return size.log(), *means
+
+
+def block_moments(k, v):
+    """Per key block: key covariance and value-key cross-covariance (float64)."""
+    H, L, D = k.shape
+    kb, vb = (t.double().view(H, L // BLOCK, BLOCK, D) for t in (k, v))
+    dk, dv = kb - kb.mean(2, keepdim=True), vb - vb.mean(2, keepdim=True)
+    return dk.transpose(-1, -2) @ dk / BLOCK, dv.transpose(-1, -2) @ dk / BLOCK
+
+
+def list_row_terms(a, layout, q_scaled_means, log_size, k_mean, v_mean, linear: bool, apart: int = 0):
+    """(H, R) log weight and (H, R, D) value of the one virtual key each row gets from its list row: the skipped
+    groups' first-order terms at the list row's mean query, summed (weights w, total A), and, with ``linear``,
+    moved to the row's own query to first order: score a.k_w + A - a_mean.k_w, k_w the w-weighted mean key.
+    ``apart``: that many skipped groups, the heaviest at the list row's mean query, are left out of the sum (the
+    caller gives them their own terms); also returned, (H, R, G) bool."""
+    a_mean = torch.gather(q_scaled_means, 1, layout.row_list[..., None].expand(-1, -1, a.shape[-1]))
+    logw = (a_mean @ k_mean.transpose(-1, -2) + log_size[:, None]).masked_fill(layout.kept, float("-inf"))
+    heaviest = torch.zeros_like(layout.kept)
+    if apart:
+        heaviest.scatter_(-1, logw.topk(min(apart, logw.shape[-1]), dim=-1).indices, True)
+        heaviest &= torch.isfinite(logw)
+        logw = logw.masked_fill(heaviest, float("-inf"))
+    total = torch.logsumexp(logw, -1)
+    w = torch.exp(logw - total[..., None]).nan_to_num(0.0)              # rows that skip nothing: no term
+    k_w, v_w = w @ k_mean, w @ v_mean
+    score = total + ((a - a_mean) * k_w).sum(-1) if linear else total
+    return score, v_w, heaviest
+
+
+def errors(q, k, v, layout, rows):
+    """{variant: relative L2 error} over ``rows`` of every head for one Layout (second order: block layouts only)."""
     H, L, D = q.shape
     scale = 1.0 / math.sqrt(D)
-    nb = L // BLOCK
     qr = q[:, rows].double()
     s = qr @ k.double().transpose(-1, -2) * scale                                  # (H, R, L)
     exact = torch.softmax(s, -1) @ v.double()
-    if mask_of is None:
-        mass = torch.softmax(s, -1).view(H, len(rows), nb, BLOCK).sum(-1)
-        top = mass.topk(nb // 4, dim=-1).indices
-        kept = torch.zeros(H, len(rows), nb, dtype=torch.bool).scatter_(-1, top, True)
-    else:
-        kept = mask_of[rows // BLOCK][None].expand(H, -1, -1)
-    k_mean, v_mean, cov_k, cov_vk = block_stats(k, v)
+    groups = layout.kept.shape[-1]
+    log_size, k_mean, v_mean = group_stats(k, v, layout.key_group, groups)
     a = qr * scale                                                                 # (H, R, D)
-    first = a @ k_mean.transpose(-1, -2) + math.log(BLOCK)                         # (H, R, NB) log weights
-    quad = 0.5 * torch.einsum("hrd,hbde,hre->hrb", a, cov_k, a)
-    diag = 0.5 * (a * a) @ cov_k.diagonal(dim1=-2, dim2=-1).transpose(-1, -2)
-    cross = torch.einsum("hbde,hre->hrbd", cov_vk, a)                              # (H, R, NB, D)
-    token_kept = kept.repeat_interleave(BLOCK, dim=-1)
+    first = a @ k_mean.transpose(-1, -2) + log_size[:, None]                       # (H, R, G) log weights
+    token_kept = torch.gather(layout.kept, 2, layout.key_group[:, None].expand(H, len(rows), L))
     s_kept = s.masked_fill(~token_kept, float("-inf"))
+    moments = block_moments(k, v) if layout.blocks else None
     result = {}
     for name in VARIANTS:
         if name == "dropped":
             out = torch.softmax(s_kept, -1) @ v.double()
+        elif name.startswith("per list row") or name.startswith("top"):
+            apart = int(name.split()[1]) if name.startswith("top") else 0
+            score, value, heaviest = list_row_terms(a, layout, layout.list_means * scale, log_size, k_mean, v_mean,
+                                                    linear=not name.endswith("(constant)"), apart=apart)
+            own = first.masked_fill(~heaviest, float("-inf"))                  # the heaviest skipped, row by row
+            m = torch.maximum(torch.maximum(s_kept.amax(-1), score), own.amax(-1))[..., None]
+            p, pw, po = torch.exp(s_kept - m), torch.exp(score[..., None] - m), torch.exp(own - m)
+            out = (p @ v.double() + pw * value + po @ v_mean) / (p.sum(-1, keepdim=True) + pw
+                                                                  + po.sum(-1, keepdim=True))
+        elif name.startswith("second order") and moments is None:
+            result[name] = float("nan")
+            continue
         else:
-            logw = first + (quad if name == "second order" else diag if name.endswith("(diagonal)") else 0.0)
-            logw = logw.masked_fill(kept, float("-inf"))
-            values = v_mean[:, None] + (cross if name == "second order" else 0.0)        # (H, R?, NB, D)
+            logw, values = first, v_mean[:, None]
+            if name.startswith("second order"):
+                cov_k, cov_vk = moments
+                if name.endswith("(diagonal)"):
+                    logw = logw + 0.5 * (a * a) @ cov_k.diagonal(dim1=-2, dim2=-1).transpose(-1, -2)
+                else:
+                    logw = logw + 0.5 * torch.einsum("hrd,hbde,hre->hrb", a, cov_k, a)
+                    values = values + torch.einsum("hbde,hre->hrbd", cov_vk, a)    # (H, R, NB, D)
+            logw = logw.masked_fill(layout.kept, float("-inf"))
             m = torch.maximum(s_kept.amax(-1), logw.amax(-1))[..., None]
             p, pw = torch.exp(s_kept - m), torch.exp(logw - m)
-            num = p @ v.double() + (pw[..., None] * values.expand(H, len(rows), nb, D)).sum(-2)
+            num = p @ v.double() + (pw[..., None] * values.expand(H, len(rows), groups, D)).sum(-2)
             out = num / (p.sum(-1) + pw.sum(-1))[..., None]
         result[name] = float((out - exact).norm() / exact.norm())
     result["recall"] = float((torch.softmax(s, -1) * token_kept).sum(-1).mean())
+    spread = (k.double() - torch.gather(k_mean, 1, layout.key_group[..., None].expand(H, L, D))).square().sum(-1)
+    result["key spread"] = float(spread.mean() / k.double().square().sum(-1).mean())
+    result["density"] = float(token_kept.double().mean())
     return result
 
 
@@ -142,20 +246,23 @@ def main(argv=None):
     grid, captured = capture(proxy, nodes, bridge, args.step, args.steps, args.cfg, args.seed, args.frames, args.size)
     L = grid.total_tokens
     rows = torch.arange(args.rows) * L // args.rows + (L // args.rows) // 2
-    results = {}
-    for name, mask in layouts(grid).items():
-        per_layer = [errors(*captured[layer], mask, rows) for layer in sorted(captured)]
-        results[name] = {key: sum(r[key] for r in per_layer) / len(per_layer) for key in per_layer[0]}
-        results[name]["density"] = 0.25 if mask is None else float(mask.float().mean())
-        print(name, results[name], flush=True)
+    per_layout = {}
+    for layer in sorted(captured):
+        q, k, v = captured[layer]
+        for name, layout in layouts(grid, q, k, rows).items():
+            per_layout.setdefault(name, []).append(errors(q, k, v, layout, rows))
+            print(f"block {layer} {name}: {per_layout[name][-1]}", flush=True)
+    results = {name: {key: sum(r[key] for r in rs) / len(rs) for key in rs[0]} for name, rs in per_layout.items()}
     if args.json:
         Path(args.json).write_text(json.dumps(dict(step=args.step, steps=args.steps, cfg=args.cfg, rows=args.rows,
                                                    grid=str(grid), results=results), indent=1))
     print(f"\nproxy {grid}, step {args.step} of {args.steps}, cfg {args.cfg}, {args.rows} rows per head, block {BLOCK}: "
           "relative L2 error of the output against exact attention, mean over blocks 1-7 and heads")
-    print(f"{'layout':18s} {'density':>7s} {'recall':>6s} " + " ".join(f"{v:>23s}" for v in VARIANTS))
+    print("key spread: the keys' mean squared distance to their group's mean key, over their mean squared norm")
+    print(f"{'layout':18s} {'density':>7s} {'recall':>6s} {'spread':>6s} " + " ".join(f"{v:>14s}" for v in VARIANTS))
     for name, r in results.items():
-        print(f"{name:18s} {r['density']:7.3f} {r['recall']:6.3f} " + " ".join(f"{r[v]:23.4f}" for v in VARIANTS))
+        print(f"{name:18s} {r['density']:7.3f} {r['recall']:6.3f} {r['key spread']:6.3f} "
+              + " ".join(f"{r[v]:14.4f}" for v in VARIANTS))
 
 
 if __name__ == "__main__":

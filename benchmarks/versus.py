@@ -304,8 +304,8 @@ def main(argv=None):
     meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.machine()})",
                 torch=torch.__version__, triton=triton.__version__, comfy_kitchen=kitchen_version(),
                 sageattention=package_version("sageattention"), dtype="bfloat16", head_dim=HEAD_DIM,
-                repeats=args.repeats, wide_tile=args.wide_tile, run_steps=RUN_STEPS, timed_step=LATER_STEP, smoke=args.smoke,
-                date=datetime.datetime.now().isoformat(timespec="seconds"))
+                repeats=args.repeats, wide_tile=args.wide_tile, run_steps=RUN_STEPS, timed_step=LATER_STEP,
+                smoke=args.smoke, date=datetime.datetime.now().isoformat(timespec="seconds"))
     rows = []
     for name, dims in shapes.items():
         rows += run_shape(name, dims, args, device, dtype)

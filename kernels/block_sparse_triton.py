@@ -306,7 +306,7 @@ def _wide_tile_pays(k: torch.Tensor, block_size: int, list_width: int) -> bool:
     Wan 14B's 75,600 tokens (a head's keys fit L2) lose on it (benchmarks/RESULTS.md)."""
     if k.device.type != "cuda" or k.shape[-1] != 128 or block_size != 128:
         return False
-    if torch.cuda.get_device_capability(k.device)[0] < 9:
+    if torch.cuda.get_device_capability(k.device)[0] != 9:  # measured on Hopper; its shared memory holds the tile
         return False
     head_kv_bytes = 2 * k.shape[2] * k.shape[3] * k.element_size()
     key_blocks = -(-k.shape[2] // block_size)

@@ -466,6 +466,7 @@ class _KeysOnGPU:
     ((9, 0), 119_056, 128, 128, 0.50, False),  # long lists: the default tile's resident programs win
     ((9, 0), 75_600, 128, 128, 0.10, False),   # Wan 14B 720p: a head's 39 MB fit the 50 MB L2
     ((8, 0), 119_056, 128, 128, 0.10, False),  # measured on Hopper only
+    ((12, 0), 119_056, 128, 128, 0.10, False),  # a consumer Blackwell card's shared memory does not hold the tile
     ((9, 0), 119_056, 64, 128, 0.10, False),
     ((9, 0), 119_056, 128, 64, 0.10, False),
 ])
