@@ -50,9 +50,10 @@ class SparseAttentionPatch:
                     "default": "auto",
                     "tooltip": "on: the keys a sparse layout skips are not dropped but each skipped block (SVG2: "
                                "key cluster) enters the softmax through its mean key and mean value, weighted by its "
-                               "size; off: the papers' methods as they are. auto: on for SVG2, whose videos it "
-                               "brought much closer to dense for ~1.3x its attention time, off for the others, "
-                               "whose videos it helped less or not at all (and off with precision 8-bit)."}),
+                               "size; off: the papers' methods as they are. auto: on for SVG2, whose clusters' keys "
+                               "sit close to their mean: its videos came much closer to dense for ~1.3x its "
+                               "attention time; off for the block methods, whose blocks' keys spread: their videos "
+                               "gained less or lost, most in few-step runs (and off with precision 8-bit)."}),
                 "precision": (list(PRECISIONS), {
                     "default": "bf16",
                     "tooltip": "What the sparse kernel computes in. 8-bit: FP8 on Ada / Hopper / Blackwell GPUs, "
