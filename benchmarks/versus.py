@@ -283,9 +283,6 @@ def main(argv=None):
                         help="ours with the skipped keys' pooled terms: off, on, or both rows")
     parser.add_argument("--ours-only", action="store_true", help="no dense 8-bit rows")
     parser.add_argument("--methods", nargs="+", choices=list(KNOBS), default=list(KNOBS), help="which of ours to time")
-    parser.add_argument("--wide-tile", choices=("auto", "never"), default="auto",
-                        help="never: scattered lists (AdaSpa's) keep the default key tile at every length, to "
-                             "measure what the wide tile buys (kernels.block_sparse_triton._wide_tile_pays)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per row (median)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
@@ -296,16 +293,14 @@ def main(argv=None):
         parser.error("this benchmark needs a CUDA GPU; --smoke checks it on the CPU")
     import triton
 
-    if args.wide_tile == "never":
-        import_pack("kernels.block_sparse_triton").WIDE_TILE_MAX_FRACTION = 0.0
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.bfloat16
     shapes = SMOKE_SHAPES if args.smoke else {name: SHAPES[name] for name in args.shapes}
     meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.machine()})",
                 torch=torch.__version__, triton=triton.__version__, comfy_kitchen=kitchen_version(),
                 sageattention=package_version("sageattention"), dtype="bfloat16", head_dim=HEAD_DIM,
-                repeats=args.repeats, wide_tile=args.wide_tile, run_steps=RUN_STEPS, timed_step=LATER_STEP,
-                smoke=args.smoke, date=datetime.datetime.now().isoformat(timespec="seconds"))
+                repeats=args.repeats, run_steps=RUN_STEPS, timed_step=LATER_STEP, smoke=args.smoke,
+                date=datetime.datetime.now().isoformat(timespec="seconds"))
     rows = []
     for name, dims in shapes.items():
         rows += run_shape(name, dims, args, device, dtype)

@@ -64,6 +64,15 @@ def test_versus_smoke_runs_every_row_or_says_why(tmp_path, capsys):
     assert "torch SDPA" in capsys.readouterr().out.rsplit("-----", 1)[-1]  # the table comes last
 
 
+def test_versus_methods_picks_ours(tmp_path):
+    versus = load_benchmark("versus")
+    out = tmp_path / "v.json"
+    assert versus.main(["--smoke", "--ours-only", "--sol-taus", "--methods", "adaspa", "radial",
+                        "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["torch SDPA", "radial", "adaspa"]  # ours in the table's own order
+
+
 def test_check_cost_share_of_a_run():
     check_cost = load_benchmark("check_cost")
     defaults = dict(steps="0.5", rows=64, compare_step=False, floor=0.8)
