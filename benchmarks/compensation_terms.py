@@ -1,6 +1,7 @@
 """Which compensation of skipped keys pays, per call? Measured on the proxy's real q, k, v (CPU).
 
-    python benchmarks/compensation_terms.py --comfyui PATH [--step 10 --steps 20 --cfg 4] [--rows 256] [--json F]
+    python benchmarks/compensation_terms.py --comfyui PATH [--step 10 --steps 20 --cfg 4] [--rows 256]
+        [--apart 16 64] [--json F]
 
 The proxy (benchmarks/proxy_model.py, 16,384 tokens, 4 heads of 64) samples up to ``--step`` of ``--steps``
 (Euler, dense throughout); the q, k, v of every block's self-attention at that step (the conditional batch
@@ -14,8 +15,8 @@ blocks of 64, or SVG2's key clusters)
     cluster and summed into one virtual key (weights w: key k_w and value v_w their w-means), whose score is
     moved to the row's own query to first order (a.k_w + A - a_mean.k_w): one term a row, whatever G;
   * per list row (constant): the same term without the move (score A for every row of the list row);
-  * top 16 / 64 + rest: that many skipped groups, the heaviest at the list row's mean query, get their own
-    first-order terms, the others one term per list row as above;
+  * top M + rest (M from --apart, default 16 and 64): that many skipped groups, the heaviest at the list row's mean
+    query, get their own first-order terms, the others one term per list row as above;
   * to second order (a Gaussian moment of each block): weight x exp(scale^2 q^T Cov_k q / 2), numerator also
     + scale Cov_vk q (the block's key covariance and value-key cross-covariance, D x D each), block layouts only;
   * to second order with the diagonal of Cov_k alone (one more dot product per block, no cross term).
@@ -41,8 +42,9 @@ import proxy_model  # noqa: E402
 from pack import import_pack  # noqa: E402
 
 BLOCK = 64
-VARIANTS = ("dropped", "first order", "top 16 + rest", "top 64 + rest", "per list row", "per list row (constant)",
-            "second order", "second order (diagonal)")
+VARIANTS = ("dropped", "first order", "per list row", "per list row (constant)", "second order",
+            "second order (diagonal)")
+APART = (16, 64)  # --apart: the M of the "top M + rest" variants
 SVG2_CLUSTERS, SVG2_TOP_P, KMEANS_ITERATIONS = (64, 256), 0.487, 20  # quality.py's proxy scaling, its 0.25 knob
 
 
@@ -174,7 +176,12 @@ def list_row_terms(a, layout, q_scaled_means, log_size, k_mean, v_mean, linear: 
     return score, v_w, heaviest
 
 
-def errors(q, k, v, layout, rows):
+def variants(apart=APART) -> tuple:
+    """The variants' names, the "top M + rest" ones after first order."""
+    return VARIANTS[:2] + tuple(f"top {m} + rest" for m in apart) + VARIANTS[2:]
+
+
+def errors(q, k, v, layout, rows, apart=APART):
     """{variant: relative L2 error} over ``rows`` of every head for one Layout (second order: block layouts only)."""
     H, L, D = q.shape
     scale = 1.0 / math.sqrt(D)
@@ -189,7 +196,7 @@ def errors(q, k, v, layout, rows):
     s_kept = s.masked_fill(~token_kept, float("-inf"))
     moments = block_moments(k, v) if layout.blocks else None
     result = {}
-    for name in VARIANTS:
+    for name in variants(apart):
         if name == "dropped":
             out = torch.softmax(s_kept, -1) @ v.double()
         elif name.startswith("per list row") or name.startswith("top"):
@@ -237,6 +244,8 @@ def main(argv=None):
     parser.add_argument("--rows", type=int, default=256, help="strided query rows per head")
     parser.add_argument("--frames", type=int, default=proxy_model.FRAMES)
     parser.add_argument("--size", type=int, default=proxy_model.SIZE)
+    parser.add_argument("--apart", type=int, nargs="*", default=list(APART),
+                        help="M of the 'top M + rest' variants")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -250,7 +259,7 @@ def main(argv=None):
     for layer in sorted(captured):
         q, k, v = captured[layer]
         for name, layout in layouts(grid, q, k, rows).items():
-            per_layout.setdefault(name, []).append(errors(q, k, v, layout, rows))
+            per_layout.setdefault(name, []).append(errors(q, k, v, layout, rows, tuple(args.apart)))
             print(f"block {layer} {name}: {per_layout[name][-1]}", flush=True)
     results = {name: {key: sum(r[key] for r in rs) / len(rs) for key in rs[0]} for name, rs in per_layout.items()}
     if args.json:
@@ -259,10 +268,10 @@ def main(argv=None):
     print(f"\nproxy {grid}, step {args.step} of {args.steps}, cfg {args.cfg}, {args.rows} rows per head, block {BLOCK}: "
           "relative L2 error of the output against exact attention, mean over blocks 1-7 and heads")
     print("key spread: the keys' mean squared distance to their group's mean key, over their mean squared norm")
-    print(f"{'layout':18s} {'density':>7s} {'recall':>6s} {'spread':>6s} " + " ".join(f"{v:>14s}" for v in VARIANTS))
+    print(f"{'layout':18s} {'density':>7s} {'recall':>6s} {'spread':>6s} " + " ".join(f"{v:>14s}" for v in variants(args.apart)))
     for name, r in results.items():
         print(f"{name:18s} {r['density']:7.3f} {r['recall']:6.3f} {r['key spread']:6.3f} "
-              + " ".join(f"{r[v]:14.4f}" for v in VARIANTS))
+              + " ".join(f"{r[v]:14.4f}" for v in variants(args.apart)))
 
 
 if __name__ == "__main__":
