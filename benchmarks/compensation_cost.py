@@ -68,14 +68,14 @@ def build_layout(torch, core, K, kind, grid, heads, bs, density, gen):
     return idx, torch.full((1, heads, nb), kept, dtype=torch.int32, device=device), kept / nb
 
 
-def with_constants(kernel, **constants):
-    """kernel._compensation_args with the compensation's tile constants (BLOCK_P: pooled groups per tile) set as
-    given (restore kernel._compensation_args after use)."""
+def with_block_p(kernel, block_p):
+    """kernel._compensation_args with the pooled-group tile set to ``block_p`` (restore kernel._compensation_args
+    after use)."""
     original = kernel._compensation_args
 
     def args(*a, **kw):
         result = original(*a, **kw)
-        result["constants"] = dict(result["constants"], **constants)
+        result["constants"] = dict(result["constants"], BLOCK_P=block_p)
         return result
     return args
 
@@ -131,7 +131,7 @@ def anatomy(torch, K, kernel, timer, q, k, v, out, idx, cnt, bs, pooled):
     original = kernel._compensation_args
     try:
         for block_p, config in variants:
-            kernel._compensation_args = with_constants(kernel, BLOCK_P=block_p)
+            kernel._compensation_args = with_block_p(kernel, block_p)
             label = f"compensated kernel, BLOCK_P {block_p}" + (", 128/8/3" if config else "")
             launch = lambda: run(cnt, pooled, config)  # noqa: E731
             if q.is_cuda:
