@@ -14,9 +14,12 @@ blocks of 64, or SVG2's key clusters)
   * per list row: the skipped groups' first-order terms taken at the mean query of the row's query block or
     cluster and summed into one virtual key (weights w: key k_w and value v_w their w-means), whose score is
     moved to the row's own query to first order (a.k_w + A - a_mean.k_w): one term a row, whatever G;
+  * per list row (value moved): the same, its value moved to the row's query to first order as well (the
+    derivative of the w-weighted mean value: one D x D matrix per list row, one matrix-vector product a row);
   * per list row (constant): the same term without the move (score A for every row of the list row);
   * top M + rest (M from --apart, default 16 and 64): that many skipped groups, the heaviest at the list row's mean
-    query, get their own first-order terms, the others one term per list row as above;
+    query, get their own first-order terms, the others one term per list row as above (plain, value moved, and
+    value moved with the slope C summed over the R heaviest of the summed groups alone: --slope-groups);
   * to second order (a Gaussian moment of each block): weight x exp(scale^2 q^T Cov_k q / 2), numerator also
     + scale Cov_vk q (the block's key covariance and value-key cross-covariance, D x D each), block layouts only;
   * to second order with the diagonal of Cov_k alone (one more dot product per block, no cross term).
@@ -42,9 +45,10 @@ import proxy_model  # noqa: E402
 from pack import import_pack  # noqa: E402
 
 BLOCK = 64
-VARIANTS = ("dropped", "first order", "per list row", "per list row (constant)", "second order",
-            "second order (diagonal)")
+VARIANTS = ("dropped", "first order", "per list row", "per list row (value moved)", "per list row (constant)",
+            "second order", "second order (diagonal)")
 APART = (16, 64)  # --apart: the M of the "top M + rest" variants
+SLOPE_GROUPS = (16, 32)  # --slope-groups: the R of their "value moved, R" variants
 SVG2_CLUSTERS, SVG2_TOP_P, KMEANS_ITERATIONS = (64, 256), 0.487, 20  # quality.py's proxy scaling, its 0.25 knob
 
 
@@ -156,10 +160,14 @@ def block_moments(k, v):
     return dk.transpose(-1, -2) @ dk / BLOCK, dv.transpose(-1, -2) @ dk / BLOCK
 
 
-def list_row_terms(a, layout, q_scaled_means, log_size, k_mean, v_mean, linear: bool, apart: int = 0):
+def list_row_terms(a, layout, q_scaled_means, log_size, k_mean, v_mean, linear: bool, apart: int = 0,
+                   value_moved: bool = False, slope_groups: int | None = None):
     """(H, R) log weight and (H, R, D) value of the one virtual key each row gets from its list row: the skipped
     groups' first-order terms at the list row's mean query, summed (weights w, total A), and, with ``linear``,
     moved to the row's own query to first order: score a.k_w + A - a_mean.k_w, k_w the w-weighted mean key.
+    ``value_moved``: the value too, v_w + C (a - a_mean), C = sum_g w_g (v_g - v_w)(k_g - k_w)^T the derivative of
+    the w-weighted mean value in the query (a D x D matrix per list row in a kernel; applied here without forming it);
+    ``slope_groups``: C summed over that many of the summed groups alone, the heaviest (building C costs D^2 a group).
     ``apart``: that many skipped groups, the heaviest at the list row's mean query, are left out of the sum (the
     caller gives them their own terms); also returned, (H, R, G) bool."""
     a_mean = torch.gather(q_scaled_means, 1, layout.row_list[..., None].expand(-1, -1, a.shape[-1]))
@@ -172,16 +180,26 @@ def list_row_terms(a, layout, q_scaled_means, log_size, k_mean, v_mean, linear: 
     total = torch.logsumexp(logw, -1)
     w = torch.exp(logw - total[..., None]).nan_to_num(0.0)              # rows that skip nothing: no term
     k_w, v_w = w @ k_mean, w @ v_mean
-    score = total + ((a - a_mean) * k_w).sum(-1) if linear else total
+    delta = a - a_mean
+    score = total + (delta * k_w).sum(-1) if linear else total
+    if value_moved:
+        slope_w = w
+        if slope_groups is not None:
+            top = w.topk(min(slope_groups, w.shape[-1]), dim=-1).indices
+            slope_w = torch.zeros_like(w).scatter_(-1, top, w.gather(-1, top))
+        t = slope_w * (delta @ k_mean.transpose(-1, -2) - (delta * k_w).sum(-1, keepdim=True))  # w_g (k_g-k_w).delta
+        v_w = v_w + t @ v_mean - t.sum(-1, keepdim=True) * v_w
     return score, v_w, heaviest
 
 
-def variants(apart=APART) -> tuple:
-    """The variants' names, the "top M + rest" ones after first order."""
-    return VARIANTS[:2] + tuple(f"top {m} + rest" for m in apart) + VARIANTS[2:]
+def variants(apart=APART, slope_groups=SLOPE_GROUPS) -> tuple:
+    """The variants' names, the "top M + rest" ones (plain, value moved, value moved from R groups) after first
+    order."""
+    moved = ("", " (value moved)") + tuple(f" (value moved, {r})" for r in slope_groups)
+    return VARIANTS[:2] + tuple(f"top {m} + rest{how}" for m in apart for how in moved) + VARIANTS[2:]
 
 
-def errors(q, k, v, layout, rows, apart=APART):
+def errors(q, k, v, layout, rows, apart=APART, slope_groups=SLOPE_GROUPS):
     """{variant: relative L2 error} over ``rows`` of every head for one Layout (second order: block layouts only)."""
     H, L, D = q.shape
     scale = 1.0 / math.sqrt(D)
@@ -196,13 +214,16 @@ def errors(q, k, v, layout, rows, apart=APART):
     s_kept = s.masked_fill(~token_kept, float("-inf"))
     moments = block_moments(k, v) if layout.blocks else None
     result = {}
-    for name in variants(apart):
+    for name in variants(apart, slope_groups):
         if name == "dropped":
             out = torch.softmax(s_kept, -1) @ v.double()
         elif name.startswith("per list row") or name.startswith("top"):
             apart = int(name.split()[1]) if name.startswith("top") else 0
             score, value, heaviest = list_row_terms(a, layout, layout.list_means * scale, log_size, k_mean, v_mean,
-                                                    linear=not name.endswith("(constant)"), apart=apart)
+                                                    linear=not name.endswith("(constant)"), apart=apart,
+                                                    value_moved="(value moved" in name,
+                                                    slope_groups=int(name[name.index(", ") + 2:-1]) if ", " in name
+                                                    else None)
             own = first.masked_fill(~heaviest, float("-inf"))                  # the heaviest skipped, row by row
             m = torch.maximum(torch.maximum(s_kept.amax(-1), score), own.amax(-1))[..., None]
             p, pw, po = torch.exp(s_kept - m), torch.exp(score[..., None] - m), torch.exp(own - m)
@@ -246,6 +267,8 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=proxy_model.SIZE)
     parser.add_argument("--apart", type=int, nargs="*", default=list(APART),
                         help="M of the 'top M + rest' variants")
+    parser.add_argument("--slope-groups", type=int, nargs="*", default=list(SLOPE_GROUPS),
+                        help="R of the 'top M + rest (value moved, R)' variants")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -259,19 +282,21 @@ def main(argv=None):
     for layer in sorted(captured):
         q, k, v = captured[layer]
         for name, layout in layouts(grid, q, k, rows).items():
-            per_layout.setdefault(name, []).append(errors(q, k, v, layout, rows, tuple(args.apart)))
+            result = errors(q, k, v, layout, rows, tuple(args.apart), tuple(args.slope_groups))
+            per_layout.setdefault(name, []).append(result)
             print(f"block {layer} {name}: {per_layout[name][-1]}", flush=True)
     results = {name: {key: sum(r[key] for r in rs) / len(rs) for key in rs[0]} for name, rs in per_layout.items()}
     if args.json:
         Path(args.json).write_text(json.dumps(dict(step=args.step, steps=args.steps, cfg=args.cfg, rows=args.rows,
                                                    grid=str(grid), results=results), indent=1))
-    print(f"\nproxy {grid}, step {args.step} of {args.steps}, cfg {args.cfg}, {args.rows} rows per head, block {BLOCK}: "
-          "relative L2 error of the output against exact attention, mean over blocks 1-7 and heads")
+    print(f"\nproxy {grid}, step {args.step} of {args.steps}, cfg {args.cfg}, {args.rows} rows per head, "
+          f"block {BLOCK}: relative L2 error of the output against exact attention, mean over blocks 1-7 and heads")
     print("key spread: the keys' mean squared distance to their group's mean key, over their mean squared norm")
-    print(f"{'layout':18s} {'density':>7s} {'recall':>6s} {'spread':>6s} " + " ".join(f"{v:>14s}" for v in variants(args.apart)))
+    names = variants(args.apart, args.slope_groups)
+    print(f"{'layout':18s} {'density':>7s} {'recall':>6s} {'spread':>6s} " + " ".join(f"{v:>14s}" for v in names))
     for name, r in results.items():
         print(f"{name:18s} {r['density']:7.3f} {r['recall']:6.3f} {r['key spread']:6.3f} "
-              + " ".join(f"{r[v]:14.4f}" for v in variants(args.apart)))
+              + " ".join(f"{r[v]:14.4f}" for v in names))
 
 
 if __name__ == "__main__":

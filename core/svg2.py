@@ -22,7 +22,8 @@ queries are one more query cluster that keeps every key cluster, the text keys o
 query cluster keeps, and the text padding lies past the last key offset, so it is never attended.
 
 With ``call.compensate`` every non-empty key cluster a query cluster skips enters its rows' softmax through the
-cluster's pooled statistics (mean key, mean value, size: kernels.pool_key_clusters of the permuted keys).
+cluster's pooled statistics (mean key, mean value, size: kernels.pool_key_clusters of the permuted keys): the
+OWN_TERMS heaviest one term each, the others summed into one term per row (kernels/skipped_summary.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 
 from ..kernels import (batched_kmeans, cluster_block_attention, pool_key_clusters, select_key_clusters,
                        selection_backend, selection_pair_bytes, sort_point_bytes)
+from ..kernels.skipped_summary import OWN_TERMS
 from .break_even import CLUSTER
 from .cluster_view import cluster_tile_mask, pack_bits, tile_mask_bytes, unpack_bits
 from .grid import VideoGrid
@@ -321,7 +323,8 @@ class SVG2Planner:
         result = cluster_block_attention(heads.q, heads.k, heads.v, *plan.layout[:3],
                                          keep_sparse(plan.layout[3], route, part), out=heads.out,
                                          backend=call.backend, check_layout=False, return_lse=call.want_lse,
-                                         pooled=pooled, q_order=plan.q_order, k_order=plan.k_order)
+                                         pooled=pooled, own_terms=OWN_TERMS if call.compensate else None,
+                                         q_order=plan.q_order, k_order=plan.k_order)
         if call.want_lse:  # lses[1] is wanted exactly when pooled terms were given
             _, lse, lse_compensated = split_lse(result, pooled)
             for rows, lse_part in zip(lses, (lse, lse_compensated)):

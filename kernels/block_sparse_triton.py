@@ -399,8 +399,8 @@ def triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size,
 def _compensation_args(pooled, q, return_lse, lse, lists, counts) -> dict:
     """Kernel arguments of the compensation: pooled tensors (B * H, G, D) contiguous in q's dtype (what tl.dot
     multiplies), their LSE buffer, the kept table of the rows' ``lists`` / ``counts`` ((B or 1, H or 1, R, n) /
-    (B or 1, H or 1, R): R list rows, each its query block's or query cluster's), the tile constants. Without
-    ``pooled`` the pointers are dummies the kernel never reads."""
+    (B or 1, H or 1, R): R list rows, each its query block's or query cluster's; None: none, a SkippedSummary lists
+    the groups instead), the tile constants. Without ``pooled`` the pointers are dummies the kernel never reads."""
     B, H, _, _ = q.shape
     dtype, device = q.dtype, q.device
     if pooled is None:
@@ -413,7 +413,8 @@ def _compensation_args(pooled, q, return_lse, lse, lists, counts) -> dict:
     # spills; H100, Wan 14B 720p, density 0.25: the compensated kernel 59.3 ms at 64, 56.1 at 32, 56.7 at 16, 189 at
     # 128; benchmarks/compensation_cost.py --anatomy). 16, the least tl.dot takes, on the CPU interpreter.
     constants = dict(COMPENSATE=True, BLOCK_P=32 if device.type == "cuda" else 16)
-    return dict(tensors=(keys, values, log_size, lse_c, kept_table(lists, counts, groups, B, H)), groups=groups,
+    kept = log_size if lists is None else kept_table(lists, counts, groups, B, H)  # None: a summary lists them
+    return dict(tensors=(keys, values, log_size, lse_c, kept), groups=groups,
                 lse=lse_c if return_lse else None, constants=constants)
 
 

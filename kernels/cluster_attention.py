@@ -16,13 +16,15 @@ import torch
 from .attention import (check_pooled, check_triton_head_dim, pad_pooled, resolve_backend, run_padded_head_dim,
                         shared_memory_guard, validate_qkv)
 from .cluster_reference import reference_cluster_block_attention, reference_cluster_pair_count
+from .pooled_keys import PooledKeys
+from .skipped_summary import SUMMARY_CHUNK_BYTES, pad_summary, summarise_skipped, summary_head_bytes
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def cluster_block_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_cluster_counts, *, scale=None,
                             out=None, backend="auto", return_lse=False, check_layout=True, pooled=None,
-                            q_order=None, k_order=None):
+                            own_terms=None, q_order=None, k_order=None):
     """Attention where each query cluster attends only to its kept key clusters.
 
     Args:
@@ -44,6 +46,9 @@ def cluster_block_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_clust
         pooled: optional PooledKeys of the key clusters (kernels.pool_key_clusters of the same k, v, k_offsets and
             k_order): compensation of skipped keys. Every non-empty key cluster a query cluster does not keep adds its
             pooled term (size x exp(q.k_mean * scale), value v_mean) to each of its rows' softmax.
+        own_terms: with ``pooled``, how many of a query cluster's skipped key clusters keep their own term (the
+            heaviest at its mean query); the others are summed into one term per row (kernels/skipped_summary.py:
+            ``own_terms`` + 1 terms a row instead of one per skipped cluster). None: every one its own term.
         q_order, k_order: optional (both or neither) int32 (B, H, NQ) / (B, H, NK) cluster orders of tokens given
             in their own order: position i of the cluster order is token order[..., i] (positions from N on are the
             tokens themselves: HunyuanVideo's text, which is not clustered). Offsets then count positions in cluster
@@ -64,19 +69,48 @@ def cluster_block_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_clust
                          "cluster order)")
     validate_order(q_order, "q_order", B, H, LQ, q.device)
     validate_order(k_order, "k_order", B, H, LK, q.device)
+    if own_terms is not None and (pooled is None or isinstance(own_terms, bool) or not isinstance(own_terms, int)
+                                  or own_terms < 0):
+        raise ValueError(f"own_terms must be a count >= 0 given with pooled (or None), got {own_terms!r}"
+                         + ("" if pooled is not None else " without pooled"))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     kind = resolve_backend(backend, q.device, q.dtype)
+    layout = (q_offsets, k_offsets, kv_clusters, kv_cluster_counts)
+    if own_terms is None or not pooled.groups:
+        return _attend(q, k, v, layout, out, pooled, None, q_order, k_order, scale, kind, return_lse)
+    # A summary holds a D x D slope per query cluster (10 MB a head at Wan 14B 720p) and is built from one per key
+    # cluster: a few heads at a time.
+    step = max(1, SUMMARY_CHUNK_BYTES // summary_head_bytes(B, q_offsets.shape[-1] - 1, pooled.groups, D,
+                                                            q.element_size()))
+    out = torch.empty(B, H, LQ, D, device=q.device, dtype=q.dtype) if out is None else out
+    lses = []
+    for h0 in range(0, H, step):
+        part = slice(h0, min(H, h0 + step))
+        heads = lambda t: t if t is None or t.shape[1] == 1 else t[:, part]  # noqa: E731
+        part_pooled = PooledKeys(*map(heads, (pooled.keys, pooled.values, pooled.log_size)))
+        part_layout = tuple(map(heads, layout))
+        summary = summarise_skipped(q[:, part], part_pooled, *part_layout[:1], *part_layout[2:], scale=scale,
+                                    own_terms=own_terms, q_order=heads(q_order), backend=kind)
+        result = _attend(q[:, part], k[:, part], v[:, part], part_layout, out[:, part], part_pooled, summary,
+                         heads(q_order), heads(k_order), scale, kind, return_lse)
+        if return_lse:
+            lses.append(result[1:])
+    return (out, *(torch.cat(rows, dim=1) for rows in zip(*lses))) if return_lse else out
+
+
+def _attend(q, k, v, layout, out, pooled, summary, q_order, k_order, scale, kind, return_lse):
+    """One launch of the chosen backend over every head given (validated)."""
     orders = dict(q_order=q_order, k_order=k_order)
     if kind == "reference":
-        return reference_cluster_block_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_cluster_counts,
-                                                 scale=scale, out=out, return_lse=return_lse, pooled=pooled, **orders)
-    check_triton_head_dim(D)
+        return reference_cluster_block_attention(q, k, v, *layout, scale=scale, out=out, return_lse=return_lse,
+                                                 pooled=pooled, summary=summary, **orders)
+    check_triton_head_dim(q.shape[-1])
     from .cluster_triton import triton_cluster_attention
 
     def launch(q, k, v, out):
-        return triton_cluster_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_cluster_counts, scale=scale,
-                                        out=out, return_lse=return_lse, pooled=pad_pooled(pooled, q.shape[-1]),
-                                        **orders)
+        return triton_cluster_attention(q, k, v, *layout, scale=scale, out=out, return_lse=return_lse,
+                                        pooled=pad_pooled(pooled, q.shape[-1]),
+                                        summary=pad_summary(summary, q.shape[-1]), **orders)
 
     with shared_memory_guard("use backend 'reference'"):
         return run_padded_head_dim(launch, q, k, v, out, return_lse)

@@ -4,8 +4,9 @@ Each query row looks up its query cluster, each key its key cluster (keys past `
 none), and a (query cluster, key cluster) keep table decides which scores survive. Attention is then dense and
 masked, in float32, a chunk of query rows at a time, so memory stays O(chunk x LK) whatever the cluster sizes.
 This costs the dense work; it is the path for CPUs, float32 and checking, not for speed. With ``pooled``
-(kernels/pooled_keys.py) every row also gets one virtual key per key cluster its query cluster skips. Tokens given in
-their own order with the cluster orders are gathered into cluster order here, and the results scattered back.
+(kernels/pooled_keys.py) every row also gets one virtual key per key cluster its query cluster skips (with a
+summary, kernels/skipped_summary.py: per listed one, and one for the rest). Tokens given in their own order with
+the cluster orders are gathered into cluster order here, and the results scattered back.
 """
 
 from __future__ import annotations
@@ -89,12 +90,15 @@ def reference_cluster_pair_count(q_offsets, k_offsets, kv_clusters, kv_cluster_c
 
 
 def reference_cluster_block_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_cluster_counts, *, scale=None,
-                                      out=None, return_lse=False, pooled=None, q_order=None, k_order=None):
-    """Same contract as :func:`kernels.cluster_block_attention`; inputs are assumed validated."""
+                                      out=None, return_lse=False, pooled=None, summary=None, q_order=None,
+                                      k_order=None):
+    """Same contract as :func:`kernels.cluster_block_attention` (``summary``: the SkippedSummary it builds from
+    ``pooled`` when a row's terms are summarised); inputs are assumed validated."""
     if q_order is not None or k_order is not None:
         result = reference_cluster_block_attention(
             to_cluster_order(q, q_order), to_cluster_order(k, k_order), to_cluster_order(v, k_order), q_offsets,
-            k_offsets, kv_clusters, kv_cluster_counts, scale=scale, return_lse=return_lse, pooled=pooled)
+            k_offsets, kv_clusters, kv_cluster_counts, scale=scale, return_lse=return_lse, pooled=pooled,
+            summary=summary)
         outputs = result if return_lse else (result,)
         back = [to_token_order(outputs[0], q_order, out)] + [to_token_order(t, q_order) for t in outputs[1:]]
         return tuple(back) if return_lse else back[0]
@@ -113,6 +117,8 @@ def reference_cluster_block_attention(q, k, v, q_offsets, k_offsets, kv_clusters
     if pooled is not None:
         k_mean, v_mean = (t.float().expand(B, H, -1, -1) for t in (pooled.keys, pooled.values))
         log_size = pooled.log_size.float().expand(B, H, -1)
+        # Which skipped clusters get their own term: every one, or with a summary its listed ones (the rest: one)
+        own = ~table if summary is None else keep_table(summary.own, summary.own_counts, num_key_clusters)
     chunk = max(1, _CHUNK_ELEMENTS // (B * H * (LK + num_key_clusters)))
     for r0 in range(0, LQ, chunk):
         r1 = min(LQ, r0 + chunk)
@@ -122,14 +128,21 @@ def reference_cluster_block_attention(q, k, v, q_offsets, k_offsets, kv_clusters
         s = s.masked_fill(~allowed, float("-inf"))
         if lse is not None:  # over the exact keys alone
             exact_lse = lse[:, :, r0:r1] = torch.logsumexp(s, dim=-1)
-        sp = None
+        sp = rest = None
         if pooled is not None:  # the skipped clusters' virtual keys
+            rows_own = torch.gather(own, 2, row_cluster[:, :, r0:r1, None].expand(-1, -1, -1, num_key_clusters + 1))
             sp = torch.matmul(q[:, :, r0:r1].float(), k_mean.transpose(-1, -2)) * scale + log_size[:, :, None, :]
-            sp = sp.masked_fill(rows_table[..., :num_key_clusters], float("-inf"))
-        o, _, _ = softmax_rows(s, vf, sp, v_mean if pooled is not None else None)
+            sp = sp.masked_fill(~rows_own[..., :num_key_clusters], float("-inf"))
+        if summary is not None:  # the rest of them: one virtual key a row
+            from .skipped_summary import summary_terms  # (that module takes keep_table from this one)
+
+            rest = summary_terms(q[:, :, r0:r1], summary, row_cluster[:, :, r0:r1], scale)
+        o, _, _ = softmax_rows(s, vf, sp, v_mean if pooled is not None else None, rest)
         result[:, :, r0:r1] = o.to(result.dtype)
-        if lse_c is not None:
-            lse_c[:, :, r0:r1] = torch.logaddexp(exact_lse, torch.logsumexp(sp, dim=-1))  # = exact_lse when all kept
+        if lse_c is not None:  # = exact_lse when every cluster is kept
+            lse_c[:, :, r0:r1] = torch.logaddexp(exact_lse, torch.logsumexp(sp, dim=-1))
+            if rest is not None:
+                lse_c[:, :, r0:r1] = torch.logaddexp(lse_c[:, :, r0:r1], rest[0])
     if not return_lse:
         return result
     return (result, lse, lse_c) if pooled is not None else (result, lse)

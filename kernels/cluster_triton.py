@@ -41,21 +41,23 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_sparse_triton import _LOG2E, _NEG_BIG, _compensation_args, _finish_rows, _softmax_update
+from .block_sparse_triton import (_LOG2E, _LOG2E_C, _NEG_BIG, _compensation_args, _finish_rows, _row_results,
+                                  _softmax_update, _softmax_update_scaled)
 
 
 @triton.jit
 def _cluster_fwd(
     Q, K, V, O, LSE, Q_OFF, K_OFF, KV_IDS, KV_CNT, TILE_CLUSTER, TILE_START, KM, VM, LOGN, LSE_C, KEPT, Q_ORD, K_ORD,
+    OWN, OWN_CNT, S_CENTRE, S_LOGW, S_KEY, S_VAL, S_SLOPE,
     qk_scale,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
     stride_ob, stride_oh, stride_ol,
-    H, LQ, CQ, CK, MAXK, TILES, G, NQ, NK,
+    H, LQ, CQ, CK, MAXK, TILES, G, NQ, NK, M_OWN,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
     RETURN_LSE: tl.constexpr, UPCAST_DOT: tl.constexpr, COMPENSATE: tl.constexpr, BLOCK_P: tl.constexpr,
-    GATHER: tl.constexpr,
+    GATHER: tl.constexpr, SUMMARY: tl.constexpr,
 ):
     t = tl.program_id(0)
     bh = tl.program_id(1)
@@ -112,13 +114,69 @@ def _cluster_fwd(
                 s = tl.where(key_ok[None, :], s, float("-inf"))
             m_i, l_i, acc, _ = _softmax_update(s, v, qk_scale, m_i, l_i, acc)
 
-    out, lse = _finish_rows(q, KM, VM, LOGN, LSE_C, bh, G, KEPT + (bh * CQ + cluster).to(tl.int64) * G, qk_scale,
-                            m_i, l_i, acc, bh.to(tl.int64) * LQ + rows_m, row_ok, HEAD_DIM, BLOCK_P, UPCAST_DOT,
-                            COMPENSATE, RETURN_LSE)
+    lse_rows = bh.to(tl.int64) * LQ + rows_m
+    if SUMMARY:  # the listed skipped clusters' own terms, then the rest's one (kernels/skipped_summary.py)
+        out, lse = _row_results(acc, m_i, l_i)
+        at = (bh * CQ + cluster).to(tl.int64)
+        m_i, l_i, acc = _compensate_listed(q, KM, VM, LOGN, bh, G, OWN + at * M_OWN, tl.load(OWN_CNT + at),
+                                           qk_scale, m_i, l_i, acc, HEAD_DIM, BLOCK_P, UPCAST_DOT)
+        m_i, l_i, acc = _compensate_rest(q, S_CENTRE, S_LOGW, S_KEY, S_VAL, S_SLOPE, at, qk_scale, m_i, l_i, acc,
+                                         HEAD_DIM, UPCAST_DOT)
+        out, lse_c = _row_results(acc, m_i, l_i)
+        if RETURN_LSE:
+            tl.store(LSE_C + lse_rows, lse_c, mask=row_ok)
+    else:
+        out, lse = _finish_rows(q, KM, VM, LOGN, LSE_C, bh, G, KEPT + (bh * CQ + cluster).to(tl.int64) * G,
+                                qk_scale, m_i, l_i, acc, lse_rows, row_ok, HEAD_DIM, BLOCK_P, UPCAST_DOT, COMPENSATE,
+                                RETURN_LSE)
     o_ptrs = O + b * stride_ob + h * stride_oh + rows_m[:, None] * stride_ol + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     if RETURN_LSE:
         tl.store(LSE + bh.to(tl.int64) * LQ + rows_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _compensate_listed(q, KM, VM, LOGN, bh, G, ids_row, count, qk_scale, m_i, l_i, acc,
+                       HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Fold the pooled key groups listed at ``ids_row`` (``count`` of them) into the online softmax, one virtual key
+    each (score q.k_mean * scale + ln(size), value v_mean), BLOCK_P at a time: _compensate_skipped over a short
+    list instead of every group."""
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_d = tl.arange(0, HEAD_DIM)
+    base = bh.to(tl.int64) * G
+    for p0 in range(0, count, BLOCK_P):
+        listed = p0 + offs_p < count
+        groups = base + tl.load(ids_row + p0 + offs_p, mask=listed, other=0)
+        log_size = tl.load(LOGN + groups, mask=listed, other=float("-inf"))
+        km = tl.load(KM + groups[None, :] * HEAD_DIM + offs_d[:, None], mask=listed[None, :], other=0.0)
+        vm = tl.load(VM + groups[:, None] * HEAD_DIM + offs_d[None, :], mask=listed[:, None], other=0.0)
+        if UPCAST_DOT:
+            km = km.to(tl.float32)
+            vm = vm.to(tl.float32)
+        t = tl.dot(q, km) * qk_scale + (log_size * _LOG2E_C)[None, :]
+        m_i, l_i, acc = _softmax_update_scaled(t, vm, m_i, l_i, acc)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _compensate_rest(q, S_CENTRE, S_LOGW, S_KEY, S_VAL, S_SLOPE, at, qk_scale, m_i, l_i, acc,
+                     HEAD_DIM: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Fold the rest's virtual key of query cluster ``at`` into the online softmax: score ln W + (q - c).k_w * scale,
+    value v_w + (q - c) @ slope, a value of its own in every row (kernels/skipped_summary.py). Nothing rests: ln W
+    is -inf and the term adds nothing."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    vec = at * HEAD_DIM + offs_d
+    delta = q.to(tl.float32) - tl.load(S_CENTRE + vec)[None, :]
+    t = tl.load(S_LOGW + at) * _LOG2E_C + tl.sum(delta * tl.load(S_KEY + vec)[None, :], 1) * qk_scale
+    m_new = tl.maximum(m_i, t)
+    p = tl.math.exp2(t - m_new)
+    alpha = tl.math.exp2(m_i - m_new)
+    slope = tl.load(S_SLOPE + at * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :])
+    if UPCAST_DOT:
+        slope = slope.to(tl.float32)
+    acc = acc * alpha[:, None] + p[:, None] * tl.load(S_VAL + vec)[None, :]
+    acc = tl.dot((delta * p[:, None]).to(slope.dtype), slope, acc)
+    return m_new, l_i * alpha + p, acc
 
 
 @triton.jit
@@ -203,14 +261,16 @@ def _tile_table(first_rows, per_cluster, block_m, bound):
 
 
 def triton_cluster_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_cluster_counts, *, scale,
-                             out=None, return_lse=False, config=None, pooled=None, q_order=None, k_order=None):
+                             out=None, return_lse=False, config=None, pooled=None, summary=None, q_order=None,
+                             k_order=None):
     """Launch the kernel. Inputs are assumed validated; head_dim must be a power of two in [16, 128].
 
     ``config``: BLOCK_M, BLOCK_N, CHUNK (key clusters per chunk), num_warps, num_stages for one launch over every
     query tile, or a list of two such dicts (query_tiles' two tables: the second's BLOCK_M takes each cluster's
     last rows when they fit); default per GPU (tile_config).
     ``pooled``: PooledKeys of the key clusters (head dim as q's): each row also gets the pooled term of every key
-    cluster its list skips; with return_lse the result is then (out, exact LSE, compensated LSE).
+    cluster its list skips; with return_lse the result is then (out, exact LSE, compensated LSE). With ``summary``
+    (kernels/skipped_summary.py, head dim as q's) only the clusters it lists, and one term for the rest.
     ``q_order`` / ``k_order``: tokens in their own order (kernels.cluster_block_attention); both or neither.
     """
     B, H, LQ, D = q.shape
@@ -225,7 +285,8 @@ def triton_cluster_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_clus
                                  for t in (q_offsets, k_offsets, kv_clusters, kv_cluster_counts))
     if MAXK == 0:  # every count is 0: one unused slot gives the kernel a real pointer
         ids, MAXK = torch.zeros(B, H, CQ, 1, dtype=torch.int32, device=q.device), 1
-    compensation = _compensation_args(pooled, q, return_lse, lse, ids, counts)
+    compensation = _compensation_args(pooled, q, return_lse, lse, ids if summary is None else None, counts)
+    summarised = _summary_args(summary, lse)
     gather = q_order is not None
     if gather != (k_order is not None):
         raise ValueError("give both q_order and k_order (tokens in their own order), or neither")
@@ -235,16 +296,25 @@ def triton_cluster_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_clus
     for cfg, (tile_cluster, tile_start, tiles) in zip(launches, tables):
         _cluster_fwd[(tiles, B * H)](
             q, k, v, out, lse, q_off, k_off, ids, counts, tile_cluster, tile_start, *compensation["tensors"], q_ord, k_ord,
-            scale * _LOG2E,
+            *summarised["tensors"], scale * _LOG2E,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             H, LQ, CQ, CK, MAXK, tiles, compensation["groups"],
-            q_ord.shape[-1] if gather else 0, k_ord.shape[-1] if gather else 0,
-            HEAD_DIM=D, RETURN_LSE=return_lse, GATHER=gather,
+            q_ord.shape[-1] if gather else 0, k_ord.shape[-1] if gather else 0, summarised["width"],
+            HEAD_DIM=D, RETURN_LSE=return_lse, GATHER=gather, SUMMARY=summary is not None,
             # Triton's CPU interpreter computes bfloat16 tl.dot wrongly (3.6 and 3.8): float32 tiles there.
             UPCAST_DOT=q.device.type == "cpu", **compensation["constants"], **cfg)
     if not return_lse:
         return out
     return (out, lse, compensation["lse"]) if pooled is not None else (out, lse)
+
+
+def _summary_args(summary, dummy) -> dict:
+    """Kernel arguments of a SkippedSummary: its tensors, contiguous, and the listed width; dummies without one."""
+    if summary is None:
+        return dict(tensors=(dummy,) * 7, width=0)
+    tensors = (summary.own, summary.own_counts, summary.centre, summary.log_weight, summary.key, summary.value,
+               summary.slope)
+    return dict(tensors=tuple(t.contiguous() for t in tensors), width=summary.own.shape[-1])

@@ -82,14 +82,17 @@ def reference_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_si
     return (result, lse, lse_c) if pooled is not None else (result, lse)
 
 
-def softmax_rows(s, values, pooled_scores=None, pooled_values=None):
+def softmax_rows(s, values, pooled_scores=None, pooled_values=None, row_term=None):
     """(output, max, denominator) of the rows of scores ``s`` (masked keys -inf) over ``values``; with
     ``pooled_scores`` / ``pooled_values`` the skipped groups' virtual keys join the same softmax, summed apart from
     the exact keys: with every group kept (all -inf) they add exactly nothing (one matmul over the concatenated keys
-    rounds differently on a GPU, whatever the extra columns hold). A row with no key gives 0."""
+    rounds differently on a GPU, whatever the extra columns hold). ``row_term``: (score (..., R), value (..., R, D)),
+    one more virtual key per row with a value of its own (kernels/skipped_summary.py). A row with no key gives 0."""
     m = s.amax(dim=-1, keepdim=True)
     if pooled_scores is not None:
         m = torch.maximum(m, pooled_scores.amax(dim=-1, keepdim=True))
+    if row_term is not None:
+        m = torch.maximum(m, row_term[0][..., None])
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)
     l = p.sum(dim=-1, keepdim=True)
@@ -98,6 +101,10 @@ def softmax_rows(s, values, pooled_scores=None, pooled_values=None):
         p_pooled = torch.exp(pooled_scores - m)
         l = l + p_pooled.sum(dim=-1, keepdim=True)
         numerator = numerator + torch.matmul(p_pooled, pooled_values)
+    if row_term is not None:
+        p_row = torch.exp(row_term[0][..., None] - m)
+        l = l + p_row
+        numerator = numerator + p_row * row_term[1]
     return numerator / torch.where(l > 0, l, torch.ones_like(l)), m, l
 
 

@@ -126,11 +126,14 @@ SVG2_SETTINGS = core.SVG2Settings(query_clusters=6, key_clusters=12, top_p=0.5, 
                                   first_iterations=3, later_iterations=1)
 
 
+@pytest.mark.parametrize("own_terms", [16, 2], ids=["every skipped cluster its own term", "2 own, the rest summed"])
 @pytest.mark.parametrize("backend, dtype", [("reference", torch.float32), ("triton", torch.bfloat16)])
-def test_svg2_compensates_skipped_clusters(backend, dtype, gen):
+def test_svg2_compensates_skipped_clusters(backend, dtype, own_terms, gen, monkeypatch):
     """SVG2's clusters are internal: the compensated call keeps the exact LSE of the plain one (the same clusters:
     k-means is deterministic), adds mass (its compensated LSE is never lower), and moves the output towards dense
-    attention on diffuse random inputs, where the pooled terms are nearly exact."""
+    attention on diffuse random inputs, where the pooled terms are nearly exact; also where a query cluster's
+    skipped clusters beyond its 2 heaviest are summed (kernels/skipped_summary.py)."""
+    monkeypatch.setattr(import_pack("core.svg2"), "OWN_TERMS", own_terms)
     grid = VideoGrid(3, 4, 6, text_tokens=7)  # 72 video tokens, text after
     L = grid.total_tokens
     q, k, v = qkv(1, 2, L, 64, dtype, gen)

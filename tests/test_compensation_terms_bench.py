@@ -72,6 +72,29 @@ def test_one_skipped_group_per_list_row_matches_its_own_term_at_the_mean(terms, 
     torch.testing.assert_close(score[:, skips], first[:, skips, 0])
     torch.testing.assert_close(value[:, skips], v_mean[:, None, 0].expand(H, int(skips.sum()), D))
     assert torch.isneginf(score[:, ~skips]).all()
+    _, moved, _ = terms.list_row_terms(a, layout, layout.list_means * scale, log_size, k_mean, v_mean, linear=True,
+                                       value_moved=True)
+    torch.testing.assert_close(moved[:, skips], value[:, skips])  # one group: its mean value does not move
+
+
+def test_moved_value_is_the_derivative_of_the_weighted_mean_value(terms, qkv):
+    """The moved value of a row near its list row's mean query equals the w-weighted mean value taken at the row's
+    own query, to second order in the distance."""
+    q, k, v = qkv
+    nb = L // terms.BLOCK
+    mask = torch.eye(nb, dtype=torch.bool)
+    rows = rows_of(terms)
+    layout = terms.block_layout(mask, q, rows)
+    scale = D ** -0.5
+    log_size, k_mean, v_mean = terms.group_stats(k, v, layout.key_group, nb)
+    means = layout.list_means * scale
+    a_mean = torch.gather(means, 1, layout.row_list[..., None].expand(-1, -1, D))
+    for eps, bound in ((1e-2, 1e-3), (1e-3, 1e-5)):
+        a = a_mean + eps * torch.randn(a_mean.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        _, moved, _ = terms.list_row_terms(a, layout, means, log_size, k_mean, v_mean, linear=True, value_moved=True)
+        logw = (a @ k_mean.transpose(-1, -2) + log_size[:, None]).masked_fill(layout.kept, float("-inf"))
+        at_row = torch.softmax(logw, -1) @ v_mean
+        assert (moved - at_row).abs().max() < bound, eps
 
 
 def test_svg2_layout_is_consistent(terms, qkv, monkeypatch):
