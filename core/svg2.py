@@ -22,8 +22,8 @@ queries are one more query cluster that keeps every key cluster, the text keys o
 query cluster keeps, and the text padding lies past the last key offset, so it is never attended.
 
 With ``call.compensate`` every non-empty key cluster a query cluster skips enters its rows' softmax through the
-cluster's pooled statistics (mean key, mean value, size: kernels.pool_key_clusters of the permuted keys): the
-OWN_TERMS heaviest one term each, the others summed into one term per row (kernels/skipped_summary.py).
+cluster's pooled statistics (mean key, mean value, size: kernels.pool_key_clusters of the permuted keys); with
+OWN_TERMS set, its OWN_TERMS heaviest one term each and the others one term per row (kernels/skipped_summary.py).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import torch
 
 from ..kernels import (batched_kmeans, cluster_block_attention, pool_key_clusters, select_key_clusters,
                        selection_backend, selection_pair_bytes, sort_point_bytes)
-from ..kernels.skipped_summary import OWN_TERMS
 from .break_even import CLUSTER
 from .cluster_view import cluster_tile_mask, pack_bits, tile_mask_bytes, unpack_bits
 from .grid import VideoGrid
@@ -56,6 +55,11 @@ CENTROID_BYTES = 8
 KEPT_TABLE_BYTES = 1
 ORDER_BYTES = 8
 KEPT_LIST_BYTES = 4
+# Compensation's own terms per query cluster (kernels.cluster_block_attention's own_terms): None, a term for every
+# skipped key cluster (measured: RESULTS.md). kernels.skipped_summary.OWN_TERMS (16 own, the rest summed, ~1% of the
+# exact work a row against ~12%) matches it per call on the proxy's CPU runs; it becomes the default once a GPU has
+# compiled, timed and rendered it (benchmarks/summary_cost.py, quality.py).
+OWN_TERMS = None
 MAX_CLUSTERS = 16384
 MAX_ITERATIONS = 1000
 # A layer whose plan sent the whole call dense (its keys too diffuse for the cluster kernel to beat dense) runs dense
@@ -323,7 +327,7 @@ class SVG2Planner:
         result = cluster_block_attention(heads.q, heads.k, heads.v, *plan.layout[:3],
                                          keep_sparse(plan.layout[3], route, part), out=heads.out,
                                          backend=call.backend, check_layout=False, return_lse=call.want_lse,
-                                         pooled=pooled, own_terms=OWN_TERMS if call.compensate else None,
+                                         pooled=pooled, own_terms=OWN_TERMS if pooled is not None else None,
                                          q_order=plan.q_order, k_order=plan.k_order)
         if call.want_lse:  # lses[1] is wanted exactly when pooled terms were given
             _, lse, lse_compensated = split_lse(result, pooled)
