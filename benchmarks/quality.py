@@ -291,6 +291,9 @@ def main(argv=None):
     parser.add_argument("--backend", default="auto", help="auto on a GPU; reference for a (slow) CPU smoke run")
     parser.add_argument("--compensate", choices=("off", "on", "both"), default="off",
                         help="the patch's compensate setting; both: every row without and with it")
+    parser.add_argument("--svg2-own-terms", type=int, default=None,
+                        help="SVG2's compensation with this many own terms per query cluster and the rest summed "
+                             "(kernels/skipped_summary.py) instead of core.svg2.OWN_TERMS")
     parser.add_argument("--precision", nargs="+", choices=list(PRECISIONS), default=["bf16"],
                         help="the Sparse Attention Patch's precision (8-bit: the sparse calls on the 8-bit kernel; "
                              "'8-bit + dense calls': the calls the schedule keeps dense too); several: every row in "
@@ -316,6 +319,8 @@ def main(argv=None):
 
     proxy_model.use_comfyui(args.comfyui)
     nodes, bridge = import_pack("nodes"), import_pack("nodes.bridge")
+    if args.svg2_own_terms is not None:
+        import_pack("core.svg2").OWN_TERMS = args.svg2_own_terms
     if args.simulated_8bit:
         simulate_8bit(args.simulated_8bit)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
