@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     shape = clusters_bench.SMOKE_SHAPE if args.smoke else clusters_bench.SHAPE
     B, H, L, D = shape["B"], shape["H"], shape["L"], shape["D"]
     scale = 1.0 / math.sqrt(D)
-    timer = lambda fn: call_timer(fn, runs=args.reps, cuda=not args.smoke, warm=2)  # noqa: E731
+    timer = lambda fn: call_timer(fn, runs=args.reps, cuda=not args.smoke, warm=0 if args.smoke else 2)  # noqa: E731
     gen = torch.Generator(device=device).manual_seed(args.seed)
     meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (interpreter)",
                 torch=torch.__version__, triton=triton.__version__, shape=shape, dtype="bfloat16",

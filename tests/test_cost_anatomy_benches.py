@@ -1,6 +1,7 @@
-"""The two benchmarks that split a cost into its parts, in their CPU modes (tiny shapes, Triton's interpreter):
-``benchmarks/svg2_stages.py --profile`` (where SVG2's planner time goes) and ``benchmarks/compensation_cost.py
---anatomy`` (where the compensated kernel's extra time goes). Their figures mean nothing on the CPU; what is checked
+"""The benchmarks that split a cost into its parts, in their CPU modes (tiny shapes, Triton's interpreter):
+``benchmarks/svg2_stages.py --profile`` (where SVG2's planner time goes), ``benchmarks/compensation_cost.py
+--anatomy`` (where the compensated kernel's extra time goes) and ``benchmarks/summary_cost.py`` (SVG2's compensation
+per group against summarised). Their figures mean nothing on the CPU; what is checked
 is that every part is measured and written."""
 
 from __future__ import annotations
@@ -43,3 +44,13 @@ def test_compensation_anatomy_times_every_part(tmp_path):
             "compensated kernel, BLOCK_P 16", "compensated kernel, BLOCK_P 64",
             "compensated kernel, BLOCK_P 128"} == set(parts)  # the GPU adds the 8-warp rows
     assert all(ms > 0 for ms in parts.values())
+
+
+def test_summary_cost_times_every_variant_after_its_checks(tmp_path):
+    """benchmarks/summary_cost.py: each kept fraction gets plain, per-group and summarised times (and the summary's
+    own), after checks of the Triton kernel against the torch reference for every compensation."""
+    run_benchmark("summary_cost", "--own-terms", "2", "--fractions", "0.25", "--json", str(tmp_path / "s.json"))
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert len(result["checks"]) == 2 and all(c["rel_err"] < 1e-2 for c in result["checks"])
+    (row,) = result["rows"]
+    assert all(row[key] > 0 for key in ("plain_ms", "per_group_ms", "summarised_2_ms", "summary_2_ms"))
