@@ -70,7 +70,7 @@ def summarise_skipped(q, pooled: PooledKeys, q_offsets, kv_clusters, kv_cluster_
     # scale C^T over every summed cluster, for all query clusters in one matmul of the weights with the clusters'
     # outer products, centred on the clusters' plain means so that the difference keeps its digits in q's dtype.
     k_centred, v_centred = k_mean - k_mean.mean(2, keepdim=True), v_mean - v_mean.mean(2, keepdim=True)
-    outer = (k_centred[..., :, None] * v_centred[..., None, :]).flatten(-2).to(q.dtype)     # (B, H, CK, D * D)
+    outer = (k_centred.to(q.dtype)[..., :, None] * v_centred.to(q.dtype)[..., None, :]).flatten(-2)  # (B,H,CK,D*D)
     gram = (w.to(q.dtype) @ outer).float().view(*w.shape[:3], D, D)
     key_w, value_w = w @ k_centred, w @ v_centred
     slope = ((gram - key_w[..., :, None] * value_w[..., None, :]) * scale).to(q.dtype)
