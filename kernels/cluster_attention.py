@@ -89,7 +89,8 @@ def cluster_block_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_clust
         heads = lambda t: t if t is None or t.shape[1] == 1 else t[:, part]  # noqa: E731
         part_pooled = PooledKeys(*map(heads, (pooled.keys, pooled.values, pooled.log_size)))
         part_layout = tuple(map(heads, layout))
-        summary = summarise_skipped(q[:, part], part_pooled, *part_layout[:1], *part_layout[2:], scale=scale,
+        part_q_offsets, _, part_lists, part_counts = part_layout
+        summary = summarise_skipped(q[:, part], part_pooled, part_q_offsets, part_lists, part_counts, scale=scale,
                                     own_terms=own_terms, q_order=heads(q_order), backend=kind)
         result = _attend(q[:, part], k[:, part], v[:, part], part_layout, out[:, part], part_pooled, summary,
                          heads(q_order), heads(k_order), scale, kind, return_lse)
