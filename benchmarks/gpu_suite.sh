@@ -43,11 +43,18 @@ want fewstep && run quality_8step python3 benchmarks/quality.py --steps 8 --cfg 
 # Compensation of skipped keys (issue 17): its cost at the Wan 14B 720p shape, and the proxy's quality without and with
 # it at both sampling regimes (20 steps cfg 4; 4 steps cfg 1, as few-step distilled runs).
 want compensation && run compensation_cost python3 benchmarks/compensation_cost.py --anatomy --json "$out/compensation_cost.json"
+want compensation && run summary_cost python3 benchmarks/summary_cost.py --own-terms 16 64 --json "$out/summary_cost.json"
 want compensation && run versus_compensated python3 benchmarks/versus.py --sol-taus --ours-only --compensate both \
     --json "$out/versus_compensated.json"
 want compensation && run quality_compensated python3 benchmarks/quality.py --compensate both --densities 0.40 0.25 0.12 \
     --steps 20 --cfg 4 --json "$out/quality_compensated.json" --picture "$out/quality_compensated.png"
 want compensation && run quality_compensated_4step python3 benchmarks/quality.py --compensate both \
     --densities 0.40 0.25 0.12 --steps 4 --cfg 1 --json "$out/quality_compensated_4step.json"
+# SVG2 with its compensation summarised beyond 16 own terms (kernels/skipped_summary.py; not yet its default).
+want compensation && run quality_summarised python3 benchmarks/quality.py --methods svg2 --densities 0.25 --knob 0.487 \
+    --seeds 3 --steps 20 --cfg 4 --compensate both --svg2-own-terms 16 --json "$out/quality_summarised.json"
+want compensation && run quality_summarised_4step python3 benchmarks/quality.py --methods svg2 --densities 0.25 \
+    --knob 0.48 --seeds 3 --steps 4 --cfg 1 --compensate both --svg2-own-terms 16 \
+    --json "$out/quality_summarised_4step.json"
 want neverslower && run never_slower python3 benchmarks/never_slower.py --json "$out/never_slower.json"
 exit $status

@@ -161,3 +161,37 @@ def test_batch_offsets_past_int32(misalign, gen):
     out, lse = K.cluster_block_attention(x, x, x, *clusters, backend="triton", return_lse=True)
     torch.cuda.synchronize()
     assert_matches(out, lse, dense_oracle(x, x, x, clusters), x.dtype, f"seed={gen.initial_seed()}")
+
+
+@pytest.mark.parametrize("own_terms", [0, 16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_summarised_compensation_matches_reference(D, own_terms, gen):
+    """The compiled kernel's summarised compensation (kernels/skipped_summary.py: own terms listed, the rest in one
+    affine term a row, 128- and 64-row tiles) against the torch reference on the same summary, tokens in their own
+    order as SVG2 calls it, a head at a time and all at once; the exact LSE stays the uncompensated one."""
+    L = 4096 + 37
+    q, k, v = make_qkv(L, L, D, torch.bfloat16, gen)
+    clusters = ragged_clusters(L, L, 17, 90, gen, width=30)
+    orders = [torch.stack([torch.randperm(L, generator=gen, device="cuda") for _ in range(B * H)]).view(B, H, L)
+              .to(torch.int32) for _ in range(2)]
+    pooled = K.pool_key_clusters(k, v, clusters[1], k_order=orders[1])
+    results = {backend: K.cluster_block_attention(q, k, v, *clusters, backend=backend, return_lse=True, pooled=pooled,
+                                                  own_terms=own_terms, q_order=orders[0], k_order=orders[1])
+               for backend in ("triton", "reference")}
+    (out, lse, lse_c), (want, want_lse, want_lse_c) = results["triton"], results["reference"]
+    err = ((out.float() - want.float()).norm() / want.float().norm()).item()
+    assert err < 1e-2, f"D={D} own={own_terms}: rel err {err:.2e} seed={gen.initial_seed()}"
+    for got, expected in ((lse, want_lse), (lse_c, want_lse_c)):
+        finite = torch.isfinite(expected)
+        assert torch.equal(finite, torch.isfinite(got)) and (got - expected)[finite].abs().max() < 2e-2
+    plain_lse = K.cluster_block_attention(q, k, v, *clusters, backend="triton", return_lse=True, q_order=orders[0],
+                                          k_order=orders[1])[1]
+    torch.testing.assert_close(lse, plain_lse)
+    chunks = import_pack("kernels.cluster_attention")
+    saved, chunks.SUMMARY_CHUNK_BYTES = chunks.SUMMARY_CHUNK_BYTES, 1
+    try:
+        one_head = K.cluster_block_attention(q, k, v, *clusters, backend="triton", pooled=pooled,
+                                             own_terms=own_terms, q_order=orders[0], k_order=orders[1])
+    finally:
+        chunks.SUMMARY_CHUNK_BYTES = saved
+    torch.testing.assert_close(one_head, out)
