@@ -310,8 +310,11 @@ def test_cluster_compensation_matches_oracle(backend, shape, dtype, gen):
     assert_compensated(result, expected, dtype, f"{backend} {shape} {dtype} seed={gen.initial_seed()}")
 
 
+@pytest.mark.parametrize("own_terms", [None, 2], ids=["a term per skipped cluster", "2 own terms, the rest summed"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_cluster_all_kept_adds_nothing(backend, gen):
+def test_cluster_all_kept_adds_nothing(backend, own_terms, gen):
+    """Every key cluster kept: no pooled term (and with a summary, no own term and nothing rests), the output and
+    both LSEs are the plain call's."""
     B, H, L, cq, ck = 2, 2, 77, 4, 6
     q, k, v = make_qkv(B, H, L, L, 64, torch.bfloat16, gen)
     q_off, k_off, _, _ = random_clusters(B, H, L, L, cq, ck, gen)
@@ -320,7 +323,7 @@ def test_cluster_all_kept_adds_nothing(backend, gen):
     pooled = K.pool_key_clusters(k, v, k_off, backend=backend)
     plain, lse = K.cluster_block_attention(q, k, v, q_off, k_off, ids, counts, backend=backend, return_lse=True)
     out, lse_exact, lse_c = K.cluster_block_attention(q, k, v, q_off, k_off, ids, counts, backend=backend,
-                                                      return_lse=True, pooled=pooled)
+                                                      return_lse=True, pooled=pooled, own_terms=own_terms)
     assert torch.equal(out, plain) and torch.equal(lse_exact, lse) and torch.equal(lse_c, lse), \
         f"seed={gen.initial_seed()}"
 

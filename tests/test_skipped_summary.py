@@ -13,7 +13,7 @@ import torch
 from pack import import_pack
 from test_block_sparse_kernel import OUT_TOL, make_qkv, new_generator
 from test_cluster_attention import random_clusters
-from test_compensation import DEVICE, LSE_TOL, assert_compensated, cluster_groups, cluster_kept, compensated_oracle
+from test_compensation import DEVICE, LSE_TOL, assert_compensated, cluster_groups
 
 K = import_pack("kernels")
 BACKENDS = ("triton", "reference")
@@ -140,21 +140,6 @@ def test_rows_at_their_clusters_mean_get_the_rest_exactly(backend, gen):
     torch.testing.assert_close(summed[0], every[0], rtol=0, atol=OUT_TOL[torch.float16])
     torch.testing.assert_close(summed[2], every[2], rtol=0, atol=LSE_TOL)
     assert torch.equal(summed[1], every[1])  # the exact LSE never holds a pooled term
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_nothing_rests_where_everything_is_kept(backend, gen):
-    """Every key cluster kept: no own term, nothing rests, the output and both LSEs are the plain call's."""
-    B, H, L, cq, ck = 1, 2, 70, 3, 5
-    q, k, v = make_qkv(B, H, L, L, 64, torch.bfloat16, gen)
-    q_off, k_off, _, _ = random_clusters(B, H, L, L, cq, ck, gen)
-    ids = torch.arange(ck, dtype=torch.int32, device=DEVICE).expand(B, H, cq, ck).contiguous()
-    counts = torch.full((B, H, cq), ck, dtype=torch.int32, device=DEVICE)
-    pooled = K.pool_key_clusters(k, v, k_off, backend=backend)
-    plain, lse = K.cluster_block_attention(q, k, v, q_off, k_off, ids, counts, backend=backend, return_lse=True)
-    out, lse_exact, lse_c = K.cluster_block_attention(q, k, v, q_off, k_off, ids, counts, backend=backend,
-                                                      return_lse=True, pooled=pooled, own_terms=2)
-    assert torch.equal(out, plain) and torch.equal(lse_exact, lse) and torch.equal(lse_c, lse)
 
 
 def test_summary_in_token_order_equals_cluster_order(gen):
