@@ -8,11 +8,13 @@ import os
 
 import torch
 
+from .block_summary import summarise_skipped_blocks
 from .eight_bit import KERNEL_PRECISIONS, eight_bit_support
 from .layout import num_blocks, validate_layout
 from .pooled_keys import PooledKeys
 from .quantize_reference import reference_8bit_block_sparse_attention
 from .reference import reference_block_sparse_attention
+from .skipped_summary import SUMMARY_CHUNK_BYTES, pad_summary
 
 BACKENDS = ("auto", "triton", "reference")
 SUPPORTED_BLOCK_SIZES = (64, 128)
@@ -54,7 +56,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
 
 def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, scale=None, kv_length=None,
                            return_lse=False, out=None, backend="auto", check_layout=True, pooled=None,
-                           precision="bf16", scattered=False):
+                           precision="bf16", scattered=False, summarise=False):
     """Attention of q over k/v restricted to key blocks listed per (batch, head, query block).
 
     Args:
@@ -80,6 +82,9 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, sc
             reference backend its simulated-quantization reference). kernels.eight_bit_support says which a GPU has.
         scattered: the lists keep blocks scattered over the keys (a searched layout), not bands around the
             diagonal: at long sequences on Hopper the bf16 kernel then takes a wider key tile (same result).
+        summarise: compensation of skipped keys in one term per row instead of ``pooled``'s one per skipped block
+            (kernels/block_summary.py): every key a row's list skips, summed exactly at its query block's mean query
+            and moved to the row's own query to first order. Returns as with ``pooled``; bf16 precision only.
 
     Rows whose list is empty (or whose keys are all masked) give 0 and an LSE of -inf, never NaN (with ``pooled``:
     the pooled terms alone, and 0 / -inf when every block is empty).
@@ -96,17 +101,46 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, sc
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     kind = resolve_backend(backend, q.device, q.dtype)
     check_precision(precision, kind, q.device)
-    if pooled is not None and precision != "bf16":
-        raise ValueError(f"pooled (compensation of skipped keys) runs in bf16 only, got precision {precision!r}; "
-                         "pass precision 'bf16' or no pooled terms")
+    if not isinstance(summarise, bool):
+        raise ValueError(f"summarise must be True or False, got {summarise!r}")
+    if summarise and pooled is not None:
+        raise ValueError("summarise and pooled are two ways to compensate skipped keys; pass one of them")
+    if (pooled is not None or summarise) and precision != "bf16":
+        raise ValueError(f"compensation of skipped keys (pooled / summarise) runs in bf16 only, got precision "
+                         f"{precision!r}; pass precision 'bf16' or no compensation")
+    if kind != "reference":
+        check_triton_head_dim(D)
+    args = dict(block_size=block_size, scale=scale, kv_length=kv_length, return_lse=return_lse, pooled=pooled,
+                precision=precision, scattered=scattered, kind=kind)
+    if not summarise:
+        return _attend_blocks(q, k, v, kv_indices, kv_counts, out=out, summary=None, **args)
+    # A summary holds a D x D slope per query block (19 MB a head at Wan 14B 720p): a few heads at a time.
+    step = max(1, SUMMARY_CHUNK_BYTES // (B * num_blocks(LQ, block_size) * D * D * 6))
+    out = torch.empty_like(q) if out is None else out
+    lses = []
+    for h0 in range(0, H, step):
+        part = slice(h0, min(H, h0 + step))
+        heads = lambda t: t if t.shape[1] == 1 else t[:, part]  # noqa: E731
+        summary = summarise_skipped_blocks(q[:, part], k[:, part], v[:, part], heads(kv_indices), heads(kv_counts),
+                                           block_size=block_size, scale=scale, kv_length=kv_length)
+        result = _attend_blocks(q[:, part], k[:, part], v[:, part], heads(kv_indices), heads(kv_counts),
+                                out=out[:, part], summary=summary, **args)
+        if return_lse:
+            lses.append(result[1:])
+    return (out, *(torch.cat(rows, dim=1) for rows in zip(*lses))) if return_lse else out
+
+
+def _attend_blocks(q, k, v, kv_indices, kv_counts, *, block_size, scale, kv_length, return_lse, out, pooled, summary,
+                   precision, scattered, kind):
+    """One call of the chosen backend and precision over every head given (validated)."""
     if kind == "reference":
         if precision != "bf16":
             return reference_8bit_block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size=block_size,
                                                          precision=precision, scale=scale, kv_length=kv_length,
                                                          return_lse=return_lse, out=out)
         return reference_block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size=block_size, scale=scale,
-                                                kv_length=kv_length, return_lse=return_lse, out=out, pooled=pooled)
-    check_triton_head_dim(D)
+                                                kv_length=kv_length, return_lse=return_lse, out=out, pooled=pooled,
+                                                summary=summary)
     from .block_sparse_8bit_triton import triton_block_sparse_attention_8bit
     from .block_sparse_triton import triton_block_sparse_attention
 
@@ -114,7 +148,8 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, sc
         args = dict(block_size=block_size, scale=scale, kv_length=kv_length, return_lse=return_lse, out=out)
         if precision == "bf16":
             return triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, pooled=pad_pooled(pooled, q.shape[-1]),
-                                                 scattered=scattered, **args)
+                                                 summary=pad_summary(summary, q.shape[-1]), scattered=scattered,
+                                                 **args)
         return triton_block_sparse_attention_8bit(q, k, v, kv_indices, kv_counts, precision=precision, **args)
 
     with shared_memory_guard("use block_size 64 or backend 'reference'"):

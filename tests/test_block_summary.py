@@ -1,0 +1,172 @@
+"""Summarised compensation of a block layout (kernels/block_summary.py): every key a query block skips, summed
+exactly at the block's mean query and moved to each row to first order, as one virtual key per row. The block
+kernel (Triton under the interpreter) and the torch reference against a float64 oracle written here from that
+definition; where it must be exact; bad settings."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pack import import_pack
+from test_block_sparse_kernel import make_qkv, new_generator, random_layout
+from test_compensation import BLOCK_SHAPES, DEVICE, LAYOUTS, assert_compensated, block_groups, block_kept
+
+K = import_pack("kernels")
+BACKENDS = ("triton", "reference")
+SUMMARY_LSE_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+pytestmark = [pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
+
+
+@pytest.fixture
+def gen():
+    return new_generator(DEVICE)
+
+
+def summary_oracle(q, k, v, kept, group, block_size):
+    """float64 (out, exact lse, compensated lse) from the definition, block by block. ``kept`` (B, H, LQ, NKB) bool:
+    the key blocks a row's list holds; ``group`` (B, H, LK): each key's block, -1 for padding."""
+    B, H, LQ, D = q.shape
+    scale = 1.0 / math.sqrt(D)
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    out = torch.zeros(B, H, LQ, D, dtype=torch.float64)
+    lse, lse_c = (torch.full((B, H, LQ), float("-inf"), dtype=torch.float64) for _ in range(2))
+    for b in range(B):
+        for h in range(H):
+            valid = group[b, h] >= 0
+            mean_k, mean_v = k64[b, h][valid].mean(0), v64[b, h][valid].mean(0)
+            moments = {}
+            for g in group[b, h][valid].unique().tolist():
+                members = group[b, h] == g
+                kc, vc = k64[b, h][members] - mean_k, v64[b, h][members] - mean_v
+                moments[g] = kc.T @ vc / int(members.sum())                    # (D_k, D_v)
+            for r0 in range(0, LQ, block_size):
+                rows = slice(r0, min(LQ, r0 + block_size))
+                a = q64[b, h, rows]
+                centre = a.mean(0)
+                listed = kept[b, h, r0][group[b, h].clamp(min=0)] & valid
+                exact, skipped = listed, ~listed & valid
+                s = (a @ k64[b, h].T * scale).masked_fill(~exact, float("-inf"))
+                cols, vals = [s], [v64[b, h][None].expand(a.shape[0], -1, -1)]
+                if skipped.any():
+                    sc = (centre @ k64[b, h][skipped].T) * scale
+                    total = torch.logsumexp(sc, 0)
+                    w = torch.exp(sc - total)
+                    k_w, v_w = w @ k64[b, h][skipped], w @ v64[b, h][skipped]
+                    share = torch.zeros(int(group[b, h].max()) + 1, dtype=torch.float64).index_add_(
+                        0, group[b, h][skipped].cpu(), w)
+                    gram = sum(share[g] * moments[g] for g in moments)
+                    slope = scale * (gram - torch.outer(k_w - mean_k, v_w - mean_v))
+                    delta = a - centre
+                    cols.append((total + scale * delta @ k_w)[:, None])
+                    vals.append((v_w + delta @ slope)[:, None])
+                scores = torch.cat(cols, 1)
+                values = torch.cat(vals, 1)
+                lse[b, h, rows] = torch.logsumexp(s, 1)
+                lse_c[b, h, rows] = torch.logsumexp(scores, 1)
+                p = torch.exp(scores - lse_c[b, h, rows][:, None]).nan_to_num(0.0)
+                out[b, h, rows] = (p[..., None] * values).sum(1)
+    return out.to(DEVICE), lse.to(DEVICE), lse_c.to(DEVICE)
+
+
+def _case(shape, dtype, layout, gen, padded=True):
+    B, LQ, LK, D, bs = shape
+    H = 2
+    q, k, v = make_qkv(B, H, LQ, LK, D, dtype, gen)
+    idx, cnt = layout((B, H), K.num_blocks(LQ, bs), K.num_blocks(LK, bs), gen)
+    # key padding: batch element 1 (when there is one) ends inside a block, with whole blocks of padding after it
+    kv_length = torch.tensor([LK, LK // 2 - 3][:B], dtype=torch.int32, device=DEVICE) if B > 1 and padded else None
+    return q, k, v, idx, cnt, kv_length
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", BLOCK_SHAPES.values(), ids=BLOCK_SHAPES.keys())
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_summary_matches_oracle(backend, shape, dtype, layout, gen):
+    q, k, v, idx, cnt, kv_length = _case(shape, dtype, layout, gen)
+    B, H, LQ, _ = q.shape
+    LK, bs = k.shape[2], shape[-1]
+    result = K.block_sparse_attention(q, k, v, idx, cnt, block_size=bs, kv_length=kv_length, return_lse=True,
+                                      backend=backend, summarise=True)
+    expected = summary_oracle(q, k, v, block_kept(idx, cnt, B, H, LQ, LK, bs),
+                              block_groups(B, H, LK, bs, kv_length), bs)
+    # The summary's scores at the mean query come from tensor-core matmuls in q's dtype (one rounding of each score
+    # to 16 bits: kernels/block_summary.py), so its LSE is held to 16-bit score precision.
+    assert_compensated(result, expected, dtype, f"{backend} {shape} {dtype} seed={gen.initial_seed()}",
+                       compensated_lse_tol=SUMMARY_LSE_TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_at_their_blocks_mean_get_every_skipped_key_exactly(backend, gen):
+    """Queries equal within each query block: every row is its block's mean, so the summed term is exact and the
+    compensated call is dense attention, whatever the layout keeps."""
+    B, H, L, D, bs = 2, 2, 150, 64, 64
+    _, k, v = make_qkv(B, H, L, L, D, torch.float16, gen)
+    nb = K.num_blocks(L, bs)
+    q = torch.randn(B, H, nb, D, generator=gen, device=DEVICE).repeat_interleave(bs, dim=2)[:, :, :L]
+    q = q.to(torch.float16).contiguous()
+    idx, cnt = random_layout((B, H), nb, nb, gen, min_count=0)
+    out, _, lse_c = K.block_sparse_attention(q, k, v, idx, cnt, block_size=bs, return_lse=True, backend=backend,
+                                             summarise=True)
+    dense_out, dense_lse = K.dense_attention_with_lse(q, k, v)
+    assert (out.double() - dense_out.double()).norm() / dense_out.double().norm() < 2e-3
+    assert (lse_c - dense_lse).abs().max() < 2e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_block_kept_adds_nothing(backend, gen):
+    q, k, v, _, _, _ = _case(BLOCK_SHAPES["B2-L100-D64-bs64"], torch.bfloat16, LAYOUTS["random"], gen)
+    nb = K.num_blocks(100, 64)
+    idx = torch.arange(nb, dtype=torch.int32, device=DEVICE).expand(2, 2, nb, nb).contiguous()
+    cnt = torch.full((2, 2, nb), nb, dtype=torch.int32, device=DEVICE)
+    plain, lse = K.block_sparse_attention(q, k, v, idx, cnt, block_size=64, return_lse=True, backend=backend)
+    out, exact, lse_c = K.block_sparse_attention(q, k, v, idx, cnt, block_size=64, return_lse=True, backend=backend,
+                                                 summarise=True)
+    assert torch.equal(out, plain) and torch.equal(exact, lse) and torch.equal(lse_c, lse)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_few_heads_at_a_time_equals_all_at_once(backend, gen, monkeypatch):
+    q, k, v, idx, cnt, kv_length = _case((2, 100, 100, 64, 64), torch.bfloat16, LAYOUTS["random"], gen)
+    q, k, v = (torch.cat([t, t.flip(1)], dim=1) for t in (q, k, v))                      # 4 heads
+    idx, cnt = torch.cat([idx, idx], dim=1), torch.cat([cnt, cnt], dim=1)
+    args = dict(block_size=64, kv_length=kv_length, return_lse=True, backend=backend, summarise=True)
+    whole = K.block_sparse_attention(q, k, v, idx, cnt, **args)
+    monkeypatch.setattr(import_pack("kernels.attention"), "SUMMARY_CHUNK_BYTES", 1)     # one head a launch
+    monkeypatch.setattr(import_pack("kernels.block_summary"), "CHUNK_BYTES", 1)         # one query block a pass
+    parts = K.block_sparse_attention(q, k, v, idx, cnt, **args)
+    for got, want in zip(parts, whole):
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+
+
+def test_shared_layout_and_token_major_out_buffer(gen):
+    """A layout shared by every head (H = 1) and an output written through a (B, L, H, D) view: both backends agree."""
+    B, H, L, D, bs = 1, 3, 130, 64, 64
+    q, k, v = make_qkv(B, H, L, L, D, torch.bfloat16, gen, token_major=True)
+    nb = K.num_blocks(L, bs)
+    idx, cnt = random_layout((1, 1), nb, nb, gen, min_count=0)
+    results = []
+    for backend in BACKENDS:
+        buffer = torch.zeros(B, L, H, D, dtype=q.dtype, device=DEVICE)
+        K.block_sparse_attention(q, k, v, idx, cnt, block_size=bs, out=buffer.transpose(1, 2), backend=backend,
+                                 summarise=True)
+        results.append(buffer)
+    torch.testing.assert_close(results[0], results[1], atol=2e-2, rtol=2e-2)
+
+
+def test_bad_settings_are_named(gen):
+    q, k, v, idx, cnt, _ = _case(BLOCK_SHAPES["B2-L100-D64-bs64"], torch.bfloat16, LAYOUTS["random"], gen)
+    pooled = K.pool_key_blocks(k, v, 64, backend="reference")
+    with pytest.raises(ValueError, match="summarise and pooled"):
+        K.block_sparse_attention(q, k, v, idx, cnt, block_size=64, pooled=pooled, summarise=True)
+    with pytest.raises(ValueError, match="summarise must be True or False"):
+        K.block_sparse_attention(q, k, v, idx, cnt, block_size=64, summarise="yes")
+    with pytest.raises(ValueError, match="bf16 only"):
+        K.block_sparse_attention(q, k, v, idx, cnt, block_size=64, summarise=True, precision="int8",
+                                 backend="reference")
