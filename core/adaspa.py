@@ -40,7 +40,7 @@ What this planner does, and where it departs from the paper:
   * ``call.want_lse``: a first search with a dense pass reports its dense LSE (it attended every key); a later
     search and a sparse call the LSE their launches return over the kept keys; tokens are never reordered: all in
     the original order.
-  * ``call.compensate``: a sparse call adds the pooled terms of the key blocks each query block skips; the search
+  * ``call.compensate``: a sparse call adds the summed term of the keys each query block skips; the search
     still ranks the exact masses against the exact LSE (a first search's dense pass skips nothing).
   * ``cluster_heads`` (not in the paper): at a search, a head whose blocks miss the recall even at max_density is
     tried on SVG2's cluster layout, its mass measured exactly against the search's LSE; a head the clusters serve
@@ -70,7 +70,7 @@ from .adaspa_clusters import cluster_served
 from .break_even import block_kernel
 from .grid import VideoGrid
 from .memory import attend_in_parts, head_parts, heads_per_chunk
-from .method import AttentionCall, pooled_key_blocks, share_over_conditionings, split_lse
+from .method import AttentionCall, share_over_conditionings, split_lse
 from .routing import keep_sparse
 from .svg2 import PRESETS as SVG2_PRESETS, SVG2Planner, SVG2Settings
 
@@ -416,13 +416,12 @@ class AdaSpaPlanner:
         if route.whole:  # these heads all run dense (a few heads of a call split for memory)
             lses.append((torch.full(q.shape[:3], -math.inf, device=q.device), None))
         else:
-            pooled = pooled_key_blocks(call, self.block_size)  # once for both launches
             if rows:
                 self._launch(call, q[:, :, :rows], pattern.kv_indices.to(torch.int32),
-                             keep_sparse(pattern.kv_counts, route), out[:, :, :rows], lses, pooled)
+                             keep_sparse(pattern.kv_counts, route), out[:, :, :rows], lses, call.compensate)
             if rows < q.shape[2]:  # text rows: every key block, nothing to compensate
                 layout = self._full_layout(q.shape[2] - rows, k.shape[2], self.block_size, q.device)
-                self._launch(call, q[:, :, rows:], *layout, out[:, :, rows:], lses, None)
+                self._launch(call, q[:, :, rows:], *layout, out[:, :, rows:], lses, False)
         call.fill_dense(route, out)
         if call.want_lse:
             call.lse = torch.cat([exact for exact, _ in lses], dim=-1)
@@ -430,13 +429,13 @@ class AdaSpaPlanner:
                 if call.compensate else None
         return out
 
-    def _launch(self, call, q, kv_indices, kv_counts, out, lses, pooled):
+    def _launch(self, call, q, kv_indices, kv_counts, out, lses, compensate: bool):
         result = block_sparse_attention(q, call.k, call.v, kv_indices, kv_counts, block_size=self.block_size,
                                         kv_length=call.kv_length, out=out, backend=call.backend,
-                                        check_layout=False, return_lse=call.want_lse, pooled=pooled,
+                                        check_layout=False, return_lse=call.want_lse, summarise=compensate,
                                         precision=call.precision, scattered=True)
         if call.want_lse:
-            lses.append(split_lse(result, pooled)[1:])
+            lses.append(split_lse(result, compensate)[1:])
 
     def _full_layout(self, rows, keys, block_size, device):
         """The layout of ``rows`` query rows attending to all ``keys`` (text rows, a first search's dense pass)."""

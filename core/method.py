@@ -32,11 +32,12 @@ When ``call.want_lse`` is set (quality measurements), ``attend`` also stores in 
 (B, H, L) float32 of every query row over the keys the method attended to, in the original token order:
 exp(that - the dense LSE) is the attention mass the method kept (core.metrics.recall_from_lse).
 
-When ``call.compensate`` is set (the patch's ``compensate`` setting), every key block (or SVG2 key cluster) a row's
-layout skips still enters its softmax through its pooled statistics (kernels/pooled_keys.py: size x exp(q.k_mean *
-scale), value v_mean), so the whole sequence stays in the softmax. ``call.lse`` keeps its meaning (the exact keys
-alone: AdaSpa's search and the recall metric read it); with ``want_lse`` the LSE with the pooled terms is stored
-in ``call.lse_compensated``. A planner that honours the setting has ``compensates = True``.
+When ``call.compensate`` is set (the patch's ``compensate`` setting), the keys a row's layout skips still enter its
+softmax, so the whole sequence stays in it: on a block layout in one term per row, the skipped keys summed exactly
+at the query block's mean query and moved to the row to first order (kernels/block_summary.py); on SVG2's clusters
+one term per skipped key cluster from its pooled statistics (kernels/pooled_keys.py). ``call.lse`` keeps its meaning
+(the exact keys alone: AdaSpa's search and the recall metric read it); with ``want_lse`` the LSE with the
+compensation is stored in ``call.lse_compensated``. A planner that honours the setting has ``compensates = True``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..kernels import block_sparse_attention, pool_key_blocks
+from ..kernels import block_sparse_attention
 from .break_even import block_kernel
 from .grid import VideoGrid
 from .plan import BlockPlan
@@ -63,7 +64,7 @@ class AttentionCall:
     of the layer (float32 calls on a GPU arrive a few heads at a time); per-head state is keyed by the true head.
     ``conditionings``: the batch is this many chunks of the same latents under different conditionings (1: every
     element its own). ``router``: routes heads above the kernel's break-even to the dense attention (None: none are).
-    ``compensate``: skipped keys enter through their pooled statistics (module docstring). ``precision``: what the
+    ``compensate``: skipped keys enter the softmax too (module docstring). ``precision``: what the
     fixed-block kernel computes in, 'bf16', 'fp8' or 'int8' (resolved for the call's device by the session;
     kernels.block_sparse_attention's ``precision``).
     """
@@ -118,31 +119,21 @@ def share_over_conditionings(t: torch.Tensor, call: AttentionCall) -> torch.Tens
     return t if call.conditionings == 1 else t.repeat(call.conditionings, *([1] * (t.ndim - 1)))
 
 
-def pooled_key_blocks(call: AttentionCall, block_size: int, k=None, v=None):
-    """The pooled key blocks of the call's k, v (or of ``k``, ``v``: the same keys reordered) when it compensates
-    skipped keys, else None: the ``pooled`` argument of kernels.block_sparse_attention."""
-    if not call.compensate:
-        return None
-    return pool_key_blocks(call.k if k is None else k, call.v if v is None else v, block_size, call.kv_length,
-                           backend=call.backend)
-
-
-def split_lse(result, pooled) -> tuple:
-    """(output, exact LSE, compensated LSE) of a kernel call made with return_lse; without ``pooled`` the
-    compensated LSE is None."""
-    return result if pooled is not None else (*result, None)
+def split_lse(result, compensated: bool) -> tuple:
+    """(output, exact LSE, compensated LSE) of a kernel call made with return_lse; uncompensated, the compensated
+    LSE is None."""
+    return result if compensated else (*result, None)
 
 
 def run_block_plan(call: AttentionCall, plan: BlockPlan) -> tuple[torch.Tensor, float]:
     """Run a fixed-block layout (validated once when it was built) on the block-sparse kernel; every head has the
     layout's density, so routing sends all of them dense or none."""
     route = call.route(block_kernel(plan.block_size), [plan.density] * call.q.shape[1])
-    pooled = pooled_key_blocks(call, plan.block_size)
     result = block_sparse_attention(call.q, call.k, call.v, plan.kv_indices, keep_sparse(plan.kv_counts, route),
                                     block_size=plan.block_size, kv_length=call.kv_length, out=call.out,
                                     backend=call.backend, check_layout=False, return_lse=call.want_lse,
-                                    pooled=pooled, precision=call.precision)
+                                    summarise=call.compensate, precision=call.precision)
     if call.want_lse:
-        result, call.lse, call.lse_compensated = split_lse(result, pooled)
+        result, call.lse, call.lse_compensated = split_lse(result, call.compensate)
     call.fill_dense(route, result)
     return result, plan.density

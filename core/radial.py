@@ -123,7 +123,7 @@ def radial_block_mask(grid: VideoGrid, settings: RadialSettings) -> torch.Tensor
 class RadialPlanner:
     """Radial layouts for the kernels, on the queries' device, shared by every batch element and head."""
 
-    compensates = True  # call.compensate: run_block_plan adds the skipped blocks' pooled terms
+    compensates = True  # call.compensate: run_block_plan adds the skipped keys' summed term (kernels/block_summary.py)
 
     def __init__(self, settings: RadialSettings):
         self.settings = settings

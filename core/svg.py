@@ -16,8 +16,9 @@ With ``semantic_heads`` on, a head that neither layout serves but SVG2's cluster
 profiled semantic and runs through an SVG2 planner of ``semantic_clusters``, one head at a time (its centroids keyed
 by the true head); the call then runs its consecutive block heads and its semantic heads as sub-calls.
 
-With ``call.compensate`` each launch adds the pooled terms of the key blocks its layout skips, blocks in the order
-that launch runs in (frame-major for spatial heads, token-major for temporal ones: the layout transform's blocks).
+With ``call.compensate`` each launch adds, per row, the summed term of the keys its layout skips (kernels/
+block_summary.py), over the blocks of the order that launch runs in (frame-major for spatial heads, token-major for
+temporal ones: the layout transform's blocks).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ..kernels import (block_mask_to_indices, block_sparse_attention, candidate_
 from .break_even import block_kernel
 from .grid import VideoGrid
 from .memory import attend_in_parts, head_bytes, heads_per_chunk
-from .method import AttentionCall, pooled_key_blocks, split_lse
+from .method import AttentionCall, split_lse
 from .routing import keep_sparse
 from .svg2 import PRESETS as SVG2_PRESETS, SVG2Planner, SVG2Settings
 from .svg_semantic import semantic_heads
@@ -246,16 +247,15 @@ class SVGPlanner:
         # with compensation); temporal heads' rows are written by their own launches, dense heads' stay -inf.
         lses = (None, None)
         if spatial:  # every spatial head in one launch, in place
-            # (temporal heads have empty lists here: with compensation they get every block's pooled term, a few
-            # tiles per query block, which their own launch then overwrites)
-            pooled = pooled_key_blocks(call, self.block_size)
+            # (temporal heads have empty lists here: with compensation they get the term of every key, which their
+            # own launch then overwrites)
             result = block_sparse_attention(q, call.k, call.v, plan.spatial_indices.expand(1, q.shape[1], -1, -1),
                                             keep_sparse(classes.spatial_counts, route), block_size=self.block_size,
                                             kv_length=call.kv_length, out=out, backend=call.backend,
-                                            check_layout=False, return_lse=call.want_lse, pooled=pooled,
-                                            precision=call.precision)
+                                            check_layout=False, return_lse=call.want_lse,
+                                            summarise=call.compensate, precision=call.precision)
             if call.want_lse:
-                lses = split_lse(result, pooled)[1:]
+                lses = split_lse(result, call.compensate)[1:]
         elif call.want_lse:
             lses = tuple(torch.full(q.shape[:3], -math.inf, device=q.device, dtype=torch.float32) if wanted
                          else None for wanted in (True, call.compensate))
@@ -278,14 +278,13 @@ class SVGPlanner:
             qt, kt, vt, ot = (buf[:, :heads.numel()] for buf in buffers)
             for src, dst in ((call.q, qt), (call.k, kt), (call.v, vt)):
                 gather_head_rows(src, heads, plan.order, out=dst, backend=call.backend)
-            pooled = pooled_key_blocks(call, self.block_size, kt, vt)  # the token-major order's blocks
             result = block_sparse_attention(qt, kt, vt, plan.temporal_indices, plan.temporal_counts,
                                             block_size=self.block_size, kv_length=call.kv_length, out=ot,
                                             backend=call.backend, check_layout=False, return_lse=call.want_lse,
-                                            pooled=pooled, precision=call.precision)
+                                            summarise=call.compensate, precision=call.precision)
             scatter_head_rows(ot, heads, plan.order, out, backend=call.backend)
             if call.want_lse:  # row t of the token-major order is original token order[t]
-                for lse, rows in zip(lses, split_lse(result, pooled)[1:]):
+                for lse, rows in zip(lses, split_lse(result, call.compensate)[1:]):
                     if lse is not None:
                         lse[:, heads.long()[:, None], plan.order.long()[None, :]] = rows
 

@@ -330,7 +330,7 @@ class SVG2Planner:
                                          pooled=pooled, own_terms=OWN_TERMS if pooled is not None else None,
                                          q_order=plan.q_order, k_order=plan.k_order)
         if call.want_lse:  # lses[1] is wanted exactly when pooled terms were given
-            _, lse, lse_compensated = split_lse(result, pooled)
+            _, lse, lse_compensated = split_lse(result, pooled is not None)
             for rows, lse_part in zip(lses, (lse, lse_compensated)):
                 if rows is not None:
                     rows[:, part] = lse_part
