@@ -213,9 +213,10 @@ def main():
                                                                      backend="reference"))
             err = rel_err(got, want)
             checks.append(dict(shape=name, layout=kind, rel_err=err, ok=err < CHECK_TOL))
+            # (the reference with the same 16-bit inputs, so that both fold the same summary: its own precision in
+            # 16 bits is the summary's, tests/test_block_summary.py)
             got = K.block_sparse_attention(*few, *lay, block_size=bs, backend="triton", summarise=True)
-            want = K.block_sparse_attention(*(t.float() for t in few), *lay, block_size=bs, backend="reference",
-                                            summarise=True)
+            want = K.block_sparse_attention(*few, *lay, block_size=bs, backend="reference", summarise=True)
             err_s = rel_err(got, want)
             checks.append(dict(shape=name, layout=f"{kind} summarised", rel_err=err_s, ok=err_s < CHECK_TOL))
             print(f"{name} {kind}: density {density:.3f}, check rel err {err:.2e}, summarised {err_s:.2e}", flush=True)

@@ -8,13 +8,13 @@ import os
 
 import torch
 
-from .block_summary import summarise_skipped_blocks
+from .block_summary import fold_summary, summarise_skipped_blocks
 from .eight_bit import KERNEL_PRECISIONS, eight_bit_support
 from .layout import num_blocks, validate_layout
 from .pooled_keys import PooledKeys
 from .quantize_reference import reference_8bit_block_sparse_attention
 from .reference import reference_block_sparse_attention
-from .skipped_summary import SUMMARY_CHUNK_BYTES, pad_summary
+from .skipped_summary import SUMMARY_CHUNK_BYTES
 
 BACKENDS = ("auto", "triton", "reference")
 SUPPORTED_BLOCK_SIZES = (64, 128)
@@ -113,24 +113,23 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, sc
     args = dict(block_size=block_size, scale=scale, kv_length=kv_length, return_lse=return_lse, pooled=pooled,
                 precision=precision, scattered=scattered, kind=kind)
     if not summarise:
-        return _attend_blocks(q, k, v, kv_indices, kv_counts, out=out, summary=None, **args)
-    # A summary holds a D x D slope per query block (19 MB a head at Wan 14B 720p): a few heads at a time.
-    step = max(1, SUMMARY_CHUNK_BYTES // (B * num_blocks(LQ, block_size) * D * D * 6))
-    out = torch.empty_like(q) if out is None else out
-    lses = []
+        return _attend_blocks(q, k, v, kv_indices, kv_counts, out=out, **args)
+    out, lse = _attend_blocks(q, k, v, kv_indices, kv_counts, out=out, **dict(args, return_lse=True))
+    # The skipped keys' term joins each row after the kernel (kernels/block_summary.py), a few heads at a time: a
+    # summary holds a D x D slope per query block (19 MB a head at Wan 14B 720p).
+    step = max(1, SUMMARY_CHUNK_BYTES // (B * num_blocks(LQ, block_size) * D * D * 6 + B * LQ * D * 8))
+    lse_c = torch.empty_like(lse)
     for h0 in range(0, H, step):
         part = slice(h0, min(H, h0 + step))
         heads = lambda t: t if t.shape[1] == 1 else t[:, part]  # noqa: E731
         summary = summarise_skipped_blocks(q[:, part], k[:, part], v[:, part], heads(kv_indices), heads(kv_counts),
                                            block_size=block_size, scale=scale, kv_length=kv_length)
-        result = _attend_blocks(q[:, part], k[:, part], v[:, part], heads(kv_indices), heads(kv_counts),
-                                out=out[:, part], summary=summary, **args)
-        if return_lse:
-            lses.append(result[1:])
-    return (out, *(torch.cat(rows, dim=1) for rows in zip(*lses))) if return_lse else out
+        lse_c[:, part] = fold_summary(out[:, part], lse[:, part], q[:, part], summary, block_size=block_size,
+                                      scale=scale)
+    return (out, lse, lse_c) if return_lse else out
 
 
-def _attend_blocks(q, k, v, kv_indices, kv_counts, *, block_size, scale, kv_length, return_lse, out, pooled, summary,
+def _attend_blocks(q, k, v, kv_indices, kv_counts, *, block_size, scale, kv_length, return_lse, out, pooled,
                    precision, scattered, kind):
     """One call of the chosen backend and precision over every head given (validated)."""
     if kind == "reference":
@@ -139,8 +138,7 @@ def _attend_blocks(q, k, v, kv_indices, kv_counts, *, block_size, scale, kv_leng
                                                          precision=precision, scale=scale, kv_length=kv_length,
                                                          return_lse=return_lse, out=out)
         return reference_block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size=block_size, scale=scale,
-                                                kv_length=kv_length, return_lse=return_lse, out=out, pooled=pooled,
-                                                summary=summary)
+                                                kv_length=kv_length, return_lse=return_lse, out=out, pooled=pooled)
     from .block_sparse_8bit_triton import triton_block_sparse_attention_8bit
     from .block_sparse_triton import triton_block_sparse_attention
 
@@ -148,8 +146,7 @@ def _attend_blocks(q, k, v, kv_indices, kv_counts, *, block_size, scale, kv_leng
         args = dict(block_size=block_size, scale=scale, kv_length=kv_length, return_lse=return_lse, out=out)
         if precision == "bf16":
             return triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, pooled=pad_pooled(pooled, q.shape[-1]),
-                                                 summary=pad_summary(summary, q.shape[-1]), scattered=scattered,
-                                                 **args)
+                                                 scattered=scattered, **args)
         return triton_block_sparse_attention_8bit(q, k, v, kv_indices, kv_counts, precision=precision, **args)
 
     with shared_memory_guard("use block_size 64 or backend 'reference'"):

@@ -115,57 +115,6 @@ def _finish_rows(q, KM, VM, LOGN, LSE_C, bh, G, kept_row, qk_scale, m_i, l_i, ac
 
 
 @triton.jit
-def _compensate_rest(q, S_CENTRE, S_LOGW, S_KEY, S_VAL, S_SLOPE, at, qk_scale, m_i, l_i, acc,
-                     HEAD_DIM: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """Fold the rest's virtual key of query cluster ``at`` into the online softmax: score ln W + (q - c).k_w * scale,
-    value v_w + (q - c) @ slope, a value of its own in every row (kernels/skipped_summary.py). Nothing rests: ln W
-    is -inf and the term adds nothing."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    vec = at * HEAD_DIM + offs_d
-    delta = q.to(tl.float32) - tl.load(S_CENTRE + vec)[None, :]
-    t = tl.load(S_LOGW + at) * _LOG2E_C + tl.sum(delta * tl.load(S_KEY + vec)[None, :], 1) * qk_scale
-    m_new = tl.maximum(m_i, t)
-    p = tl.math.exp2(t - m_new)
-    alpha = tl.math.exp2(m_i - m_new)
-    slope = tl.load(S_SLOPE + at * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :])
-    if UPCAST_DOT:
-        slope = slope.to(tl.float32)
-    acc = acc * alpha[:, None] + p[:, None] * tl.load(S_VAL + vec)[None, :]
-    acc = tl.dot((delta * p[:, None]).to(slope.dtype), slope, acc)
-    return m_new, l_i * alpha + p, acc
-
-
-@triton.jit
-def _summarised_rows(q, S_CENTRE, S_LOGW, S_KEY, S_VAL, S_SLOPE, at, qk_scale, m_i, l_i, acc, LSE_C, lse_rows,
-                     lse_mask, HEAD_DIM: tl.constexpr, UPCAST_DOT: tl.constexpr, RETURN_LSE: tl.constexpr):
-    """The rows' output with the summary's rest term of list row ``at`` folded in; with RETURN_LSE their LSE with it
-    is stored at LSE_C + lse_rows."""
-    m_i, l_i, acc = _compensate_rest(q, S_CENTRE, S_LOGW, S_KEY, S_VAL, S_SLOPE, at, qk_scale, m_i, l_i, acc,
-                                     HEAD_DIM, UPCAST_DOT)
-    out, lse_c = _row_results(acc, m_i, l_i)
-    if RETURN_LSE:
-        tl.store(LSE_C + lse_rows, lse_c, mask=lse_mask)
-    return out
-
-
-@triton.jit
-def _block_rows(q, KM, VM, LOGN, LSE_C, KEPT, S_CENTRE, S_LOGW, S_KEY, S_VAL, S_SLOPE, bh, qb, G, qk_scale, m_i, l_i,
-                acc, lse_rows, lse_mask, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                COMPENSATE: tl.constexpr, SUMMARY: tl.constexpr, RETURN_LSE: tl.constexpr):
-    """(output, exact LSE) of query block ``qb``'s rows: with COMPENSATE a term per skipped key block (its kept
-    table row), with SUMMARY the one term of kernels/block_summary.py; the LSE with them is stored at LSE_C."""
-    at = bh.to(tl.int64) * tl.num_programs(0) + qb  # this query block's row of the kept table or summary
-    if SUMMARY:
-        out, lse = _row_results(acc, m_i, l_i)
-        out = _summarised_rows(q, S_CENTRE, S_LOGW, S_KEY, S_VAL, S_SLOPE, at, qk_scale, m_i, l_i, acc, LSE_C,
-                               lse_rows, lse_mask, HEAD_DIM, UPCAST_DOT, RETURN_LSE)
-    else:
-        out, lse = _finish_rows(q, KM, VM, LOGN, LSE_C, bh, G, KEPT + at * G, qk_scale, m_i, l_i, acc, lse_rows,
-                                lse_mask, HEAD_DIM, BLOCK_P, UPCAST_DOT, COMPENSATE, RETURN_LSE)
-    return out, lse
-
-
-@triton.jit
 def _load_queries(q_base, offs_m, offs_d, stride_ql, LQ, EVEN_Q: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """The (BLOCK_M, HEAD_DIM) query tile of rows offs_m; rows past LQ read as zeros."""
     q_ptrs = q_base + offs_m[:, None] * stride_ql + offs_d[None, :]
@@ -239,7 +188,7 @@ def _program_layout(KV_IDX, KV_CNT, KV_LEN, stride_ib, stride_ih, stride_iq, str
 
 @triton.jit
 def _block_sparse_fwd(
-    Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_LEN, KM, VM, LOGN, LSE_C, KEPT, S_CENTRE, S_LOGW, S_KEY, S_VAL, S_SLOPE,
+    Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_LEN, KM, VM, LOGN, LSE_C, KEPT,
     qk_scale,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
@@ -250,7 +199,7 @@ def _block_sparse_fwd(
     H, LQ, LK, G,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_KV_LEN: tl.constexpr, MASK_KEYS: tl.constexpr, EVEN_Q: tl.constexpr, RETURN_LSE: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, COMPENSATE: tl.constexpr, BLOCK_P: tl.constexpr, SUMMARY: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, COMPENSATE: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Portable variant (any GPU Triton supports): pointer loads, boundary masks where lengths are ragged."""
     b, h, qb, idx_base, count, key_limit = _program_layout(
@@ -276,9 +225,10 @@ def _block_sparse_fwd(
         m_i, l_i, acc, _ = _softmax_step(q, k, v, start, offs_n, key_limit, qk_scale, m_i, l_i, acc, BLOCK_N,
                                          MASK_KEYS)
 
-    out, lse = _block_rows(q, KM, VM, LOGN, LSE_C, KEPT, S_CENTRE, S_LOGW, S_KEY, S_VAL, S_SLOPE, b * H + h, qb,
-                           G, qk_scale, m_i, l_i, acc, (b * H + h) * LQ + offs_m, offs_m < LQ, HEAD_DIM, BLOCK_P,
-                           UPCAST_DOT, COMPENSATE, SUMMARY, RETURN_LSE)
+    kept_row = KEPT + ((b * H + h).to(tl.int64) * tl.num_programs(0) + qb) * G  # this query block's kept table row
+    out, lse = _finish_rows(q, KM, VM, LOGN, LSE_C, b * H + h, G, kept_row, qk_scale, m_i, l_i, acc,
+                            (b * H + h) * LQ + offs_m, offs_m < LQ, HEAD_DIM, BLOCK_P, UPCAST_DOT,
+                            COMPENSATE, RETURN_LSE)
     _store_rows(O + b * stride_ob + h * stride_oh, out, offs_m, offs_d, stride_ol, LQ, EVEN_Q)
     if RETURN_LSE:
         lse_ptrs = LSE + (b * H + h) * LQ + offs_m
@@ -291,14 +241,13 @@ def _block_sparse_fwd(
 @triton.jit
 def _block_sparse_fwd_tma(
     q_desc, k_desc, v_desc, o_desc, LSE, KV_IDX, KV_CNT, KV_LEN, KM, VM, LOGN, LSE_C, KEPT,
-    S_CENTRE, S_LOGW, S_KEY, S_VAL, S_SLOPE,
     qk_scale,
     stride_ib, stride_ih, stride_iq,
     stride_cb, stride_ch,
     H, LQ, LK, G,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_KV_LEN: tl.constexpr, MASK_KEYS: tl.constexpr, RETURN_LSE: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    COMPENSATE: tl.constexpr, BLOCK_P: tl.constexpr, SUMMARY: tl.constexpr,
+    COMPENSATE: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Hopper+ variant: 4D tensor descriptors (B, H, L, D) feed tiles through the TMA copy engine, which
     zero-fills rows past the end on loads and clips them on stores, so no boundary masks on the loads."""
@@ -325,9 +274,10 @@ def _block_sparse_fwd_tma(
                                          BLOCK_N, MASK_KEYS)
 
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    out, lse = _block_rows(q, KM, VM, LOGN, LSE_C, KEPT, S_CENTRE, S_LOGW, S_KEY, S_VAL, S_SLOPE, b * H + h, qb,
-                           G, qk_scale, m_i, l_i, acc, (b * H + h) * LQ + offs_m, offs_m < LQ, HEAD_DIM, BLOCK_P,
-                           UPCAST_DOT, COMPENSATE, SUMMARY, RETURN_LSE)
+    kept_row = KEPT + ((b * H + h).to(tl.int64) * tl.num_programs(0) + qb) * G  # this query block's kept table row
+    out, lse = _finish_rows(q, KM, VM, LOGN, LSE_C, b * H + h, G, kept_row, qk_scale, m_i, l_i, acc,
+                            (b * H + h) * LQ + offs_m, offs_m < LQ, HEAD_DIM, BLOCK_P, UPCAST_DOT,
+                            COMPENSATE, RETURN_LSE)
     o_desc.store([b, h, qb * BLOCK_M, 0], out.to(o_desc.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
     if RETURN_LSE:
         tl.store(LSE + (b * H + h) * LQ + offs_m, lse, mask=offs_m < LQ)
@@ -383,16 +333,14 @@ def _tma_compatible(*tensors) -> bool:
 
 
 def triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size, scale, kv_length=None,
-                                  return_lse=False, out=None, config=None, pooled=None, summary=None,
-                                  scattered=False):
+                                  return_lse=False, out=None, config=None, pooled=None, scattered=False):
     """Launch the kernel. Inputs are assumed validated; head_dim must be a power of two in [16, 128].
 
     ``config``: BLOCK_N, num_warps, num_stages and tma (use the TMA variant), default per GPU and layout.
     ``scattered``: the caller's word that the lists are scattered over the keys, not bands (the kernel cannot tell
     without reading them back); at long sequences such lists take a wider tile (_wide_tile_pays).
     ``pooled``: PooledKeys of the key blocks (head dim as q's): each row also gets the pooled term of every block
-    its list skips; with return_lse the result is then (out, exact LSE, compensated LSE). ``summary``: instead, one
-    term per row for every key its list skips (kernels/block_summary.py, head dim as q's).
+    its list skips; with return_lse the result is then (out, exact LSE, compensated LSE).
     """
     B, H, LQ, D = q.shape
     LK = k.shape[2]
@@ -403,11 +351,6 @@ def triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size,
     kv_indices = kv_indices.to(torch.int32)
     kv_counts = kv_counts.to(torch.int32)
     compensation = _compensation_args(pooled, q, return_lse, lse, kv_indices, kv_counts)
-    summarised = summary_args(summary, lse)
-    if summary is not None:  # its compensated LSE buffer and constant stand in for the pooled path's
-        lse_c = torch.empty_like(lse) if return_lse else lse
-        compensation["tensors"] = compensation["tensors"][:3] + (lse_c,) + compensation["tensors"][4:]
-        compensation["lse"] = lse_c if return_lse else None
     if kv_indices.stride(-1) != 1:
         kv_indices = kv_indices.contiguous()
     if kv_counts.stride(-1) != 1:
@@ -432,8 +375,8 @@ def triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size,
     common = dict(HEAD_DIM=D, BLOCK_M=block_size, KV_BLOCK=block_size, HAS_KV_LEN=has_len,
                   MASK_KEYS=has_len or LK % block_size != 0, RETURN_LSE=return_lse,
                   # Triton's CPU interpreter computes bfloat16 tl.dot wrongly (3.6 and 3.8): float32 tiles there.
-                  UPCAST_DOT=q.device.type == "cpu", SUMMARY=summary is not None, **compensation["constants"], **cfg)
-    pooled_args = compensation["tensors"] + summarised["tensors"][2:]
+                  UPCAST_DOT=q.device.type == "cpu", **compensation["constants"], **cfg)
+    pooled_args = compensation["tensors"]
     if descriptor is not None:
         q_desc, o_desc = (descriptor.from_tensor(t, [1, 1, block_size, D]) for t in (q, out))
         k_desc, v_desc = (descriptor.from_tensor(t, [1, 1, cfg["BLOCK_N"], D]) for t in (k, v))
@@ -450,17 +393,7 @@ def triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size,
             *layout_strides, H, LQ, LK, compensation["groups"], EVEN_Q=LQ % block_size == 0, **common)
     if not return_lse:
         return out
-    return (out, lse, compensation["lse"]) if pooled is not None or summary is not None else (out, lse)
-
-
-def summary_args(summary, dummy) -> dict:
-    """Kernel arguments of a SkippedSummary (kernels/skipped_summary.py): its tensors, contiguous (own, own counts,
-    centre, log weight, key, value, slope), and its listed width; dummies without one."""
-    if summary is None:
-        return dict(tensors=(dummy,) * 7, width=0)
-    tensors = (summary.own, summary.own_counts, summary.centre, summary.log_weight, summary.key, summary.value,
-               summary.slope)
-    return dict(tensors=tuple(t.contiguous() for t in tensors), width=summary.own.shape[-1])
+    return (out, lse, compensation["lse"]) if pooled is not None else (out, lse)
 
 
 def _compensation_args(pooled, q, return_lse, lse, lists, counts) -> dict:

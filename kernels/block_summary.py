@@ -18,6 +18,10 @@ tokens; exactly it would cost a dense pass of D x D per key (as much as the atte
 enters with its exact mass at c and its own mean of v k^T (within-block weights taken as uniform): the blocks'
 second moments, D x D each, are made once per call and mixed per query block by one matmul. What is exact at c
 costs one query row per query block against every key, about 1 / block_size of a dense call.
+
+The term joins a row after its kernel has run (fold_summary): the kernel returns each row's output and LSE over the
+keys it computed, and one virtual key more is one more softmax merge, exactly. So the kernel itself is the plain one,
+launched once over every head at full occupancy, and the summary is made and folded in a few heads at a time.
 """
 
 from __future__ import annotations
@@ -89,6 +93,25 @@ def _summarise_heads(centre, k, v, kept, key_ok, scale):
         key[:, :, qb], value[:, :, qb] = k_w + mean_k * share, v_w + mean_v * share
         slope[:, :, qb] = ((gram - k_w[..., :, None] * v_w[..., None, :]) * scale).to(dtype)
     return log_weight, key, value, slope
+
+
+def fold_summary(out, lse, q, summary: SkippedSummary, *, block_size: int, scale: float) -> torch.Tensor:
+    """Merge the summary's virtual key into each row's softmax, in place: ``out`` (B, H, L, D) and ``lse`` (B, H, L)
+    float32 the rows' output and LSE over the keys computed exactly (a row with none: 0 and -inf). Returns the LSE
+    with the term. Each row's value is its query block's v_w + (q - c) @ slope: one batched matmul per block."""
+    B, H, L, D = q.shape
+    nqb = summary.log_weight.shape[-1]
+    pad = nqb * block_size - L
+    blocks = lambda t: torch.nn.functional.pad(t, (0, 0, 0, pad)).view(B, H, nqb, block_size, -1)  # noqa: E731
+    delta = blocks(q.float()) - summary.centre[..., None, :]
+    score = summary.log_weight[..., None] + scale * (delta @ summary.key[..., :, None])[..., 0]
+    value = summary.value[..., None, :] + (delta.to(summary.slope.dtype) @ summary.slope).float()
+    score, value = score.flatten(2, 3)[..., :L], value.flatten(2, 3)[:, :, :L]
+    total = torch.logaddexp(lse, score)
+    none = torch.isneginf(total)                                         # no key and nothing skipped: stays 0, -inf
+    keep, add = (torch.exp(t - total).masked_fill(none, 0.0)[..., None] for t in (lse, score))
+    out.copy_(out.float() * keep + value * add)
+    return total
 
 
 def _block_means(x, block_size: int) -> torch.Tensor:

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from .block_sparse_triton import (_LOG2E, _LOG2E_C, _NEG_BIG, _compensation_args, _finish_rows, _row_results,
-                                  _softmax_update, _softmax_update_scaled, _summarised_rows, summary_args)
+                                  _softmax_update, _softmax_update_scaled)
 
 
 @triton.jit
@@ -120,8 +120,11 @@ def _cluster_fwd(
         at = (bh * CQ + cluster).to(tl.int64)
         m_i, l_i, acc = _compensate_listed(q, KM, VM, LOGN, bh, G, OWN + at * M_OWN, tl.load(OWN_CNT + at),
                                            qk_scale, m_i, l_i, acc, HEAD_DIM, BLOCK_P, UPCAST_DOT)
-        out = _summarised_rows(q, S_CENTRE, S_LOGW, S_KEY, S_VAL, S_SLOPE, at, qk_scale, m_i, l_i, acc, LSE_C,
-                               lse_rows, row_ok, HEAD_DIM, UPCAST_DOT, RETURN_LSE)
+        m_i, l_i, acc = _compensate_rest(q, S_CENTRE, S_LOGW, S_KEY, S_VAL, S_SLOPE, at, qk_scale, m_i, l_i, acc,
+                                         HEAD_DIM, UPCAST_DOT)
+        out, lse_c = _row_results(acc, m_i, l_i)
+        if RETURN_LSE:
+            tl.store(LSE_C + lse_rows, lse_c, mask=row_ok)
     else:
         out, lse = _finish_rows(q, KM, VM, LOGN, LSE_C, bh, G, KEPT + (bh * CQ + cluster).to(tl.int64) * G,
                                 qk_scale, m_i, l_i, acc, lse_rows, row_ok, HEAD_DIM, BLOCK_P, UPCAST_DOT, COMPENSATE,
@@ -153,6 +156,27 @@ def _compensate_listed(q, KM, VM, LOGN, bh, G, ids_row, count, qk_scale, m_i, l_
         t = tl.dot(q, km) * qk_scale + (log_size * _LOG2E_C)[None, :]
         m_i, l_i, acc = _softmax_update_scaled(t, vm, m_i, l_i, acc)
     return m_i, l_i, acc
+
+
+@triton.jit
+def _compensate_rest(q, S_CENTRE, S_LOGW, S_KEY, S_VAL, S_SLOPE, at, qk_scale, m_i, l_i, acc,
+                     HEAD_DIM: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Fold the rest's virtual key of query cluster ``at`` into the online softmax: score ln W + (q - c).k_w * scale,
+    value v_w + (q - c) @ slope, a value of its own in every row (kernels/skipped_summary.py). Nothing rests: ln W
+    is -inf and the term adds nothing."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    vec = at * HEAD_DIM + offs_d
+    delta = q.to(tl.float32) - tl.load(S_CENTRE + vec)[None, :]
+    t = tl.load(S_LOGW + at) * _LOG2E_C + tl.sum(delta * tl.load(S_KEY + vec)[None, :], 1) * qk_scale
+    m_new = tl.maximum(m_i, t)
+    p = tl.math.exp2(t - m_new)
+    alpha = tl.math.exp2(m_i - m_new)
+    slope = tl.load(S_SLOPE + at * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :])
+    if UPCAST_DOT:
+        slope = slope.to(tl.float32)
+    acc = acc * alpha[:, None] + p[:, None] * tl.load(S_VAL + vec)[None, :]
+    acc = tl.dot((delta * p[:, None]).to(slope.dtype), slope, acc)
+    return m_new, l_i * alpha + p, acc
 
 
 @triton.jit
@@ -262,7 +286,7 @@ def triton_cluster_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_clus
     if MAXK == 0:  # every count is 0: one unused slot gives the kernel a real pointer
         ids, MAXK = torch.zeros(B, H, CQ, 1, dtype=torch.int32, device=q.device), 1
     compensation = _compensation_args(pooled, q, return_lse, lse, ids if summary is None else None, counts)
-    summarised = summary_args(summary, lse)
+    summarised = _summary_args(summary, lse)
     gather = q_order is not None
     if gather != (k_order is not None):
         raise ValueError("give both q_order and k_order (tokens in their own order), or neither")
@@ -285,3 +309,12 @@ def triton_cluster_attention(q, k, v, q_offsets, k_offsets, kv_clusters, kv_clus
     if not return_lse:
         return out
     return (out, lse, compensation["lse"]) if pooled is not None else (out, lse)
+
+
+def _summary_args(summary, dummy) -> dict:
+    """Kernel arguments of a SkippedSummary: its tensors, contiguous, and the listed width; dummies without one."""
+    if summary is None:
+        return dict(tensors=(dummy,) * 7, width=0)
+    tensors = (summary.own, summary.own_counts, summary.centre, summary.log_weight, summary.key, summary.value,
+               summary.slope)
+    return dict(tensors=tuple(t.contiguous() for t in tensors), width=summary.own.shape[-1])

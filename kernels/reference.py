@@ -3,8 +3,7 @@
 It computes exactly what the Triton kernel computes (same layout semantics, key-length masking, LSE, zeros for
 rows with no key block), in float32, a chunk of query blocks at a time so memory stays O(chunk x kept keys).
 With ``pooled`` (kernels/pooled_keys.py) every row also gets one virtual key per key block its list skips
-(score q.k_mean * scale + ln(size), value v_mean), in the same softmax; with ``summary`` (kernels/block_summary.py)
-one virtual key per row for every key its list skips.
+(score q.k_mean * scale + ln(size), value v_mean), in the same softmax.
 """
 
 from __future__ import annotations
@@ -18,9 +17,8 @@ _CHUNK_ELEMENTS = 1 << 25
 
 
 def reference_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size, scale=None, kv_length=None,
-                                     return_lse=False, out=None, pooled=None, summary=None):
-    """Same contract as :func:`kernels.block_sparse_attention`; inputs are assumed validated. ``summary``: the
-    SkippedSummary it builds with summarise_skipped."""
+                                     return_lse=False, out=None, pooled=None):
+    """Same contract as :func:`kernels.block_sparse_attention`; inputs are assumed validated."""
     B, H, LQ, D = q.shape
     LK = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -39,8 +37,7 @@ def reference_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_si
 
     result = torch.empty(B, H, LQ, D, device=q.device, dtype=q.dtype) if out is None else out
     lse = torch.empty(B, H, LQ, device=q.device, dtype=torch.float32) if return_lse else None
-    compensated = pooled is not None or summary is not None
-    lse_c = torch.empty_like(lse) if return_lse and compensated else None
+    lse_c = torch.empty_like(lse) if return_lse and pooled is not None else None
     if pooled is not None:
         k_mean, v_mean = (t.float().expand(B, H, -1, -1) for t in (pooled.keys, pooled.values))
         log_size = pooled.log_size.float().expand(B, H, -1)
@@ -70,16 +67,6 @@ def reference_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_si
             sp = sp.masked_fill(listed[..., None, :nkb], float("-inf"))
             exact_lse = torch.logsumexp(s, dim=-1, keepdim=True)
             o, _, _ = softmax_rows(s, vg, sp, v_mean[:, :, None])
-        elif summary is not None:  # one virtual key per row for every skipped key
-            from .skipped_summary import summary_terms  # (it imports this module, through the cluster reference)
-
-            row_block = (torch.arange(r0, r1, device=q.device) // block_size).expand(B, H, -1)
-            score, value = (torch.nn.functional.pad(t, (0, 0) * (t.ndim - 3) + (0, nq * block_size - (r1 - r0)))
-                            for t in summary_terms(q[:, :, r0:r1], summary, row_block, scale))
-            score, value = score.view(B, H, nq, block_size), value.view(B, H, nq, block_size, D)
-            exact_lse = torch.logsumexp(s, dim=-1, keepdim=True)
-            o, _, _ = softmax_rows(s, vg, row_term=(score, value))
-            sp = score[..., None]
         else:
             o, m, l = softmax_rows(s, vg)
             if lse is not None:
@@ -92,7 +79,7 @@ def reference_block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_si
                                        B, H, r1 - r0)
     if not return_lse:
         return result
-    return (result, lse, lse_c) if compensated else (result, lse)
+    return (result, lse, lse_c) if pooled is not None else (result, lse)
 
 
 def softmax_rows(s, values, pooled_scores=None, pooled_values=None, row_term=None):

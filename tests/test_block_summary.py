@@ -33,7 +33,8 @@ def summary_oracle(q, k, v, kept, group, block_size):
     the key blocks a row's list holds; ``group`` (B, H, LK): each key's block, -1 for padding."""
     B, H, LQ, D = q.shape
     scale = 1.0 / math.sqrt(D)
-    q64, k64, v64 = q.double(), k.double(), v.double()
+    q64, k64, v64 = (t.double().cpu() for t in (q, k, v))
+    kept, group = kept.cpu(), group.cpu()
     out = torch.zeros(B, H, LQ, D, dtype=torch.float64)
     lse, lse_c = (torch.full((B, H, LQ), float("-inf"), dtype=torch.float64) for _ in range(2))
     for b in range(B):
