@@ -123,7 +123,7 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, sc
         part = slice(h0, min(H, h0 + step))
         heads = lambda t: t if t.shape[1] == 1 else t[:, part]  # noqa: E731
         summary = summarise_skipped_blocks(q[:, part], k[:, part], v[:, part], heads(kv_indices), heads(kv_counts),
-                                           block_size=block_size, scale=scale, kv_length=kv_length)
+                                           block_size=block_size, scale=scale, kv_length=kv_length, backend=kind)
         lse_c[:, part] = fold_summary(out[:, part], lse[:, part], q[:, part], summary, block_size=block_size,
                                       scale=scale)
     return (out, lse, lse_c) if return_lse else out

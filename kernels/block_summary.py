@@ -35,63 +35,87 @@ from .skipped_summary import SkippedSummary
 CHUNK_BYTES = 64 << 20
 
 
-def summarise_skipped_blocks(q, k, v, kv_indices, kv_counts, *, block_size: int, scale: float,
-                             kv_length=None) -> SkippedSummary:
+def summarise_skipped_blocks(q, k, v, kv_indices, kv_counts, *, block_size: int, scale: float, kv_length=None,
+                             backend: str = "auto") -> SkippedSummary:
     """The SkippedSummary of a block-sparse call (kernels.block_sparse_attention's arguments, validated): per
     (batch, head, query block) the skipped keys' term at the block's mean query; no own terms. Keys at or past
-    kv_length[b] are in no block. Made a few heads and query blocks at a time, on the device, in q's dtype where
-    it is 16-bit (scores, weights and moments in tensor-core matmuls; sums in float32)."""
+    kv_length[b] are in no block. The pass at the mean queries runs in Triton (kernels/block_summary_triton.py) or,
+    on the reference backend, in torch; the slopes are one matmul of the blocks' shares with their moments. A few
+    heads at a time, on the device."""
+    from .attention import padded_head_dim, resolve_backend
+
     B, H, LQ, D = q.shape
-    nqb, nkb = -(-LQ // block_size), -(-k.shape[2] // block_size)
-    kept = keep_table(kv_indices.expand(B, H, nqb, -1), kv_counts.expand(B, H, nqb), nkb,
-                      chunk_bytes=CHUNK_BYTES)[..., :nkb]
-    limit = k.shape[2] if kv_length is None else kv_length.to(device=q.device, dtype=torch.long).clamp(0, k.shape[2])
-    key_ok = (torch.arange(nkb * block_size, device=q.device) < torch.as_tensor(limit, device=q.device).view(-1, 1))
-    key_ok = key_ok.expand(B, -1).view(B, 1, 1, nkb, block_size)
+    LK = k.shape[2]
+    nqb, nkb = -(-LQ // block_size), -(-LK // block_size)
+    limit = torch.full((B,), LK, device=q.device, dtype=torch.int32) if kv_length is None \
+        else kv_length.to(device=q.device, dtype=torch.int32).clamp(0, LK)
     centre = _block_means(q, block_size)
-    per_head = B * (nkb * block_size * D * (4 * q.element_size()) + (nkb + nqb) * D * D * 4)
+    triton_pass = resolve_backend(backend, q.device, q.dtype) == "triton"
+    per_head = B * (nkb * block_size * D * 4 * q.element_size() + (nkb + nqb) * D * D * 4 + nqb * nkb * 16)
     step = max(1, CHUNK_BYTES // per_head)
-    parts = [_summarise_heads(centre[:, h0:h0 + step], k[:, h0:h0 + step], v[:, h0:h0 + step],
-                              kept[:, h0:h0 + step], key_ok, scale) for h0 in range(0, H, step)]
+    parts = []
+    for h0 in range(0, H, step):
+        heads = slice(h0, min(H, h0 + step))
+        part = lambda t: t if t.shape[1] == 1 else t[:, heads]  # noqa: E731
+        h = heads.stop - heads.start
+        kept = keep_table(part(kv_indices).expand(B, h, nqb, -1), part(kv_counts).expand(B, h, nqb), nkb,
+                          dtype=torch.uint8)[..., :nkb].reshape(B * h, nqb, nkb).contiguous()
+        args = (centre[:, heads], k[:, heads], v[:, heads], kept, limit, block_size, scale)
+        if triton_pass:
+            from .block_summary_triton import triton_centre_pass  # (imports Triton: only where it runs)
+
+            pad = (0, padded_head_dim(D) - D)                     # zeros: the scores do not move
+            lw, k_w, v_w, share = triton_centre_pass(*(torch.nn.functional.pad(t, pad) for t in args[:3]), *args[3:])
+            centre_terms = lw, k_w[..., :D], v_w[..., :D], share
+        else:
+            centre_terms = _reference_centre_pass(*args)
+        parts.append(_slopes(*centre_terms, k[:, heads], v[:, heads], limit, block_size, scale))
     log_weight, key, value, slope = (torch.cat(t, dim=1) for t in zip(*parts))
     none = torch.zeros(B, H, nqb, dtype=torch.int32, device=q.device)
     return SkippedSummary(none[..., None].contiguous(), none, centre, log_weight, key, value, slope)
 
 
-def _summarise_heads(centre, k, v, kept, key_ok, scale):
-    """(log W, k_w, v_w, scale C^T) of these heads' query blocks (module docstring)."""
+def _reference_centre_pass(centre, k, v, kept, limit, block_size, scale):
+    """Torch version of kernels.block_summary_triton.triton_centre_pass (same arguments and results)."""
     B, H, nqb, D = centre.shape
-    nkb, block_size = key_ok.shape[-2:]
-    dtype = k.dtype
+    nkb = kept.shape[-1]
+    kept = kept.view(B, H, nqb, nkb).bool()
     pad = (0, 0, 0, nkb * block_size - k.shape[2])
-    valid = key_ok.reshape(B, 1, -1, 1)
-    count = valid.sum(2, keepdim=True).clamp(min=1)
-    # Keys and values centred on their means (padding 0): C's products keep their digits in a 16-bit dtype.
-    mean_k, mean_v = ((torch.nn.functional.pad(t, pad).float() * valid).sum(2, keepdim=True) / count for t in (k, v))
-    kc, vc = ((torch.nn.functional.pad(t.float() - m, pad) * valid).to(dtype) for t, m in ((k, mean_k), (v, mean_v)))
-    size = key_ok.sum(-1).clamp(min=1)                                                    # (B, 1, 1, NKB)
-    blocks = lambda t: t.view(B, H, nkb, block_size, D)  # noqa: E731
-    moments = ((blocks(kc).transpose(-1, -2) @ blocks(vc)).float() / size[:, :, 0, :, None, None]).to(dtype)
-    moments = moments.flatten(-2)                                                         # (B, H, NKB, D * D)
+    key_ok = (torch.arange(nkb * block_size, device=k.device) < limit[:, None].long()).view(B, 1, 1, nkb, block_size)
+    kf, vf = (torch.nn.functional.pad(t.float(), pad) for t in (k, v))
     log_weight = torch.empty(B, H, nqb, device=k.device)
     key, value = (torch.empty(B, H, nqb, D, device=k.device) for _ in range(2))
-    slope = torch.empty(B, H, nqb, D, D, device=k.device, dtype=dtype)
+    share = torch.empty(B, H, nqb, nkb, device=k.device)
     rows = max(1, CHUNK_BYTES // (B * H * nkb * block_size * 8))                          # scores and weights
     for r0 in range(0, nqb, rows):
         qb = slice(r0, min(nqb, r0 + rows))
-        c = centre[:, :, qb]
-        s = (c.to(dtype) @ kc.transpose(-1, -2)).float() * scale + (c * mean_k).sum(-1, keepdim=True) * scale
-        s = s.view(B, H, -1, nkb, block_size).masked_fill(kept[:, :, qb, :, None] | ~key_ok, float("-inf"))
+        s = (centre[:, :, qb] @ kf.transpose(-1, -2) * scale).view(B, H, -1, nkb, block_size)
+        s = s.masked_fill(kept[:, :, qb, :, None] | ~key_ok, float("-inf"))
         lw = torch.logsumexp(s.flatten(-2), dim=-1)
         w = torch.exp(s - lw[..., None, None]).nan_to_num(0.0)          # a query block that skips nothing: all 0
-        mass = w.sum(-1)                                                                  # each block's share
-        w = w.flatten(-2).to(dtype)
-        k_w, v_w = (w @ kc).float(), (w @ vc).float()                                     # centred
-        gram = (mass.to(dtype) @ moments).float().view(*mass.shape[:3], D, D)
-        log_weight[:, :, qb] = lw
-        share = mass.sum(-1, keepdim=True)                                                # 1, or 0: nothing skipped
-        key[:, :, qb], value[:, :, qb] = k_w + mean_k * share, v_w + mean_v * share
-        slope[:, :, qb] = ((gram - k_w[..., :, None] * v_w[..., None, :]) * scale).to(dtype)
+        log_weight[:, :, qb], share[:, :, qb] = lw, w.sum(-1)
+        key[:, :, qb], value[:, :, qb] = w.flatten(-2) @ kf, w.flatten(-2) @ vf
+    return log_weight, key, value, share
+
+
+def _slopes(log_weight, key, value, share, k, v, limit, block_size, scale):
+    """(log W, k_w, v_w, scale C^T): C from each skipped block's own mean of (k - mean k)(v - mean v)^T, weighted by
+    its share of W at the mean query (module docstring), in k's dtype (centred: the products keep their digits)."""
+    B, H, nqb, D = key.shape
+    nkb = share.shape[-1]
+    key_ok = (torch.arange(nkb * block_size, device=k.device) < limit[:, None].long()).view(B, 1, nkb, block_size, 1)
+    pad = (0, 0, 0, nkb * block_size - k.shape[2])
+    count = key_ok.sum((2, 3), keepdim=True).clamp(min=1)
+    blocks = lambda t: torch.nn.functional.pad(t.float(), pad).view(B, H, nkb, block_size, D) * key_ok  # noqa: E731
+    kb, vb = blocks(k), blocks(v)
+    mean_k, mean_v = (t.sum((2, 3), keepdim=True) / count for t in (kb, vb))             # (B, H, 1, 1, D)
+    kc, vc = ((t - m) * key_ok for t, m in ((kb, mean_k), (vb, mean_v)))
+    size = key_ok.sum(3, keepdim=True).clamp(min=1)                                       # (B, 1, NKB, 1, 1)
+    moments = (kc.to(k.dtype).transpose(-1, -2) @ vc.to(k.dtype)).float() / size        # (B, H, NKB, D, D)
+    gram = (share.to(k.dtype) @ moments.to(k.dtype).flatten(-2)).float().view(B, H, nqb, D, D)
+    present = share.sum(-1, keepdim=True)                                                 # 1, or 0: nothing skipped
+    k_w, v_w = key - mean_k[:, :, 0] * present, value - mean_v[:, :, 0] * present        # centred
+    slope = ((gram - k_w[..., :, None] * v_w[..., None, :]) * scale).to(k.dtype)
     return log_weight, key, value, slope
 
 
