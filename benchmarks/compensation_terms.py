@@ -22,7 +22,12 @@ blocks of 64, or SVG2's key clusters)
     value moved with the slope C summed over the R heaviest of the summed groups alone: --slope-groups);
   * to second order (a Gaussian moment of each block): weight x exp(scale^2 q^T Cov_k q / 2), numerator also
     + scale Cov_vk q (the block's key covariance and value-key cross-covariance, D x D each), block layouts only;
-  * to second order with the diagonal of Cov_k alone (one more dot product per block, no cross term).
+  * to second order with the diagonal of Cov_k alone (one more dot product per block, no cross term);
+  * centre exact: every skipped key summed token by token at the list row's mean query and moved to the row to first
+    order (score by k_w; value not moved / moved by the exact token-level derivative / by the skipped groups' own
+    mean v k^T weighted by their exact or first-order mass there); per list row (value moved, moments): the
+    first-order sum moved by the groups' moments; block summary (pack): what the kernels run for block layouts
+    (kernels/block_summary.py, block_sparse_attention(..., summarise=True)) on the whole call, its rows sampled.
 Layouts at density about 0.25: SVG's spatial band, AdaSpa's (each query block's top key blocks by exact mass),
 SVG2's clusters (quality.py's proxy cluster counts and its 0.25 top-p), and Radial's (its floor on this grid).
 """
@@ -46,7 +51,10 @@ from pack import import_pack  # noqa: E402
 
 BLOCK = 64
 VARIANTS = ("dropped", "first order", "per list row", "per list row (value moved)", "per list row (constant)",
-            "second order", "second order (diagonal)")
+            "second order", "second order (diagonal)", "centre exact", "centre exact (value moved)",
+            "centre exact (constant)", "centre exact (value moved, moments)",
+            "centre exact (value moved, moments at first order)", "per list row (value moved, moments)",
+            "block summary (pack)")
 APART = (16, 64)  # --apart: the M of the "top M + rest" variants
 SLOPE_GROUPS = (16, 32)  # --slope-groups: the R of their "value moved, R" variants
 SVG2_CLUSTERS, SVG2_TOP_P, KMEANS_ITERATIONS = (64, 256), 0.487, 20  # quality.py's proxy scaling, its 0.25 knob
@@ -86,13 +94,15 @@ def capture(proxy, nodes, bridge, step: int, steps: int, cfg: float, seed: int, 
 class Layout:
     """What one layout keeps for the sampled rows. kept (H, R, G) bool: row keeps key group g; key_group (H, L):
     each key's group; row_list (H, R): each row's list row (its query block or cluster), whose mean query is
-    list_means (H, NR, D); blocks: the groups are key blocks of BLOCK (the second-order terms need that)."""
+    list_means (H, NR, D); blocks: the groups are key blocks of BLOCK (the second-order terms need that), whose
+    (H, NB, NB) mask is block_mask."""
 
     kept: torch.Tensor
     key_group: torch.Tensor
     row_list: torch.Tensor
     list_means: torch.Tensor
     blocks: bool
+    block_mask: torch.Tensor | None = None
 
 
 def block_layout(mask, q, rows):
@@ -102,7 +112,7 @@ def block_layout(mask, q, rows):
     key_group = (torch.arange(L) // BLOCK).expand(H, L)
     means = q.double().view(H, nb, BLOCK, D).mean(2)
     kept = mask[..., rows // BLOCK, :].expand(H, -1, -1)
-    return Layout(kept, key_group, (rows // BLOCK).expand(H, -1), means, True)
+    return Layout(kept, key_group, (rows // BLOCK).expand(H, -1), means, True, mask.expand(H, nb, nb))
 
 
 def adaspa_layout(q, k, rows, density=0.25):
@@ -192,6 +202,51 @@ def list_row_terms(a, layout, q_scaled_means, log_size, k_mean, v_mean, linear: 
     return score, v_w, heaviest
 
 
+def group_moments(k, v, key_group, groups):
+    """(H, G, D, D) each key group's mean of v k^T (float64): the within-group second moment a slope needs."""
+    H, L, D = k.shape
+    result = torch.zeros(H, groups, D, D, dtype=torch.float64)
+    for h in range(H):
+        for g in key_group[h].unique().tolist():
+            members = key_group[h] == g
+            result[h, g] = v[h, members].double().T @ k[h, members].double() / int(members.sum())
+    return result
+
+
+def centre_exact_terms(a, layout, q_scaled_means, k, v, token_kept, linear: bool, slope: str | None,
+                       moments=None, first=None, group_means=None):
+    """(H, R) log weight and (H, R, D) value of one virtual key per row standing for every skipped key, exact at
+    the list row's mean query (each skipped token's own score there, not its group's mean key) and moved to the
+    row's own query to first order like list_row_terms. ``slope`` (the value's derivative C): None (the value is
+    not moved), "tokens" (C over the skipped tokens, exact), "moments" (each skipped group's mean v k^T, weighted
+    by the group's exact mass at the mean query), "moments at first order" (weighted by its first-order mass,
+    ``first``, with ``group_means`` (mean key, mean value): no per-group output of the pass at the mean query
+    needed)."""
+    H, R, D = a.shape
+    a_mean = torch.gather(q_scaled_means, 1, layout.row_list[..., None].expand(-1, -1, D))
+    logw = (a_mean @ k.double().transpose(-1, -2)).masked_fill(token_kept, float("-inf"))     # (H, R, L)
+    total = torch.logsumexp(logw, -1)
+    w = torch.exp(logw - total[..., None]).nan_to_num(0.0)
+    k_w, v_w = w @ k.double(), w @ v.double()
+    delta = a - a_mean
+    score = total + (delta * k_w).sum(-1) if linear else total
+    if slope == "tokens":
+        t = w * (delta @ k.double().transpose(-1, -2) - (delta * k_w).sum(-1, keepdim=True))
+        v_w = v_w + t @ v.double() - t.sum(-1, keepdim=True) * v_w
+    elif slope is not None:
+        if slope == "moments":
+            w_g = torch.zeros(H, R, moments.shape[1], dtype=torch.float64).scatter_add_(
+                2, layout.key_group[:, None].expand(H, R, -1), w)
+            centre_v, centre_k = v_w, k_w
+        else:  # the slope centred on its own weights' means: mixing them with the exact ones leaves it uncentred
+            skipped = first.masked_fill(layout.kept, float("-inf"))
+            w_g = torch.softmax(skipped, -1).nan_to_num(0.0)
+            centre_v, centre_k = w_g @ group_means[1], w_g @ group_means[0]
+        second = torch.einsum("hrg,hgde,hre->hrd", w_g, moments, delta)                     # E_w[v k^T] delta
+        v_w = v_w + second - centre_v * (centre_k * delta).sum(-1, keepdim=True)
+    return score, v_w
+
+
 def variants(apart=APART, slope_groups=SLOPE_GROUPS) -> tuple:
     """The variants' names, the "top M + rest" ones (plain, value moved, value moved from R groups) after first
     order."""
@@ -213,10 +268,23 @@ def errors(q, k, v, layout, rows, apart=APART, slope_groups=SLOPE_GROUPS):
     token_kept = torch.gather(layout.kept, 2, layout.key_group[:, None].expand(H, len(rows), L))
     s_kept = s.masked_fill(~token_kept, float("-inf"))
     moments = block_moments(k, v) if layout.blocks else None
+    moments_g = group_moments(k, v, layout.key_group, groups)
     result = {}
     for name in variants(apart, slope_groups):
         if name == "dropped":
             out = torch.softmax(s_kept, -1) @ v.double()
+        elif name == "per list row (value moved, moments)":
+            score, value, _ = list_row_terms(a, layout, layout.list_means * scale, log_size, k_mean, v_mean,
+                                             linear=True)
+            a_mean = torch.gather(layout.list_means * scale, 1, layout.row_list[..., None].expand(-1, -1, D))
+            w_g = torch.softmax((a_mean @ k_mean.transpose(-1, -2) + log_size[:, None]).masked_fill(
+                layout.kept, float("-inf")), -1).nan_to_num(0.0)
+            k_w, delta = w_g @ k_mean, a - a_mean
+            value = value + torch.einsum("hrg,hgde,hre->hrd", w_g, moments_g, delta) \
+                - value * (k_w * delta).sum(-1, keepdim=True)
+            m = torch.maximum(s_kept.amax(-1), score)[..., None]
+            p, pw = torch.exp(s_kept - m), torch.exp(score[..., None] - m)
+            out = (p @ v.double() + pw * value) / (p.sum(-1, keepdim=True) + pw)
         elif name.startswith("per list row") or name.startswith("top"):
             apart = int(name.split()[1]) if name.startswith("top") else 0
             score, value, heaviest = list_row_terms(a, layout, layout.list_means * scale, log_size, k_mean, v_mean,
@@ -229,6 +297,26 @@ def errors(q, k, v, layout, rows, apart=APART, slope_groups=SLOPE_GROUPS):
             p, pw, po = torch.exp(s_kept - m), torch.exp(score[..., None] - m), torch.exp(own - m)
             out = (p @ v.double() + pw * value + po @ v_mean) / (p.sum(-1, keepdim=True) + pw
                                                                   + po.sum(-1, keepdim=True))
+        elif name.startswith("centre exact"):
+            how = name[len("centre exact"):].strip(" ()")
+            score, value = centre_exact_terms(a, layout, layout.list_means * scale, k, v, token_kept,
+                                              linear=how != "constant",
+                                              slope={"value moved": "tokens", "value moved, moments": "moments",
+                                                     "value moved, moments at first order": "moments at first order"
+                                                     }.get(how), moments=moments_g, first=first,
+                                              group_means=(k_mean, v_mean))
+            m = torch.maximum(s_kept.amax(-1), score)[..., None]
+            p, pw = torch.exp(s_kept - m), torch.exp(score[..., None] - m)
+            out = (p @ v.double() + pw * value) / (p.sum(-1, keepdim=True) + pw)
+        elif name == "block summary (pack)":  # the kernels' own path: block_sparse_attention(..., summarise=True)
+            if layout.block_mask is None:
+                result[name] = float("nan")
+                continue
+            K = import_pack("kernels")
+            idx, cnt = K.block_mask_to_indices(layout.block_mask[None])
+            full = K.block_sparse_attention(q[None], k[None], v[None], idx, cnt, block_size=BLOCK, backend="reference",
+                                            summarise=True)
+            out = full[0][:, rows].double()
         elif name.startswith("second order") and moments is None:
             result[name] = float("nan")
             continue

@@ -48,12 +48,13 @@ class SparseAttentionPatch:
                                                     "Unconnected: Radial with its defaults."}),
                 "compensate": (list(COMPENSATE), {
                     "default": "auto",
-                    "tooltip": "on: the keys a sparse layout skips are not dropped but each skipped block (SVG2: "
-                               "key cluster) enters the softmax through its mean key and mean value, weighted by its "
-                               "size; off: the papers' methods as they are. auto: on for SVG2, whose clusters' keys "
-                               "sit close to their mean: its videos came much closer to dense for ~1.3x its "
-                               "attention time; off for the block methods, whose blocks' keys spread: their videos "
-                               "gained less or lost, most in few-step runs (and off with precision 8-bit)."}),
+                    "tooltip": "on: the keys a sparse layout skips are not dropped. Block methods (Radial, SVG, "
+                               "AdaSpa) add one term per row: every skipped key summed exactly at the row's query "
+                               "block's mean query and moved to the row; SVG2 adds each skipped key cluster through "
+                               "its mean key and value. off: the papers' methods as they are. auto: on for SVG2 (its "
+                               "videos came much closer to dense for ~1.3x its attention time); off for the block "
+                               "methods until their cost is measured (on the proxy it took SVG's 4-step video from "
+                               "33.4 to 38.4 dB); off with precision 8-bit."}),
                 "precision": (list(PRECISIONS), {
                     "default": "bf16",
                     "tooltip": "What the sparse kernel computes in. 8-bit: FP8 on Ada / Hopper / Blackwell GPUs, "
