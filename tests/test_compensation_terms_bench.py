@@ -33,8 +33,8 @@ def test_nothing_skipped_is_exact_for_every_variant(terms, qkv):
     layout = terms.block_layout(torch.ones(nb, nb, dtype=torch.bool), q, rows_of(terms))
     result = terms.errors(q, k, v, layout, rows_of(terms))
     assert result["recall"] == pytest.approx(1.0) and result["density"] == 1.0
-    for name in terms.variants():
-        assert result[name] < 1e-12, name
+    for name in terms.variants():  # the kernels' own block summary computes in float32, the others in float64
+        assert result[name] < (1e-6 if name == "block summary (pack)" else 1e-12), name
 
 
 def test_every_skipped_group_apart_is_the_first_order(terms, qkv):
