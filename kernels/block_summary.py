@@ -15,7 +15,8 @@ each row's own query q to first order, as kernels/skipped_summary.py moves its r
 
 C, the derivative of the weighted mean value in the query, is sum w_j (v_j - v_w)(k_j - k_w)^T over the skipped
 tokens; exactly it would cost a dense pass of D x D per key (as much as the attention itself), so each skipped block
-enters with its exact mass at c and its own mean of v k^T (within-block weights taken as uniform): the blocks'
+enters with its exact mass at c and its own mean of (k - mean k)(v - mean v)^T (within-block weights taken as
+uniform; centred on the keys' and values' means, which on the proxy made it as close as the exact C): the blocks'
 second moments, D x D each, are made once per call and mixed per query block by one matmul. What is exact at c
 costs one query row per query block against every key, about 1 / block_size of a dense call.
 
@@ -65,7 +66,8 @@ def summarise_skipped_blocks(q, k, v, kv_indices, kv_counts, *, block_size: int,
             from .block_summary_triton import triton_centre_pass  # (imports Triton: only where it runs)
 
             pad = (0, padded_head_dim(D) - D)                     # zeros: the scores do not move
-            lw, k_w, v_w, share = triton_centre_pass(*(torch.nn.functional.pad(t, pad) for t in args[:3]), *args[3:])
+            padded = (torch.nn.functional.pad(t, pad) for t in args[:3]) if pad[1] else args[:3]
+            lw, k_w, v_w, share = triton_centre_pass(*padded, *args[3:])
             centre_terms = lw, k_w[..., :D], v_w[..., :D], share
         else:
             centre_terms = _reference_centre_pass(*args)
