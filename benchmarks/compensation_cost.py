@@ -8,9 +8,9 @@ The Sparse Attention Patch's ``compensate`` setting adds, per call, one pass poo
 (kernels.pool_key_blocks) and, in the block-sparse kernel, one extra tile set per query block (the skipped blocks'
 pooled keys). Timed: the plain kernel, the pooling pass, the compensated kernel, and the whole compensated call
 (pooling + kernel), and the summarised call (``block_sparse_attention(..., summarise=True)``, kernels/block_summary.py:
-one term per row, exact at the query block's mean query; its summary alone as well). The issue's target: the whole
-compensated call at most 1.05x the plain one. A check (both compensated calls against the torch reference on two
-heads) runs before timing; the exit status is 1 if it fails.
+one term per row, exact at the query block's mean query; its summary alone as well, every head at once). The issue's
+target: the whole compensated call at most 1.05x the plain one. A check (both compensated calls against the torch
+reference on two heads) runs before timing; the exit status is 1 if it fails.
 
 ``--anatomy`` splits the compensated kernel's extra time, per layout: its host-side preparation alone (pooled
 tensors in the kernel's layout, the kept table), both kernels on an empty layout (no block kept: the compensation

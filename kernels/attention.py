@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .block_summary import fold_summary, summarise_skipped_blocks
+from .block_summary import fold_summary, summarise_skipped_blocks, summary_head_bytes
 from .eight_bit import KERNEL_PRECISIONS, eight_bit_support
 from .layout import num_blocks, validate_layout
 from .pooled_keys import PooledKeys
@@ -116,8 +116,8 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, sc
         return _attend_blocks(q, k, v, kv_indices, kv_counts, out=out, **args)
     out, lse = _attend_blocks(q, k, v, kv_indices, kv_counts, out=out, **dict(args, return_lse=True))
     # The skipped keys' term joins each row after the kernel (kernels/block_summary.py), a few heads at a time: a
-    # summary holds a D x D slope per query block (19 MB a head at Wan 14B 720p).
-    step = max(1, SUMMARY_CHUNK_BYTES // (B * num_blocks(LQ, block_size) * D * D * 6 + B * LQ * D * 8))
+    # summary holds a D x D slope per query block (19 MB a head at Wan 14B 720p) and is made from one per key block.
+    step = max(1, SUMMARY_CHUNK_BYTES // summary_head_bytes(B, LQ, LK, D, block_size, q.element_size()))
     lse_c = torch.empty_like(lse)
     for h0 in range(0, H, step):
         part = slice(h0, min(H, h0 + step))

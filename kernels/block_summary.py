@@ -32,8 +32,18 @@ import torch
 from .cluster_reference import keep_table
 from .skipped_summary import SkippedSummary
 
-# summarise_skipped_blocks works on this many bytes of scores (and of each head's block moments) at a time.
+# The reference pass works on this many bytes of (mean queries x keys) scores at a time.
 CHUNK_BYTES = 64 << 20
+
+
+def summary_head_bytes(batch: int, q_length: int, k_length: int, head_dim: int, block_size: int,
+                       element_size: int) -> int:
+    """Peak bytes per head of summarise_skipped_blocks and fold_summary: the keys and values in float32 twice (as
+    they are, centred), each key block's moment in float32 and q's dtype, each query block's slope the same, the
+    fold's float32 rows twice."""
+    nqb, nkb = -(-q_length // block_size), -(-k_length // block_size)
+    square = head_dim * head_dim * (4 + element_size)
+    return batch * (16 * nkb * block_size * head_dim + (nkb + nqb) * square + 8 * q_length * head_dim)
 
 
 def summarise_skipped_blocks(q, k, v, kv_indices, kv_counts, *, block_size: int, scale: float, kv_length=None,
@@ -41,8 +51,8 @@ def summarise_skipped_blocks(q, k, v, kv_indices, kv_counts, *, block_size: int,
     """The SkippedSummary of a block-sparse call (kernels.block_sparse_attention's arguments, validated): per
     (batch, head, query block) the skipped keys' term at the block's mean query; no own terms. Keys at or past
     kv_length[b] are in no block. The pass at the mean queries runs in Triton (kernels/block_summary_triton.py) or,
-    on the reference backend, in torch; the slopes are one matmul of the blocks' shares with their moments. A few
-    heads at a time, on the device."""
+    on the reference backend, in torch; the slopes are one matmul of the blocks' shares with their moments. Every
+    head given at once (summary_head_bytes each: block_sparse_attention gives it a few at a time)."""
     from .attention import padded_head_dim, resolve_backend
 
     B, H, LQ, D = q.shape
@@ -50,49 +60,42 @@ def summarise_skipped_blocks(q, k, v, kv_indices, kv_counts, *, block_size: int,
     nqb, nkb = -(-LQ // block_size), -(-LK // block_size)
     limit = torch.full((B,), LK, device=q.device, dtype=torch.int32) if kv_length is None \
         else kv_length.to(device=q.device, dtype=torch.int32).clamp(0, LK)
+    key_ok = (torch.arange(nkb * block_size, device=q.device) < limit[:, None]).view(B, 1, nkb, block_size, 1)
+    pad = (0, 0, 0, nkb * block_size - LK)
+    kb, vb = (torch.nn.functional.pad(t.float(), pad).view(B, H, nkb, block_size, D) * key_ok for t in (k, v))
+    kept = keep_table(kv_indices.expand(B, H, nqb, -1), kv_counts.expand(B, H, nqb), nkb,
+                      dtype=torch.uint8)[..., :nkb].reshape(B * H, nqb, nkb).contiguous()
     centre = _block_means(q, block_size)
-    triton_pass = resolve_backend(backend, q.device, q.dtype) == "triton"
-    per_head = B * (nkb * block_size * D * 4 * q.element_size() + (nkb + nqb) * D * D * 4 + nqb * nkb * 16)
-    step = max(1, CHUNK_BYTES // per_head)
-    parts = []
-    for h0 in range(0, H, step):
-        heads = slice(h0, min(H, h0 + step))
-        part = lambda t: t if t.shape[1] == 1 else t[:, heads]  # noqa: E731
-        h = heads.stop - heads.start
-        kept = keep_table(part(kv_indices).expand(B, h, nqb, -1), part(kv_counts).expand(B, h, nqb), nkb,
-                          dtype=torch.uint8)[..., :nkb].reshape(B * h, nqb, nkb).contiguous()
-        args = (centre[:, heads], k[:, heads], v[:, heads], kept, limit, block_size, scale)
-        if triton_pass:
-            from .block_summary_triton import triton_centre_pass  # (imports Triton: only where it runs)
+    if resolve_backend(backend, q.device, q.dtype) == "triton":
+        from .block_summary_triton import triton_centre_pass  # (imports Triton: only where it runs)
 
-            pad = (0, padded_head_dim(D) - D)                     # zeros: the scores do not move
-            padded = (torch.nn.functional.pad(t, pad) for t in args[:3]) if pad[1] else args[:3]
-            lw, k_w, v_w, share = triton_centre_pass(*padded, *args[3:])
-            centre_terms = lw, k_w[..., :D], v_w[..., :D], share
-        else:
-            centre_terms = _reference_centre_pass(*args)
-        parts.append(_slopes(*centre_terms, k[:, heads], v[:, heads], limit, block_size, scale))
-    log_weight, key, value, slope = (torch.cat(t, dim=1) for t in zip(*parts))
+        dims = (0, padded_head_dim(D) - D)                        # zeros: the scores do not move
+        padded = (torch.nn.functional.pad(t, dims) for t in (centre, k, v)) if dims[1] else (centre, k, v)
+        log_weight, key, value, share = triton_centre_pass(*padded, kept, limit, block_size, scale)
+        key, value = key[..., :D], value[..., :D]
+    else:
+        log_weight, key, value, share = _reference_centre_pass(centre, kb, vb, kept, key_ok, scale)
+    slope = _slope(key, value, share, kb, vb, key_ok, scale, q.dtype)
     none = torch.zeros(B, H, nqb, dtype=torch.int32, device=q.device)
     return SkippedSummary(none[..., None].contiguous(), none, centre, log_weight, key, value, slope)
 
 
-def _reference_centre_pass(centre, k, v, kept, limit, block_size, scale):
-    """Torch version of kernels.block_summary_triton.triton_centre_pass (same arguments and results)."""
+def _reference_centre_pass(centre, kb, vb, kept, key_ok, scale):
+    """Torch version of kernels.block_summary_triton.triton_centre_pass, on the keys and values as float32 blocks
+    (B, H, NKB, block_size, D), padding 0 and masked by ``key_ok`` (B, 1, NKB, block_size, 1)."""
     B, H, nqb, D = centre.shape
-    nkb = kept.shape[-1]
-    kept = kept.view(B, H, nqb, nkb).bool()
-    pad = (0, 0, 0, nkb * block_size - k.shape[2])
-    key_ok = (torch.arange(nkb * block_size, device=k.device) < limit[:, None].long()).view(B, 1, 1, nkb, block_size)
-    kf, vf = (torch.nn.functional.pad(t.float(), pad) for t in (k, v))
-    log_weight = torch.empty(B, H, nqb, device=k.device)
-    key, value = (torch.empty(B, H, nqb, D, device=k.device) for _ in range(2))
-    share = torch.empty(B, H, nqb, nkb, device=k.device)
+    nkb, block_size = kb.shape[2:4]
+    kept = kept.view(B, H, nqb, nkb, 1).bool()
+    key_ok = key_ok[:, :, None, :, :, 0]                                                  # (B, 1, 1, NKB, bs)
+    kf, vf = kb.flatten(2, 3), vb.flatten(2, 3)
+    log_weight = torch.empty(B, H, nqb, device=kb.device)
+    key, value = (torch.empty(B, H, nqb, D, device=kb.device) for _ in range(2))
+    share = torch.empty(B, H, nqb, nkb, device=kb.device)
     rows = max(1, CHUNK_BYTES // (B * H * nkb * block_size * 8))                          # scores and weights
     for r0 in range(0, nqb, rows):
         qb = slice(r0, min(nqb, r0 + rows))
         s = (centre[:, :, qb] @ kf.transpose(-1, -2) * scale).view(B, H, -1, nkb, block_size)
-        s = s.masked_fill(kept[:, :, qb, :, None] | ~key_ok, float("-inf"))
+        s = s.masked_fill(kept[:, :, qb] | ~key_ok, float("-inf"))
         lw = torch.logsumexp(s.flatten(-2), dim=-1)
         w = torch.exp(s - lw[..., None, None]).nan_to_num(0.0)          # a query block that skips nothing: all 0
         log_weight[:, :, qb], share[:, :, qb] = lw, w.sum(-1)
@@ -100,25 +103,19 @@ def _reference_centre_pass(centre, k, v, kept, limit, block_size, scale):
     return log_weight, key, value, share
 
 
-def _slopes(log_weight, key, value, share, k, v, limit, block_size, scale):
-    """(log W, k_w, v_w, scale C^T): C from each skipped block's own mean of (k - mean k)(v - mean v)^T, weighted by
-    its share of W at the mean query (module docstring), in k's dtype (centred: the products keep their digits)."""
+def _slope(key, value, share, kb, vb, key_ok, scale, dtype):
+    """scale C^T: C from each skipped block's own mean of (k - mean k)(v - mean v)^T, weighted by its share of W at
+    the mean query (module docstring), in ``dtype`` (centred: the products keep their digits)."""
     B, H, nqb, D = key.shape
-    nkb = share.shape[-1]
-    key_ok = (torch.arange(nkb * block_size, device=k.device) < limit[:, None].long()).view(B, 1, nkb, block_size, 1)
-    pad = (0, 0, 0, nkb * block_size - k.shape[2])
     count = key_ok.sum((2, 3), keepdim=True).clamp(min=1)
-    blocks = lambda t: torch.nn.functional.pad(t.float(), pad).view(B, H, nkb, block_size, D) * key_ok  # noqa: E731
-    kb, vb = blocks(k), blocks(v)
     mean_k, mean_v = (t.sum((2, 3), keepdim=True) / count for t in (kb, vb))             # (B, H, 1, 1, D)
     kc, vc = ((t - m) * key_ok for t, m in ((kb, mean_k), (vb, mean_v)))
     size = key_ok.sum(3, keepdim=True).clamp(min=1)                                       # (B, 1, NKB, 1, 1)
-    moments = (kc.to(k.dtype).transpose(-1, -2) @ vc.to(k.dtype)).float() / size        # (B, H, NKB, D, D)
-    gram = (share.to(k.dtype) @ moments.to(k.dtype).flatten(-2)).float().view(B, H, nqb, D, D)
+    moments = (kc.to(dtype).transpose(-1, -2) @ vc.to(dtype)).float() / size             # (B, H, NKB, D, D)
+    gram = (share.to(dtype) @ moments.to(dtype).flatten(-2)).float().view(B, H, nqb, D, D)
     present = share.sum(-1, keepdim=True)                                                 # 1, or 0: nothing skipped
     k_w, v_w = key - mean_k[:, :, 0] * present, value - mean_v[:, :, 0] * present        # centred
-    slope = ((gram - k_w[..., :, None] * v_w[..., None, :]) * scale).to(k.dtype)
-    return log_weight, key, value, slope
+    return ((gram - k_w[..., :, None] * v_w[..., None, :]) * scale).to(dtype)
 
 
 def fold_summary(out, lse, q, summary: SkippedSummary, *, block_size: int, scale: float) -> torch.Tensor:

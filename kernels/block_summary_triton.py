@@ -85,8 +85,8 @@ def _centre_pass(
 def triton_centre_pass(centre, k, v, kept, key_limit, block_size: int, scale: float):
     """(ln W (B, H, NQB), k_w, v_w (B, H, NQB, D) float32, each key block's share of W (B, H, NQB, NKB) float32) of
     the mean queries ``centre`` (B, H, NQB, D) float32 over the keys their blocks skip: ``kept`` (B * H, NQB, NKB)
-    uint8 contiguous (kernels.block_sparse_triton.kept_table), ``key_limit`` (B,) int32 (keys at or past it are
-    padding). Head dim a power of two in [16, 128]."""
+    uint8 contiguous, 1 where the query block keeps the key block (kernels.cluster_reference.keep_table's),
+    ``key_limit`` (B,) int32 (keys at or past it are padding). Head dim a power of two in [16, 128]."""
     B, H, NQB, D = centre.shape
     LK = k.shape[2]
     NKB = kept.shape[-1]
