@@ -2,20 +2,22 @@
 
     python benchmarks/compensation_cost.py [--json out.json]          # Radial layout and a random 0.25 layout
     python benchmarks/compensation_cost.py --anatomy                  # also: where the compensated kernel's time goes
+    python benchmarks/compensation_cost.py --centre-configs           # also: the block summary's centre pass per tile
     TRITON_INTERPRET=1 python benchmarks/compensation_cost.py --smoke  # CPU: tiny shape, Triton interpreter
 
 The Sparse Attention Patch's ``compensate`` setting adds, per call, one pass pooling k and v per key block
 (kernels.pool_key_blocks) and, in the block-sparse kernel, one extra tile set per query block (the skipped blocks'
 pooled keys). Timed: the plain kernel, the pooling pass, the compensated kernel, and the whole compensated call
 (pooling + kernel), and the summarised call (``block_sparse_attention(..., summarise=True)``, kernels/block_summary.py:
-one term per row, exact at the query block's mean query; its summary alone as well, every head at once). The issue's
+one term per row, exact at the query block's mean query; the summary and its fold alone as well). The issue's
 target: the whole compensated call at most 1.05x the plain one. A check (both compensated calls against the torch
 reference on two heads) runs before timing; the exit status is 1 if it fails.
 
 ``--anatomy`` splits the compensated kernel's extra time, per layout: its host-side preparation alone (pooled
 tensors in the kernel's layout, the kept table), both kernels on an empty layout (no block kept: the compensation
 loop over every pooled group, with nothing else), the compensated kernel at other pooled-group tiles (BLOCK_P), and
-the registers and spills of every kernel variant it times (GPU only).
+the registers and spills of every kernel variant it times (GPU only). ``--centre-configs`` times the block
+summary's pass at the mean queries (kernels/block_summary_triton.py) over every head at several tiles and launches.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def parse_args():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny shape on the CPU (Triton interpreter)")
     p.add_argument("--anatomy", action="store_true", help="also split the compensated kernel's extra time")
+    p.add_argument("--centre-configs", action="store_true", help="also time the summary's centre pass per config")
     return p.parse_args()
 
 
@@ -144,6 +147,36 @@ def anatomy(torch, K, kernel, timer, q, k, v, out, idx, cnt, bs, pooled):
     return ms, registers
 
 
+CENTRE_CONFIGS = [dict(BLOCK_C=c, BLOCK_N=n, num_warps=w, num_stages=st) for c, n, w, st in
+                  ((64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2),
+                   (128, 32, 8, 3))]
+
+
+def centre_configs(torch, K, block_summary, timer, q, k, v, idx, cnt, bs, scale) -> dict:
+    """ms of the block summary's pass at the mean queries over every head at each of CENTRE_CONFIGS."""
+    from pack import import_pack
+
+    triton_side = import_pack("kernels.block_summary_triton")
+    B, H, L, _ = q.shape
+    nqb = K.num_blocks(L, bs)
+    kept = import_pack("kernels.cluster_reference").keep_table(idx.expand(B, H, nqb, -1), cnt.expand(B, H, nqb), nqb,
+                                                                dtype=torch.uint8)[..., :nqb]
+    kept = kept.reshape(B * H, nqb, nqb).contiguous()
+    centre = block_summary._block_means(q, bs)
+    limit = torch.full((B,), L, dtype=torch.int32, device=q.device)
+    original, ms = dict(triton_side.CENTRE_CONFIG), {}
+    try:
+        for cfg in CENTRE_CONFIGS:
+            triton_side.CENTRE_CONFIG.clear()
+            triton_side.CENTRE_CONFIG.update(cfg)
+            label = "C{BLOCK_C} N{BLOCK_N} w{num_warps} s{num_stages}".format(**cfg)
+            ms[label] = timer(lambda: triton_side.triton_centre_pass(centre, k, v, kept, limit, bs, scale))
+    finally:
+        triton_side.CENTRE_CONFIG.clear()
+        triton_side.CENTRE_CONFIG.update(original)
+    return ms
+
+
 def rel_err(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
 
@@ -157,7 +190,7 @@ def main():
     from pack import import_pack
 
     core, K = import_pack("core"), import_pack("kernels")
-    summarise_skipped_blocks = import_pack("kernels.block_summary").summarise_skipped_blocks
+    block_summary = import_pack("kernels.block_summary")
     kernel = import_pack("kernels.block_sparse_triton")
     device = torch.device("cpu" if args.smoke else "cuda")
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
@@ -196,8 +229,12 @@ def main():
                 kernel.triton_block_sparse_attention(q, k, v, idx, cnt, block_size=bs, scale=scale, out=out,
                                                      pooled=K.pool_key_blocks(k, v, bs, backend="triton"))
 
-            def summary():
-                summarise_skipped_blocks(q, k, v, idx, cnt, block_size=bs, scale=scale)
+            _, lse = K.block_sparse_attention(q, k, v, idx, cnt, block_size=bs, out=out, check_layout=False,
+                                              return_lse=True)
+
+            def summary():  # the summary and its fold into the rows, after the plain kernel
+                block_summary.compensate_skipped_blocks(out, lse, q, k, v, idx, cnt, block_size=bs, scale=scale,
+                                                        backend="triton" if device.type == "cuda" else "reference")
 
             def summarised_call():
                 K.block_sparse_attention(q, k, v, idx, cnt, block_size=bs, out=out, check_layout=False,
@@ -231,6 +268,9 @@ def main():
             if args.anatomy:
                 rows[-1]["anatomy_ms"], rows[-1]["registers"] = anatomy(torch, K, kernel, timer, q, k, v, out, idx,
                                                                         cnt, bs, pooled)
+            if args.centre_configs and device.type == "cuda":
+                rows[-1]["centre_pass_ms"] = centre_configs(torch, K, block_summary, timer, q, k, v, idx, cnt, bs,
+                                                            scale)
         del q, k, v, out
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -247,6 +287,8 @@ def main():
               f"{t['compensated_kernel']:12.3f} {t['compensated_call']:10.3f} {r['overhead']:6.3f} "
               f"{t['summary']:8.3f} {t['summarised_call']:10.3f} {r['summarised_overhead']:6.3f}")
     for r in rows:
+        for label, ms in r.get("centre_pass_ms", {}).items():
+            print(f"  {r['layout']:7s} centre pass, every head, {label:24s} {ms:9.3f} ms")
         for part, ms in r.get("anatomy_ms", {}).items():
             print(f"  {r['layout']:7s} {part:44s} {ms:9.3f} ms")
         for part, variants in r.get("registers", {}).items():

@@ -8,13 +8,12 @@ import os
 
 import torch
 
-from .block_summary import fold_summary, summarise_skipped_blocks, summary_head_bytes
+from .block_summary import compensate_skipped_blocks
 from .eight_bit import KERNEL_PRECISIONS, eight_bit_support
 from .layout import num_blocks, validate_layout
 from .pooled_keys import PooledKeys
 from .quantize_reference import reference_8bit_block_sparse_attention
 from .reference import reference_block_sparse_attention
-from .skipped_summary import SUMMARY_CHUNK_BYTES
 
 BACKENDS = ("auto", "triton", "reference")
 SUPPORTED_BLOCK_SIZES = (64, 128)
@@ -115,17 +114,8 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, sc
     if not summarise:
         return _attend_blocks(q, k, v, kv_indices, kv_counts, out=out, **args)
     out, lse = _attend_blocks(q, k, v, kv_indices, kv_counts, out=out, **dict(args, return_lse=True))
-    # The skipped keys' term joins each row after the kernel (kernels/block_summary.py), a few heads at a time: a
-    # summary holds a D x D slope per query block (19 MB a head at Wan 14B 720p) and is made from one per key block.
-    step = max(1, SUMMARY_CHUNK_BYTES // summary_head_bytes(B, LQ, LK, D, block_size, q.element_size()))
-    lse_c = torch.empty_like(lse)
-    for h0 in range(0, H, step):
-        part = slice(h0, min(H, h0 + step))
-        heads = lambda t: t if t.shape[1] == 1 else t[:, part]  # noqa: E731
-        summary = summarise_skipped_blocks(q[:, part], k[:, part], v[:, part], heads(kv_indices), heads(kv_counts),
-                                           block_size=block_size, scale=scale, kv_length=kv_length, backend=kind)
-        lse_c[:, part] = fold_summary(out[:, part], lse[:, part], q[:, part], summary, block_size=block_size,
-                                      scale=scale)
+    lse_c = compensate_skipped_blocks(out, lse, q, k, v, kv_indices, kv_counts, block_size=block_size, scale=scale,
+                                      kv_length=kv_length, backend=kind)
     return (out, lse, lse_c) if return_lse else out
 
 

@@ -22,67 +22,123 @@ costs one query row per query block against every key, about 1 / block_size of a
 
 The term joins a row after its kernel has run (fold_summary): the kernel returns each row's output and LSE over the
 keys it computed, and one virtual key more is one more softmax merge, exactly. So the kernel itself is the plain one,
-launched once over every head at full occupancy, and the summary is made and folded in a few heads at a time.
+launched once over every head at full occupancy. The pass at the mean queries holds little per head (the kept table
+and each block's share) and runs over many heads at once; the slopes hold D x D per block (19 MB a head at Wan 14B
+720p, each side) and are made and folded a head or two at a time (compensate_skipped_blocks).
 """
+
 
 from __future__ import annotations
 
 import torch
 
 from .cluster_reference import keep_table
-from .skipped_summary import SkippedSummary
+from .skipped_summary import SUMMARY_CHUNK_BYTES, SkippedSummary
 
 # The reference pass works on this many bytes of (mean queries x keys) scores at a time.
 CHUNK_BYTES = 64 << 20
+# The Triton centre pass splits the keys at most this many ways (its partials: _pass_head_bytes).
+MAX_SPLITS = 32
 
 
-def summary_head_bytes(batch: int, q_length: int, k_length: int, head_dim: int, block_size: int,
-                       element_size: int) -> int:
-    """Peak bytes per head of summarise_skipped_blocks and fold_summary: the keys and values in float32 twice (as
-    they are, centred), each key block's moment in float32 and q's dtype, each query block's slope the same, the
-    fold's float32 rows twice."""
-    nqb, nkb = -(-q_length // block_size), -(-k_length // block_size)
-    square = head_dim * head_dim * (4 + element_size)
-    return batch * (16 * nkb * block_size * head_dim + (nkb + nqb) * square + 8 * q_length * head_dim)
-
-
-def summarise_skipped_blocks(q, k, v, kv_indices, kv_counts, *, block_size: int, scale: float, kv_length=None,
-                             backend: str = "auto") -> SkippedSummary:
-    """The SkippedSummary of a block-sparse call (kernels.block_sparse_attention's arguments, validated): per
-    (batch, head, query block) the skipped keys' term at the block's mean query; no own terms. Keys at or past
-    kv_length[b] are in no block. The pass at the mean queries runs in Triton (kernels/block_summary_triton.py) or,
-    on the reference backend, in torch; the slopes are one matmul of the blocks' shares with their moments. Every
-    head given at once (summary_head_bytes each: block_sparse_attention gives it a few at a time)."""
-    from .attention import padded_head_dim, resolve_backend
-
+def compensate_skipped_blocks(out, lse, q, k, v, kv_indices, kv_counts, *, block_size: int, scale: float,
+                              kv_length=None, backend: str) -> torch.Tensor:
+    """Fold into each row of a block-sparse call the term of the keys its list skips (module docstring), in place:
+    ``out`` (B, H, LQ, D) and ``lse`` (B, H, LQ) float32 the kernel's rows over the keys it computed; the other
+    arguments kernels.block_sparse_attention's, validated, ``backend`` resolved ('triton' or 'reference'). Returns
+    the LSE with the term. Holds about SUMMARY_CHUNK_BYTES for each of its two stages, a few heads at a time."""
     B, H, LQ, D = q.shape
     LK = k.shape[2]
     nqb, nkb = -(-LQ // block_size), -(-LK // block_size)
     limit = torch.full((B,), LK, device=q.device, dtype=torch.int32) if kv_length is None \
         else kv_length.to(device=q.device, dtype=torch.int32).clamp(0, LK)
-    key_ok = (torch.arange(nkb * block_size, device=q.device) < limit[:, None]).view(B, 1, nkb, block_size, 1)
-    pad = (0, 0, 0, nkb * block_size - LK)
-    kb, vb = (torch.nn.functional.pad(t.float(), pad).view(B, H, nkb, block_size, D) * key_ok for t in (k, v))
+    heads = lambda t, part: t if t.shape[1] == 1 else t[:, part]  # noqa: E731
+    lse_c = torch.empty_like(lse)
+    per_pass = _pass_head_bytes(B, nqb, nkb, block_size, D, backend)
+    per_slope = _slope_head_bytes(B, nqb, nkb, block_size, D, q.element_size(), backend)
+    for outer in _head_parts(H, per_pass):
+        stats = _centre_stats(q[:, outer], k[:, outer], v[:, outer], heads(kv_indices, outer),
+                              heads(kv_counts, outer), limit, block_size, scale, backend)
+        for inner in _head_parts(outer.stop - outer.start, per_slope):
+            part = slice(outer.start + inner.start, outer.start + inner.stop)
+            summary = _summary(stats, inner, k[:, part], v[:, part], limit, block_size, scale, q.dtype, backend)
+            fold_summary(out[:, part], lse[:, part], q[:, part], summary, block_size=block_size, scale=scale,
+                         backend=backend, lse_out=lse_c[:, part])
+    return lse_c
+
+
+def _head_parts(heads: int, per_head_bytes: int) -> list[slice]:
+    step = max(1, SUMMARY_CHUNK_BYTES // max(1, per_head_bytes))
+    return [slice(h, min(heads, h + step)) for h in range(0, heads, step)]
+
+
+def _pass_head_bytes(batch, nqb, nkb, block_size, head_dim, backend) -> int:
+    """Bytes per head the pass at the mean queries holds: the kept table (and its scatter's int64 ids) and each
+    block's share; on Triton its split partials, on the reference backend the keys and values as float32 blocks."""
+    table = nqb * nkb * 13 + nqb * 3 * head_dim * 4
+    if backend == "reference":
+        return batch * (table + 8 * nkb * block_size * head_dim + CHUNK_BYTES // 8)
+    return batch * (table + nqb * MAX_SPLITS * (2 * head_dim + 1) * 4)
+
+
+def _slope_head_bytes(batch, nqb, nkb, block_size, head_dim, element_size, backend) -> int:
+    """Bytes per head of the slopes and the fold: each key block's moment and each query block's slope (D x D in
+    q's dtype); on the reference backend also the keys and values in float32 twice and the fold's float32 rows."""
+    square = (nkb + 8 + nqb) * head_dim * head_dim * element_size
+    if backend == "reference":
+        return batch * (square + 16 * nkb * block_size * head_dim + 8 * nqb * block_size * head_dim)
+    return batch * square
+
+
+def _centre_stats(q, k, v, kv_indices, kv_counts, limit, block_size, scale, backend):
+    """(centre, ln W, k_w, v_w, share) of the heads given: each query block's mean query (B, H, NQB, D) float32,
+    the LSE over the keys it skips at that query, their weighted mean key and value, and each key block's share of
+    W (B, H, NQB, NKB) float32."""
+    B, H, LQ, D = q.shape
+    nqb, nkb = kv_counts.shape[-1], -(-k.shape[2] // block_size)
     kept = keep_table(kv_indices.expand(B, H, nqb, -1), kv_counts.expand(B, H, nqb), nkb,
                       dtype=torch.uint8)[..., :nkb].reshape(B * H, nqb, nkb).contiguous()
     centre = _block_means(q, block_size)
-    if resolve_backend(backend, q.device, q.dtype) == "triton":
+    if backend == "triton":
         from .block_summary_triton import triton_centre_pass  # (imports Triton: only where it runs)
 
-        dims = (0, padded_head_dim(D) - D)                        # zeros: the scores do not move
-        padded = (torch.nn.functional.pad(t, dims) for t in (centre, k, v)) if dims[1] else (centre, k, v)
-        log_weight, key, value, share = triton_centre_pass(*padded, kept, limit, block_size, scale)
-        key, value = key[..., :D], value[..., :D]
+        return (centre, *triton_centre_pass(centre, k, v, kept, limit, block_size, scale))
+    kb, vb, key_ok = _float_blocks(k, v, limit, block_size)
+    return (centre, *_reference_centre_pass(centre, kb, vb, kept, key_ok, scale))
+
+
+def _summary(stats, heads: slice, k, v, limit, block_size, scale, dtype, backend) -> SkippedSummary:
+    """The SkippedSummary of ``heads`` of _centre_stats' heads (``k``, ``v`` theirs): no own terms, the slopes from
+    the key blocks' moments."""
+    centre, log_weight, key, value, share = (t[:, heads] for t in stats)
+    B, H, nqb = log_weight.shape
+    if backend == "triton":
+        from .block_summary_triton import triton_block_moments  # (imports Triton)
+
+        mean_k, mean_v = (_key_means(t, limit) for t in (k, v))
+        moments = triton_block_moments(k, v, mean_k, mean_v, limit, block_size, dtype)
     else:
-        log_weight, key, value, share = _reference_centre_pass(centre, kb, vb, kept, key_ok, scale)
-    slope = _slope(key, value, share, kb, vb, key_ok, scale, q.dtype)
-    none = torch.zeros(B, H, nqb, dtype=torch.int32, device=q.device)
-    return SkippedSummary(none[..., None].contiguous(), none, centre, log_weight, key, value, slope)
+        kb, vb, key_ok = _float_blocks(k, v, limit, block_size)
+        mean_k, mean_v, moments = _reference_moments(kb, vb, key_ok, dtype)
+    slope = _slope(key - mean_k[:, :, None], value - mean_v[:, :, None], share, moments, scale)
+    none = torch.zeros(B, H, nqb, dtype=torch.int32, device=centre.device)
+    return SkippedSummary(none[..., None], none, centre, log_weight, key, value, slope)
+
+
+def _float_blocks(k, v, limit, block_size):
+    """k and v as float32 blocks (B, H, NKB, block_size, D), zero past ``limit`` (B,) and at the last block's end,
+    and where keys are (``key_ok`` (B, 1, NKB, block_size, 1)): the reference backend's view of the keys."""
+    B, H, LK, D = k.shape
+    nkb = -(-LK // block_size)
+    key_ok = (torch.arange(nkb * block_size, device=k.device) < limit[:, None]).view(B, 1, nkb, block_size, 1)
+    pad = (0, 0, 0, nkb * block_size - LK)
+    kb, vb = (torch.nn.functional.pad(t.float(), pad).view(B, H, nkb, block_size, D) * key_ok for t in (k, v))
+    return kb, vb, key_ok
 
 
 def _reference_centre_pass(centre, kb, vb, kept, key_ok, scale):
     """Torch version of kernels.block_summary_triton.triton_centre_pass, on the keys and values as float32 blocks
-    (B, H, NKB, block_size, D), padding 0 and masked by ``key_ok`` (B, 1, NKB, block_size, 1)."""
+    (_float_blocks)."""
     B, H, nqb, D = centre.shape
     nkb, block_size = kb.shape[2:4]
     kept = kept.view(B, H, nqb, nkb, 1).bool()
@@ -103,25 +159,51 @@ def _reference_centre_pass(centre, kb, vb, kept, key_ok, scale):
     return log_weight, key, value, share
 
 
-def _slope(key, value, share, kb, vb, key_ok, scale, dtype):
-    """scale C^T: C from each skipped block's own mean of (k - mean k)(v - mean v)^T, weighted by its share of W at
-    the mean query (module docstring), in ``dtype`` (centred: the products keep their digits)."""
-    B, H, nqb, D = key.shape
+def _reference_moments(kb, vb, key_ok, dtype):
+    """The keys' and values' means (B, H, D) float32 and each key block's mean of (k - mean k)(v - mean v)^T
+    (B, H, NKB, D, D) in ``dtype``, from _float_blocks' blocks (centred first: the product keeps its digits in 16
+    bits)."""
     count = key_ok.sum((2, 3), keepdim=True).clamp(min=1)
     mean_k, mean_v = (t.sum((2, 3), keepdim=True) / count for t in (kb, vb))             # (B, H, 1, 1, D)
     kc, vc = ((t - m) * key_ok for t, m in ((kb, mean_k), (vb, mean_v)))
     size = key_ok.sum(3, keepdim=True).clamp(min=1)                                       # (B, 1, NKB, 1, 1)
-    moments = (kc.to(dtype).transpose(-1, -2) @ vc.to(dtype)).float() / size             # (B, H, NKB, D, D)
-    gram = (share.to(dtype) @ moments.to(dtype).flatten(-2)).float().view(B, H, nqb, D, D)
+    moments = ((kc.to(dtype).transpose(-1, -2) @ vc.to(dtype)).float() / size).to(dtype)
+    return mean_k[:, :, 0, 0], mean_v[:, :, 0, 0], moments
+
+
+def _key_means(x, limit) -> torch.Tensor:
+    """(B, H, D) float32 mean of (B, H, L, D) ``x`` over its rows below ``limit`` (B,): one matmul with the rows'
+    0/1 mask, no float32 copy of x (its 16-bit rounding only moves the point the moments are centred on)."""
+    rows = (torch.arange(x.shape[2], device=x.device) < limit[:, None]).to(x.dtype)      # (B, L)
+    sums = (rows[:, None, None, :] @ x)[:, :, 0].float()
+    return sums / limit.clamp(min=1).to(sums.dtype)[:, None, None]
+
+
+def _slope(key, value, share, moments, scale) -> torch.Tensor:
+    """scale C^T: C from each skipped block's mean of (k - p_k)(v - p_v)^T (``moments``, whose rows past the key
+    blocks are zeros) weighted by its share of W at the mean query (module docstring), less (k_w - p_k)(v_w - p_v)^T
+    (``key``, ``value`` centred on p), in the moments' dtype: one matmul of the shares with the moments and one
+    rank-1 update."""
+    B, H, nqb, D = key.shape
+    dtype = moments.dtype
+    share = torch.nn.functional.pad(share, (0, moments.shape[2] - share.shape[-1]))
+    gram = (share.to(dtype) @ moments.flatten(-2)).view(B * H * nqb, D, D)
     present = share.sum(-1, keepdim=True)                                                 # 1, or 0: nothing skipped
-    k_w, v_w = key - mean_k[:, :, 0] * present, value - mean_v[:, :, 0] * present        # centred
-    return ((gram - k_w[..., :, None] * v_w[..., None, :]) * scale).to(dtype)
+    k_w, v_w = ((t * present).to(dtype).view(B * H * nqb, D, 1) for t in (key, value))
+    return torch.baddbmm(gram, k_w, v_w.transpose(1, 2), beta=scale, alpha=-scale).view(B, H, nqb, D, D)
 
 
-def fold_summary(out, lse, q, summary: SkippedSummary, *, block_size: int, scale: float) -> torch.Tensor:
+def fold_summary(out, lse, q, summary: SkippedSummary, *, block_size: int, scale: float, backend: str,
+                 lse_out: torch.Tensor) -> torch.Tensor:
     """Merge the summary's virtual key into each row's softmax, in place: ``out`` (B, H, L, D) and ``lse`` (B, H, L)
-    float32 the rows' output and LSE over the keys computed exactly (a row with none: 0 and -inf). Returns the LSE
-    with the term. Each row's value is its query block's v_w + (q - c) @ slope: one batched matmul per block."""
+    float32 the rows' output and LSE over the keys computed exactly (a row with none: 0 and -inf). Writes the LSE
+    with the term into ``lse_out`` (B, H, L) float32 and returns it. Each row's value is its query block's
+    v_w + (q - c) @ slope. ``backend`` 'triton': one pass over the rows (kernels/block_summary_triton.py);
+    'reference': torch, one batched matmul per block."""
+    if backend == "triton":
+        from .block_summary_triton import triton_fold_summary  # (imports Triton)
+
+        return triton_fold_summary(out, lse, q, summary, block_size=block_size, scale=scale, lse_out=lse_out)
     B, H, L, D = q.shape
     nqb = summary.log_weight.shape[-1]
     pad = nqb * block_size - L
@@ -134,13 +216,17 @@ def fold_summary(out, lse, q, summary: SkippedSummary, *, block_size: int, scale
     none = torch.isneginf(total)                                         # no key and nothing skipped: stays 0, -inf
     keep, add = (torch.exp(t - total).masked_fill(none, 0.0)[..., None] for t in (lse, score))
     out.copy_(out.float() * keep + value * add)
-    return total
+    return lse_out.copy_(total)
 
 
 def _block_means(x, block_size: int) -> torch.Tensor:
-    """(B, H, NB, D) float32 mean of each block of rows of (B, H, L, D) ``x`` (the last one partial)."""
+    """(B, H, NB, D) float32 mean of each block of rows of (B, H, L, D) ``x`` (the last one partial), summed in
+    float32 from x as it is (no float32 copy)."""
     B, H, L, D = x.shape
-    nb = -(-L // block_size)
-    sums = torch.nn.functional.pad(x.float(), (0, 0, 0, nb * block_size - L)).view(B, H, nb, block_size, D).sum(3)
+    nb, full = -(-L // block_size), L // block_size
+    sums = torch.empty(B, H, nb, D, device=x.device)
+    sums[:, :, :full] = x[:, :, :full * block_size].unflatten(2, (full, block_size)).sum(3, dtype=torch.float32)
+    if nb > full:
+        sums[:, :, full] = x[:, :, full * block_size:].sum(2, dtype=torch.float32)
     sizes = (L - torch.arange(nb, device=x.device) * block_size).clamp(max=block_size)
     return sums / sizes[:, None]

@@ -132,15 +132,21 @@ def test_every_block_kept_adds_nothing(backend, gen):
     assert torch.equal(out, plain) and torch.equal(exact, lse) and torch.equal(lse_c, lse)
 
 
+@pytest.mark.parametrize("pass_heads, slope_heads", [(1, 1), (2, 1), (3, 2)])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_few_heads_at_a_time_equals_all_at_once(backend, gen, monkeypatch):
+def test_a_few_heads_at_a_time_equals_all_at_once(backend, pass_heads, slope_heads, gen, monkeypatch):
+    """The pass at the mean queries and the slopes each take their own number of heads at a time (the slopes'
+    parts nested in the pass's, the last ones shorter): the same result as every head at once."""
     q, k, v, idx, cnt, kv_length = _case((2, 100, 100, 64, 64), torch.bfloat16, LAYOUTS["random"], gen)
     q, k, v = (torch.cat([t, t.flip(1)], dim=1) for t in (q, k, v))                      # 4 heads
     idx, cnt = torch.cat([idx, idx], dim=1), torch.cat([cnt, cnt], dim=1)
     args = dict(block_size=64, kv_length=kv_length, return_lse=True, backend=backend, summarise=True)
     whole = K.block_sparse_attention(q, k, v, idx, cnt, **args)
-    monkeypatch.setattr(import_pack("kernels.attention"), "SUMMARY_CHUNK_BYTES", 1)     # one head a launch
-    monkeypatch.setattr(import_pack("kernels.block_summary"), "CHUNK_BYTES", 1)         # one query block a pass
+    summary = import_pack("kernels.block_summary")
+    chunk = summary.SUMMARY_CHUNK_BYTES
+    monkeypatch.setattr(summary, "_pass_head_bytes", lambda *a: chunk // pass_heads)
+    monkeypatch.setattr(summary, "_slope_head_bytes", lambda *a: chunk // slope_heads)
+    monkeypatch.setattr(summary, "CHUNK_BYTES", 1)                                     # one query block a pass
     parts = K.block_sparse_attention(q, k, v, idx, cnt, **args)
     for got, want in zip(parts, whole):
         torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)

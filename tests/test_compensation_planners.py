@@ -11,7 +11,7 @@ import comfy_env
 from pack import import_pack
 from test_block_sparse_kernel import new_generator
 from test_block_summary import summary_oracle
-from test_compensation import LSE_TOL, assert_compensated
+from test_compensation import DEVICE, LSE_TOL, assert_compensated
 
 core = import_pack("core")
 svg = import_pack("core.svg")
@@ -25,11 +25,11 @@ pytestmark = [pytest.mark.filterwarnings("ignore:divide by zero encountered:Runt
 
 @pytest.fixture
 def gen():
-    return new_generator()
+    return new_generator(DEVICE)
 
 
 def qkv(B, H, L, D, dtype, gen):
-    return tuple(torch.randn(B, H, L, D, generator=gen).to(dtype) for _ in range(3))
+    return tuple(torch.randn(B, H, L, D, generator=gen, device=DEVICE).to(dtype) for _ in range(3))
 
 
 def make_call(grid, q, k, v, backend, *, compensate, step=0, layer=1, kv_length=None):
@@ -45,10 +45,10 @@ def block_oracle(q, k, v, head_masks, block_size, kv_length=None):
     """The compensated oracle (the skipped keys summarised per query block: kernels/block_summary.py) for per-head
     (H, NQB, NKB) block masks in the tokens' own order."""
     B, H, L, _ = q.shape
-    pos = torch.arange(L)
-    limit = torch.full((B,), L) if kv_length is None else kv_length.long()
+    pos = torch.arange(L, device=q.device)
+    limit = torch.full((B,), L, device=q.device) if kv_length is None else kv_length.long()
     group = torch.where(pos[None, :] < limit[:, None], pos // block_size, -1)[:, None].expand(B, H, L)
-    kept = head_masks[None].expand(B, -1, -1, -1)[:, :, pos // block_size]
+    kept = head_masks.to(q.device)[None].expand(B, -1, -1, -1)[:, :, pos // block_size]
     return summary_oracle(q, k, v, kept, group, block_size)
 
 
@@ -70,7 +70,7 @@ def test_radial_compensates(backend, dtype, gen):
     grid = VideoGrid(8, 4, 16, text_tokens=9)  # 521 tokens: 8 frames of one 64-token block, text after
     st = core.RadialSettings(decay_factor=0.2, block_size=64, attention_sink=False)
     q, k, v = qkv(2, 2, grid.total_tokens, 64, dtype, gen)
-    kv_length = torch.tensor([grid.total_tokens, grid.total_tokens - 4], dtype=torch.int32)
+    kv_length = torch.tensor([grid.total_tokens, grid.total_tokens - 4], dtype=torch.int32, device=DEVICE)
     call = make_call(grid, q, k, v, backend, compensate=True, kv_length=kv_length)
     planner = st.make_planner()
     out, density = planner.attend(call)
@@ -102,7 +102,7 @@ def test_svg_compensates_spatial_and_temporal_heads(backend, dtype, flags, gen, 
     st = core.SVGSettings(sparsity=0.3, block_size=64, attention_sink=False)
     L = grid.total_tokens
     q, k, v = qkv(2, 2, L, 64, dtype, gen)
-    kv_length = torch.tensor([L, L - 5], dtype=torch.int32)
+    kv_length = torch.tensor([L, L - 5], dtype=torch.int32, device=DEVICE)
     planner = st.make_planner()
     monkeypatch.setattr(planner, "profile", lambda call, plan: flags)
     call = make_call(grid, q, k, v, backend, compensate=True, kv_length=kv_length)
@@ -111,10 +111,10 @@ def test_svg_compensates_spatial_and_temporal_heads(backend, dtype, flags, gen, 
 
     spatial, temporal = svg_layout.svg_block_masks(grid, st.sparsity, 64, False)
     order = svg_layout.token_major_order(grid)
-    want = [torch.empty(2, 2, L, 64, dtype=torch.float64), torch.empty(2, 2, L, dtype=torch.float64),
-            torch.empty(2, 2, L, dtype=torch.float64)]
+    want = [torch.empty(2, 2, L, 64, dtype=torch.float64, device=DEVICE),
+            torch.empty(2, 2, L, dtype=torch.float64, device=DEVICE), torch.empty(2, 2, L, dtype=torch.float64, device=DEVICE)]
     for h, is_temporal in enumerate(flags):
-        rows = order if is_temporal else torch.arange(L)  # row t of the head's order is original token rows[t]
+        rows = order.to(DEVICE) if is_temporal else torch.arange(L, device=DEVICE)  # row t of the head's order is original token rows[t]
         parts = (t[:, h:h + 1, rows] for t in (q, k, v))
         head = block_oracle(*parts, (temporal if is_temporal else spatial)[None], 64, kv_length)
         for full, part in zip(want, head):
@@ -146,7 +146,7 @@ def test_svg2_compensates_skipped_clusters(backend, dtype, own_terms, gen, monke
     L = grid.total_tokens
     q, k, v = qkv(1, 2, L, 64, dtype, gen)
     q, k = (t * 0.3 for t in (q, k))  # scores of about unit spread: diffuse attention
-    kv_length = torch.tensor([L - 3], dtype=torch.int32)
+    kv_length = torch.tensor([L - 3], dtype=torch.int32, device=DEVICE)
     call = make_call(grid, q, k, v, backend, compensate=True, kv_length=kv_length)
     out, density = SVG2_SETTINGS.make_planner().attend(call)
     assert density < 1.0 and not torch.isnan(out).any()
@@ -155,7 +155,7 @@ def test_svg2_compensates_skipped_clusters(backend, dtype, own_terms, gen, monke
 
     plain = make_call(grid, q, k, v, backend, compensate=False, kv_length=kv_length)
     plain_out, _ = SVG2_SETTINGS.make_planner().attend(plain)
-    keys = torch.arange(L) < L - 3
+    keys = torch.arange(L, device=DEVICE) < L - 3
     dense = torch.softmax((q.double() @ k.double().transpose(-1, -2) / 8).masked_fill(~keys, float("-inf")), -1)
     dense = dense @ v.double()
     err = lambda o: ((o.double() - dense).norm() / dense.norm()).item()  # noqa: E731
@@ -203,7 +203,7 @@ def test_session_carries_the_setting_to_every_call(gen):
     session = core.SparseAttentionSession(core.RadialSettings(block_size=64), core.SparseSchedule(0.0, 1.0, 0),
                                           backend="reference", compensate=True)
     seen = []
-    planner = session.planner_for(torch.device("cpu"))
+    planner = session.planner_for(DEVICE)
     attend = planner.attend
     planner.attend = lambda call: (seen.append(call.compensate), attend(call))[1]
     ctx = core.ForwardContext(video=grid, step=1, total_steps=4)
