@@ -37,7 +37,7 @@ from .skipped_summary import SUMMARY_CHUNK_BYTES, SkippedSummary
 
 # The reference pass works on this many bytes of (mean queries x keys) scores at a time.
 CHUNK_BYTES = 64 << 20
-# The Triton centre pass splits the keys at most this many ways (its partials: _pass_head_bytes).
+# The Triton centre pass splits the keys at most this many ways (when few heads fill too few programs).
 MAX_SPLITS = 32
 
 
@@ -54,7 +54,7 @@ def compensate_skipped_blocks(out, lse, q, k, v, kv_indices, kv_counts, *, block
         else kv_length.to(device=q.device, dtype=torch.int32).clamp(0, LK)
     heads = lambda t, part: t if t.shape[1] == 1 else t[:, part]  # noqa: E731
     lse_c = torch.empty_like(lse)
-    per_pass = _pass_head_bytes(B, nqb, nkb, block_size, D, backend)
+    per_pass = _pass_head_bytes(B, nqb, nkb, kv_indices.shape[-1], block_size, D, backend)
     per_slope = _slope_head_bytes(B, nqb, nkb, block_size, D, q.element_size(), backend)
     for outer in _head_parts(H, per_pass):
         stats = _centre_stats(q[:, outer], k[:, outer], v[:, outer], heads(kv_indices, outer),
@@ -72,13 +72,15 @@ def _head_parts(heads: int, per_head_bytes: int) -> list[slice]:
     return [slice(h, min(heads, h + step)) for h in range(0, heads, step)]
 
 
-def _pass_head_bytes(batch, nqb, nkb, block_size, head_dim, backend) -> int:
-    """Bytes per head the pass at the mean queries holds: the kept table (and its scatter's int64 ids) and each
-    block's share; on Triton its split partials, on the reference backend the keys and values as float32 blocks."""
-    table = nqb * nkb * 13 + nqb * 3 * head_dim * 4
+def _pass_head_bytes(batch, nqb, nkb, width, block_size, head_dim, backend) -> int:
+    """Bytes per head the pass at the mean queries holds: the kept table (and its scatter's int64 ids, ``width``
+    list slots a row), each block's share and the per-query-block vectors; on Triton one split's partials (more
+    splits only where few heads fill too few programs: at most ~2 x BLOCK_C x the SMs rows of partials in all), on
+    the reference backend the keys and values as float32 blocks and a chunk of scores."""
+    table = nqb * (nkb * 5 + width * 8 + 3 * head_dim * 4)
     if backend == "reference":
         return batch * (table + 8 * nkb * block_size * head_dim + CHUNK_BYTES // 8)
-    return batch * (table + nqb * MAX_SPLITS * (2 * head_dim + 1) * 4)
+    return batch * (table + nqb * (2 * head_dim + 1) * 4)
 
 
 def _slope_head_bytes(batch, nqb, nkb, block_size, head_dim, element_size, backend) -> int:
