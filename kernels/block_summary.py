@@ -93,9 +93,9 @@ def _slope_head_bytes(batch, nqb, nkb, block_size, head_dim, element_size, backe
 
 
 def _centre_stats(q, k, v, kv_indices, kv_counts, limit, block_size, scale, backend):
-    """(centre, ln W, k_w, v_w, share) of the heads given: each query block's mean query (B, H, NQB, D) float32,
-    the LSE over the keys it skips at that query, their weighted mean key and value, and each key block's share of
-    W (B, H, NQB, NKB) float32."""
+    """(centre, ln W, k_w, v_w, share, mean k, mean v) of the heads given: each query block's mean query
+    (B, H, NQB, D) float32, the LSE over the keys it skips at that query, their weighted mean key and value, each key
+    block's share of W (B, H, NQB, NKB) float32, and the head's mean key and value (B, H, D) float32."""
     B, H, LQ, D = q.shape
     nqb, nkb = kv_counts.shape[-1], -(-k.shape[2] // block_size)
     kept = keep_table(kv_indices.expand(B, H, nqb, -1), kv_counts.expand(B, H, nqb), nkb,
@@ -104,24 +104,25 @@ def _centre_stats(q, k, v, kv_indices, kv_counts, limit, block_size, scale, back
     if backend == "triton":
         from .block_summary_triton import triton_centre_pass  # (imports Triton: only where it runs)
 
-        return (centre, *triton_centre_pass(centre, k, v, kept, limit, block_size, scale))
+        means = (_key_means(t, limit) for t in (k, v))
+        return (centre, *triton_centre_pass(centre, k, v, kept, limit, block_size, scale), *means)
     kb, vb, key_ok = _float_blocks(k, v, limit, block_size)
-    return (centre, *_reference_centre_pass(centre, kb, vb, kept, key_ok, scale))
+    count = key_ok.sum((2, 3)).clamp(min=1)
+    means = (t.sum((2, 3)) / count for t in (kb, vb))
+    return (centre, *_reference_centre_pass(centre, kb, vb, kept, key_ok, scale), *means)
 
 
 def _summary(stats, heads: slice, k, v, limit, block_size, scale, dtype, backend) -> SkippedSummary:
     """The SkippedSummary of ``heads`` of _centre_stats' heads (``k``, ``v`` theirs): no own terms, the slopes from
     the key blocks' moments."""
-    centre, log_weight, key, value, share = (t[:, heads] for t in stats)
+    centre, log_weight, key, value, share, mean_k, mean_v = (t[:, heads] for t in stats)
     B, H, nqb = log_weight.shape
     if backend == "triton":
         from .block_summary_triton import triton_block_moments  # (imports Triton)
 
-        mean_k, mean_v = (_key_means(t, limit) for t in (k, v))
         moments = triton_block_moments(k, v, mean_k, mean_v, limit, block_size, dtype)
     else:
-        kb, vb, key_ok = _float_blocks(k, v, limit, block_size)
-        mean_k, mean_v, moments = _reference_moments(kb, vb, key_ok, dtype)
+        moments = _reference_moments(*_float_blocks(k, v, limit, block_size), mean_k, mean_v, dtype)
     slope = _slope(key - mean_k[:, :, None], value - mean_v[:, :, None], share, moments, scale)
     none = torch.zeros(B, H, nqb, dtype=torch.int32, device=centre.device)
     return SkippedSummary(none[..., None], none, centre, log_weight, key, value, slope)
@@ -161,16 +162,12 @@ def _reference_centre_pass(centre, kb, vb, kept, key_ok, scale):
     return log_weight, key, value, share
 
 
-def _reference_moments(kb, vb, key_ok, dtype):
-    """The keys' and values' means (B, H, D) float32 and each key block's mean of (k - mean k)(v - mean v)^T
-    (B, H, NKB, D, D) in ``dtype``, from _float_blocks' blocks (centred first: the product keeps its digits in 16
-    bits)."""
-    count = key_ok.sum((2, 3), keepdim=True).clamp(min=1)
-    mean_k, mean_v = (t.sum((2, 3), keepdim=True) / count for t in (kb, vb))             # (B, H, 1, 1, D)
-    kc, vc = ((t - m) * key_ok for t, m in ((kb, mean_k), (vb, mean_v)))
+def _reference_moments(kb, vb, key_ok, mean_k, mean_v, dtype):
+    """Each key block's mean of (k - mean_k)(v - mean_v)^T (B, H, NKB, D, D) in ``dtype``, from _float_blocks'
+    blocks and the (B, H, D) means (centred first: the product keeps its digits in 16 bits)."""
+    kc, vc = ((t - m[:, :, None, None]) * key_ok for t, m in ((kb, mean_k), (vb, mean_v)))
     size = key_ok.sum(3, keepdim=True).clamp(min=1)                                       # (B, 1, NKB, 1, 1)
-    moments = ((kc.to(dtype).transpose(-1, -2) @ vc.to(dtype)).float() / size).to(dtype)
-    return mean_k[:, :, 0, 0], mean_v[:, :, 0, 0], moments
+    return ((kc.to(dtype).transpose(-1, -2) @ vc.to(dtype)).float() / size).to(dtype)
 
 
 def _key_means(x, limit) -> torch.Tensor:
