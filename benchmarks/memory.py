@@ -97,7 +97,7 @@ STEPS = 30
 
 
 def make_session(core, method, backend: str):
-    """A session as the patch node makes it by default (compensate 'auto': SVG2 adds its skipped clusters' pooled
+    """A session as the patch node makes it by default (compensate 'auto': Radial, SVG and SVG2 add the skipped keys'
     terms), every call sparse."""
     schedule = core.SparseSchedule(dense_steps=0, dense_layers=0)  # every call of this benchmark is a sparse one
     return core.SparseAttentionSession(method, schedule, backend=backend, compensate="auto")

@@ -291,6 +291,9 @@ class AdaSpaPlanner:
     """Searches at the search steps (and wherever a call finds no pattern for its shape), sparse otherwise."""
 
     compensates = True
+    # compensate 'auto' leaves it off: on the proxy it gained 1.2 dB at 4 steps and 1.6 dB at 20 steps (H100, 3 seeds,
+    # density 0.25) for 1.33x the call's time, below what the other block methods gained (benchmarks/RESULTS.md, issue
+    # 17, 2026-12-06); 'on' turns it on
 
     def __init__(self, settings: AdaSpaSettings):
         self.settings = settings

@@ -93,10 +93,9 @@ def gpu_class(device) -> str:
 # What compensating skipped keys adds to a sparse call, as a share of a dense call, about the same at every density.
 # Cluster: the pooling pass and a pooled term per skipped cluster, measured on the H100 (benchmarks/versus.py
 # --compensate both, RESULTS.md 'Compensation on the proxy, every method'): SVG2 at Wan 14B 720p, 18.0 of 196.0 ms.
-# Block kernels: the block summary (kernels/block_summary.py), not yet timed in its present form, estimated from its
-# work at Wan 14B 720p (RESULTS.md, issue 17, 2026-12-06): its pass at the mean queries is 1/block_size of a dense
-# call's products, the moments, their mix and the fold a few ms more; block 64 has twice the mean queries.
-COMPENSATION_SHARE = {BLOCK_128: 0.07, BLOCK_64: 0.12, CLUSTER: 0.092}
+# Block kernels: the block summary and its fold (kernels/block_summary.py, benchmarks/compensation_cost.py, RESULTS.md
+# issue 17, 2026-12-06, H100, Wan 14B 720p, dense ~198 ms): 16.7-17.9 ms at block 128, 31.5 ms at block 64.
+COMPENSATION_SHARE = {BLOCK_128: 0.09, BLOCK_64: 0.16, CLUSTER: 0.092}
 
 
 def break_even(kernel: str, gpu: str, compensated: bool = False) -> BreakEven:

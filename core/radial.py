@@ -124,6 +124,10 @@ class RadialPlanner:
     """Radial layouts for the kernels, on the queries' device, shared by every batch element and head."""
 
     compensates = True  # call.compensate: run_block_plan adds the skipped keys' summed term (kernels/block_summary.py)
+    # compensate 'auto' turns it on: on the proxy (H100, 3 seeds, density 0.37) it took the video from 32.7 to 42.4 dB
+    # at 4 steps cfg 1 and from 18.1 to 25.6 dB at 20 steps cfg 4, for 1.33x the call's time at Wan 14B 720p
+    # (benchmarks/RESULTS.md, issue 17, 2026-12-06)
+    compensate_by_default = True
 
     def __init__(self, settings: RadialSettings):
         self.settings = settings

@@ -189,6 +189,10 @@ class SVGPlanner:
     """Per-head spatial / temporal layouts on the block-sparse kernel, classes profiled online."""
 
     compensates = True
+    # compensate 'auto' turns it on: on the proxy (H100, 3 seeds, density 0.25) it took the video from 33.2 to 42.4 dB
+    # at 4 steps cfg 1 and from 21.0 to 26.4 dB at 20 steps cfg 4, for 1.33x the call's time at Wan 14B 720p
+    # (benchmarks/RESULTS.md, issue 17, 2026-12-06)
+    compensate_by_default = True
 
     def __init__(self, settings: SVGSettings):
         self.settings = settings

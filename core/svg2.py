@@ -174,9 +174,8 @@ class SVG2Planner:
     ``block_size`` tokens: SVG draws its semantic heads through this planner at its own block size)."""
 
     compensates = True
-    # compensate 'auto' turns it on for SVG2 alone: on the proxy it gained 4.7 dB at density 0.25 (20 steps, cfg 4)
-    # and 6.5 dB (4 steps, cfg 1) for 1.26-1.30x the call's time; the block methods gained less or lost
-    # (benchmarks/RESULTS.md, issue 17)
+    # compensate 'auto' turns it on: on the proxy it gained 4.7 dB at density 0.25 (20 steps, cfg 4) and 6.5 dB
+    # (4 steps, cfg 1) for 1.26-1.30x the call's time (benchmarks/RESULTS.md, issue 17)
     compensate_by_default = True
 
     def __init__(self, settings: SVG2Settings, block_size: int = INSPECT_BLOCK):

@@ -225,16 +225,17 @@ def test_session_refuses_a_method_that_cannot_compensate():
 @pytest.mark.comfyui
 def test_patch_node_compensate(nodes, bridge, monkeypatch):
     """The node's compensate input: 'on' reaches the planner's calls and changes the video; a bad value is an
-    error naming the setting; the default is 'auto', which leaves Radial uncompensated and compensates SVG2."""
+    error naming the setting; the default is 'auto', which compensates Radial and SVG2."""
     from test_comfy_integration import latent
 
     model = comfy_env.tiny_wan_t2v(seed=3)
     method = nodes.RadialMask().settings(decay_factor=0.2, block_size=64, attention_sink=False, text_dense=True)[0]
     args = dict(dense_steps=0.0, sparse_end=1.0, dense_layers=0, backend="reference", verbose=False, method=method)
-    off = nodes.SparseAttentionPatch().patch(model, **args)[0]
+    off = nodes.SparseAttentionPatch().patch(model, **args, compensate="off")[0]
     on = nodes.SparseAttentionPatch().patch(model, **args, compensate="on")[0]
     assert bridge.session_of(off).compensate is False and bridge.session_of(on).compensate is True
     assert nodes.SparseAttentionPatch.INPUT_TYPES()["optional"]["compensate"][1]["default"] == "auto"
+    assert bridge.session_of(nodes.SparseAttentionPatch().patch(model, **args)[0]).compensate
     svg2 = core.SVG2Settings(query_clusters=4, key_clusters=8)
     assert bridge.session_of(nodes.SparseAttentionPatch().patch(model, **dict(args, method=svg2))[0]).compensate
     seen = []
@@ -251,14 +252,14 @@ def test_patch_node_compensate(nodes, bridge, monkeypatch):
 
 
 def test_compensate_auto_is_each_methods_measured_default():
-    """'auto' compensates SVG2 (the method it served on the proxy, RESULTS.md) and no block method; an explicit 8-bit
-    precision keeps it off (the 8-bit kernel has no pooled terms); 'on' / 'off' force it; another value is an error
-    naming the setting."""
+    """'auto' compensates Radial, SVG and SVG2 (the methods it served on the proxy, RESULTS.md) and not AdaSpa; an
+    explicit 8-bit precision keeps it off (the 8-bit kernel has no compensation); 'on' / 'off' force it; another
+    value is an error naming the setting."""
     schedule = core.SparseSchedule(0.0, 1.0, 0)
     svg2 = core.SVG2Settings(query_clusters=4, key_clusters=8)
-    assert core.SparseAttentionSession(svg2, schedule, compensate="auto").compensate is True
-    for method in (core.RadialSettings(), core.SVGSettings(), core.AdaSpaSettings()):
-        assert core.SparseAttentionSession(method, schedule, compensate="auto").compensate is False
+    for method in (svg2, core.RadialSettings(), core.SVGSettings()):
+        assert core.SparseAttentionSession(method, schedule, compensate="auto").compensate is True
+    assert core.SparseAttentionSession(core.AdaSpaSettings(), schedule, compensate="auto").compensate is False
     for precision in ("8-bit", "8-bit + dense calls"):
         assert core.SparseAttentionSession(svg2, schedule, compensate="auto", precision=precision).compensate is False
     assert core.SparseAttentionSession(svg2, schedule, compensate="auto", precision="auto").compensate is True
