@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import (block_mask_to_indices, block_sparse_attention, candidate_mask_errors, gather_head_rows,
-                       scatter_head_rows, validate_layout)
+from ..kernels import (SUMMARY_TRANSIENT_BYTES, block_mask_to_indices, block_sparse_attention, candidate_mask_errors,
+                       gather_head_rows, scatter_head_rows, validate_layout)
 from .break_even import block_kernel
 from .grid import VideoGrid
 from .memory import attend_in_parts, head_bytes, heads_per_chunk
@@ -274,7 +274,9 @@ class SVGPlanner:
         """Temporal heads in token-major order, a few at a time, scattered back into ``out`` (and their LSE rows
         into ``lses``, (exact, compensated) (B, H, L) float32 in the original order, each when it is given)."""
         B, _, L, D = call.q.shape
-        step = heads_per_chunk(call.q, TEMPORAL_COPIES * head_bytes(call.q))
+        # a compensated launch holds its summary besides the copies
+        reserved = SUMMARY_TRANSIENT_BYTES if call.compensate else 0
+        step = heads_per_chunk(call.q, TEMPORAL_COPIES * head_bytes(call.q), reserved=reserved)
         size = min(step, temporal_heads.numel())
         buffers = torch.empty(TEMPORAL_COPIES, B, size, L, D, device=call.q.device, dtype=call.q.dtype)
         for h0 in range(0, temporal_heads.numel(), step):

@@ -37,6 +37,9 @@ from .skipped_summary import SUMMARY_CHUNK_BYTES, SkippedSummary
 
 # The reference pass works on this many bytes of (mean queries x keys) scores at a time.
 CHUNK_BYTES = 64 << 20
+# What compensate_skipped_blocks holds at most besides its LSE rows: a chunk for each of its two stages (one head's
+# when a head needs more); planners that hold copies through a compensated launch reserve it in their budget.
+SUMMARY_TRANSIENT_BYTES = 2 * SUMMARY_CHUNK_BYTES
 # The Triton centre pass splits the keys at most this many ways (when few heads fill too few programs).
 MAX_SPLITS = 32
 

@@ -33,7 +33,8 @@ def radial(nodes, decay=0.05):
 
 
 def patch(nodes, model, method, dense_steps=0.0, dense_layers=0):
-    return nodes.SparseAttentionPatch().patch(model, dense_steps, 1.0, dense_layers, "reference", False, method)[0]
+    return nodes.SparseAttentionPatch().patch(model, dense_steps, 1.0, dense_layers, "reference", False, method,
+                                              compensate="off")[0]  # the layout as it is: its oracle
 
 
 def latent(frames=3, channels=16):

@@ -76,7 +76,8 @@ def radial(nodes, decay):
 
 
 def patch(nodes, base, method, dense_layers=0, verbose=False):
-    return nodes.SparseAttentionPatch().patch(base, 0.0, 1.0, dense_layers, "reference", verbose, method)[0]
+    return nodes.SparseAttentionPatch().patch(base, 0.0, 1.0, dense_layers, "reference", verbose, method,
+                                              compensate="off")[0]  # the layout as it is: its oracle
 
 
 def noise(seed, *shape):

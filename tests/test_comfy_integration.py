@@ -37,7 +37,8 @@ def radial(nodes, decay=0.2, block=BLOCK, sink=True, text_dense=True):
 
 
 def patch(nodes, model, method, dense_steps=0.0, sparse_end=1.0, dense_layers=0, backend="reference", verbose=False):
-    return nodes.SparseAttentionPatch().patch(model, dense_steps, sparse_end, dense_layers, backend, verbose, method)[0]
+    return nodes.SparseAttentionPatch().patch(model, dense_steps, sparse_end, dense_layers, backend, verbose, method,
+                                              compensate="off")[0]  # the layout as it is: its oracle
 
 
 def latent(frames=5, height=16, width=16, batch=1, channels=16):

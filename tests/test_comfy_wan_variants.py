@@ -48,7 +48,8 @@ def radial(nodes, decay):
 
 
 def patch(nodes, model, method):
-    return nodes.SparseAttentionPatch().patch(model, 0.0, 1.0, 0, "reference", False, method)[0]
+    return nodes.SparseAttentionPatch().patch(model, 0.0, 1.0, 0, "reference", False, method,
+                                              compensate="off")[0]  # the layout as it is: its oracle
 
 
 def latent(frames, channels=16, side=SIDE):

@@ -273,6 +273,6 @@ def test_summary_says_whether_skipped_keys_were_compensated():
     schedule = core.SparseSchedule(0.0, 1.0, 0)
     summary = import_pack("core.summary")
     on = core.SparseAttentionSession(core.SVG2Settings(), schedule, compensate="auto")
-    off = core.SparseAttentionSession(core.RadialSettings(), schedule, compensate="auto")
+    off = core.SparseAttentionSession(core.AdaSpaSettings(), schedule, compensate="auto")
     assert "skipped keys compensated" in summary.run_summary(on) and "| compensate on |" in summary.report_line(on)
     assert "compensated" not in summary.run_summary(off) and "| compensate off |" in summary.report_line(off)
