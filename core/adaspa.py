@@ -419,9 +419,11 @@ class AdaSpaPlanner:
         if route.whole:  # these heads all run dense (a few heads of a call split for memory)
             lses.append((torch.full(q.shape[:3], -math.inf, device=q.device), None))
         else:
-            if rows:
+            if rows:  # (the dense heads' rows are written after: no compensation for them)
+                sparse = [h for h in range(q.shape[1]) if h not in route.dense]
                 self._launch(call, q[:, :, :rows], pattern.kv_indices.to(torch.int32),
-                             keep_sparse(pattern.kv_counts, route), out[:, :, :rows], lses, call.compensate)
+                             keep_sparse(pattern.kv_counts, route), out[:, :, :rows], lses,
+                             sparse if call.compensate else False)
             if rows < q.shape[2]:  # text rows: every key block, nothing to compensate
                 layout = self._full_layout(q.shape[2] - rows, k.shape[2], self.block_size, q.device)
                 self._launch(call, q[:, :, rows:], *layout, out[:, :, rows:], lses, False)
@@ -432,13 +434,14 @@ class AdaSpaPlanner:
                 if call.compensate else None
         return out
 
-    def _launch(self, call, q, kv_indices, kv_counts, out, lses, compensate: bool):
+    def _launch(self, call, q, kv_indices, kv_counts, out, lses, compensate):
+        """One launch over ``q``'s rows; ``compensate``: False, or the heads whose skipped keys get their term."""
         result = block_sparse_attention(q, call.k, call.v, kv_indices, kv_counts, block_size=self.block_size,
                                         kv_length=call.kv_length, out=out, backend=call.backend,
                                         check_layout=False, return_lse=call.want_lse, summarise=compensate,
                                         precision=call.precision, scattered=True)
         if call.want_lse:
-            lses.append(split_lse(result, compensate)[1:])
+            lses.append(split_lse(result, compensate is not False)[1:])
 
     def _full_layout(self, rows, keys, block_size, device):
         """The layout of ``rows`` query rows attending to all ``keys`` (text rows, a first search's dense pass)."""

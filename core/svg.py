@@ -251,13 +251,14 @@ class SVGPlanner:
         # with compensation); temporal heads' rows are written by their own launches, dense heads' stay -inf.
         lses = (None, None)
         if spatial:  # every spatial head in one launch, in place
-            # (temporal heads have empty lists here: with compensation they get the term of every key, which their
-            # own launch then overwrites)
+            # (temporal and dense heads have empty lists here and their rows are written after: compensated or not,
+            # only the spatial heads get the skipped keys' term)
             result = block_sparse_attention(q, call.k, call.v, plan.spatial_indices.expand(1, q.shape[1], -1, -1),
                                             keep_sparse(classes.spatial_counts, route), block_size=self.block_size,
                                             kv_length=call.kv_length, out=out, backend=call.backend,
                                             check_layout=False, return_lse=call.want_lse,
-                                            summarise=call.compensate, precision=call.precision)
+                                            summarise=spatial if call.compensate else False,
+                                            precision=call.precision)
             if call.want_lse:
                 lses = split_lse(result, call.compensate)[1:]
         elif call.want_lse:

@@ -83,7 +83,9 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, sc
             diagonal: at long sequences on Hopper the bf16 kernel then takes a wider key tile (same result).
         summarise: compensation of skipped keys in one term per row instead of ``pooled``'s one per skipped block
             (kernels/block_summary.py): every key a row's list skips, summed exactly at its query block's mean query
-            and moved to the row's own query to first order. Returns as with ``pooled``; bf16 precision only.
+            and moved to the row's own query to first order. True for every head, or a list of the heads to
+            compensate (the others keep their plain rows, their compensated LSE the exact one: heads whose rows the
+            caller writes otherwise). Returns as with ``pooled``; bf16 precision only.
 
     Rows whose list is empty (or whose keys are all masked) give 0 and an LSE of -inf, never NaN (with ``pooled``:
     the pooled terms alone, and 0 / -inf when every block is empty).
@@ -100,8 +102,7 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, sc
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     kind = resolve_backend(backend, q.device, q.dtype)
     check_precision(precision, kind, q.device)
-    if not isinstance(summarise, bool):
-        raise ValueError(f"summarise must be True or False, got {summarise!r}")
+    summarised = _summarised_heads(summarise, H)
     if summarise and pooled is not None:
         raise ValueError("summarise and pooled are two ways to compensate skipped keys; pass one of them")
     if (pooled is not None or summarise) and precision != "bf16":
@@ -115,8 +116,18 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, sc
         return _attend_blocks(q, k, v, kv_indices, kv_counts, out=out, **args)
     out, lse = _attend_blocks(q, k, v, kv_indices, kv_counts, out=out, **dict(args, return_lse=True))
     lse_c = compensate_skipped_blocks(out, lse, q, k, v, kv_indices, kv_counts, block_size=block_size, scale=scale,
-                                      kv_length=kv_length, backend=kind)
+                                      kv_length=kv_length, backend=kind, heads=summarised)
     return (out, lse, lse_c) if return_lse else out
+
+
+def _summarised_heads(summarise, heads: int):
+    """None (every head) for summarise=True, the sorted head indices of a list; ValueError for anything else."""
+    if isinstance(summarise, bool):
+        return None
+    if not isinstance(summarise, (list, tuple)) or not all(isinstance(h, int) and 0 <= h < heads for h in summarise):
+        raise ValueError(f"summarise must be True, False or a list of head indices in [0, {heads}), got "
+                         f"{summarise!r}")
+    return sorted(set(summarise))
 
 
 def _attend_blocks(q, k, v, kv_indices, kv_counts, *, block_size, scale, kv_length, return_lse, out, pooled,

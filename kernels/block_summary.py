@@ -27,7 +27,6 @@ and each block's share) and runs over many heads at once; the slopes hold D x D 
 720p, each side) and are made and folded a head or two at a time (compensate_skipped_blocks).
 """
 
-
 from __future__ import annotations
 
 import torch
@@ -45,34 +44,49 @@ MAX_SPLITS = 32
 
 
 def compensate_skipped_blocks(out, lse, q, k, v, kv_indices, kv_counts, *, block_size: int, scale: float,
-                              kv_length=None, backend: str) -> torch.Tensor:
+                              kv_length=None, backend: str, heads=None) -> torch.Tensor:
     """Fold into each row of a block-sparse call the term of the keys its list skips (module docstring), in place:
     ``out`` (B, H, LQ, D) and ``lse`` (B, H, LQ) float32 the kernel's rows over the keys it computed; the other
-    arguments kernels.block_sparse_attention's, validated, ``backend`` resolved ('triton' or 'reference'). Returns
-    the LSE with the term. Holds about SUMMARY_CHUNK_BYTES for each of its two stages, a few heads at a time."""
+    arguments kernels.block_sparse_attention's, validated, ``backend`` resolved ('triton' or 'reference'); ``heads``
+    the sorted heads to compensate (None: all; the others' rows stay, their compensated LSE is the exact one).
+    Returns the LSE with the term. Holds about SUMMARY_CHUNK_BYTES for each of its two stages, a few heads at a
+    time."""
     B, H, LQ, D = q.shape
     LK = k.shape[2]
     nqb, nkb = -(-LQ // block_size), -(-LK // block_size)
     limit = torch.full((B,), LK, device=q.device, dtype=torch.int32) if kv_length is None \
         else kv_length.to(device=q.device, dtype=torch.int32).clamp(0, LK)
-    heads = lambda t, part: t if t.shape[1] == 1 else t[:, part]  # noqa: E731
-    lse_c = torch.empty_like(lse)
+    of = lambda t, part: t if t.shape[1] == 1 else t[:, part]  # noqa: E731
+    lse_c = torch.empty_like(lse) if heads is None else lse.clone()
     per_pass = _pass_head_bytes(B, nqb, nkb, kv_indices.shape[-1], block_size, D, backend)
     per_slope = _slope_head_bytes(B, nqb, nkb, block_size, D, q.element_size(), backend)
-    for outer in _head_parts(H, per_pass):
-        stats = _centre_stats(q[:, outer], k[:, outer], v[:, outer], heads(kv_indices, outer),
-                              heads(kv_counts, outer), limit, block_size, scale, backend)
-        for inner in _head_parts(outer.stop - outer.start, per_slope):
-            part = slice(outer.start + inner.start, outer.start + inner.stop)
+    runs = [slice(0, H)] if heads is None else _runs(heads)
+    for outer in (part for run in runs for part in _head_parts(run, per_pass)):
+        stats = _centre_stats(q[:, outer], k[:, outer], v[:, outer], of(kv_indices, outer),
+                              of(kv_counts, outer), limit, block_size, scale, backend)
+        for part in _head_parts(outer, per_slope):
+            inner = slice(part.start - outer.start, part.stop - outer.start)
             summary = _summary(stats, inner, k[:, part], v[:, part], limit, block_size, scale, q.dtype, backend)
             fold_summary(out[:, part], lse[:, part], q[:, part], summary, block_size=block_size, scale=scale,
                          backend=backend, lse_out=lse_c[:, part])
     return lse_c
 
 
-def _head_parts(heads: int, per_head_bytes: int) -> list[slice]:
+def _head_parts(heads: slice, per_head_bytes: int) -> list[slice]:
+    """``heads`` in consecutive parts of SUMMARY_CHUNK_BYTES (one head at least)."""
     step = max(1, SUMMARY_CHUNK_BYTES // max(1, per_head_bytes))
-    return [slice(h, min(heads, h + step)) for h in range(0, heads, step)]
+    return [slice(h, min(heads.stop, h + step)) for h in range(heads.start, heads.stop, step)]
+
+
+def _runs(heads: list) -> list[slice]:
+    """Sorted head indices as slices of consecutive heads."""
+    runs = []
+    for h in heads:
+        if runs and runs[-1].stop == h:
+            runs[-1] = slice(runs[-1].start, h + 1)
+        else:
+            runs.append(slice(h, h + 1))
+    return runs
 
 
 def _pass_head_bytes(batch, nqb, nkb, width, block_size, head_dim, backend) -> int:

@@ -152,6 +152,25 @@ def test_a_few_heads_at_a_time_equals_all_at_once(backend, pass_heads, slope_hea
         torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chosen_heads_alone_are_compensated(backend, gen):
+    """summarise=[heads]: those heads' rows and compensated LSE as with every head compensated, the others' rows the
+    plain call's and their compensated LSE their exact one (heads whose rows a planner writes otherwise)."""
+    q, k, v, idx, cnt, kv_length = _case((2, 100, 100, 64, 64), torch.bfloat16, LAYOUTS["random"], gen)
+    q, k, v = (torch.cat([t, t.flip(1)], dim=1) for t in (q, k, v))                      # 4 heads
+    idx, cnt = torch.cat([idx, idx], dim=1), torch.cat([cnt, cnt], dim=1)
+    args = dict(block_size=64, kv_length=kv_length, return_lse=True, backend=backend)
+    plain, lse = K.block_sparse_attention(q, k, v, idx, cnt, **args)
+    every = K.block_sparse_attention(q, k, v, idx, cnt, summarise=True, **args)
+    chosen = [3, 0, 1]                                                                    # runs 0-1 and 3, unsorted
+    out, exact, lse_c = K.block_sparse_attention(q, k, v, idx, cnt, summarise=chosen, **args)
+    torch.testing.assert_close(exact, lse)
+    for h in range(4):
+        want = (every[0][:, h], every[2][:, h]) if h in chosen else (plain[:, h], lse[:, h])
+        torch.testing.assert_close(out[:, h], want[0], atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(lse_c[:, h], want[1], atol=2e-3, rtol=2e-3)
+
+
 def test_shared_layout_and_token_major_out_buffer(gen):
     """A layout shared by every head (H = 1) and an output written through a (B, L, H, D) view: both backends agree."""
     B, H, L, D, bs = 1, 3, 130, 64, 64
@@ -172,8 +191,9 @@ def test_bad_settings_are_named(gen):
     pooled = K.pool_key_blocks(k, v, 64, backend="reference")
     with pytest.raises(ValueError, match="summarise and pooled"):
         K.block_sparse_attention(q, k, v, idx, cnt, block_size=64, pooled=pooled, summarise=True)
-    with pytest.raises(ValueError, match="summarise must be True or False"):
-        K.block_sparse_attention(q, k, v, idx, cnt, block_size=64, summarise="yes")
+    for bad in ("yes", [0, 5], [1.0]):
+        with pytest.raises(ValueError, match="summarise must be True, False or a list of head indices"):
+            K.block_sparse_attention(q, k, v, idx, cnt, block_size=64, summarise=bad)
     with pytest.raises(ValueError, match="bf16 only"):
         K.block_sparse_attention(q, k, v, idx, cnt, block_size=64, summarise=True, precision="int8",
                                  backend="reference")
