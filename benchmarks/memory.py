@@ -4,6 +4,7 @@
     python benchmarks/memory.py --methods svg2   # one method (default: radial svg svg2 adaspa)
     python benchmarks/memory.py --dtype float32  # the same in float32 (the sparse path casts to bf16 for the kernel)
     python benchmarks/memory.py --json out.json  # every row as JSON too
+    python benchmarks/memory.py --compensate on  # every method with the skipped keys compensated (default: auto)
     python benchmarks/memory.py --smoke          # CPU: a tiny shape through the same code, no peak numbers
 
 Both paths get the same (B, L, H*D) q, k, v, as ComfyUI's Wan self-attention passes them, and return (B, L, H*D).
@@ -97,8 +98,7 @@ STEPS = 30
 
 
 def make_session(core, method, backend: str, compensate: str = "auto"):
-    """A session as the patch node makes it by default (compensate 'auto': Radial, SVG and SVG2 add the skipped keys'
-    terms), every call sparse."""
+    """A session as the patch node makes it by default (compensate 'auto': Radial and SVG2 add the skipped keys' terms), every call sparse."""
     schedule = core.SparseSchedule(dense_steps=0, dense_layers=0)  # every call of this benchmark is a sparse one
     return core.SparseAttentionSession(method, schedule, backend=backend, compensate=compensate)
 
@@ -147,14 +147,15 @@ def median_time(fn, device, repeat: int) -> float:
     return times[len(times) // 2]
 
 
-def method_rows(core, memory_budget, name, grid, qkv, heads, device, backend, repeat, smoke) -> list[dict]:
+def method_rows(core, memory_budget, name, grid, qkv, heads, device, backend, repeat, smoke,
+                compensate="auto") -> list[dict]:
     """The method's phases, with the memory budget and with every head at once: one row per phase."""
     rows = {}
     for share in (memory_budget.TRANSIENT_SHARE, None):
         saved = memory_budget.TRANSIENT_SHARE
         memory_budget.TRANSIENT_SHARE = saved if share is not None else 1e6
         try:
-            session = make_session(core, method_settings(core, name, smoke), backend)
+            session = make_session(core, method_settings(core, name, smoke), backend, compensate)
             override = core.attention_override(session)
             warm_up, phases = PHASES[name]
             for step in warm_up:
@@ -180,7 +181,8 @@ def method_rows(core, memory_budget, name, grid, qkv, heads, device, backend, re
     return list(rows.values())
 
 
-def run(shape, dtype, device, slack: int, check_output: bool, methods, repeat: int = 1, json_path=None) -> int:
+def run(shape, dtype, device, slack: int, check_output: bool, methods, repeat: int = 1, json_path=None,
+        compensate: str = "auto") -> int:
     core = import_pack("core")
     dispatcher = import_pack("core.dispatcher")
     memory_budget = import_pack("core.memory")
@@ -203,7 +205,7 @@ def run(shape, dtype, device, slack: int, check_output: bool, methods, repeat: i
     for name in methods:
         try:
             rows += method_rows(core, memory_budget, name, grid, (q, k, v), H, device, backend, repeat,
-                                smoke=device.type != "cuda")
+                                smoke=device.type != "cuda", compensate=compensate)
         except RuntimeError as why:
             print(f"FAIL: {why}")
             return 1
@@ -261,17 +263,19 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", choices=list(PHASES), default=list(PHASES))
     p.add_argument("--repeat", type=int, default=5, help="calls per repeatable phase (median time)")
     p.add_argument("--json", help="write every row here")
+    p.add_argument("--compensate", choices=["auto", "on", "off"], default="auto",
+                   help="the patch's compensate setting for every method (default: the node's default)")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     slack = int(math.ceil(args.slack_mib * MIB))
     if args.smoke:
         return run(SMOKE_SHAPE, torch.float32 if args.dtype == "bfloat16" else dtype, torch.device("cpu"), slack,
-                   check_output=True, methods=args.methods, repeat=1, json_path=args.json)
+                   check_output=True, methods=args.methods, repeat=1, json_path=args.json, compensate=args.compensate)
     if not torch.cuda.is_available():
         print("FAIL: needs a CUDA GPU (use --smoke on the CPU)")
         return 1
     return run(SHAPES[args.shape], dtype, torch.device("cuda"), slack, check_output=False, methods=args.methods,
-               repeat=args.repeat, json_path=args.json)
+               repeat=args.repeat, json_path=args.json, compensate=args.compensate)
 
 
 if __name__ == "__main__":

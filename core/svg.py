@@ -189,10 +189,12 @@ class SVGPlanner:
     """Per-head spatial / temporal layouts on the block-sparse kernel, classes profiled online."""
 
     compensates = True
-    # compensate 'auto' turns it on: on the proxy (H100, 3 seeds, density 0.25) it took the video from 33.2 to 42.4 dB
-    # at 4 steps cfg 1 and from 21.0 to 26.4 dB at 20 steps cfg 4, for 1.33x the call's time at Wan 14B 720p
-    # (benchmarks/RESULTS.md, issue 17, 2026-12-06)
-    compensate_by_default = True
+    # compensate 'auto' leaves it off for now: on the proxy (H100, 3 seeds, density 0.25) it took the video from 33.2
+    # to 42.4 dB at 4 steps cfg 1 and from 21.0 to 26.4 dB at 20 steps cfg 4, but SVG's compensated call under the
+    # memory budget took 37.8 ms at Wan 1.3B 480p against dense's 10.4 (its temporal heads compensated one head a
+    # launch; H200), and 114.1 ms at Wan 14B 720p where plain SVG takes ~69 (benchmarks/RESULTS.md, issue 17,
+    # 2026-12-06); 'on' turns it on
+    compensate_by_default = False
 
     def __init__(self, settings: SVGSettings):
         self.settings = settings
