@@ -159,9 +159,7 @@ def centre_configs(torch, K, block_summary, timer, q, k, v, idx, cnt, bs, scale)
     triton_side = import_pack("kernels.block_summary_triton")
     B, H, L, _ = q.shape
     nqb = K.num_blocks(L, bs)
-    kept = import_pack("kernels.cluster_reference").keep_table(idx.expand(B, H, nqb, -1), cnt.expand(B, H, nqb), nqb,
-                                                                dtype=torch.uint8)[..., :nqb]
-    kept = kept.reshape(B * H, nqb, nqb).contiguous()
+    kept = block_summary.kept_table(idx, cnt, B, H, nqb)
     centre = block_summary._block_means(q, bs)
     limit = torch.full((B,), L, dtype=torch.int32, device=q.device)
     original, ms = dict(triton_side.CENTRE_CONFIG), {}

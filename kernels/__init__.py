@@ -24,7 +24,8 @@ __all__ = [
     "block_mask_to_indices", "indices_to_block_mask", "layout_density", "num_blocks", "validate_layout",
     "reference_block_sparse_attention",
     # compensation of skipped keys
-    "SUMMARY_TRANSIENT_BYTES", "PooledKeys", "pool_key_blocks", "pool_key_clusters", "reference_pool_key_blocks", "reference_pool_key_clusters",
+    "SUMMARY_TRANSIENT_BYTES", "PooledKeys", "pool_key_blocks", "pool_key_clusters", "reference_pool_key_blocks",
+    "reference_pool_key_clusters",
     # SVG2
     "cluster_block_attention", "cluster_pair_count", "reference_cluster_block_attention", "to_cluster_order",
     "to_token_order",

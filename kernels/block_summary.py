@@ -113,10 +113,8 @@ def _centre_stats(q, k, v, kv_indices, kv_counts, limit, block_size, scale, back
     """(centre, ln W, k_w, v_w, share, mean k, mean v) of the heads given: each query block's mean query
     (B, H, NQB, D) float32, the LSE over the keys it skips at that query, their weighted mean key and value, each key
     block's share of W (B, H, NQB, NKB) float32, and the head's mean key and value (B, H, D) float32."""
-    B, H, LQ, D = q.shape
-    nqb, nkb = kv_counts.shape[-1], -(-k.shape[2] // block_size)
-    kept = keep_table(kv_indices.expand(B, H, nqb, -1), kv_counts.expand(B, H, nqb), nkb,
-                      dtype=torch.uint8)[..., :nkb].reshape(B * H, nqb, nkb).contiguous()
+    B, H = q.shape[:2]
+    kept = kept_table(kv_indices, kv_counts, B, H, -(-k.shape[2] // block_size))
     centre = _block_means(q, block_size)
     if backend == "triton":
         from .block_summary_triton import triton_centre_pass  # (imports Triton: only where it runs)
@@ -127,6 +125,15 @@ def _centre_stats(q, k, v, kv_indices, kv_counts, limit, block_size, scale, back
     count = key_ok.sum((2, 3)).clamp(min=1)
     means = (t.sum((2, 3)) / count for t in (kb, vb))
     return (centre, *_reference_centre_pass(centre, kb, vb, kept, key_ok, scale), *means)
+
+
+def kept_table(kv_indices, kv_counts, batch: int, heads: int, key_blocks: int) -> torch.Tensor:
+    """(B * H, NQB, NKB) uint8, contiguous: 1 where the query block's list keeps the key block (the centre pass's
+    mask; lists shared by the batch or the heads are expanded)."""
+    nqb = kv_counts.shape[-1]
+    table = keep_table(kv_indices.expand(batch, heads, nqb, -1), kv_counts.expand(batch, heads, nqb), key_blocks,
+                       dtype=torch.uint8)
+    return table[..., :key_blocks].reshape(batch * heads, nqb, key_blocks).contiguous()
 
 
 def _summary(stats, heads: slice, k, v, limit, block_size, scale, dtype, backend) -> SkippedSummary:

@@ -198,6 +198,13 @@ CENTRE_CONFIG = dict(BLOCK_C=128, BLOCK_N=64, num_warps=8, num_stages=2)  # 8.2 
 CENTRE_CONFIG_CPU = dict(BLOCK_C=16, BLOCK_N=16, num_warps=4, num_stages=1)
 
 
+def _head_dim_constants(head_dim: int, device: torch.device) -> dict:
+    """The constexprs every kernel here takes from the head dim and the device: the head dim padded to a power of
+    two, whether that is the head dim itself (no column masks), and float32 dots on the CPU interpreter."""
+    padded = padded_head_dim(head_dim)
+    return dict(HEAD_DP=padded, EVEN_D=padded == head_dim, UPCAST_DOT=device.type == "cpu")
+
+
 def centre_pass_splits(programs: int, key_blocks: int, device: torch.device) -> int:
     """How many key splits the centre pass takes when its mean queries make ``programs`` programs: enough for two
     programs per SM, at most one per key block and MAX_SPLITS. Three on the CPU interpreter (tests), so that the
@@ -232,8 +239,7 @@ def triton_centre_pass(centre, k, v, kept, key_limit, block_size: int, scale: fl
         centre.contiguous(), k, v, kept, key_limit, part_lse, part_k, part_v, share, scale * _LOG2E,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        H, NQB, NKB, nt, per_split, splits, D, HEAD_DP=padded_head_dim(D), EVEN_D=padded_head_dim(D) == D, SUB=sub,
-        UPCAST_DOT=k.device.type == "cpu", **cfg)
+        H, NQB, NKB, nt, per_split, splits, D, SUB=sub, **_head_dim_constants(D, k.device), **cfg)
     lw = torch.logsumexp(part_lse, dim=-1)
     weight = torch.exp(part_lse - lw[..., None]).nan_to_num(0.0)[..., None, :]     # each split's share
     k_w, v_w = (weight @ t for t in (part_k, part_v))
@@ -257,8 +263,7 @@ def triton_block_moments(k, v, mean_k, mean_v, key_limit, block_size: int, dtype
         k, v, mean_k.contiguous(), mean_v.contiguous(), key_limit, moments,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        H, LK, rows, D, HEAD_DP=padded_head_dim(D), EVEN_D=padded_head_dim(D) == D, BLOCK_SIZE=block_size,
-        BLOCK_N=min(block_n, block_size), UPCAST_DOT=k.device.type == "cpu",
+        H, LK, rows, D, BLOCK_SIZE=block_size, BLOCK_N=min(block_n, block_size), **_head_dim_constants(D, k.device),
         num_warps=8 if k.device.type == "cuda" else 4)
     return moments
 
@@ -275,6 +280,6 @@ def triton_fold_summary(out, lse, q, summary, *, block_size: int, scale: float, 
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), lse_out.stride(0), lse_out.stride(1),
-        H, L, nqb, D, HEAD_DP=padded_head_dim(D), EVEN_D=padded_head_dim(D) == D, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, UPCAST_DOT=q.device.type == "cpu", num_warps=8 if q.device.type == "cuda" else 4)
+        H, L, nqb, D, BLOCK_SIZE=block_size, BLOCK_M=block_m, **_head_dim_constants(D, q.device),
+        num_warps=8 if q.device.type == "cuda" else 4)
     return lse_out

@@ -111,10 +111,10 @@ def test_svg_compensates_spatial_and_temporal_heads(backend, dtype, flags, gen, 
 
     spatial, temporal = svg_layout.svg_block_masks(grid, st.sparsity, 64, False)
     order = svg_layout.token_major_order(grid)
-    want = [torch.empty(2, 2, L, 64, dtype=torch.float64, device=DEVICE),
-            torch.empty(2, 2, L, dtype=torch.float64, device=DEVICE), torch.empty(2, 2, L, dtype=torch.float64, device=DEVICE)]
+    want = [torch.empty(2, 2, L, *tail, dtype=torch.float64, device=DEVICE) for tail in ((64,), (), ())]
     for h, is_temporal in enumerate(flags):
-        rows = order.to(DEVICE) if is_temporal else torch.arange(L, device=DEVICE)  # row t of the head's order is original token rows[t]
+        # row t of the head's order is original token rows[t]
+        rows = order.to(DEVICE) if is_temporal else torch.arange(L, device=DEVICE)
         parts = (t[:, h:h + 1, rows] for t in (q, k, v))
         head = block_oracle(*parts, (temporal if is_temporal else spatial)[None], 64, kv_length)
         for full, part in zip(want, head):
