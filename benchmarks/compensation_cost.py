@@ -162,13 +162,15 @@ def centre_configs(torch, K, block_summary, timer, q, k, v, idx, cnt, bs, scale)
     kept = block_summary.kept_table(idx, cnt, B, H, nqb)
     centre = block_summary._block_means(q, bs)
     limit = torch.full((B,), L, dtype=torch.int32, device=q.device)
+    means = block_summary._head_means(k, v, limit)
     original, ms = dict(triton_side.CENTRE_CONFIG), {}
     try:
         for cfg in CENTRE_CONFIGS:
             triton_side.CENTRE_CONFIG.clear()
             triton_side.CENTRE_CONFIG.update(cfg)
             label = "C{BLOCK_C} N{BLOCK_N} w{num_warps} s{num_stages}".format(**cfg)
-            ms[label] = timer(lambda: triton_side.triton_centre_pass(centre, k, v, kept, limit, bs, scale))
+            ms[label] = timer(lambda: triton_side.triton_centre_pass(centre, k, v, kept, limit, *means, bs, scale,
+                                                                     q.dtype))
     finally:
         triton_side.CENTRE_CONFIG.clear()
         triton_side.CENTRE_CONFIG.update(original)

@@ -98,7 +98,7 @@ STEPS = 30
 
 
 def make_session(core, method, backend: str, compensate: str = "auto"):
-    """A session as the patch node makes it by default (compensate 'auto': Radial and SVG2 add the skipped keys'
+    """A session as the patch node makes it by default (compensate 'auto': Radial, SVG and SVG2 add the skipped keys'
     terms), every call sparse; ``compensate`` another setting."""
     schedule = core.SparseSchedule(dense_steps=0, dense_layers=0)  # every call of this benchmark is a sparse one
     return core.SparseAttentionSession(method, schedule, backend=backend, compensate=compensate)

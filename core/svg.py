@@ -16,9 +16,11 @@ With ``semantic_heads`` on, a head that neither layout serves but SVG2's cluster
 profiled semantic and runs through an SVG2 planner of ``semantic_clusters``, one head at a time (its centroids keyed
 by the true head); the call then runs its consecutive block heads and its semantic heads as sub-calls.
 
-With ``call.compensate`` each launch adds, per row, the summed term of the keys its layout skips (kernels/
-block_summary.py), over the blocks of the order that launch runs in (frame-major for spatial heads, token-major for
-temporal ones: the layout transform's blocks).
+With ``call.compensate`` each row gets the summed term of the keys its layout skips (kernels/block_summary.py), over
+the blocks of the order its layout is in (frame-major for spatial heads, token-major for temporal ones: the layout
+transform's blocks). The spatial launch adds it itself; the temporal heads get theirs after their chunks, every
+temporal head at once, read through the token-major order (kernels.compensate_block_layout): a summary per chunk
+was dozens of small launches a head, which at short calls took more host time than dense attention.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import (SUMMARY_TRANSIENT_BYTES, block_mask_to_indices, block_sparse_attention, candidate_mask_errors,
+from ..kernels import (block_mask_to_indices, block_sparse_attention, candidate_mask_errors, compensate_block_layout,
                        gather_head_rows, scatter_head_rows, validate_layout)
 from .break_even import block_kernel
 from .grid import VideoGrid
@@ -189,12 +191,11 @@ class SVGPlanner:
     """Per-head spatial / temporal layouts on the block-sparse kernel, classes profiled online."""
 
     compensates = True
-    # compensate 'auto' leaves it off for now: on the proxy (H100, 3 seeds, density 0.25) it took the video from 33.2
-    # to 42.4 dB at 4 steps cfg 1 and from 21.0 to 26.4 dB at 20 steps cfg 4, but SVG's compensated call under the
-    # memory budget took 37.8 ms at Wan 1.3B 480p against dense's 10.4 (its temporal heads compensated one head a
-    # launch; H200), and 114.1 ms at Wan 14B 720p where plain SVG takes ~69 (benchmarks/RESULTS.md, issue 17,
-    # 2026-12-06); 'on' turns it on
-    compensate_by_default = False
+    # compensate 'auto' turns it on: on the proxy (H100, 3 seeds, density 0.25) it took the video from 33.2 to 42.3 dB
+    # at 4 steps cfg 1 and from 21.0 to 26.4 dB at 20 steps cfg 4, and the compensated call stays faster than dense
+    # at short calls too (Wan 1.3B 480p 7.2 ms against 10.4, Wan 14B 720p 88.8 against ~200; H100, benchmarks/
+    # RESULTS.md, issue 17, 2026-12-06) since its temporal heads are compensated in one go
+    compensate_by_default = True
 
     def __init__(self, settings: SVGSettings):
         self.settings = settings
@@ -249,39 +250,43 @@ class SVGPlanner:
         out = call.out if call.out is not None else torch.empty_like(q)
         temporal_heads = _without(classes.temporal_heads, route.dense)
         spatial = [h for h, temporal in enumerate(classes.temporal) if not temporal and h not in route.dense]
-        # (exact LSE, compensated LSE) rows, (B, H, L) in the original order, when asked for (the second one only
-        # with compensation); temporal heads' rows are written by their own launches, dense heads' stay -inf.
+        # (exact LSE, compensated LSE) rows, (B, H, L) in the original order, when asked for or when the temporal heads'
+        # compensation needs their exact rows (the second one only with compensation); temporal heads' rows are
+        # written by their own launches, dense heads' stay -inf.
         lses = (None, None)
+        want_lse = call.want_lse or (call.compensate and temporal_heads.numel() > 0)
         if spatial:  # every spatial head in one launch, in place
             # (temporal and dense heads have empty lists here and their rows are written after: compensated or not,
             # only the spatial heads get the skipped keys' term)
             result = block_sparse_attention(q, call.k, call.v, plan.spatial_indices.expand(1, q.shape[1], -1, -1),
                                             keep_sparse(classes.spatial_counts, route), block_size=self.block_size,
                                             kv_length=call.kv_length, out=out, backend=call.backend,
-                                            check_layout=False, return_lse=call.want_lse,
+                                            check_layout=False, return_lse=want_lse,
                                             summarise=spatial if call.compensate else False,
                                             precision=call.precision)
-            if call.want_lse:
+            if want_lse:
                 lses = split_lse(result, call.compensate)[1:]
-        elif call.want_lse:
+        elif want_lse:
             lses = tuple(torch.full(q.shape[:3], -math.inf, device=q.device, dtype=torch.float32) if wanted
                          else None for wanted in (True, call.compensate))
         if temporal_heads.numel():
+            temporal = [h for h, flag in enumerate(classes.temporal) if flag and h not in route.dense]
             self._attend_temporal(call, plan, temporal_heads, out, lses)
+            if call.compensate:
+                self._compensate_temporal(call, plan, temporal, temporal_heads, out, lses)
         call.fill_dense(route, out)
         if call.want_lse:
             call.lse, call.lse_compensated = lses
         return out, sum(tiles) / (len(tiles) * nb * nb)
 
     def _attend_temporal(self, call: AttentionCall, plan: SVGPlan, temporal_heads: torch.Tensor, out, lses) -> None:
-        """Temporal heads in token-major order, a few at a time, scattered back into ``out`` (and their LSE rows
-        into ``lses``, (exact, compensated) (B, H, L) float32 in the original order, each when it is given)."""
+        """Temporal heads in token-major order, a few at a time, scattered back into ``out`` (and their exact LSE rows
+        into ``lses[0]``, (B, H, L) float32 in the original order, when it is given)."""
         B, _, L, D = call.q.shape
-        # a compensated launch holds its summary besides the copies
-        reserved = SUMMARY_TRANSIENT_BYTES if call.compensate else 0
-        step = heads_per_chunk(call.q, TEMPORAL_COPIES * head_bytes(call.q), reserved=reserved)
+        step = heads_per_chunk(call.q, TEMPORAL_COPIES * head_bytes(call.q))
         size = min(step, temporal_heads.numel())
         buffers = torch.empty(TEMPORAL_COPIES, B, size, L, D, device=call.q.device, dtype=call.q.dtype)
+        exact = lses[0]
         for h0 in range(0, temporal_heads.numel(), step):
             heads = temporal_heads[h0:h0 + step]
             qt, kt, vt, ot = (buf[:, :heads.numel()] for buf in buffers)
@@ -289,13 +294,21 @@ class SVGPlanner:
                 gather_head_rows(src, heads, plan.order, out=dst, backend=call.backend)
             result = block_sparse_attention(qt, kt, vt, plan.temporal_indices, plan.temporal_counts,
                                             block_size=self.block_size, kv_length=call.kv_length, out=ot,
-                                            backend=call.backend, check_layout=False, return_lse=call.want_lse,
-                                            summarise=call.compensate, precision=call.precision)
+                                            backend=call.backend, check_layout=False,
+                                            return_lse=exact is not None, precision=call.precision)
             scatter_head_rows(ot, heads, plan.order, out, backend=call.backend)
-            if call.want_lse:  # row t of the token-major order is original token order[t]
-                for lse, rows in zip(lses, split_lse(result, call.compensate)[1:]):
-                    if lse is not None:
-                        lse[:, heads.long()[:, None], plan.order.long()[None, :]] = rows
+            if exact is not None:  # row t of the token-major order is original token order[t]
+                exact[:, heads.long()[:, None], plan.order.long()[None, :]] = result[1]
+
+    def _compensate_temporal(self, call: AttentionCall, plan: SVGPlan, temporal: list, temporal_heads, out,
+                             lses) -> None:
+        """The skipped keys' term of every temporal head at once, after their chunks (their copies freed): the
+        temporal layout over the token-major order, read through it. ``lses``: (exact, compensated) (B, H, L)
+        float32, the first holding their exact rows; their compensated rows are written into the second."""
+        lse_c = compensate_block_layout(out, lses[0], call.q, call.k, call.v, plan.temporal_indices,
+                                        plan.temporal_counts, block_size=self.block_size, kv_length=call.kv_length,
+                                        order=plan.order, heads=temporal, backend=call.backend, check_layout=False)
+        lses[1][:, temporal_heads.long()] = lse_c[:, temporal_heads.long()]
 
     def head_classes(self, call: AttentionCall, plan: SVGPlan) -> HeadClasses:
         """The cached classes of the call's heads, profiled anew when missing or ``reprofile_every`` steps old."""

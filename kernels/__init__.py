@@ -1,9 +1,8 @@
 """Triton kernels with a torch reference for each. Never imports ComfyUI."""
 
-from .attention import (BACKENDS, MAX_TRITON_HEAD_DIM, SUPPORTED_BLOCK_SIZES, block_sparse_attention, resolve_backend,
-                        triton_available)
+from .attention import (BACKENDS, MAX_TRITON_HEAD_DIM, SUPPORTED_BLOCK_SIZES, block_sparse_attention,
+                        compensate_block_layout, resolve_backend, triton_available)
 from .block_mass import block_mass
-from .block_summary import SUMMARY_TRANSIENT_BYTES
 from .cluster_attention import cluster_block_attention, cluster_pair_count
 from .cluster_reference import reference_cluster_block_attention, to_cluster_order, to_token_order
 from .cluster_select import (MAX_KEY_CLUSTERS, ClusterSelection, cluster_scores, select_key_clusters,
@@ -24,7 +23,7 @@ __all__ = [
     "block_mask_to_indices", "indices_to_block_mask", "layout_density", "num_blocks", "validate_layout",
     "reference_block_sparse_attention",
     # compensation of skipped keys
-    "SUMMARY_TRANSIENT_BYTES", "PooledKeys", "pool_key_blocks", "pool_key_clusters", "reference_pool_key_blocks",
+    "compensate_block_layout", "PooledKeys", "pool_key_blocks", "pool_key_clusters", "reference_pool_key_blocks",
     "reference_pool_key_clusters",
     # SVG2
     "cluster_block_attention", "cluster_pair_count", "reference_cluster_block_attention", "to_cluster_order",

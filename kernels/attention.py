@@ -120,14 +120,64 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, *, block_size=128, sc
     return (out, lse, lse_c) if return_lse else out
 
 
+def compensate_block_layout(out, lse, q, k, v, kv_indices, kv_counts, *, block_size=128, scale=None, kv_length=None,
+                            order=None, heads=None, backend="auto", check_layout=True):
+    """Fold the skipped keys' term into the rows of a block-sparse call already made, in place: what
+    ``block_sparse_attention(summarise=...)`` adds after its kernel, for callers that ran the layout another way
+    (SVG's temporal heads: token-major copies a few heads at a time, compensated afterwards in one go).
+
+    Args:
+        out: (B, H, L, D) the call's output rows, 16-bit on Triton (any strides, contiguous last dimension).
+        lse: (B, H, L) float32 their LSE over the keys computed exactly (contiguous last dimension).
+        q, k, v, kv_indices, kv_counts, block_size, scale, kv_length, backend, check_layout: as for
+            block_sparse_attention.
+        order: optional (L,) integer tensor, the token at each position of the order the layout's blocks are over
+            (a permutation; self-attention): q, k, v, out and lse stay in the tokens' own order, kv_length counts
+            positions of the order. Not read back (no sync): callers pass the permutation they built.
+        heads: optional list of the heads to compensate (default every head; the others' rows stay as they are).
+
+    Returns the LSE with the term (B, H, L) float32 (the heads not compensated: their ``lse``).
+    """
+    B, H, LQ, D, LK = validate_qkv(q, k, v, out)
+    if out is None:
+        raise ValueError("out must be the call's output rows (B, H, L, D); got None")
+    check_block_size(block_size)
+    check_kv_length(kv_length, B)
+    validate_layout(kv_indices, kv_counts, num_kv_blocks=num_blocks(LK, block_size),
+                    num_q_blocks=num_blocks(LQ, block_size), batch=B, heads=H, check_values=check_layout)
+    if not isinstance(lse, torch.Tensor) or lse.shape != (B, H, LQ) or lse.dtype != torch.float32 \
+            or lse.device != q.device or lse.stride(-1) != 1:
+        raise ValueError(f"lse must be the call's ({B}, {H}, {LQ}) float32 LSE rows on {q.device} with a contiguous "
+                         f"last dimension, got {_describe(lse)}")
+    if order is not None and (not isinstance(order, torch.Tensor) or order.shape != (LQ,) or LQ != LK
+                              or order.dtype.is_floating_point or order.device != q.device):
+        raise ValueError(f"order must be a ({LQ},) integer tensor on {q.device} (a permutation of the tokens of a "
+                         f"self-attention call, LQ == LK = {LK}), got {_describe(order)}")
+    kind = resolve_backend(backend, q.device, q.dtype)
+    if kind != "reference":
+        check_triton_head_dim(D)
+    chosen = None if heads is None else _head_list(heads, H, "heads must be None or")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    return compensate_skipped_blocks(out, lse, q, k, v, kv_indices, kv_counts, block_size=block_size, scale=scale,
+                                     kv_length=kv_length, backend=kind, heads=chosen,
+                                     order=None if order is None else order.to(torch.int32))
+
+
+def _describe(t) -> str:
+    return f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 def _summarised_heads(summarise, heads: int):
     """None (every head) for summarise=True, the sorted head indices of a list; ValueError for anything else."""
-    if isinstance(summarise, bool):
-        return None
-    if not isinstance(summarise, (list, tuple)) or not all(isinstance(h, int) and 0 <= h < heads for h in summarise):
-        raise ValueError(f"summarise must be True, False or a list of head indices in [0, {heads}), got "
-                         f"{summarise!r}")
-    return sorted(set(summarise))
+    return None if isinstance(summarise, bool) else _head_list(summarise, heads, "summarise must be True, False or")
+
+
+def _head_list(chosen, heads: int, what: str) -> list:
+    """The sorted distinct head indices of the list ``chosen``; ValueError starting with ``what`` otherwise."""
+    if not isinstance(chosen, (list, tuple)) or not all(isinstance(h, int) and not isinstance(h, bool)
+                                                        and 0 <= h < heads for h in chosen):
+        raise ValueError(f"{what} a list of head indices in [0, {heads}), got {chosen!r}")
+    return sorted(set(chosen))
 
 
 def _attend_blocks(q, k, v, kv_indices, kv_counts, *, block_size, scale, kv_length, return_lse, out, pooled,

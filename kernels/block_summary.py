@@ -29,6 +29,8 @@ and each block's share) and runs over many heads at once; the slopes hold D x D 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .cluster_reference import keep_table
@@ -36,21 +38,22 @@ from .skipped_summary import SUMMARY_CHUNK_BYTES, SkippedSummary
 
 # The reference pass works on this many bytes of (mean queries x keys) scores at a time.
 CHUNK_BYTES = 64 << 20
-# What compensate_skipped_blocks holds at most besides its LSE rows: a chunk for each of its two stages (one head's
-# when a head needs more); planners that hold copies through a compensated launch reserve it in their budget.
-SUMMARY_TRANSIENT_BYTES = 2 * SUMMARY_CHUNK_BYTES
 # The Triton centre pass splits the keys at most this many ways (when few heads fill too few programs).
 MAX_SPLITS = 32
 
 
 def compensate_skipped_blocks(out, lse, q, k, v, kv_indices, kv_counts, *, block_size: int, scale: float,
-                              kv_length=None, backend: str, heads=None) -> torch.Tensor:
+                              kv_length=None, backend: str, heads=None, order=None) -> torch.Tensor:
     """Fold into each row of a block-sparse call the term of the keys its list skips (module docstring), in place:
     ``out`` (B, H, LQ, D) and ``lse`` (B, H, LQ) float32 the kernel's rows over the keys it computed; the other
     arguments kernels.block_sparse_attention's, validated, ``backend`` resolved ('triton' or 'reference'); ``heads``
-    the sorted heads to compensate (None: all; the others' rows stay, their compensated LSE is the exact one).
-    Returns the LSE with the term. Holds about SUMMARY_CHUNK_BYTES for each of its two stages, a few heads at a
-    time."""
+    the sorted heads to compensate (None: all; the others' rows stay, their compensated LSE is the exact one);
+    ``order`` (L,) int32 or None: the layout's blocks are blocks of positions of this token order (self-attention;
+    every row tensor in the tokens' own order, kv_length counting positions). Returns the LSE with the term. Holds
+    about SUMMARY_CHUNK_BYTES for each of its two stages, a few heads at a time."""
+    if order is not None and backend == "reference":
+        return _through_order(out, lse, q, k, v, kv_indices, kv_counts, order, block_size=block_size, scale=scale,
+                              kv_length=kv_length, heads=heads)
     B, H, LQ, D = q.shape
     LK = k.shape[2]
     nqb, nkb = -(-LQ // block_size), -(-LK // block_size)
@@ -58,17 +61,30 @@ def compensate_skipped_blocks(out, lse, q, k, v, kv_indices, kv_counts, *, block
         else kv_length.to(device=q.device, dtype=torch.int32).clamp(0, LK)
     of = lambda t, part: t if t.shape[1] == 1 else t[:, part]  # noqa: E731
     lse_c = torch.empty_like(lse) if heads is None else lse.clone()
-    per_pass = _pass_head_bytes(B, nqb, nkb, kv_indices.shape[-1], block_size, D, backend)
+    per_pass = _pass_head_bytes(B, nqb, nkb, kv_indices.shape[-1], block_size, D, q.element_size(), backend)
     per_slope = _slope_head_bytes(B, nqb, nkb, block_size, D, q.element_size(), backend)
     runs = [slice(0, H)] if heads is None else _runs(heads)
     for outer in (part for run in runs for part in _head_parts(run, per_pass)):
         stats = _centre_stats(q[:, outer], k[:, outer], v[:, outer], of(kv_indices, outer),
-                              of(kv_counts, outer), limit, block_size, scale, backend)
+                              of(kv_counts, outer), limit, block_size, scale, backend, order)
         for part in _head_parts(outer, per_slope):
             inner = slice(part.start - outer.start, part.stop - outer.start)
-            summary = _summary(stats, inner, k[:, part], v[:, part], limit, block_size, scale, q.dtype, backend)
+            summary = _summary(stats, inner, k[:, part], v[:, part], limit, block_size, scale, q.dtype, backend,
+                               order)
             fold_summary(out[:, part], lse[:, part], q[:, part], summary, block_size=block_size, scale=scale,
-                         backend=backend, lse_out=lse_c[:, part])
+                         backend=backend, lse_out=lse_c[:, part], order=order)
+    return lse_c
+
+
+def _through_order(out, lse, q, k, v, kv_indices, kv_counts, order, **args) -> torch.Tensor:
+    """The reference backend's ``order``: every row tensor copied into that order, compensated there, and the rows
+    (and the compensated LSE) put back in the tokens' own order."""
+    at = order.long()
+    moved = out[:, :, at]
+    lse_c = torch.empty_like(lse)
+    lse_c[:, :, at] = compensate_skipped_blocks(moved, lse[:, :, at].contiguous(), q[:, :, at], k[:, :, at],
+                                                v[:, :, at], kv_indices, kv_counts, backend="reference", **args)
+    out[:, :, at] = moved
     return lse_c
 
 
@@ -89,12 +105,12 @@ def _runs(heads: list) -> list[slice]:
     return runs
 
 
-def _pass_head_bytes(batch, nqb, nkb, width, block_size, head_dim, backend) -> int:
+def _pass_head_bytes(batch, nqb, nkb, width, block_size, head_dim, element_size, backend) -> int:
     """Bytes per head the pass at the mean queries holds: the kept table (and its scatter's int64 ids, ``width``
-    list slots a row), each block's share and the per-query-block vectors; on Triton one split's partials (more
-    splits only where few heads fill too few programs: at most ~2 x BLOCK_C x the SMs rows of partials in all), on
-    the reference backend the keys and values as float32 blocks and a chunk of scores."""
-    table = nqb * (nkb * 5 + width * 8 + 3 * head_dim * 4)
+    list slots a row), each block's mass and share and the per-query-block vectors; on Triton one split's partials
+    (more splits only where few heads fill too few programs: at most ~2 x BLOCK_C x the SMs rows of partials in
+    all), on the reference backend the keys and values as float32 blocks and a chunk of scores."""
+    table = nqb * (nkb * (5 + element_size) + width * 8 + head_dim * (3 * 4 + 2 * element_size))
     if backend == "reference":
         return batch * (table + 8 * nkb * block_size * head_dim + CHUNK_BYTES // 8)
     return batch * (table + nqb * (2 * head_dim + 1) * 4)
@@ -109,22 +125,50 @@ def _slope_head_bytes(batch, nqb, nkb, block_size, head_dim, element_size, backe
     return batch * square
 
 
-def _centre_stats(q, k, v, kv_indices, kv_counts, limit, block_size, scale, backend):
-    """(centre, ln W, k_w, v_w, share, mean k, mean v) of the heads given: each query block's mean query
-    (B, H, NQB, D) float32, the LSE over the keys it skips at that query, their weighted mean key and value, each key
-    block's share of W (B, H, NQB, NKB) float32, and the head's mean key and value (B, H, D) float32."""
+class CentreStats(NamedTuple):
+    """What the pass at the mean queries gives of some heads, per query block: ``centre`` the mean query
+    (B, H, NQB, D) float32; ``log_weight`` ln W over the keys it skips, ``key`` k_w and ``value`` v_w their weighted
+    means (float32; -inf and 0 where nothing is skipped); ``share`` (B, H, NQB, NKB') each key block's share of W in
+    q's dtype, zeros past the key blocks up to padded_blocks(NKB); ``key_c``, ``value_c`` k_w and v_w centred on the
+    head's ``mean_k``, ``mean_v`` ((B, H, D) float32), in q's dtype, 0 where nothing is skipped."""
+
+    centre: torch.Tensor
+    log_weight: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    share: torch.Tensor
+    key_c: torch.Tensor
+    value_c: torch.Tensor
+    mean_k: torch.Tensor
+    mean_v: torch.Tensor
+
+
+def padded_blocks(key_blocks: int) -> int:
+    """Key blocks rounded up to 8: the rows of the moments and the shares, so that their matmul gets aligned
+    operands (an odd count there picked an unaligned GEMM at a fifth of the tensor cores' rate on the H100)."""
+    return -(-key_blocks // 8) * 8
+
+
+def _centre_stats(q, k, v, kv_indices, kv_counts, limit, block_size, scale, backend, order=None) -> CentreStats:
+    """The CentreStats of the heads given (``order``: Triton only, compensate_skipped_blocks')."""
     B, H = q.shape[:2]
     kept = kept_table(kv_indices, kv_counts, B, H, -(-k.shape[2] // block_size))
-    centre = _block_means(q, block_size)
     if backend == "triton":
-        from .block_summary_triton import triton_centre_pass  # (imports Triton: only where it runs)
+        from .block_summary_triton import triton_centre_pass, triton_mean_queries  # (imports Triton)
 
-        means = (_key_means(t, limit) for t in (k, v))
-        return (centre, *triton_centre_pass(centre, k, v, kept, limit, block_size, scale), *means)
+        centre = triton_mean_queries(q, block_size, order)
+        mean_k, mean_v = _head_means(k, v, limit, order)
+        stats = triton_centre_pass(centre, k, v, kept, limit, mean_k, mean_v, block_size, scale, q.dtype, order)
+        return CentreStats(centre, *stats, mean_k, mean_v)
+    centre = _block_means(q, block_size)
     kb, vb, key_ok = _float_blocks(k, v, limit, block_size)
     count = key_ok.sum((2, 3)).clamp(min=1)
-    means = (t.sum((2, 3)) / count for t in (kb, vb))
-    return (centre, *_reference_centre_pass(centre, kb, vb, kept, key_ok, scale), *means)
+    mean_k, mean_v = (t.sum((2, 3)) / count for t in (kb, vb))
+    log_weight, key, value, share = _reference_centre_pass(centre, kb, vb, kept, key_ok, scale)
+    present = torch.isfinite(log_weight)[..., None]
+    key_c, value_c = (((t - m[:, :, None]) * present).to(q.dtype) for t, m in ((key, mean_k), (value, mean_v)))
+    share = torch.nn.functional.pad(share, (0, padded_blocks(share.shape[-1]) - share.shape[-1])).to(q.dtype)
+    return CentreStats(centre, log_weight, key, value, share, key_c, value_c, mean_k, mean_v)
 
 
 def kept_table(kv_indices, kv_counts, batch: int, heads: int, key_blocks: int) -> torch.Tensor:
@@ -136,20 +180,21 @@ def kept_table(kv_indices, kv_counts, batch: int, heads: int, key_blocks: int) -
     return table[..., :key_blocks].reshape(batch * heads, nqb, key_blocks).contiguous()
 
 
-def _summary(stats, heads: slice, k, v, limit, block_size, scale, dtype, backend) -> SkippedSummary:
+def _summary(stats: CentreStats, heads: slice, k, v, limit, block_size, scale, dtype, backend,
+             order=None) -> SkippedSummary:
     """The SkippedSummary of ``heads`` of _centre_stats' heads (``k``, ``v`` theirs): no own terms, the slopes from
     the key blocks' moments."""
-    centre, log_weight, key, value, share, mean_k, mean_v = (t[:, heads] for t in stats)
-    B, H, nqb = log_weight.shape
+    part = CentreStats(*(t[:, heads] for t in stats))
+    B, H, nqb = part.log_weight.shape
     if backend == "triton":
         from .block_summary_triton import triton_block_moments  # (imports Triton)
 
-        moments = triton_block_moments(k, v, mean_k, mean_v, limit, block_size, dtype)
+        moments = triton_block_moments(k, v, part.mean_k, part.mean_v, limit, block_size, dtype, order)
     else:
-        moments = _reference_moments(*_float_blocks(k, v, limit, block_size), mean_k, mean_v, dtype)
-    slope = _slope(key - mean_k[:, :, None], value - mean_v[:, :, None], share, moments, scale)
-    none = torch.zeros(B, H, nqb, dtype=torch.int32, device=centre.device)
-    return SkippedSummary(none[..., None], none, centre, log_weight, key, value, slope)
+        moments = _reference_moments(*_float_blocks(k, v, limit, block_size), part.mean_k, part.mean_v, dtype)
+    slope = _slope(part.key_c, part.value_c, part.share, moments, scale)
+    none = torch.zeros(B, H, nqb, dtype=torch.int32, device=part.centre.device)
+    return SkippedSummary(none[..., None], none, part.centre, part.log_weight, part.key, part.value, slope)
 
 
 def _float_blocks(k, v, limit, block_size):
@@ -194,30 +239,31 @@ def _reference_moments(kb, vb, key_ok, mean_k, mean_v, dtype):
     return ((kc.to(dtype).transpose(-1, -2) @ vc.to(dtype)).float() / size).to(dtype)
 
 
-def _key_means(x, limit) -> torch.Tensor:
-    """(B, H, D) float32 mean of (B, H, L, D) ``x`` over its rows below ``limit`` (B,): one matmul with the rows'
-    0/1 mask, no float32 copy of x (its 16-bit rounding only moves the point the moments are centred on)."""
-    rows = (torch.arange(x.shape[2], device=x.device) < limit[:, None]).to(x.dtype)      # (B, L)
-    sums = (rows[:, None, None, :] @ x)[:, :, 0].float()
-    return sums / limit.clamp(min=1).to(sums.dtype)[:, None, None]
+def _head_means(k, v, limit, order=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, D) float32 means of (B, H, L, D) ``k`` and ``v`` over their rows below ``limit`` (B,) (the tokens at
+    positions below it, with an ``order``): a matmul each with the rows' 0/1 mask, no float32 copy (their 16-bit
+    rounding only moves the point the moments are centred on)."""
+    rows = (torch.arange(k.shape[2], device=k.device) < limit[:, None]).to(k.dtype)                    # (B, L)
+    if order is not None:
+        rows = torch.empty_like(rows).scatter_(1, order.long().expand(rows.shape[0], -1), rows)
+    rows = rows[:, None, None, :]
+    count = limit.clamp(min=1).float()[:, None, None]
+    return tuple((rows @ x)[:, :, 0].float() / count for x in (k, v))
 
 
-def _slope(key, value, share, moments, scale) -> torch.Tensor:
-    """scale C^T: C from each skipped block's mean of (k - p_k)(v - p_v)^T (``moments``, whose rows past the key
-    blocks are zeros) weighted by its share of W at the mean query (module docstring), less (k_w - p_k)(v_w - p_v)^T
-    (``key``, ``value`` centred on p), in the moments' dtype: one matmul of the shares with the moments and one
-    rank-1 update."""
-    B, H, nqb, D = key.shape
-    dtype = moments.dtype
-    share = torch.nn.functional.pad(share, (0, moments.shape[2] - share.shape[-1]))
-    gram = (share.to(dtype) @ moments.flatten(-2)).view(B * H * nqb, D, D)
-    present = share.sum(-1, keepdim=True)                                                 # 1, or 0: nothing skipped
-    k_w, v_w = ((t * present).to(dtype).view(B * H * nqb, D, 1) for t in (key, value))
+def _slope(key_c, value_c, share, moments, scale) -> torch.Tensor:
+    """scale C^T: C from each skipped block's mean of (k - p_k)(v - p_v)^T (``moments`` (B, H, NKB', D, D), NKB'
+    padded_blocks' rows, the last ones zeros) weighted by its ``share`` of W at the mean query (module docstring),
+    less (k_w - p_k)(v_w - p_v)^T (``key_c``, ``value_c``), in the moments' dtype: one matmul of the shares with the
+    moments and one rank-1 update."""
+    B, H, nqb, D = key_c.shape
+    gram = (share[..., :moments.shape[2]] @ moments.flatten(-2)).view(B * H * nqb, D, D)
+    k_w, v_w = (t.reshape(B * H * nqb, D, 1) for t in (key_c, value_c))
     return torch.baddbmm(gram, k_w, v_w.transpose(1, 2), beta=scale, alpha=-scale).view(B, H, nqb, D, D)
 
 
 def fold_summary(out, lse, q, summary: SkippedSummary, *, block_size: int, scale: float, backend: str,
-                 lse_out: torch.Tensor) -> torch.Tensor:
+                 lse_out: torch.Tensor, order=None) -> torch.Tensor:
     """Merge the summary's virtual key into each row's softmax, in place: ``out`` (B, H, L, D) and ``lse`` (B, H, L)
     float32 the rows' output and LSE over the keys computed exactly (a row with none: 0 and -inf). Writes the LSE
     with the term into ``lse_out`` (B, H, L) float32 and returns it. Each row's value is its query block's
@@ -226,7 +272,8 @@ def fold_summary(out, lse, q, summary: SkippedSummary, *, block_size: int, scale
     if backend == "triton":
         from .block_summary_triton import triton_fold_summary  # (imports Triton)
 
-        return triton_fold_summary(out, lse, q, summary, block_size=block_size, scale=scale, lse_out=lse_out)
+        return triton_fold_summary(out, lse, q, summary, block_size=block_size, scale=scale, lse_out=lse_out,
+                                   order=order)
     B, H, L, D = q.shape
     nqb = summary.log_weight.shape[-1]
     pad = nqb * block_size - L

@@ -5,8 +5,10 @@ key blocks' second moments, and the fold of the term into each row after the att
   queries of one (batch, head) and one split of the keys, walked in BLOCK_N-key tiles with an online softmax whose
   rows are masked by their own block's kept table (a kept key block is -inf for that row). A call holds a few heads
   (the summary's memory bound): at Wan 14B 720p that is ~10 programs a head, so the keys are split until the launch
-  fills the GPU and the splits' (LSE, weighted means) are merged after it. It returns per mean query the LSE over the
-  skipped keys, the weighted mean key and value, and per key tile its log-mass (what weighs the blocks' moments).
+  fills the GPU and the splits' (LSE, weighted means) are merged after it, in one more small kernel (a torch merge
+  was a dozen launches a call, which at short calls cost more host time than the GPU spent). It returns per mean
+  query the LSE over the skipped keys, the weighted mean key and value, and per key block its share of the mass
+  (what weighs the blocks' moments).
   The weighted sums multiply weights and keys in float16 (weights in [0, 1] keep 11 significant bits there, against
   bf16's 8: the weighted means of nearly uniform weights are small differences) with float32 accumulation.
 * Moments. One program per key block: (k - p_k)^T (v - p_v) / size over its keys, p the head's mean key and value,
@@ -26,18 +28,18 @@ import triton.language as tl
 
 from .attention import padded_head_dim
 from .block_sparse_triton import _LN2, _LOG2E, _NEG_BIG
-from .block_summary import MAX_SPLITS
+from .block_summary import MAX_SPLITS, padded_blocks
 
 
 @triton.jit
 def _centre_pass(
-    C, K, V, KEPT, KEY_LIMIT, PLSE, PK, PV, BM,
+    C, K, V, ORDER, KEPT, KEY_LIMIT, PLSE, PK, PV, BM,
     qk_scale,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
     H, NQB, NKB, NT, TPS, S, D,
     HEAD_DP: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, GATHER: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -69,8 +71,9 @@ def _centre_pass(
         cols = t * BLOCK_N + offs_n
         col_ok = cols < key_limit
         mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kl + offs_d[None, :], mask=mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :], mask=mask, other=0.0)
+        tok = _tokens(ORDER, cols, col_ok, GATHER)
+        k = tl.load(k_base + tok[:, None] * stride_kl + offs_d[None, :], mask=mask, other=0.0)
+        v = tl.load(v_base + tok[:, None] * stride_vl + offs_d[None, :], mask=mask, other=0.0)
         if UPCAST_DOT:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -107,13 +110,99 @@ def _log2_add(a, b):
 
 
 @triton.jit
+def _tokens(ORDER, positions, ok, GATHER: tl.constexpr):
+    """The token rows at ``positions`` of the layout's order (``order`` (L,) int32), or the positions themselves
+    without GATHER (tokens already in the layout's order)."""
+    if GATHER:
+        return tl.load(ORDER + positions, mask=ok, other=0)
+    return positions
+
+
+@triton.jit
+def _mean_queries(
+    Q, ORDER, C,
+    stride_qb, stride_qh, stride_ql,
+    H, L, NQB, D,
+    HEAD_DP: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    GATHER: tl.constexpr,
+):
+    """Each query block's mean query in float32, one program per block (the last one partial)."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_d = tl.arange(0, HEAD_DP)
+    d_ok = (offs_d < D) | EVEN_D
+    acc = tl.zeros([HEAD_DP], dtype=tl.float32)
+    for r0 in range(0, BLOCK_SIZE, BLOCK_N):
+        rows = blk * BLOCK_SIZE + r0 + tl.arange(0, BLOCK_N)
+        ok = rows < L
+        tok = _tokens(ORDER, rows, ok, GATHER)
+        x = tl.load(Q + b * stride_qb + h * stride_qh + tok[:, None] * stride_ql + offs_d[None, :],
+                    mask=ok[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.sum(x.to(tl.float32), 0)
+    size = tl.minimum(L - blk * BLOCK_SIZE, BLOCK_SIZE)
+    tl.store(C + (bh.to(tl.int64) * NQB + blk) * D + offs_d, acc / size, mask=d_ok)
+
+
+@triton.jit
+def _merge_splits(
+    PLSE, PK, PV, MASS, MK, MV, LW, KW, VW, KC, VC, SHARE,
+    R, NQB, S, NKB, NKB_PAD, D,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_DP: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    """The centre pass's key splits merged per mean query (one program per BLOCK_R of them): ln W, k_w, v_w; k_w and
+    v_w centred on the head's means in the moments' dtype (0 where nothing is skipped: no rank-1 term); each key
+    block's share of W from its ln-mass, in that dtype, zeros past NKB up to NKB_PAD."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    offs_d = tl.arange(0, HEAD_DP)
+    d_ok = (offs_d < D) | EVEN_D
+    mask = row_ok[:, None] & d_ok[None, :]
+    top = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    for s in range(S):
+        top = tl.maximum(top, tl.load(PLSE + rows * S + s, mask=row_ok, other=float("-inf")))
+    top = tl.where(top == float("-inf"), 0.0, top)                   # nothing skipped: every weight below is 0
+    total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc_k = tl.zeros([BLOCK_R, HEAD_DP], dtype=tl.float32)
+    acc_v = tl.zeros([BLOCK_R, HEAD_DP], dtype=tl.float32)
+    for s in range(S):
+        w = tl.exp(tl.load(PLSE + rows * S + s, mask=row_ok, other=float("-inf")) - top)
+        part = (rows * S + s)[:, None] * D + offs_d[None, :]
+        acc_k += w[:, None] * tl.load(PK + part, mask=mask, other=0.0)
+        acc_v += w[:, None] * tl.load(PV + part, mask=mask, other=0.0)
+        total += w
+    present = total > 0.0
+    log_weight = tl.where(present, top + tl.log(total), float("-inf"))
+    norm = tl.where(present, total, 1.0)[:, None]
+    key = acc_k / norm
+    value = acc_v / norm
+    at = rows[:, None] * D + offs_d[None, :]
+    tl.store(LW + rows, log_weight, mask=row_ok)
+    tl.store(KW + at, key, mask=mask)
+    tl.store(VW + at, value, mask=mask)
+    head = (rows // NQB)[:, None] * D + offs_d[None, :]
+    key_c = tl.where(present[:, None], key - tl.load(MK + head, mask=mask, other=0.0), 0.0)
+    value_c = tl.where(present[:, None], value - tl.load(MV + head, mask=mask, other=0.0), 0.0)
+    tl.store(KC + at, key_c.to(KC.dtype.element_ty), mask=mask)
+    tl.store(VC + at, value_c.to(VC.dtype.element_ty), mask=mask)
+    for c0 in range(0, NKB_PAD, BLOCK_K):
+        cols = c0 + tl.arange(0, BLOCK_K)
+        mass = tl.load(MASS + rows[:, None] * NKB + cols[None, :], mask=row_ok[:, None] & (cols < NKB)[None, :],
+                       other=float("-inf"))
+        share = tl.where(present[:, None], tl.exp(mass - log_weight[:, None]), 0.0)
+        tl.store(SHARE + rows[:, None] * NKB_PAD + cols[None, :], share.to(SHARE.dtype.element_ty),
+                 mask=row_ok[:, None] & (cols < NKB_PAD)[None, :])
+
+
+@triton.jit
 def _block_moments(
-    K, V, PK, PV, KEY_LIMIT, M,
+    K, V, ORDER, PK, PV, KEY_LIMIT, M,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
     H, LK, NKB, D,
     HEAD_DP: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, GATHER: tl.constexpr,
 ):
     blk = tl.program_id(0)
     bh = tl.program_id(1)
@@ -130,9 +219,10 @@ def _block_moments(
     acc = tl.zeros([HEAD_DP, HEAD_DP], dtype=tl.float32)
     for r0 in range(0, BLOCK_SIZE, BLOCK_N):
         rows = blk * BLOCK_SIZE + r0 + offs_n
+        tok = _tokens(ORDER, rows, rows < limit, GATHER)
         ok = (rows < limit)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + rows[:, None] * stride_kl + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
-        v = tl.load(v_base + rows[:, None] * stride_vl + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+        k = tl.load(k_base + tok[:, None] * stride_kl + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+        v = tl.load(v_base + tok[:, None] * stride_vl + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
         k = tl.where(ok, k - p_k[None, :], 0.0)
         v = tl.where(ok, v - p_v[None, :], 0.0)
         if UPCAST_DOT:
@@ -147,21 +237,22 @@ def _block_moments(
 
 @triton.jit
 def _fold_rows(
-    Q, O, LSE, LSE_C, CENTRE, LW, KW, VW, SLOPE,
+    Q, O, LSE, LSE_C, ORDER, CENTRE, LW, KW, VW, SLOPE,
     scale,
     stride_qb, stride_qh, stride_ql,
     stride_ob, stride_oh, stride_ol,
     stride_lb, stride_lh, stride_cb, stride_ch,
     H, L, NQB, D,
     HEAD_DP: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, GATHER: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < L
+    positions = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = positions < L
+    rows = _tokens(ORDER, positions, row_ok, GATHER)                  # the rows' tokens: where they are read
     offs_d = tl.arange(0, HEAD_DP)
     d_ok = (offs_d < D) | EVEN_D
     mask = row_ok[:, None] & d_ok[None, :]
@@ -215,11 +306,31 @@ def centre_pass_splits(programs: int, key_blocks: int, device: torch.device) -> 
     return max(1, min(key_blocks, MAX_SPLITS, -(-2 * sms // max(1, programs))))
 
 
-def triton_centre_pass(centre, k, v, kept, key_limit, block_size: int, scale: float):
-    """(ln W (B, H, NQB), k_w, v_w (B, H, NQB, D) float32, each key block's share of W (B, H, NQB, NKB) float32) of
-    the mean queries ``centre`` (B, H, NQB, D) float32 over the keys their blocks skip: ``kept`` (B * H, NQB, NKB)
-    uint8 contiguous, 1 where the query block keeps the key block (kernels.cluster_reference.keep_table's),
-    ``key_limit`` (B,) int32 (keys at or past it are padding)."""
+def triton_mean_queries(q, block_size: int, order=None) -> torch.Tensor:
+    """(B, H, NQB, D) float32 mean query of each block of ``q`` (B, H, L, D) 16-bit, any strides with a contiguous
+    last dimension; with ``order`` (L,) int32, of each block of positions of that order."""
+    B, H, L, D = q.shape
+    nqb = -(-L // block_size)
+    centre = torch.empty(B, H, nqb, D, device=q.device)
+    _mean_queries[(nqb, B * H)](
+        q, _order_arg(order, q), centre, q.stride(0), q.stride(1), q.stride(2), H, L, nqb, D,
+        BLOCK_SIZE=block_size, BLOCK_N=min(32 if q.device.type == "cuda" else 16, block_size),
+        GATHER=order is not None, HEAD_DP=padded_head_dim(D), EVEN_D=padded_head_dim(D) == D, num_warps=4)
+    return centre
+
+
+def _order_arg(order, fallback: torch.Tensor) -> torch.Tensor:
+    """The ORDER pointer of a launch: ``order`` contiguous, or any tensor when there is none (not read)."""
+    return fallback if order is None else order.contiguous()
+
+
+def triton_centre_pass(centre, k, v, kept, key_limit, mean_k, mean_v, block_size: int, scale: float,
+                       dtype: torch.dtype, order=None):
+    """kernels.block_summary.CentreStats' fields past the centre, of the mean queries ``centre`` (B, H, NQB, D)
+    float32 over the keys their blocks skip: ``kept`` (B * H, NQB, NKB) uint8 contiguous, 1 where the query block
+    keeps the key block (kernels.cluster_reference.keep_table's), ``key_limit`` (B,) int32 (keys at or past it are
+    padding), ``mean_k``, ``mean_v`` (B, H, D) float32 the heads' means; ``order`` (L,) int32 or None, the tokens
+    at the layout's positions. Two launches: the pass over the key splits, then their merge (_merge_splits)."""
     B, H, NQB, D = centre.shape
     LK = k.shape[2]
     NKB = kept.shape[-1]
@@ -234,52 +345,62 @@ def triton_centre_pass(centre, k, v, kept, key_limit, block_size: int, scale: fl
     dev = centre.device
     part_lse = torch.empty(B, H, NQB, splits, device=dev)
     part_k, part_v = (torch.empty(B, H, NQB, splits, D, device=dev) for _ in range(2))
-    share = torch.empty(B, H, NQB, NKB, device=dev)
+    mass = torch.empty(B, H, NQB, NKB, device=dev)
+    consts = _head_dim_constants(D, k.device)
     _centre_pass[(blocks_c, B * H, splits)](
-        centre.contiguous(), k, v, kept, key_limit, part_lse, part_k, part_v, share, scale * _LOG2E,
+        centre.contiguous(), k, v, _order_arg(order, kept), kept, key_limit, part_lse, part_k, part_v, mass,
+        scale * _LOG2E,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        H, NQB, NKB, nt, per_split, splits, D, SUB=sub, **_head_dim_constants(D, k.device), **cfg)
-    lw = torch.logsumexp(part_lse, dim=-1)
-    weight = torch.exp(part_lse - lw[..., None]).nan_to_num(0.0)[..., None, :]     # each split's share
-    k_w, v_w = (weight @ t for t in (part_k, part_v))
-    # each block's share: its ln-mass over ln W (a mean query that skips nothing: all 0)
-    share = share.sub_(lw[..., None]).exp_().nan_to_num_(0.0)
-    return lw, k_w[..., 0, :], v_w[..., 0, :], share
+        H, NQB, NKB, nt, per_split, splits, D, SUB=sub, GATHER=order is not None, **consts, **cfg)
+    log_weight = torch.empty(B, H, NQB, device=dev)
+    key, value = (torch.empty(B, H, NQB, D, device=dev) for _ in range(2))
+    key_c, value_c = (torch.empty(B, H, NQB, D, device=dev, dtype=dtype) for _ in range(2))
+    share = torch.empty(B, H, NQB, padded_blocks(NKB), device=dev, dtype=dtype)
+    block_r = 16 if k.device.type == "cuda" else 4
+    _merge_splits[(triton.cdiv(B * H * NQB, block_r),)](
+        part_lse, part_k, part_v, mass, mean_k.contiguous(), mean_v.contiguous(),
+        log_weight, key, value, key_c, value_c, share,
+        B * H * NQB, NQB, splits, NKB, share.shape[-1], D,
+        BLOCK_R=block_r, BLOCK_K=64 if k.device.type == "cuda" else 16, HEAD_DP=consts["HEAD_DP"],
+        EVEN_D=consts["EVEN_D"], num_warps=4)
+    return log_weight, key, value, share, key_c, value_c
 
 
-def triton_block_moments(k, v, mean_k, mean_v, key_limit, block_size: int, dtype: torch.dtype) -> torch.Tensor:
+def triton_block_moments(k, v, mean_k, mean_v, key_limit, block_size: int, dtype: torch.dtype,
+                         order=None) -> torch.Tensor:
     """(B, H, NKB', D, D) ``dtype``: each key block's mean of (k - mean_k)(v - mean_v)^T over its keys below
-    ``key_limit`` (B,) int32; ``mean_k``, ``mean_v`` (B, H, D) float32. NKB' is the key blocks rounded up to 8, the
-    rows past them zeros, so that the matmul over the blocks gets aligned operands (an odd count there picked an
-    unaligned GEMM at a fifth of the tensor cores' rate on the H100)."""
+    ``key_limit`` (B,) int32 (blocks of positions of ``order`` (L,) int32 when it is given); ``mean_k``, ``mean_v``
+    (B, H, D) float32. NKB' is padded_blocks(NKB), the rows past the key blocks zeros."""
     B, H, LK, D = k.shape
     nkb = -(-LK // block_size)
-    rows = -(-nkb // 8) * 8
+    rows = padded_blocks(nkb)
     moments = torch.empty(B, H, rows, D, D, device=k.device, dtype=dtype)
     moments[:, :, nkb:] = 0
     block_n = 64 if k.device.type == "cuda" else 16
     _block_moments[(nkb, B * H)](
-        k, v, mean_k.contiguous(), mean_v.contiguous(), key_limit, moments,
+        k, v, _order_arg(order, key_limit), mean_k.contiguous(), mean_v.contiguous(), key_limit, moments,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        H, LK, rows, D, BLOCK_SIZE=block_size, BLOCK_N=min(block_n, block_size), **_head_dim_constants(D, k.device),
-        num_warps=8 if k.device.type == "cuda" else 4)
+        H, LK, rows, D, BLOCK_SIZE=block_size, BLOCK_N=min(block_n, block_size), GATHER=order is not None,
+        **_head_dim_constants(D, k.device), num_warps=8 if k.device.type == "cuda" else 4)
     return moments
 
 
-def triton_fold_summary(out, lse, q, summary, *, block_size: int, scale: float, lse_out) -> torch.Tensor:
+def triton_fold_summary(out, lse, q, summary, *, block_size: int, scale: float, lse_out, order=None) -> torch.Tensor:
     """kernels.block_summary.fold_summary in one pass over the rows: ``out`` (B, H, L, D) 16-bit, any strides with
-    a contiguous last dimension, ``lse`` and ``lse_out`` (B, H, L) float32 with a contiguous last dimension."""
+    a contiguous last dimension, ``lse`` and ``lse_out`` (B, H, L) float32 with a contiguous last dimension; with
+    ``order`` (L,) int32 the summary's query blocks are blocks of positions of that order (every row tensor in the
+    tokens' own order)."""
     B, H, L, D = q.shape
     nqb = summary.log_weight.shape[-1]
     block_m = min(block_size, 64) if q.device.type == "cuda" else 16
     _fold_rows[(triton.cdiv(L, block_m), B * H)](
-        q, out, lse, lse_out, summary.centre.contiguous(), summary.log_weight.contiguous(), summary.key.contiguous(),
+        q, out, lse, lse_out, _order_arg(order, lse), summary.centre.contiguous(), summary.log_weight.contiguous(), summary.key.contiguous(),
         summary.value.contiguous(), summary.slope.contiguous(), scale,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), lse_out.stride(0), lse_out.stride(1),
-        H, L, nqb, D, BLOCK_SIZE=block_size, BLOCK_M=block_m, **_head_dim_constants(D, q.device),
-        num_warps=8 if q.device.type == "cuda" else 4)
+        H, L, nqb, D, BLOCK_SIZE=block_size, BLOCK_M=block_m, GATHER=order is not None,
+        **_head_dim_constants(D, q.device), num_warps=8 if q.device.type == "cuda" else 4)
     return lse_out

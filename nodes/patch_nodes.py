@@ -51,11 +51,10 @@ class SparseAttentionPatch:
                     "tooltip": "on: the keys a sparse layout skips are not dropped. Block methods (Radial, SVG, "
                                "AdaSpa) add one term per row: every skipped key summed exactly at the row's query "
                                "block's mean query and moved to the row; SVG2 adds each skipped key cluster through "
-                               "its mean key and value. off: the papers' methods as they are. auto: on for Radial and "
-                               "SVG2 (their videos came much closer to dense, Radial's 4-step proxy video from 33 to "
-                               "42 dB, for ~1.3x their attention time); off for SVG (as close, but its compensated "
-                               "call is slower than dense on short videos for now; 'on' turns it on), for AdaSpa (it "
-                               "gained 1-2 dB) and with precision 8-bit."}),
+                               "its mean key and value. off: the papers' methods as they are. auto: on for Radial, "
+                               "SVG and SVG2 (their videos came much closer to dense, Radial's and SVG's 4-step proxy "
+                               "videos from 33 to 42 dB, for ~1.3x their attention time, still well below dense's); "
+                               "off for AdaSpa (it gained 1-2 dB) and with precision 8-bit."}),
                 "precision": (list(PRECISIONS), {
                     "default": "bf16",
                     "tooltip": "What the sparse kernel computes in. 8-bit: FP8 on Ada / Hopper / Blackwell GPUs, "

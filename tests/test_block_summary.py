@@ -186,6 +186,59 @@ def test_shared_layout_and_token_major_out_buffer(gen):
     torch.testing.assert_close(results[0], results[1], atol=2e-2, rtol=2e-2)
 
 
+SELF_SHAPES = {k: s for k, s in BLOCK_SHAPES.items() if s[1] == s[2]}                  # an order needs LQ == LK
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", SELF_SHAPES.values(), ids=SELF_SHAPES.keys())
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compensation_through_an_order_is_the_permuted_calls(backend, shape, dtype, gen):
+    """compensate_block_layout(order=...) on rows in the tokens' own order equals summarise on copies in that order
+    (SVG's temporal heads: the layout over the token-major order), rows and LSE put back; kv_length counts positions
+    of the order; the heads not chosen keep their rows and exact LSE."""
+    q, k, v, idx, cnt, kv_length = _case(shape, dtype, LAYOUTS["random"], gen)
+    q, k, v = (torch.cat([t, t.flip(1)], dim=1) for t in (q, k, v))                      # 4 heads
+    idx, cnt = torch.cat([idx, idx], dim=1), torch.cat([cnt, cnt], dim=1)
+    L, bs = q.shape[2], shape[-1]
+    order = torch.randperm(L, generator=torch.Generator().manual_seed(gen.initial_seed())).to(DEVICE)
+    moved = [t[:, :, order] for t in (q, k, v)]
+    args = dict(block_size=bs, kv_length=kv_length, backend=backend)
+    chosen = [0, 2, 3]
+    want_out, want_lse, want_c = K.block_sparse_attention(*moved, idx, cnt, return_lse=True, summarise=chosen, **args)
+    plain, lse = K.block_sparse_attention(*moved, idx, cnt, return_lse=True, **args)
+    out, exact = torch.empty_like(q), torch.empty(lse.shape, device=DEVICE)
+    out[:, :, order], exact[:, :, order] = plain, lse                                    # the call made, put back
+    lse_c = K.compensate_block_layout(out, exact, q, k, v, idx, cnt, order=order, heads=chosen, **args)
+    tol = dict(atol=2e-3, rtol=2e-3) if backend == "reference" else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out[:, :, order], want_out, **tol)
+    torch.testing.assert_close(lse_c[:, :, order], want_c, **tol)
+    torch.testing.assert_close(lse_c[:, 1], exact[:, 1])
+
+
+def test_compensate_block_layout_names_bad_input(gen):
+    q, k, v, idx, cnt, _ = _case(BLOCK_SHAPES["B2-L100-D64-bs64"], torch.bfloat16, LAYOUTS["random"], gen)
+    out, lse = K.block_sparse_attention(q, k, v, idx, cnt, block_size=64, return_lse=True, backend="reference")
+    order = torch.arange(100, device=DEVICE)
+    call = lambda **kw: K.compensate_block_layout(**{**dict(out=out, lse=lse, q=q, k=k, v=v, kv_indices=idx,  # noqa: E731
+                                                            kv_counts=cnt, block_size=64, order=order), **kw})
+    with pytest.raises(ValueError, match="order must be a \\(100,\\) integer tensor"):
+        call(order=order[:99])
+    with pytest.raises(ValueError, match="order must be a \\(100,\\) integer tensor"):
+        call(order=order.float())
+    with pytest.raises(ValueError, match="lse must be the call's \\(2, 2, 100\\) float32 LSE rows"):
+        call(lse=lse.half())
+    with pytest.raises(ValueError, match="out must be the call's output rows"):
+        call(out=None)
+    for bad in ([2], True):
+        with pytest.raises(ValueError, match="heads must be None or a list of head indices in \\[0, 2\\)"):
+            call(heads=bad)
+    short = K.block_sparse_attention(q[:, :, :70], k, v, idx[:, :, :2], cnt[:, :, :2], block_size=64,
+                                     return_lse=True, backend="reference")
+    with pytest.raises(ValueError, match="LQ == LK"):
+        call(out=short[0], lse=short[1], q=q[:, :, :70], kv_indices=idx[:, :, :2], kv_counts=cnt[:, :, :2],
+             order=order[:70])
+
+
 def test_bad_settings_are_named(gen):
     q, k, v, idx, cnt, _ = _case(BLOCK_SHAPES["B2-L100-D64-bs64"], torch.bfloat16, LAYOUTS["random"], gen)
     pooled = K.pool_key_blocks(k, v, 64, backend="reference")

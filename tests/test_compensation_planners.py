@@ -225,7 +225,7 @@ def test_session_refuses_a_method_that_cannot_compensate():
 @pytest.mark.comfyui
 def test_patch_node_compensate(nodes, bridge, monkeypatch):
     """The node's compensate input: 'on' reaches the planner's calls and changes the video; a bad value is an
-    error naming the setting; the default is 'auto', which compensates Radial and SVG2."""
+    error naming the setting; the default is 'auto', which compensates Radial, SVG and SVG2."""
     from test_comfy_integration import latent
 
     model = comfy_env.tiny_wan_t2v(seed=3)
@@ -252,15 +252,14 @@ def test_patch_node_compensate(nodes, bridge, monkeypatch):
 
 
 def test_compensate_auto_is_each_methods_measured_default():
-    """'auto' compensates Radial and SVG2 (the methods it served on the proxy without a slower call, RESULTS.md), not
-    SVG nor AdaSpa; an explicit 8-bit precision keeps it off (the 8-bit kernel has no compensation); 'on' / 'off'
+    """'auto' compensates Radial, SVG and SVG2 (the methods it served on the proxy without a slower call,
+    RESULTS.md), not AdaSpa; an explicit 8-bit precision keeps it off (the 8-bit kernel has no compensation); 'on' / 'off'
     force it; another value is an error naming the setting."""
     schedule = core.SparseSchedule(0.0, 1.0, 0)
     svg2 = core.SVG2Settings(query_clusters=4, key_clusters=8)
-    for method in (svg2, core.RadialSettings()):
+    for method in (svg2, core.RadialSettings(), core.SVGSettings()):
         assert core.SparseAttentionSession(method, schedule, compensate="auto").compensate is True
-    for method in (core.SVGSettings(), core.AdaSpaSettings()):
-        assert core.SparseAttentionSession(method, schedule, compensate="auto").compensate is False
+    assert core.SparseAttentionSession(core.AdaSpaSettings(), schedule, compensate="auto").compensate is False
     for precision in ("8-bit", "8-bit + dense calls"):
         assert core.SparseAttentionSession(svg2, schedule, compensate="auto", precision=precision).compensate is False
     assert core.SparseAttentionSession(svg2, schedule, compensate="auto", precision="auto").compensate is True
