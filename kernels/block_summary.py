@@ -14,11 +14,17 @@ each row's own query q to first order, as kernels/skipped_summary.py moves its r
     value(q) = v_w + scale C (q - c)             k_w = sum w_j k_j,  v_w = sum w_j v_j
 
 C, the derivative of the weighted mean value in the query, is sum w_j (v_j - v_w)(k_j - k_w)^T over the skipped
-tokens; exactly it would cost a dense pass of D x D per key (as much as the attention itself), so each skipped block
+tokens (the value's move is damped where the first order fails, below); exactly it would cost a dense pass of D x D per key (as much as the attention itself), so each skipped block
 enters with its exact mass at c and its own mean of (k - mean k)(v - mean v)^T (within-block weights taken as
 uniform; centred on the keys' and values' means, which on the proxy made it as close as the exact C): the blocks'
 second moments, D x D each, are made once per call and mixed per query block by one matmul. What is exact at c
 costs one query row per query block against every key, about 1 / block_size of a dense call.
+
+The value's move is a tangent: where a row sits far from its block's mean query in the directions the skipped keys
+spread, the weights at q are far from those at c and the tangent overshoots the values' range (sharp, local
+attention: RoPE'd video queries within one block). The move is divided by 1 + (MOVE_DAMPING sigma^2)^2, sigma^2 =
+scale^2 |q - c|^2 s the variance of the skipped keys' scores at q with their keys taken as isotropic (s their
+weighted variance per dimension at c, one more sum in the pass at the mean queries).
 
 The term joins a row after its kernel has run (fold_summary): the kernel returns each row's output and LSE over the
 keys it computed, and one virtual key more is one more softmax merge, exactly. So the kernel itself is the plain one,
@@ -40,6 +46,10 @@ from .skipped_summary import SUMMARY_CHUNK_BYTES, SkippedSummary
 CHUNK_BYTES = 64 << 20
 # The Triton centre pass splits the keys at most this many ways (when few heads fill too few programs).
 MAX_SPLITS = 32
+# The value move's damping (module docstring): measured on one call's q, k, v (CPU, reference kernels; RESULTS.md
+# issue 17, 2026-12-06), 0.5 keeps the proxy's error (step 2 of 4, 7 blocks, Radial and SVG's spatial layout) and cuts
+# by half to two thirds what the undamped move added over dropping on the synthetic video inputs at Wan 14B 720p.
+MOVE_DAMPING = 0.5
 
 
 def compensate_skipped_blocks(out, lse, q, k, v, kv_indices, kv_counts, *, block_size: int, scale: float,
@@ -110,7 +120,7 @@ def _pass_head_bytes(batch, nqb, nkb, width, block_size, head_dim, element_size,
     list slots a row), each block's mass and share and the per-query-block vectors; on Triton one split's partials
     (more splits only where few heads fill too few programs: at most ~2 x BLOCK_C x the SMs rows of partials in
     all), on the reference backend the keys and values as float32 blocks and a chunk of scores."""
-    table = nqb * (nkb * (5 + element_size) + width * 8 + head_dim * (3 * 4 + 2 * element_size))
+    table = nqb * (nkb * (5 + element_size) + width * 8 + head_dim * (3 * 4 + 2 * element_size) + 8)
     if backend == "reference":
         return batch * (table + 8 * nkb * block_size * head_dim + CHUNK_BYTES // 8)
     return batch * (table + nqb * (2 * head_dim + 1) * 4)
@@ -130,7 +140,8 @@ class CentreStats(NamedTuple):
     (B, H, NQB, D) float32; ``log_weight`` ln W over the keys it skips, ``key`` k_w and ``value`` v_w their weighted
     means (float32; -inf and 0 where nothing is skipped); ``share`` (B, H, NQB, NKB') each key block's share of W in
     q's dtype, zeros past the key blocks up to padded_blocks(NKB); ``key_c``, ``value_c`` k_w and v_w centred on the
-    head's ``mean_k``, ``mean_v`` ((B, H, D) float32), in q's dtype, 0 where nothing is skipped."""
+    head's ``mean_k``, ``mean_v`` ((B, H, D) float32), in q's dtype, 0 where nothing is skipped; ``spread``
+    (B, H, NQB) float32 the skipped keys' weighted variance per dimension."""
 
     centre: torch.Tensor
     log_weight: torch.Tensor
@@ -139,6 +150,7 @@ class CentreStats(NamedTuple):
     share: torch.Tensor
     key_c: torch.Tensor
     value_c: torch.Tensor
+    spread: torch.Tensor
     mean_k: torch.Tensor
     mean_v: torch.Tensor
 
@@ -164,11 +176,12 @@ def _centre_stats(q, k, v, kv_indices, kv_counts, limit, block_size, scale, back
     kb, vb, key_ok = _float_blocks(k, v, limit, block_size)
     count = key_ok.sum((2, 3)).clamp(min=1)
     mean_k, mean_v = (t.sum((2, 3)) / count for t in (kb, vb))
-    log_weight, key, value, share = _reference_centre_pass(centre, kb, vb, kept, key_ok, scale)
+    log_weight, key, value, share, norms = _reference_centre_pass(centre, kb, vb, kept, key_ok, scale)
     present = torch.isfinite(log_weight)[..., None]
     key_c, value_c = (((t - m[:, :, None]) * present).to(q.dtype) for t, m in ((key, mean_k), (value, mean_v)))
     share = torch.nn.functional.pad(share, (0, padded_blocks(share.shape[-1]) - share.shape[-1])).to(q.dtype)
-    return CentreStats(centre, log_weight, key, value, share, key_c, value_c, mean_k, mean_v)
+    spread = (norms - (key * key).sum(-1)).clamp(min=0) / key.shape[-1]
+    return CentreStats(centre, log_weight, key, value, share, key_c, value_c, spread, mean_k, mean_v)
 
 
 def kept_table(kv_indices, kv_counts, batch: int, heads: int, key_blocks: int) -> torch.Tensor:
@@ -194,7 +207,8 @@ def _summary(stats: CentreStats, heads: slice, k, v, limit, block_size, scale, d
         moments = _reference_moments(*_float_blocks(k, v, limit, block_size), part.mean_k, part.mean_v, dtype)
     slope = _slope(part.key_c, part.value_c, part.share, moments, scale)
     none = torch.zeros(B, H, nqb, dtype=torch.int32, device=part.centre.device)
-    return SkippedSummary(none[..., None], none, part.centre, part.log_weight, part.key, part.value, slope)
+    return SkippedSummary(none[..., None], none, part.centre, part.log_weight, part.key, part.value, slope,
+                          part.spread)
 
 
 def _float_blocks(k, v, limit, block_size):
@@ -210,7 +224,7 @@ def _float_blocks(k, v, limit, block_size):
 
 def _reference_centre_pass(centre, kb, vb, kept, key_ok, scale):
     """Torch version of kernels.block_summary_triton.triton_centre_pass, on the keys and values as float32 blocks
-    (_float_blocks)."""
+    (_float_blocks): ln W, k_w, v_w, each key block's share of W, and the skipped keys' weighted mean squared norm."""
     B, H, nqb, D = centre.shape
     nkb, block_size = kb.shape[2:4]
     kept = kept.view(B, H, nqb, nkb, 1).bool()
@@ -218,7 +232,8 @@ def _reference_centre_pass(centre, kb, vb, kept, key_ok, scale):
     kf, vf = kb.flatten(2, 3), vb.flatten(2, 3)
     log_weight = torch.empty(B, H, nqb, device=kb.device)
     key, value = (torch.empty(B, H, nqb, D, device=kb.device) for _ in range(2))
-    share = torch.empty(B, H, nqb, nkb, device=kb.device)
+    share, norms = torch.empty(B, H, nqb, nkb, device=kb.device), torch.empty(B, H, nqb, device=kb.device)
+    squares = kf.square().sum(-1, keepdim=True)                                           # (B, H, NKB * bs, 1)
     rows = max(1, CHUNK_BYTES // (B * H * nkb * block_size * 8))                          # scores and weights
     for r0 in range(0, nqb, rows):
         qb = slice(r0, min(nqb, r0 + rows))
@@ -228,7 +243,8 @@ def _reference_centre_pass(centre, kb, vb, kept, key_ok, scale):
         w = torch.exp(s - lw[..., None, None]).nan_to_num(0.0)          # a query block that skips nothing: all 0
         log_weight[:, :, qb], share[:, :, qb] = lw, w.sum(-1)
         key[:, :, qb], value[:, :, qb] = w.flatten(-2) @ kf, w.flatten(-2) @ vf
-    return log_weight, key, value, share
+        norms[:, :, qb] = (w.flatten(-2) @ squares)[..., 0]
+    return log_weight, key, value, share, norms
 
 
 def _reference_moments(kb, vb, key_ok, mean_k, mean_v, dtype):
@@ -267,8 +283,8 @@ def fold_summary(out, lse, q, summary: SkippedSummary, *, block_size: int, scale
     """Merge the summary's virtual key into each row's softmax, in place: ``out`` (B, H, L, D) and ``lse`` (B, H, L)
     float32 the rows' output and LSE over the keys computed exactly (a row with none: 0 and -inf). Writes the LSE
     with the term into ``lse_out`` (B, H, L) float32 and returns it. Each row's value is its query block's
-    v_w + (q - c) @ slope. ``backend`` 'triton': one pass over the rows (kernels/block_summary_triton.py);
-    'reference': torch, one batched matmul per block."""
+    v_w + (q - c) @ slope, the move damped (module docstring). ``backend`` 'triton': one pass over the rows
+    (kernels/block_summary_triton.py); 'reference': torch, one batched matmul per block."""
     if backend == "triton":
         from .block_summary_triton import triton_fold_summary  # (imports Triton)
 
@@ -280,7 +296,9 @@ def fold_summary(out, lse, q, summary: SkippedSummary, *, block_size: int, scale
     blocks = lambda t: torch.nn.functional.pad(t, (0, 0, 0, pad)).view(B, H, nqb, block_size, -1)  # noqa: E731
     delta = blocks(q.float()) - summary.centre[..., None, :]
     score = summary.log_weight[..., None] + scale * (delta @ summary.key[..., :, None])[..., 0]
-    value = summary.value[..., None, :] + (delta.to(summary.slope.dtype) @ summary.slope).float()
+    shrink = MOVE_DAMPING * scale ** 2 * (delta * delta).sum(-1, keepdim=True) * summary.spread[..., None, None]
+    moved = (delta.to(summary.slope.dtype) @ summary.slope).float() / (1 + shrink * shrink)
+    value = summary.value[..., None, :] + moved
     score, value = score.flatten(2, 3)[..., :L], value.flatten(2, 3)[:, :, :L]
     total = torch.logaddexp(lse, score)
     none = torch.isneginf(total)                                         # no key and nothing skipped: stays 0, -inf

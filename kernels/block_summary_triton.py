@@ -7,15 +7,18 @@ key blocks' second moments, and the fold of the term into each row after the att
   (the summary's memory bound): at Wan 14B 720p that is ~10 programs a head, so the keys are split until the launch
   fills the GPU and the splits' (LSE, weighted means) are merged after it, in one more small kernel (a torch merge
   was a dozen launches a call, which at short calls cost more host time than the GPU spent). It returns per mean
-  query the LSE over the skipped keys, the weighted mean key and value, and per key block its share of the mass
-  (what weighs the blocks' moments).
+  query the LSE over the skipped keys, the weighted mean key and value, the keys' weighted variance per dimension
+  (from their weighted mean squared norm: the fold's damping), and per key block its share of the mass (what weighs
+  the blocks' moments).
   The weighted sums multiply weights and keys in float16 (weights in [0, 1] keep 11 significant bits there, against
   bf16's 8: the weighted means of nearly uniform weights are small differences) with float32 accumulation.
 * Moments. One program per key block: (k - p_k)^T (v - p_v) / size over its keys, p the head's mean key and value,
   centred in float32 before the 16-bit product (so the product keeps its digits), accumulated in float32.
 * Fold. One program per query block's rows: the row's virtual key (score ln W + (q - c).k_w * scale, value
-  v_w + (q - c) @ slope) merged into the row's output and LSE through the LSEs, in place; q, the output and the LSE
-  are read once.
+  v_w + (q - c) @ slope, the move damped) merged into the row's output and LSE through the LSEs, in place; q, the
+  output and the LSE are read once.
+* Orders. With an ``order`` (SVG's temporal heads: their layout is over the token-major order) the kernels read the
+  rows of q, k, v, the output and the LSE through it: the layout's position t is token order[t] (_tokens).
 
 Head dims need not be powers of two: the kernels mask the padded columns (no padded copies of q, k, v).
 """
@@ -28,12 +31,12 @@ import triton.language as tl
 
 from .attention import padded_head_dim
 from .block_sparse_triton import _LN2, _LOG2E, _NEG_BIG
-from .block_summary import MAX_SPLITS, padded_blocks
+from .block_summary import MAX_SPLITS, MOVE_DAMPING, padded_blocks
 
 
 @triton.jit
 def _centre_pass(
-    C, K, V, ORDER, KEPT, KEY_LIMIT, PLSE, PK, PV, BM,
+    C, K, V, ORDER, KEPT, KEY_LIMIT, PLSE, PK, PV, PN, BM,
     qk_scale,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
@@ -66,6 +69,7 @@ def _centre_pass(
     l_i = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_k = tl.zeros([BLOCK_C, HEAD_DP], dtype=tl.float32)
     acc_v = tl.zeros([BLOCK_C, HEAD_DP], dtype=tl.float32)
+    acc_n = tl.zeros([BLOCK_C], dtype=tl.float32)                        # weighted sum of the keys' squared norms
     block_mass = tl.full([BLOCK_C], float("-inf"), dtype=tl.float32)     # log2-mass of the current key block
     for t in range(split * TPS, tl.minimum(NT, split * TPS + TPS)):  # (splits start at key blocks: TPS % SUB == 0)
         cols = t * BLOCK_N + offs_n
@@ -88,6 +92,8 @@ def _centre_pass(
         pw = p.to(wdt)
         acc_k = tl.dot(pw, k.to(wdt), acc_k * alpha[:, None])
         acc_v = tl.dot(pw, v.to(wdt), acc_v * alpha[:, None])
+        k32 = k.to(tl.float32)
+        acc_n = acc_n * alpha + tl.sum(p * tl.sum(k32 * k32, 1)[None, :], 1)
         block_mass = _log2_add(tl.where(t % SUB == 0, float("-inf"), block_mass), m_new + tl.math.log2(p_sum))
         last = (t % SUB == SUB - 1) | (t == NT - 1)
         tl.store(BM + at * NKB + t // SUB, block_mass * _LN2, mask=row_ok & last)  # the key block's ln-mass
@@ -96,6 +102,7 @@ def _centre_pass(
     norm = tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     part = at * S + split
     tl.store(PLSE + part, (m_i + tl.math.log2(l_i)) * _LN2, mask=row_ok)
+    tl.store(PN + part, acc_n / tl.where(l_i > 0.0, l_i, 1.0), mask=row_ok)
     out_mask = row_ok[:, None] & d_ok[None, :]
     tl.store(PK + part[:, None] * D + offs_d[None, :], acc_k / norm, mask=out_mask)
     tl.store(PV + part[:, None] * D + offs_d[None, :], acc_v / norm, mask=out_mask)
@@ -147,13 +154,14 @@ def _mean_queries(
 
 @triton.jit
 def _merge_splits(
-    PLSE, PK, PV, MASS, MK, MV, LW, KW, VW, KC, VC, SHARE,
+    PLSE, PK, PV, PN, MASS, MK, MV, LW, KW, VW, KC, VC, SHARE, SPREAD,
     R, NQB, S, NKB, NKB_PAD, D,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_DP: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """The centre pass's key splits merged per mean query (one program per BLOCK_R of them): ln W, k_w, v_w; k_w and
-    v_w centred on the head's means in the moments' dtype (0 where nothing is skipped: no rank-1 term); each key
-    block's share of W from its ln-mass, in that dtype, zeros past NKB up to NKB_PAD."""
+    v_w centred on the head's means in the moments' dtype (0 where nothing is skipped: no rank-1 term); the skipped
+    keys' weighted variance per dimension (the fold's damping); each key block's share of W from its ln-mass, in
+    that dtype, zeros past NKB up to NKB_PAD."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     offs_d = tl.arange(0, HEAD_DP)
@@ -164,6 +172,7 @@ def _merge_splits(
         top = tl.maximum(top, tl.load(PLSE + rows * S + s, mask=row_ok, other=float("-inf")))
     top = tl.where(top == float("-inf"), 0.0, top)                   # nothing skipped: every weight below is 0
     total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    norms = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc_k = tl.zeros([BLOCK_R, HEAD_DP], dtype=tl.float32)
     acc_v = tl.zeros([BLOCK_R, HEAD_DP], dtype=tl.float32)
     for s in range(S):
@@ -171,14 +180,17 @@ def _merge_splits(
         part = (rows * S + s)[:, None] * D + offs_d[None, :]
         acc_k += w[:, None] * tl.load(PK + part, mask=mask, other=0.0)
         acc_v += w[:, None] * tl.load(PV + part, mask=mask, other=0.0)
+        norms += w * tl.load(PN + rows * S + s, mask=row_ok, other=0.0)
         total += w
     present = total > 0.0
     log_weight = tl.where(present, top + tl.log(total), float("-inf"))
-    norm = tl.where(present, total, 1.0)[:, None]
-    key = acc_k / norm
-    value = acc_v / norm
+    norm = tl.where(present, total, 1.0)
+    key = acc_k / norm[:, None]
+    value = acc_v / norm[:, None]
     at = rows[:, None] * D + offs_d[None, :]
     tl.store(LW + rows, log_weight, mask=row_ok)
+    spread = tl.maximum(norms / norm - tl.sum(key * key, 1), 0.0) / D
+    tl.store(SPREAD + rows, spread, mask=row_ok)
     tl.store(KW + at, key, mask=mask)
     tl.store(VW + at, value, mask=mask)
     head = (rows // NQB)[:, None] * D + offs_d[None, :]
@@ -237,8 +249,8 @@ def _block_moments(
 
 @triton.jit
 def _fold_rows(
-    Q, O, LSE, LSE_C, ORDER, CENTRE, LW, KW, VW, SLOPE,
-    scale,
+    Q, O, LSE, LSE_C, ORDER, CENTRE, LW, KW, VW, SLOPE, SPREAD,
+    scale, damping,
     stride_qb, stride_qh, stride_ql,
     stride_ob, stride_oh, stride_ol,
     stride_lb, stride_lh, stride_cb, stride_ch,
@@ -267,6 +279,10 @@ def _fold_rows(
         moved = tl.dot(delta, slope.to(tl.float32))
     else:
         moved = tl.dot(delta.to(slope.dtype), slope)
+    # the move's damping (kernels.block_summary.MOVE_DAMPING): sigma^2 the variance of the skipped keys' scores at q
+    sigma2 = tl.sum(delta * delta, 1) * (scale * scale) * tl.load(SPREAD + at)
+    shrink = damping * sigma2
+    moved = moved / (1.0 + shrink * shrink)[:, None]
     value = tl.load(VW + at * D + offs_d, mask=d_ok, other=0.0)[None, :] + moved
 
     lse_ptrs = LSE + b * stride_lb + h * stride_lh + rows
@@ -345,26 +361,27 @@ def triton_centre_pass(centre, k, v, kept, key_limit, mean_k, mean_v, block_size
     dev = centre.device
     part_lse = torch.empty(B, H, NQB, splits, device=dev)
     part_k, part_v = (torch.empty(B, H, NQB, splits, D, device=dev) for _ in range(2))
+    part_n = torch.empty(B, H, NQB, splits, device=dev)
     mass = torch.empty(B, H, NQB, NKB, device=dev)
     consts = _head_dim_constants(D, k.device)
     _centre_pass[(blocks_c, B * H, splits)](
-        centre.contiguous(), k, v, _order_arg(order, kept), kept, key_limit, part_lse, part_k, part_v, mass,
+        centre.contiguous(), k, v, _order_arg(order, kept), kept, key_limit, part_lse, part_k, part_v, part_n, mass,
         scale * _LOG2E,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         H, NQB, NKB, nt, per_split, splits, D, SUB=sub, GATHER=order is not None, **consts, **cfg)
-    log_weight = torch.empty(B, H, NQB, device=dev)
+    log_weight, spread = (torch.empty(B, H, NQB, device=dev) for _ in range(2))
     key, value = (torch.empty(B, H, NQB, D, device=dev) for _ in range(2))
     key_c, value_c = (torch.empty(B, H, NQB, D, device=dev, dtype=dtype) for _ in range(2))
     share = torch.empty(B, H, NQB, padded_blocks(NKB), device=dev, dtype=dtype)
     block_r = 16 if k.device.type == "cuda" else 4
     _merge_splits[(triton.cdiv(B * H * NQB, block_r),)](
-        part_lse, part_k, part_v, mass, mean_k.contiguous(), mean_v.contiguous(),
-        log_weight, key, value, key_c, value_c, share,
+        part_lse, part_k, part_v, part_n, mass, mean_k.contiguous(), mean_v.contiguous(),
+        log_weight, key, value, key_c, value_c, share, spread,
         B * H * NQB, NQB, splits, NKB, share.shape[-1], D,
         BLOCK_R=block_r, BLOCK_K=64 if k.device.type == "cuda" else 16, HEAD_DP=consts["HEAD_DP"],
         EVEN_D=consts["EVEN_D"], num_warps=4)
-    return log_weight, key, value, share, key_c, value_c
+    return log_weight, key, value, share, key_c, value_c, spread
 
 
 def triton_block_moments(k, v, mean_k, mean_v, key_limit, block_size: int, dtype: torch.dtype,
@@ -397,7 +414,7 @@ def triton_fold_summary(out, lse, q, summary, *, block_size: int, scale: float, 
     block_m = min(block_size, 64) if q.device.type == "cuda" else 16
     _fold_rows[(triton.cdiv(L, block_m), B * H)](
         q, out, lse, lse_out, _order_arg(order, lse), summary.centre.contiguous(), summary.log_weight.contiguous(), summary.key.contiguous(),
-        summary.value.contiguous(), summary.slope.contiguous(), scale,
+        summary.value.contiguous(), summary.slope.contiguous(), summary.spread.contiguous(), scale, MOVE_DAMPING,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), lse_out.stride(0), lse_out.stride(1),

@@ -38,7 +38,9 @@ class SkippedSummary:
     int32, the first ``own_counts`` (B, H, CQ) of each row valid; and the rest's affine virtual key: ``centre``
     (B, H, CQ, D) float32 the cluster's mean query, ``log_weight`` (B, H, CQ) float32 (-inf: nothing rests),
     ``key`` k_w and ``value`` v_w (B, H, CQ, D) float32, ``slope`` (B, H, CQ, D, D) in q's dtype, scale C^T (query
-    dimension first: value(q) = value + (q - centre) @ slope)."""
+    dimension first: value(q) = value + (q - centre) @ slope); ``spread`` (B, H, CQ) float32 or None, the rest's
+    weighted key variance per dimension at the centre, by which the block summary's fold damps the value's move
+    (kernels.block_summary.MOVE_DAMPING)."""
 
     own: torch.Tensor
     own_counts: torch.Tensor
@@ -47,6 +49,7 @@ class SkippedSummary:
     key: torch.Tensor
     value: torch.Tensor
     slope: torch.Tensor
+    spread: torch.Tensor | None = None
 
 
 def summarise_skipped(q, pooled: PooledKeys, q_offsets, kv_clusters, kv_cluster_counts, *, scale: float,

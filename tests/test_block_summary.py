@@ -15,6 +15,7 @@ from test_block_sparse_kernel import make_qkv, new_generator, random_layout
 from test_compensation import BLOCK_SHAPES, DEVICE, LAYOUTS, assert_compensated, block_groups, block_kept
 
 K = import_pack("kernels")
+summary = import_pack("kernels.block_summary")
 BACKENDS = ("triton", "reference")
 SUMMARY_LSE_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
@@ -64,8 +65,10 @@ def summary_oracle(q, k, v, kept, group, block_size):
                     gram = sum(share[g] * moments[g] for g in moments)
                     slope = scale * (gram - torch.outer(k_w - mean_k, v_w - mean_v))
                     delta = a - centre
+                    spread = (w @ k64[b, h][skipped].square().sum(1) - k_w @ k_w).clamp(min=0) / D
+                    shrink = summary.MOVE_DAMPING * scale ** 2 * delta.square().sum(1) * spread
                     cols.append((total + scale * delta @ k_w)[:, None])
-                    vals.append((v_w + delta @ slope)[:, None])
+                    vals.append((v_w + (delta @ slope) / (1 + shrink ** 2)[:, None])[:, None])
                 scores = torch.cat(cols, 1)
                 values = torch.cat(vals, 1)
                 lse[b, h, rows] = torch.logsumexp(s, 1)
@@ -142,7 +145,6 @@ def test_a_few_heads_at_a_time_equals_all_at_once(backend, pass_heads, slope_hea
     idx, cnt = torch.cat([idx, idx], dim=1), torch.cat([cnt, cnt], dim=1)
     args = dict(block_size=64, kv_length=kv_length, return_lse=True, backend=backend, summarise=True)
     whole = K.block_sparse_attention(q, k, v, idx, cnt, **args)
-    summary = import_pack("kernels.block_summary")
     chunk = summary.SUMMARY_CHUNK_BYTES
     monkeypatch.setattr(summary, "_pass_head_bytes", lambda *a: chunk // pass_heads)
     monkeypatch.setattr(summary, "_slope_head_bytes", lambda *a: chunk // slope_heads)
