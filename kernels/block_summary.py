@@ -14,11 +14,12 @@ each row's own query q to first order, as kernels/skipped_summary.py moves its r
     value(q) = v_w + scale C (q - c)             k_w = sum w_j k_j,  v_w = sum w_j v_j
 
 C, the derivative of the weighted mean value in the query, is sum w_j (v_j - v_w)(k_j - k_w)^T over the skipped
-tokens (the value's move is damped where the first order fails, below); exactly it would cost a dense pass of D x D per key (as much as the attention itself), so each skipped block
-enters with its exact mass at c and its own mean of (k - mean k)(v - mean v)^T (within-block weights taken as
-uniform; centred on the keys' and values' means, which on the proxy made it as close as the exact C): the blocks'
-second moments, D x D each, are made once per call and mixed per query block by one matmul. What is exact at c
-costs one query row per query block against every key, about 1 / block_size of a dense call.
+tokens (the value's move is damped where the first order fails, below); exactly it would cost a dense pass of D x D
+per key (as much as the attention itself), so each skipped block enters with its exact mass at c and its own mean of
+(k - mean k)(v - mean v)^T (within-block weights taken as uniform; centred on the keys' and values' means, which on
+the proxy made it as close as the exact C): the blocks' second moments, D x D each, are made once per call and mixed
+per query block by one matmul. What is exact at c costs one query row per query block against every key, about
+1 / block_size of a dense call.
 
 The value's move is a tangent: where a row sits far from its block's mean query in the directions the skipped keys
 spread, the weights at q are far from those at c and the tangent overshoots the values' range (sharp, local
@@ -118,12 +119,13 @@ def _runs(heads: list) -> list[slice]:
 def _pass_head_bytes(batch, nqb, nkb, width, block_size, head_dim, element_size, backend) -> int:
     """Bytes per head the pass at the mean queries holds: the kept table (and its scatter's int64 ids, ``width``
     list slots a row), each block's mass and share and the per-query-block vectors; on Triton one split's partials
-    (more splits only where few heads fill too few programs: at most ~2 x BLOCK_C x the SMs rows of partials in
-    all), on the reference backend the keys and values as float32 blocks and a chunk of scores."""
+    (its weighted means, LSE and squared norm; more splits only where few heads fill too few programs: at most
+    ~2 x BLOCK_C x the SMs rows of partials in all), on the reference backend the keys and values as float32 blocks
+    and a chunk of scores."""
     table = nqb * (nkb * (5 + element_size) + width * 8 + head_dim * (3 * 4 + 2 * element_size) + 8)
     if backend == "reference":
         return batch * (table + 8 * nkb * block_size * head_dim + CHUNK_BYTES // 8)
-    return batch * (table + nqb * (2 * head_dim + 1) * 4)
+    return batch * (table + nqb * (2 * head_dim + 2) * 4)
 
 
 def _slope_head_bytes(batch, nqb, nkb, block_size, head_dim, element_size, backend) -> int:

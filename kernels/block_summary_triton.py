@@ -413,8 +413,9 @@ def triton_fold_summary(out, lse, q, summary, *, block_size: int, scale: float, 
     nqb = summary.log_weight.shape[-1]
     block_m = min(block_size, 64) if q.device.type == "cuda" else 16
     _fold_rows[(triton.cdiv(L, block_m), B * H)](
-        q, out, lse, lse_out, _order_arg(order, lse), summary.centre.contiguous(), summary.log_weight.contiguous(), summary.key.contiguous(),
-        summary.value.contiguous(), summary.slope.contiguous(), summary.spread.contiguous(), scale, MOVE_DAMPING,
+        q, out, lse, lse_out, _order_arg(order, lse), summary.centre.contiguous(), summary.log_weight.contiguous(),
+        summary.key.contiguous(), summary.value.contiguous(), summary.slope.contiguous(), summary.spread.contiguous(),
+        scale, MOVE_DAMPING,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), lse_out.stride(0), lse_out.stride(1),

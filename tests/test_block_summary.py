@@ -88,6 +88,13 @@ def _case(shape, dtype, layout, gen, padded=True):
     return q, k, v, idx, cnt, kv_length
 
 
+def _four_heads(shape, dtype, gen):
+    """_case's random layout on 4 heads: its two and their flips (heads with distinct rows)."""
+    q, k, v, idx, cnt, kv_length = _case(shape, dtype, LAYOUTS["random"], gen)
+    q, k, v = (torch.cat([t, t.flip(1)], dim=1) for t in (q, k, v))
+    return q, k, v, torch.cat([idx, idx], dim=1), torch.cat([cnt, cnt], dim=1), kv_length
+
+
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("shape", BLOCK_SHAPES.values(), ids=BLOCK_SHAPES.keys())
@@ -140,9 +147,7 @@ def test_every_block_kept_adds_nothing(backend, gen):
 def test_a_few_heads_at_a_time_equals_all_at_once(backend, pass_heads, slope_heads, gen, monkeypatch):
     """The pass at the mean queries and the slopes each take their own number of heads at a time (the slopes'
     parts nested in the pass's, the last ones shorter): the same result as every head at once."""
-    q, k, v, idx, cnt, kv_length = _case((2, 100, 100, 64, 64), torch.bfloat16, LAYOUTS["random"], gen)
-    q, k, v = (torch.cat([t, t.flip(1)], dim=1) for t in (q, k, v))                      # 4 heads
-    idx, cnt = torch.cat([idx, idx], dim=1), torch.cat([cnt, cnt], dim=1)
+    q, k, v, idx, cnt, kv_length = _four_heads((2, 100, 100, 64, 64), torch.bfloat16, gen)
     args = dict(block_size=64, kv_length=kv_length, return_lse=True, backend=backend, summarise=True)
     whole = K.block_sparse_attention(q, k, v, idx, cnt, **args)
     chunk = summary.SUMMARY_CHUNK_BYTES
@@ -158,9 +163,7 @@ def test_a_few_heads_at_a_time_equals_all_at_once(backend, pass_heads, slope_hea
 def test_chosen_heads_alone_are_compensated(backend, gen):
     """summarise=[heads]: those heads' rows and compensated LSE as with every head compensated, the others' rows the
     plain call's and their compensated LSE their exact one (heads whose rows a planner writes otherwise)."""
-    q, k, v, idx, cnt, kv_length = _case((2, 100, 100, 64, 64), torch.bfloat16, LAYOUTS["random"], gen)
-    q, k, v = (torch.cat([t, t.flip(1)], dim=1) for t in (q, k, v))                      # 4 heads
-    idx, cnt = torch.cat([idx, idx], dim=1), torch.cat([cnt, cnt], dim=1)
+    q, k, v, idx, cnt, kv_length = _four_heads((2, 100, 100, 64, 64), torch.bfloat16, gen)
     args = dict(block_size=64, kv_length=kv_length, return_lse=True, backend=backend)
     plain, lse = K.block_sparse_attention(q, k, v, idx, cnt, **args)
     every = K.block_sparse_attention(q, k, v, idx, cnt, summarise=True, **args)
@@ -198,9 +201,7 @@ def test_compensation_through_an_order_is_the_permuted_calls(backend, shape, dty
     """compensate_block_layout(order=...) on rows in the tokens' own order equals summarise on copies in that order
     (SVG's temporal heads: the layout over the token-major order), rows and LSE put back; kv_length counts positions
     of the order; the heads not chosen keep their rows and exact LSE."""
-    q, k, v, idx, cnt, kv_length = _case(shape, dtype, LAYOUTS["random"], gen)
-    q, k, v = (torch.cat([t, t.flip(1)], dim=1) for t in (q, k, v))                      # 4 heads
-    idx, cnt = torch.cat([idx, idx], dim=1), torch.cat([cnt, cnt], dim=1)
+    q, k, v, idx, cnt, kv_length = _four_heads(shape, dtype, gen)
     L, bs = q.shape[2], shape[-1]
     order = torch.randperm(L, generator=torch.Generator().manual_seed(gen.initial_seed())).to(DEVICE)
     moved = [t[:, :, order] for t in (q, k, v)]
@@ -221,8 +222,8 @@ def test_compensate_block_layout_names_bad_input(gen):
     q, k, v, idx, cnt, _ = _case(BLOCK_SHAPES["B2-L100-D64-bs64"], torch.bfloat16, LAYOUTS["random"], gen)
     out, lse = K.block_sparse_attention(q, k, v, idx, cnt, block_size=64, return_lse=True, backend="reference")
     order = torch.arange(100, device=DEVICE)
-    call = lambda **kw: K.compensate_block_layout(**{**dict(out=out, lse=lse, q=q, k=k, v=v, kv_indices=idx,  # noqa: E731
-                                                            kv_counts=cnt, block_size=64, order=order), **kw})
+    args = dict(out=out, lse=lse, q=q, k=k, v=v, kv_indices=idx, kv_counts=cnt, block_size=64, order=order)
+    call = lambda **kw: K.compensate_block_layout(**{**args, **kw})  # noqa: E731
     with pytest.raises(ValueError, match="order must be a \\(100,\\) integer tensor"):
         call(order=order[:99])
     with pytest.raises(ValueError, match="order must be a \\(100,\\) integer tensor"):
