@@ -79,7 +79,8 @@ class Method:
 # sizes: Radial at block 64 (the proxy's frames are 1,024 tokens and Radial's narrowest band is one block wide, so
 # at block 128 it cannot go below about half density here); SVG2 with its cluster counts scaled from Wan 720p's
 # 300 / 1000 for 75,600 tokens to 16,384 (64 / 256), a low minimum key ratio so top-p alone sets the density;
-# AdaSpa with its density bounds opened so the recall target alone sets it.
+# AdaSpa with its density bounds opened so the recall target alone sets it (its heads' recall pooled, and each
+# head's own as the paper).
 METHODS = {
     "radial": Method("decay_factor", 0.01, 4.0, lambda nodes, x: nodes.RadialMask().settings(
         decay_factor=x, block_size=64, attention_sink=True, text_dense=True)[0]),
@@ -90,6 +91,10 @@ METHODS = {
         later_iterations=2)[0]),
     "adaspa": Method("recall", 0.05, 0.999, lambda nodes, x: nodes.AdaSpaSearch().settings(
         recall=x, search_steps="0.2, 0.6", block_size=64, min_density=0.01, max_density=1.0, text_dense=True)[0]),
+    # the paper's allocation: every head reaches the recall of its own mass
+    "adaspa-per-head": Method("recall", 0.05, 0.999, lambda nodes, x: nodes.AdaSpaSearch().settings(
+        recall=x, search_steps="0.2, 0.6", block_size=64, min_density=0.01, max_density=1.0, text_dense=True,
+        per_head_recall=True)[0]),
 }
 
 

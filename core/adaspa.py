@@ -31,10 +31,15 @@ What this planner does, and where it departs from the paper:
   * Search steps: the paper's {10, 30} of 50 as fractions of the run (0.2, 0.6), or step indices. A call that
     finds no pattern for its shape (the first sparse step of a layer, a new resolution) searches too; a search step
     whose model call did not run (a step cache skipped it) searches at the next step that runs.
-  * Per head the number of key blocks per query block is the fewest whose kept mass reaches ``recall`` of the
-    head's searched mass, clamped to [min_density, max_density] of the searched columns: the paper's criterion
-    (recall 0.8) and its range of per-head sparsity (0.7..0.9 around 0.8) as settings. The diagonal block is
-    always kept. A recall of 1 keeps every block.
+  * How many key blocks each head's query blocks keep: by default the fewest blocks in all whose kept mass, the
+    call's heads pooled, reaches ``recall`` of their searched mass (each next block goes to the head it adds the
+    most mass to), each head clamped to [min_density, max_density] of the searched columns. The paper's criterion
+    (``per_head_recall``) gives every head the fewest blocks that reach ``recall`` of its own mass. Measured on
+    the proxy (benchmarks/RESULTS.md, issue 17): at equal density the paper's criterion spends blocks on diffuse
+    heads to bring them to the recall and starves concentrated ones, whose few lost blocks are what their output
+    is made of; pooled, the video is 6.2-9.3 dB closer to dense at 4 steps and 1.9-2.5 dB at 20 steps (density
+    0.12-0.40, compensation off, at equal or lower density). The diagonal block is always kept. A recall of 1
+    keeps every block.
   * Text rows are always computed dense (a separate dense launch over the text rows, so the video rows' layout
     stays narrow); text columns are kept for every video row with ``text_dense``, else searched like video ones.
   * ``call.want_lse``: a first search with a dense pass reports its dense LSE (it attended every key); a later
@@ -42,9 +47,9 @@ What this planner does, and where it departs from the paper:
     the original order.
   * ``call.compensate``: a sparse call adds the summed term of the keys each query block skips; the search
     still ranks the exact masses against the exact LSE (a first search's dense pass skips nothing).
-  * ``cluster_heads`` (not in the paper): at a search, a head whose blocks miss the recall even at max_density is
-    tried on SVG2's cluster layout, its mass measured exactly against the search's LSE; a head the clusters serve
-    runs SVG2's cluster path, one head at a time, until the next search (core/adaspa_clusters.py).
+  * ``cluster_heads`` (not in the paper): at a search, a head whose blocks keep less than the recall of its own
+    mass is tried on SVG2's cluster layout, its mass measured exactly against the search's LSE; a head the clusters
+    serve runs SVG2's cluster path, one head at a time, until the next search (core/adaspa_clusters.py).
 
 The pattern and LSE cache: per layer, one entry per (grid, batch size, device, first head, heads), holding the
 layout of every (batch element, head) (int16 indices; searched on the batch's first conditioning chunk and shared
@@ -83,7 +88,8 @@ SELECT_CHUNK_BYTES = 512 << 20
 
 @dataclass(frozen=True)
 class AdaSpaSettings:
-    """recall: the share of each head's attention mass its blocks keep on the step they are searched.
+    """recall: the share of the attention mass the blocks keep on the step they are searched: of the call's heads
+    pooled (the fewest blocks in all), or of each head's own with ``per_head_recall`` (the paper's criterion).
     search_steps: when the exact search runs; below 1 a fraction of the run's steps, from 1 up a step index.
     block_size: tile of the layout. min_density / max_density: bounds on each head's share of kept key blocks.
     text_dense: video rows keep every text column (HunyuanVideo); off, text columns are searched too.
@@ -97,6 +103,7 @@ class AdaSpaSettings:
     text_dense: bool = True
     cluster_heads: bool = False
     clusters: SVG2Settings = SVG2_PRESETS["wan_720p"]
+    per_head_recall: bool = False
 
     def __post_init__(self):
         # Written so that NaN (which an API prompt can send past the UI's min/max) is rejected too.
@@ -116,8 +123,9 @@ class AdaSpaSettings:
             if not 0 <= s < math.inf or (s >= 1 and s != int(s)):
                 raise ValueError(f"search_steps must hold fractions in [0, 1) or whole step indices, got {s} in "
                                  f"{self.search_steps}")
-        if not isinstance(self.cluster_heads, bool):
-            raise ValueError(f"cluster_heads must be True or False, got {self.cluster_heads!r}")
+        for name in ("cluster_heads", "per_head_recall"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.clusters, SVG2Settings):
             raise ValueError("clusters must be SVG2Settings (the k-means and top-p of cluster-served heads), got "
                              f"{type(self.clusters).__name__}")
@@ -161,35 +169,57 @@ def density_bounds(min_density: float, max_density: float, columns: int) -> tupl
     return low, high
 
 
-def select_row_wise(mass: torch.Tensor, *, recall: float, low: int, high: int):
-    """Head-adaptive row-wise selection over a (H, R, C) mass region (row i's diagonal block is column i).
-
-    Per head the count k is the fewest blocks per row whose kept mass, summed over rows, reaches ``recall`` of
-    the head's mass (every block for recall 1), clamped to [low, high]; each row keeps its diagonal and its k - 1
-    heaviest other blocks. Returns (picks (H, R, max k) int32, ascending per row, entries past k repeat the
-    first; k (H,) int64; recall reached (H,) float32)."""
-    H, R, C = mass.shape
+def rank_row_wise(mass: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's blocks of a (H, R, C) mass region ranked (row i's diagonal block is column i): (order (H, R, width)
+    int64: the diagonal, then the heaviest other blocks, the first ``width`` of them; kept (H, C) float64: each
+    head's mass kept when every row keeps its first 1..C)."""
     ranked = mass.clone()
     diagonal = ranked.diagonal(dim1=-2, dim2=-1)
     diagonal_mass = diagonal.clone()
     diagonal.fill_(float("inf"))  # the diagonal ranks first in its row
     ranked, order = ranked.sort(dim=-1, descending=True)
     ranked[..., 0] = diagonal_mass
-    kept = ranked.sum(1).cumsum(-1)  # (H, C): mass kept with the top 1..C blocks of every row
-    del ranked
+    return order[..., :width], ranked.sum(1, dtype=torch.float64).cumsum(-1)
+
+
+def block_counts(kept: torch.Tensor, *, recall: float, low: int, high: int, per_head: bool) -> torch.Tensor:
+    """Key blocks each head's query blocks keep (H,) int64, in [low, high], from the heads' kept-mass curves (H, C)
+    (rank_row_wise). ``per_head`` (the paper's criterion): each head the fewest that keep ``recall`` of its own mass.
+    Otherwise the heads' masses are pooled: each head its ``low`` blocks, then one more block for whichever head it
+    adds the most mass to, until the heads together keep ``recall`` of their mass: the fewest blocks in all (each
+    head's next block weighs no more than its last one, so taking the heaviest next block first is optimal)."""
+    H, C = kept.shape
     total = kept[:, -1]
     if recall >= 1.0:
-        k = torch.full((H,), C, device=mass.device, dtype=torch.long)
-    else:
-        k = (kept < recall * total[:, None]).sum(-1) + 1
-    k = k.clamp(low, high)
-    reached = torch.where(total > 0, kept.gather(-1, (k - 1)[:, None])[:, 0] / total, torch.ones_like(total))
+        return torch.full((H,), C, device=kept.device, dtype=torch.long).clamp(low, high)
+    if per_head:
+        return ((kept < recall * total[:, None]).sum(-1) + 1).clamp(low, high)
+    added = (kept[:, low:high] - kept[:, low - 1:high - 1]).flatten()  # the mass of each head's next block
+    heaviest, order = added.sort(descending=True, stable=True)
+    start = kept[:, low - 1].sum()
+    reached = start + heaviest.cumsum(0)  # after the first 1, 2, ... additions
+    target = recall * total.sum()
+    taken = torch.searchsorted(reached, target).add(1).clamp(max=added.numel()) * (target > start)
+    chosen = torch.zeros_like(added).scatter_(0, order, (torch.arange(added.numel(), device=kept.device) < taken)
+                                              .to(added.dtype))
+    return low + chosen.view(H, high - low).sum(-1).long()
+
+
+def kept_blocks(order: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """(H, R, max k) int32: each head's rows keep the first k[h] of their ranked blocks ``order`` (H, R, width),
+    ascending; entries past k repeat the first."""
     width = int(k.max())
-    top = order[..., :width]
-    valid = torch.arange(width, device=mass.device) < k[:, None, None]
-    top = torch.where(valid, top, C).sort(dim=-1).values  # the kept columns ascending, then placeholders
-    top = torch.where(valid, top, top[..., :1])
-    return top.to(torch.int32), k, reached
+    top = order[..., :width].long()
+    valid = torch.arange(width, device=order.device) < k[:, None, None]
+    top = torch.where(valid, top, torch.iinfo(torch.int32).max).sort(dim=-1).values  # kept, then placeholders
+    return torch.where(valid, top, top[..., :1]).to(torch.int32)
+
+
+def recall_reached(kept: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """(H,) float32: the share of each head's mass its k blocks per row keep (1 for a head with no mass)."""
+    total = kept[:, -1]
+    share = kept.gather(-1, (k - 1)[:, None])[:, 0] / total
+    return torch.where(total > 0, share, torch.ones_like(share)).float()
 
 
 @dataclass(frozen=True)
@@ -212,62 +242,87 @@ class AdaSpaPattern:
         return self.kv_indices.nbytes + self.kv_counts.nbytes
 
 
+@dataclass(frozen=True)
+class RankedBlocks:
+    """A search's masses ranked row-wise (rank_blocks), before the heads' block counts are chosen. order (B, H,
+    video blocks, width): each video query block's searched columns, its diagonal first and the others by falling
+    mass, as many as a head may keep (int16 when it fits); kept (B, H, columns) float64: each head's mass kept when
+    every row keeps its first 1..columns. num_blocks: key blocks of the call."""
+
+    order: torch.Tensor
+    kept: torch.Tensor
+    num_blocks: int
+
+
+def searched_region(grid: VideoGrid, num_blocks: int, settings: AdaSpaSettings) -> tuple[int, int]:
+    """(video query blocks: the rows searched, searched key columns) of a call of ``num_blocks`` blocks; a block
+    holding any text token counts as text, whose rows are dense and, with text_dense, its columns kept."""
+    video = grid.video_tokens // settings.block_size if grid.text_tokens else num_blocks
+    return video, (video if settings.text_dense else num_blocks)
+
+
+def ranked_width(columns: int, settings: AdaSpaSettings) -> int:
+    """How many of each row's ranked blocks a search keeps: as many as a head may keep (max_density)."""
+    return density_bounds(settings.min_density, settings.max_density, columns)[1]
+
+
+def rank_blocks(mass: torch.Tensor, grid: VideoGrid, settings: AdaSpaSettings) -> RankedBlocks:
+    """Rank a (B, H, NB, NB) mass over ``grid``'s tokens in ``settings.block_size`` tiles, a few heads at a time."""
+    B, H, nb, _ = mass.shape
+    video, columns = searched_region(grid, nb, settings)
+    width = ranked_width(columns, settings) if video else 1
+    dtype = torch.int16 if nb <= torch.iinfo(torch.int16).max else torch.int32
+    order = torch.zeros(B, H, video, width, device=mass.device, dtype=dtype)
+    kept = torch.zeros(B, H, columns, device=mass.device, dtype=torch.float64)
+    chunk = max(1, SELECT_CHUNK_BYTES // max(1, video * columns * 16))  # float masses (a sorted copy), int64 order
+    for b in range(B if video else 0):
+        for h0 in range(0, H, chunk):
+            o, c = rank_row_wise(mass[b, h0:h0 + chunk, :video, :columns], width)
+            order[b, h0:h0 + chunk] = o
+            kept[b, h0:h0 + chunk] = c
+    return RankedBlocks(order=order, kept=kept, num_blocks=nb)
+
+
 def search_pattern(mass: torch.Tensor, grid: VideoGrid, settings: AdaSpaSettings) -> AdaSpaPattern:
     """The pattern of a (B, H, NB, NB) mass over ``grid``'s tokens in ``settings.block_size`` tiles."""
-    B, H, nb, _ = mass.shape
-    bs = settings.block_size
-    video = grid.video_tokens // bs if grid.text_tokens else nb  # a block holding any text token counts as text
-    columns = video if settings.text_dense else nb
-    text_columns = nb - video if settings.text_dense else 0
+    return pattern_of(rank_blocks(mass, grid, settings), grid, settings)
+
+
+def pattern_of(ranked: RankedBlocks, grid: VideoGrid, settings: AdaSpaSettings) -> AdaSpaPattern:
+    """The pattern of ranked masses: each head's block count (block_counts, the heads of a batch element together),
+    its rows' first blocks, then every text block (text_dense)."""
+    B, H = ranked.kept.shape[:2]
+    nb = ranked.num_blocks
+    video, columns = searched_region(grid, nb, settings)
+    device = ranked.order.device
     if video == 0:  # no whole block of video: every row is a text row, all dense
-        return AdaSpaPattern(kv_indices=torch.zeros(B, H, 0, 1, device=mass.device, dtype=torch.int16),
-                             kv_counts=torch.zeros(B, H, 0, device=mass.device, dtype=torch.int32), video_blocks=0,
+        return AdaSpaPattern(kv_indices=torch.zeros(B, H, 0, 1, device=device, dtype=torch.int16),
+                             kv_counts=torch.zeros(B, H, 0, device=device, dtype=torch.int32), video_blocks=0,
                              num_blocks=nb, density=1.0, recall=torch.ones(B, H), head_density=(1.0,) * H)
     low, high = density_bounds(settings.min_density, settings.max_density, columns)
-    per_head = max(1, video * columns * 16)  # float masses (a copy, sorted) and their int64 order
-    chunk = max(1, SELECT_CHUNK_BYTES // per_head)
-    picks, counts, reached = [], [], []
-    for b in range(B):
-        for h0 in range(0, H, chunk):
-            p, k, r = select_row_wise(mass[b, h0:h0 + chunk, :video, :columns], recall=settings.recall, low=low,
-                                      high=high)
-            picks.append(p)
-            counts.append(k)
-            reached.append(r)
-    width = max(p.shape[-1] for p in picks) + text_columns
-    dtype = torch.int16 if nb <= torch.iinfo(torch.int16).max else torch.int32
-    indices = torch.zeros(B * H, video, width, device=mass.device, dtype=dtype)
-    row = 0
-    for p in picks:
-        indices[row:row + p.shape[0], :, :p.shape[-1]] = p
-        indices[row:row + p.shape[0], :, p.shape[-1]:] = p[..., :1]
-        row += p.shape[0]
-    k = torch.cat(counts)
+    k = torch.stack([block_counts(ranked.kept[b], recall=settings.recall, low=low, high=high,
+                                  per_head=settings.per_head_recall) for b in range(B)]).view(B * H)
+    picks = kept_blocks(ranked.order.view(B * H, video, -1), k)
+    text_columns = nb - video if settings.text_dense else 0
+    indices = torch.cat([picks, picks[..., :1].expand(-1, -1, text_columns)], -1).to(ranked.order.dtype)
     if text_columns:  # after each row's k video blocks: every text block
-        slots = (k[:, None, None] + torch.arange(text_columns, device=mass.device)).expand(-1, video, -1)
-        text = torch.arange(video, nb, device=mass.device, dtype=dtype).expand(B * H, video, -1)
+        slots = (k[:, None, None] + torch.arange(text_columns, device=device)).expand(-1, video, -1)
+        text = torch.arange(video, nb, device=device, dtype=indices.dtype).expand(B * H, video, -1)
         indices.scatter_(-1, slots, text)
     kv_counts = (k + text_columns).to(torch.int32)[:, None].expand(-1, video).reshape(B, H, video).contiguous()
     head_tiles = kv_counts.sum(-1, dtype=torch.float64).cpu() + (nb - video) * nb  # (B, H)
-    return AdaSpaPattern(kv_indices=indices.view(B, H, video, width), kv_counts=kv_counts, video_blocks=video,
-                         num_blocks=nb, density=float(head_tiles.mean()) / (nb * nb),
-                         recall=torch.cat(reached).view(B, H).cpu(),
+    reached = recall_reached(ranked.kept.view(B * H, columns), k)
+    return AdaSpaPattern(kv_indices=indices.view(B, H, video, -1), kv_counts=kv_counts, video_blocks=video,
+                         num_blocks=nb, density=float(head_tiles.mean()) / (nb * nb), recall=reached.view(B, H).cpu(),
                          head_density=tuple((head_tiles.mean(0) / (nb * nb)).tolist()))
 
 
-def concat_patterns(parts: list) -> AdaSpaPattern:
-    """The pattern of consecutive head ranges searched apart (core.memory), as one."""
+def concat_ranked(parts: list) -> RankedBlocks:
+    """The ranked masses of consecutive head ranges searched apart (core.memory), as one."""
     if len(parts) == 1:
         return parts[0]
-    width = max(p.kv_indices.shape[-1] for p in parts)
-    indices = torch.cat([torch.cat([p.kv_indices, p.kv_indices[..., :1].expand(*p.kv_indices.shape[:-1],
-                                                                                width - p.kv_indices.shape[-1])], -1)
-                         for p in parts], dim=1)  # entries past a row's count repeat its first
-    head_density = sum((p.head_density for p in parts), ())
-    return AdaSpaPattern(kv_indices=indices, kv_counts=torch.cat([p.kv_counts for p in parts], dim=1),
-                         video_blocks=parts[0].video_blocks, num_blocks=parts[0].num_blocks,
-                         density=sum(head_density) / len(head_density),
-                         recall=torch.cat([p.recall for p in parts], dim=1), head_density=head_density)
+    return RankedBlocks(order=torch.cat([p.order for p in parts], dim=1), kept=torch.cat([p.kept for p in parts], 1),
+                        num_blocks=parts[0].num_blocks)
 
 
 def share_pattern(pattern: AdaSpaPattern, call: AttentionCall) -> AdaSpaPattern:
@@ -291,9 +346,9 @@ class AdaSpaPlanner:
     """Searches at the search steps (and wherever a call finds no pattern for its shape), sparse otherwise."""
 
     compensates = True
-    # compensate 'auto' leaves it off: on the proxy it gained 1.2 dB at 4 steps and 1.6 dB at 20 steps (H100, 3 seeds,
-    # density 0.25) for 1.33x the call's time, below what the other block methods gained (benchmarks/RESULTS.md, issue
-    # 17, 2026-12-06); 'on' turns it on
+    # compensate 'auto' leaves it off: on the proxy it gained 0.8-4.0 dB at 4 steps and 2.4-4.8 dB at 20 steps (H100,
+    # 3 seeds, density 0.12-0.40) for 2.0-2.2x the call's time at 720p (the summary at 64-token blocks), below what
+    # the other block methods gained for 1.3x (benchmarks/RESULTS.md, issue 17, 2026-12-06); 'on' turns it on
 
     def __init__(self, settings: AdaSpaSettings):
         self.settings = settings
@@ -376,21 +431,28 @@ class AdaSpaPlanner:
         return out, 1.0
 
     def _search_heads(self, first, lse):
-        """The pattern of the first conditioning chunk ``first`` against its ``lse``: the block masses and their
-        selection a few heads at a time (core.memory: (B, H, NB, NB) float32 masses and their sort)."""
+        """The pattern of the first conditioning chunk ``first`` against its ``lse``: the block masses ranked a few
+        heads at a time (core.memory: (B, H, NB, NB) float32 masses and their sort), the block counts chosen over
+        every head of the call."""
         parts = []
-        for part in head_parts(first.q.shape[1], heads_per_chunk(first.q, self.search_head_bytes(first.q))):
+        for part in head_parts(first.q.shape[1], heads_per_chunk(first.q, self.search_head_bytes(first.q),
+                                                                 reserved=self.ranked_bytes(first.q, first.grid))):
             mass = block_mass(first.q[:, part], first.k[:, part], lse[:, part], block_size=self.block_size,
                               kv_length=first.kv_length, backend=first.backend)
-            parts.append(search_pattern(mass, first.grid, self.settings))
+            parts.append(rank_blocks(mass, first.grid, self.settings))
             del mass
-        return concat_patterns(parts)
+        return pattern_of(concat_ranked(parts), first.grid, self.settings)
 
     def search_head_bytes(self, q) -> int:
         """Temporaries per head of a search: float32 masses of the batch, the selection's sorted copy and int64
         order of one batch element at a time."""
         nb = num_blocks(q.shape[2], self.block_size)
         return (4 * q.shape[0] + 16) * nb * nb
+
+    def ranked_bytes(self, q, grid: VideoGrid) -> int:
+        """What a search holds for every head while it ranks the next ones: each row's ranked blocks (int16)."""
+        video, columns = searched_region(grid, num_blocks(q.shape[2], self.block_size), self.settings)
+        return 2 * q.shape[0] * q.shape[1] * video * ranked_width(columns, self.settings)
 
     def _sparse(self, call, pattern, clustered=()):
         """The call on its searched layout: (output, density). With cluster-served heads, each run of block heads is

@@ -1,5 +1,5 @@
-"""AdaSpa's cluster-served heads: at a search, a head whose block pattern misses the recall even at max_density is
-tried on SVG2's cluster layout, and keeps it until the next search when the clusters serve it (issue 17).
+"""AdaSpa's cluster-served heads: at a search, a head whose block pattern keeps less than the recall of its own
+mass is tried on SVG2's cluster layout, and keeps it until the next search when the clusters serve it (issue 17).
 
 Measured on head-kind inputs (benchmarks/head_kinds.py, benchmarks/RESULTS.md): on a head whose tokens attend to
 far-apart tokens of one moving object, AdaSpa's blocks keep about 0.4 of the mass at its density cap and SVG2's

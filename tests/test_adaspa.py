@@ -7,6 +7,7 @@ shapes. Inputs are random on every run; each test prints its seed (rerun with BS
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 
@@ -186,37 +187,99 @@ def random_mass(H, R, C, gen):
     return raw / raw.sum(-1, keepdim=True)
 
 
+def select(mass, *, recall, low, high, per_head):
+    """(picks, counts, recall reached) of a (H, R, C) mass, through the planner's three steps."""
+    order, kept = adaspa.rank_row_wise(mass, high)
+    k = adaspa.block_counts(kept, recall=recall, low=low, high=high, per_head=per_head)
+    return adaspa.kept_blocks(order, k), k, adaspa.recall_reached(kept, k)
+
+
+def best_rows(mass, h, count):
+    """Mass head h keeps when each row keeps its diagonal and its count - 1 heaviest other blocks."""
+    ranked = mass[h].clone()
+    ranked.diagonal().fill_(float("inf"))
+    return mass[h].gather(-1, ranked.argsort(-1, descending=True)[:, :count]).sum()
+
+
+def check_picks(mass, picks, k, ctx):
+    """Ascending distinct picks holding the diagonal and each row's heaviest blocks; returns the mass kept per head."""
+    H, R, _ = mass.shape
+    assert picks.dtype == torch.int32 and picks.shape == (H, R, int(k.max())), ctx
+    kept = []
+    for h in range(H):
+        chosen = picks[h, :, :int(k[h])]
+        assert (chosen[:, 1:] > chosen[:, :-1]).all(), f"{ctx}: picks ascending and distinct"
+        assert (chosen == torch.arange(R)[:, None]).any(-1).all(), f"{ctx}: every row keeps its diagonal"
+        assert (picks[h, :, int(k[h]):] == chosen[:, :1]).all(), f"{ctx}: entries past the count repeat the first"
+        kept.append(mass[h].gather(-1, chosen.long()).sum())
+        torch.testing.assert_close(kept[-1], best_rows(mass, h, int(k[h])), msg=ctx)
+    return torch.stack(kept)
+
+
 @pytest.mark.parametrize("recall", [0.5, 0.8, 0.95])
-def test_selection_fewest_blocks_reaching_recall(recall):
+def test_per_head_recall_fewest_blocks_of_each_head(recall):
     gen = new_generator()
     H, R, C = 4, 9, 12
     mass = random_mass(H, R, C, gen)
-    picks, k, reached = adaspa.select_row_wise(mass, recall=recall, low=1, high=C)
+    picks, k, reached = select(mass, recall=recall, low=1, high=C, per_head=True)
     ctx = f"seed={gen.initial_seed()} recall={recall}"
-    assert picks.dtype == torch.int32 and picks.shape == (H, R, int(k.max()))
+    kept = check_picks(mass, picks, k, ctx)
     for h in range(H):
-        kh = int(k[h])
-        chosen = picks[h, :, :kh]
-        assert (chosen[:, 1:] > chosen[:, :-1]).all(), f"{ctx}: picks ascending and distinct"
-        assert (chosen == torch.arange(R)[:, None]).any(-1).all(), f"{ctx}: every row keeps its diagonal"
-        kept = mass[h].gather(-1, chosen.long()).sum()
-        assert kept / mass[h].sum() >= recall - 1e-6 and torch.isclose(kept / mass[h].sum(), reached[h]), ctx
-        if kh > 1:  # one block fewer per row (the diagonal, then the heaviest others) does not reach it
-            ranked = mass[h].clone()
-            ranked.diagonal().fill_(float("inf"))
-            best = mass[h].gather(-1, ranked.argsort(-1, descending=True)[:, :kh - 1]).sum()
-            assert best / mass[h].sum() < recall, f"{ctx}: head {h} keeps more blocks than it needs"
+        share = kept[h] / mass[h].sum()
+        assert share >= recall - 1e-6 and torch.isclose(share, reached[h]), ctx
+        if k[h] > 1:  # one block fewer per row does not reach it
+            assert best_rows(mass, h, int(k[h]) - 1) / mass[h].sum() < recall, f"{ctx}: head {h} keeps too many"
 
 
-def test_selection_bounds_and_recall_one():
+@pytest.mark.parametrize("recall, low, high", [(0.5, 1, 6), (0.8, 1, 6), (0.95, 2, 5), (0.6, 3, 3)])
+def test_pooled_recall_fewest_blocks_in_all(recall, low, high):
+    """The heads' masses pooled: the counts reach the recall of the total with the fewest blocks any counts within
+    [low, high] need, and no counts of as many blocks keep more (every combination tried)."""
+    gen = new_generator()
+    H, R, C = 3, 5, 6
+    mass = random_mass(H, R, C, gen).double()  # the float64 sums of every combination compare exactly
+    picks, k, reached = select(mass, recall=recall, low=low, high=high, per_head=False)
+    ctx = f"seed={gen.initial_seed()} recall={recall} bounds=({low}, {high})"
+    kept = check_picks(mass, picks, k, ctx)
+    torch.testing.assert_close(reached, (kept / mass.sum((1, 2))).float(), msg=ctx)
+    every = {counts: float(sum(best_rows(mass, h, c) for h, c in enumerate(counts)))
+             for counts in itertools.product(range(low, high + 1), repeat=H)}
+    reaching = [sum(c) for c, m in every.items() if m >= recall * float(mass.sum()) - 1e-9]
+    fewest = min(reaching) if reaching else H * high
+    assert int(k.sum()) == fewest, f"{ctx}: {k.tolist()} uses {int(k.sum())} blocks, {fewest} suffice"
+    best = max(m for c, m in every.items() if sum(c) == fewest)
+    assert float(kept.sum()) >= best - 1e-9, f"{ctx}: counts {k.tolist()} keep less than others of as many blocks"
+
+
+def test_pooled_recall_of_one_head_is_its_own():
+    gen = new_generator()
+    mass = random_mass(1, 9, 12, gen)
+    for recall in (0.3, 0.7, 0.9):
+        pooled = select(mass, recall=recall, low=1, high=12, per_head=False)
+        own = select(mass, recall=recall, low=1, high=12, per_head=True)
+        assert all(torch.equal(a, b) for a, b in zip(pooled, own)), f"seed={gen.initial_seed()} recall={recall}"
+
+
+@pytest.mark.parametrize("per_head", [True, False])
+def test_selection_bounds_and_recall_one(per_head):
     gen = new_generator()
     mass = random_mass(3, 8, 8, gen)
-    _, k, reached = adaspa.select_row_wise(mass, recall=0.99, low=2, high=3)
+    _, k, reached = select(mass, recall=0.99, low=2, high=3, per_head=per_head)
     assert ((k >= 2) & (k <= 3)).all() and (reached < 0.99).any(), f"seed={gen.initial_seed()}: the bound wins"
-    _, k, _ = adaspa.select_row_wise(mass, recall=0.01, low=2, high=3)
+    _, k, _ = select(mass, recall=0.01, low=2, high=3, per_head=per_head)
     assert (k == 2).all()
-    picks, k, reached = adaspa.select_row_wise(mass, recall=1.0, low=1, high=8)
+    picks, k, reached = select(mass, recall=1.0, low=1, high=8, per_head=per_head)
     assert (k == 8).all() and torch.equal(reached, torch.ones(3)) and (picks == torch.arange(8)).all()
+
+
+def test_selection_of_a_head_without_mass():
+    """A head whose rows hold no mass (all its keys padding) keeps its fewest blocks and reports recall 1."""
+    gen = new_generator()
+    mass = random_mass(2, 6, 6, gen)
+    mass[1] = 0
+    for per_head in (True, False):
+        _, k, reached = select(mass, recall=0.8, low=1, high=6, per_head=per_head)
+        assert int(k[1]) == 1 and float(reached[1]) == 1.0 and torch.isfinite(reached).all(), per_head
 
 
 @pytest.mark.parametrize("low, high, columns, want", [
@@ -337,7 +400,7 @@ def test_search_then_sparse_steps(monkeypatch):
 
     mask = planner.block_mask(GRID, 0)  # (H, 4, 4)
     assert mask.shape == (2, 4, 4) and mask.dtype == torch.bool and not mask.all(), ctx
-    assert min(true_recall(q, k, mask, 64)) >= 0.7 - 1e-4, ctx
+    assert sum(true_recall(q, k, mask, 64)) / 2 >= 0.7 - 1e-4, f"{ctx}: the heads' pooled recall"
 
     pattern = entry_of(planner).pattern
     masks = pattern_masks(pattern)  # (B, H, 4, 4)
@@ -399,7 +462,7 @@ def test_a_skipped_search_step_searches_at_the_next_step_that_runs(monkeypatch):
 
 def test_later_search_reaches_the_recall(monkeypatch):
     """A later search (masses against the cached LSE) of the same q and k finds a layout holding the recall of
-    the exact attention; the step's output is the sparse attention of that layout."""
+    the exact attention (its heads pooled); the step's output is the sparse attention of that layout."""
     gen = new_generator()
     q, k, v = video_inputs(GRID, gen=gen)
     planner = adaspa.AdaSpaSettings(recall=0.7, search_steps=(1.0,), min_density=0.0, max_density=1.0).make_planner()
@@ -411,7 +474,7 @@ def test_later_search_reaches_the_recall(monkeypatch):
     mask = planner.block_mask(GRID, 0)
     assert not mask.all() and density == pytest.approx(entry_of(planner).pattern.density), ctx
     # The cached LSE is float16: each row's weight is off by ~1e-3 at most.
-    assert min(true_recall(q, k, mask, 64)) >= 0.7 - 5e-3, ctx
+    assert sum(true_recall(q, k, mask, 64)) / 2 >= 0.7 - 5e-3, f"{ctx}: the heads' pooled recall"
     masks = pattern_masks(entry_of(planner).pattern)
     for b in range(2):
         want = masked_oracle(q[b:b + 1], k[b:b + 1], v[b:b + 1], masks[b], 64)
@@ -655,22 +718,26 @@ def test_node_validation(nodes, bad, message):
 
 
 @comfyui
-def test_node_cluster_heads_is_the_last_optional_input(nodes):
-    """Off by default (saved workflows load unchanged); on, it reaches the settings; a bad value names the input."""
+@pytest.mark.parametrize("name", ["cluster_heads", "per_head_recall"])
+def test_node_optional_inputs(nodes, name):
+    """Off by default and after the required inputs (saved workflows load unchanged); on, each reaches the
+    settings; a bad value names the input."""
     spec = nodes.AdaSpaSearch.INPUT_TYPES()
-    assert list(spec["optional"]) == ["cluster_heads"] and spec["optional"]["cluster_heads"][1]["default"] is False
+    assert list(spec["optional"]) == ["cluster_heads", "per_head_recall"]
+    assert spec["optional"][name][1]["default"] is False
     args = dict(recall=0.8, search_steps="0.2, 0.6", block_size=64, min_density=0.1, max_density=0.3,
                 text_dense=True)
-    assert nodes.AdaSpaSearch().settings(**args, cluster_heads=True)[0].cluster_heads is True
-    with pytest.raises(ValueError, match="cluster_heads must be True or False"):
-        nodes.AdaSpaSearch().settings(**args, cluster_heads="yes")
+    assert getattr(nodes.AdaSpaSearch().settings(**args, **{name: True})[0], name) is True
+    with pytest.raises(ValueError, match=f"{name} must be True or False"):
+        nodes.AdaSpaSearch().settings(**args, **{name: "yes"})
 
 
 @comfyui
-def test_node_defaults_are_the_papers(nodes):
+def test_node_defaults_are_the_papers_but_the_pooled_recall(nodes):
     spec = nodes.AdaSpaSearch.INPUT_TYPES()["required"]
     method = nodes.AdaSpaSearch().settings(**{name: entry[1]["default"] for name, entry in spec.items()})[0]
     assert method == adaspa.AdaSpaSettings() and method.search_steps == (0.2, 0.6) and method.block_size == 64
+    assert method.recall == 0.8 and not method.per_head_recall
     assert nodes.AdaSpaSearch.RETURN_TYPES == ("SPARSE_ATTENTION_METHOD",)
 
 

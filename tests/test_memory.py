@@ -104,13 +104,16 @@ def wan14b_queries(dtype=torch.bfloat16):
 @pytest.mark.parametrize("method", ["svg2", "svg", "adaspa"])
 def test_chunks_at_wan14b_720p_are_the_largest_within_the_budget(method):
     """Each stage's heads x its bytes per head fit in a quarter of the call's output (less what the call holds for
-    every head: SVG2's plans until their launch), one head more would not."""
+    every head: SVG2's plans until their launch, AdaSpa's ranked blocks until the counts are chosen), one head more
+    would not."""
     q = wan14b_queries()
     svg2 = core.SVG2Settings().make_planner()
+    adaspa_planner = core.AdaSpaSettings().make_planner()
     per_head, reserved = {"svg2": lambda: (svg2.plan_head_bytes(q, gpu_kernels=False),
                                     40 * svg2.layout_head_bytes(q)),
                           "svg": lambda: (svg.TEMPORAL_COPIES * memory.head_bytes(q), 0),
-                          "adaspa": lambda: (core.AdaSpaSettings().make_planner().search_head_bytes(q), 0)}[method]()
+                          "adaspa": lambda: (adaspa_planner.search_head_bytes(q),
+                                             adaspa_planner.ranked_bytes(q, core.VideoGrid(21, 45, 80)))}[method]()
     heads = memory.heads_per_chunk(q, per_head, reserved)
     budget = memory.transient_budget(q)  # 185 MiB: a quarter of the 738 MiB output
     assert reserved + heads * per_head <= budget < reserved + (heads + 1) * per_head
