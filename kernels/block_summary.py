@@ -25,7 +25,9 @@ The value's move is a tangent: where a row sits far from its block's mean query 
 spread, the weights at q are far from those at c and the tangent overshoots the values' range (sharp, local
 attention: RoPE'd video queries within one block). The move is divided by 1 + (MOVE_DAMPING sigma^2)^2, sigma^2 =
 scale^2 |q - c|^2 s the variance of the skipped keys' scores at q with their keys taken as isotropic (s their
-weighted variance per dimension at c, one more sum in the pass at the mean queries).
+weighted variance per dimension at c, one more sum in the pass at the mean queries). The damped move is then held to
+MOVE_LIMIT x |v_w|: the slope mixes the key blocks' own moments by their shares at c, which SVG's temporal blocks
+(token-major: rows of one block from every frame) do not follow; their tangents reached 1-3 |v_w| at 10% of rows.
 
 The term joins a row after its kernel has run (fold_summary): the kernel returns each row's output and LSE over the
 keys it computed, and one virtual key more is one more softmax merge, exactly. So the kernel itself is the plain one,
@@ -51,6 +53,11 @@ MAX_SPLITS = 32
 # issue 17, 2026-12-06), 0.5 keeps the proxy's error (step 2 of 4, 7 blocks, Radial and SVG's spatial layout) and cuts
 # by half to two thirds what the undamped move added over dropping on the synthetic video inputs at Wan 14B 720p.
 MOVE_DAMPING = 0.5
+# The damped move's bound, a share of |v_w| (module docstring): on the proxy (step 2 of 4, 7 blocks) 99.9% of rows
+# moved less than 0.66 |v_w| (most below 0.5: its error within 1%); on the synthetic inputs SVG's temporal heads moved
+# up to 3 |v_w|, and bounded at 0.5 their compensated error fell below dropping's (0.0111 against 0.0118; 0.0184
+# unbounded; CPU, Wan 1.3B 480p shape, RESULTS.md issue 17).
+MOVE_LIMIT = 0.5
 
 
 def compensate_skipped_blocks(out, lse, q, k, v, kv_indices, kv_counts, *, block_size: int, scale: float,
@@ -285,7 +292,7 @@ def fold_summary(out, lse, q, summary: SkippedSummary, *, block_size: int, scale
     """Merge the summary's virtual key into each row's softmax, in place: ``out`` (B, H, L, D) and ``lse`` (B, H, L)
     float32 the rows' output and LSE over the keys computed exactly (a row with none: 0 and -inf). Writes the LSE
     with the term into ``lse_out`` (B, H, L) float32 and returns it. Each row's value is its query block's
-    v_w + (q - c) @ slope, the move damped (module docstring). ``backend`` 'triton': one pass over the rows
+    v_w + (q - c) @ slope, the move damped and bounded (module docstring). ``backend`` 'triton': one pass over the rows
     (kernels/block_summary_triton.py); 'reference': torch, one batched matmul per block."""
     if backend == "triton":
         from .block_summary_triton import triton_fold_summary  # (imports Triton)
@@ -300,13 +307,19 @@ def fold_summary(out, lse, q, summary: SkippedSummary, *, block_size: int, scale
     score = summary.log_weight[..., None] + scale * (delta @ summary.key[..., :, None])[..., 0]
     shrink = MOVE_DAMPING * scale ** 2 * (delta * delta).sum(-1, keepdim=True) * summary.spread[..., None, None]
     moved = (delta.to(summary.slope.dtype) @ summary.slope).float() / (1 + shrink * shrink)
-    value = summary.value[..., None, :] + moved
+    value = summary.value[..., None, :] + bounded_move(moved, summary.value[..., None, :])
     score, value = score.flatten(2, 3)[..., :L], value.flatten(2, 3)[:, :, :L]
     total = torch.logaddexp(lse, score)
     none = torch.isneginf(total)                                         # no key and nothing skipped: stays 0, -inf
     keep, add = (torch.exp(t - total).masked_fill(none, 0.0)[..., None] for t in (lse, score))
     out.copy_(out.float() * keep + value * add)
     return lse_out.copy_(total)
+
+
+def bounded_move(moved: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The damped value move (..., D) held to MOVE_LIMIT times the norm of v_w (..., D) it moves."""
+    limit = MOVE_LIMIT * value.norm(dim=-1, keepdim=True)
+    return moved * (limit / moved.norm(dim=-1, keepdim=True).clamp(min=1e-30)).clamp(max=1.0)
 
 
 def _block_means(x, block_size: int) -> torch.Tensor:

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .attention import padded_head_dim
 from .block_sparse_triton import _LN2, _LOG2E, _NEG_BIG
-from .block_summary import MAX_SPLITS, MOVE_DAMPING, padded_blocks
+from .block_summary import MAX_SPLITS, MOVE_DAMPING, MOVE_LIMIT, padded_blocks
 
 
 @triton.jit
@@ -250,7 +250,7 @@ def _block_moments(
 @triton.jit
 def _fold_rows(
     Q, O, LSE, LSE_C, ORDER, CENTRE, LW, KW, VW, SLOPE, SPREAD,
-    scale, damping,
+    scale, damping, limit,
     stride_qb, stride_qh, stride_ql,
     stride_ob, stride_oh, stride_ol,
     stride_lb, stride_lh, stride_cb, stride_ch,
@@ -283,7 +283,11 @@ def _fold_rows(
     sigma2 = tl.sum(delta * delta, 1) * (scale * scale) * tl.load(SPREAD + at)
     shrink = damping * sigma2
     moved = moved / (1.0 + shrink * shrink)[:, None]
-    value = tl.load(VW + at * D + offs_d, mask=d_ok, other=0.0)[None, :] + moved
+    v_w = tl.load(VW + at * D + offs_d, mask=d_ok, other=0.0)[None, :]
+    # held to MOVE_LIMIT |v_w| (kernels.block_summary.MOVE_LIMIT)
+    length = tl.sqrt(tl.sum(moved * moved, 1))
+    bound = limit * tl.sqrt(tl.sum(v_w * v_w, 1))
+    value = v_w + moved * tl.minimum(bound / tl.maximum(length, 1e-30), 1.0)[:, None]
 
     lse_ptrs = LSE + b * stride_lb + h * stride_lh + rows
     lse = tl.load(lse_ptrs, mask=row_ok, other=float("-inf"))
@@ -415,7 +419,7 @@ def triton_fold_summary(out, lse, q, summary, *, block_size: int, scale: float, 
     _fold_rows[(triton.cdiv(L, block_m), B * H)](
         q, out, lse, lse_out, _order_arg(order, lse), summary.centre.contiguous(), summary.log_weight.contiguous(),
         summary.key.contiguous(), summary.value.contiguous(), summary.slope.contiguous(), summary.spread.contiguous(),
-        scale, MOVE_DAMPING,
+        scale, MOVE_DAMPING, MOVE_LIMIT,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), lse_out.stride(0), lse_out.stride(1),

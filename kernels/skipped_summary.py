@@ -40,7 +40,7 @@ class SkippedSummary:
     ``key`` k_w and ``value`` v_w (B, H, CQ, D) float32, ``slope`` (B, H, CQ, D, D) in q's dtype, scale C^T (query
     dimension first: value(q) = value + (q - centre) @ slope); ``spread`` (B, H, CQ) float32 or None, the rest's
     weighted key variance per dimension at the centre, by which the block summary's fold damps the value's move
-    (kernels.block_summary.MOVE_DAMPING)."""
+    (kernels.block_summary.MOVE_DAMPING, then bounded by MOVE_LIMIT)."""
 
     own: torch.Tensor
     own_counts: torch.Tensor

@@ -68,7 +68,9 @@ def summary_oracle(q, k, v, kept, group, block_size):
                     spread = (w @ k64[b, h][skipped].square().sum(1) - k_w @ k_w).clamp(min=0) / D
                     shrink = summary.MOVE_DAMPING * scale ** 2 * delta.square().sum(1) * spread
                     cols.append((total + scale * delta @ k_w)[:, None])
-                    vals.append((v_w + (delta @ slope) / (1 + shrink ** 2)[:, None])[:, None])
+                    moved = (delta @ slope) / (1 + shrink ** 2)[:, None]
+                    bound = summary.MOVE_LIMIT * v_w.norm() / moved.norm(dim=1).clamp(min=1e-300)
+                    vals.append((v_w + moved * bound.clamp(max=1.0)[:, None])[:, None])
                 scores = torch.cat(cols, 1)
                 values = torch.cat(vals, 1)
                 lse[b, h, rows] = torch.logsumexp(s, 1)
@@ -128,6 +130,41 @@ def test_rows_at_their_blocks_mean_get_every_skipped_key_exactly(backend, gen):
     dense_out, dense_lse = K.dense_attention_with_lse(q, k, v)
     assert (out.double() - dense_out.double()).norm() / dense_out.double().norm() < 2e-3
     assert (lse_c - dense_lse).abs().max() < 2e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_value_move_held_to_its_bound(backend, gen):
+    """A term whose tangent overshoots (a large slope, nothing damped): each row's value moves MOVE_LIMIT |v_w| at
+    most, along the tangent; a row whose move is within the bound keeps it whole."""
+    B, H, L, D, bs = 1, 2, 100, 64, 64
+    nqb = K.num_blocks(L, bs)
+    q = torch.randn(B, H, L, D, generator=gen, device=DEVICE).to(torch.float16)
+    f32 = dict(device=DEVICE, dtype=torch.float32)
+    centre = torch.randn(B, H, nqb, D, generator=gen, **f32)
+    value = torch.randn(B, H, nqb, D, generator=gen, **f32)
+    slope = torch.randn(B, H, nqb, D, D, generator=gen, **f32) * 0.3
+    slope[:, 1] *= 0.05  # head 1: moves about a sixth of |v_w|, within the bound
+    term = summary.SkippedSummary(
+        own=torch.zeros(B, H, nqb, 0, device=DEVICE, dtype=torch.int32),
+        own_counts=torch.zeros(B, H, nqb, device=DEVICE, dtype=torch.int32), centre=centre,
+        log_weight=torch.zeros(B, H, nqb, **f32), key=torch.zeros(B, H, nqb, D, **f32), value=value,
+        slope=slope.to(torch.float16), spread=torch.zeros(B, H, nqb, **f32))
+    out = torch.zeros(B, H, L, D, device=DEVICE, dtype=torch.float16)
+    lse = torch.full((B, H, L), float("-inf"), **f32)  # rows with no exact key: the output is the term's value
+    summary.fold_summary(out, lse, q, term, block_size=bs, scale=D ** -0.5, backend=backend,
+                         lse_out=torch.empty_like(lse))
+    at = torch.arange(L, device=DEVICE) // bs
+    v_w = value[:, :, at].double()
+    tangent = ((q.double() - centre[:, :, at].double())[..., None, :] @ slope[:, :, at].half().double())[..., 0, :]
+    moved = out.double() - v_w
+    ctx = f"seed={gen.initial_seed()}"
+    bound = summary.MOVE_LIMIT * v_w.norm(dim=-1)
+    assert (moved[:, 0].norm(dim=-1) <= bound[:, 0] * 1.01 + 1e-2).all(), ctx
+    assert (moved[:, 0].norm(dim=-1) >= bound[:, 0] * 0.98 - 1e-2).all(), f"{ctx}: head 0's moves are cut to it"
+    cos = torch.nn.functional.cosine_similarity(moved[:, 0], tangent[:, 0], dim=-1)
+    assert (cos > 0.99).all(), f"{ctx}: along the tangent"
+    assert (tangent[:, 1].norm(dim=-1) < bound[:, 1]).all() and tangent[:, 1].norm(dim=-1).mean() > 0.1 * bound.mean()
+    torch.testing.assert_close(moved[:, 1], tangent[:, 1], atol=2e-2, rtol=1e-2, msg=ctx)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
