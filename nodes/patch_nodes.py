@@ -54,7 +54,8 @@ class SparseAttentionPatch:
                                "its mean key and value. off: the papers' methods as they are. auto: on for Radial, "
                                "SVG and SVG2 (their videos came much closer to dense, Radial's and SVG's 4-step proxy "
                                "videos from 33 to 42 dB, for ~1.3x their attention time, still well below dense's); "
-                               "off for AdaSpa (it gained 1-2 dB) and with precision 8-bit."}),
+                               "off for AdaSpa (1-5 dB closer for ~2x its attention time, which its 64-token "
+                               "blocks make costlier) and with precision 8-bit."}),
                 "precision": (list(PRECISIONS), {
                     "default": "bf16",
                     "tooltip": "What the sparse kernel computes in. 8-bit: FP8 on Ada / Hopper / Blackwell GPUs, "
