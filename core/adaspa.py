@@ -74,7 +74,7 @@ from ..kernels import (block_mass, block_sparse_attention, dense_attention_with_
 from .adaspa_clusters import cluster_served
 from .break_even import block_kernel
 from .grid import VideoGrid
-from .memory import attend_in_parts, head_parts, heads_per_chunk
+from .memory import attend_in_parts, head_parts, heads_per_chunk, transient_budget
 from .method import AttentionCall, share_over_conditionings, split_lse
 from .routing import keep_sparse
 from .svg2 import PRESETS as SVG2_PRESETS, SVG2Planner, SVG2Settings
@@ -205,10 +205,9 @@ def block_counts(kept: torch.Tensor, *, recall: float, low: int, high: int, per_
     return low + chosen.view(H, high - low).sum(-1).long()
 
 
-def kept_blocks(order: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """(H, R, max k) int32: each head's rows keep the first k[h] of their ranked blocks ``order`` (H, R, width),
-    ascending; entries past k repeat the first."""
-    width = int(k.max())
+def kept_blocks(order: torch.Tensor, k: torch.Tensor, width: int) -> torch.Tensor:
+    """(H, R, width) int32: each head's rows keep the first k[h] (at most ``width``) of their ranked blocks
+    ``order`` (H, R, >= width), ascending; entries past k repeat the first."""
     top = order[..., :width].long()
     valid = torch.arange(width, device=order.device) < k[:, None, None]
     top = torch.where(valid, top, torch.iinfo(torch.int32).max).sort(dim=-1).values  # kept, then placeholders
@@ -266,31 +265,42 @@ def ranked_width(columns: int, settings: AdaSpaSettings) -> int:
     return density_bounds(settings.min_density, settings.max_density, columns)[1]
 
 
-def rank_blocks(mass: torch.Tensor, grid: VideoGrid, settings: AdaSpaSettings) -> RankedBlocks:
-    """Rank a (B, H, NB, NB) mass over ``grid``'s tokens in ``settings.block_size`` tiles, a few heads at a time."""
+def empty_ranked(batch: int, heads: int, num_blocks: int, grid: VideoGrid, settings: AdaSpaSettings,
+                 device) -> RankedBlocks:
+    """The RankedBlocks that rank_blocks fills for a call of ``heads`` heads and ``num_blocks`` blocks."""
+    video, columns = searched_region(grid, num_blocks, settings)
+    dtype = torch.int16 if num_blocks <= torch.iinfo(torch.int16).max else torch.int32
+    return RankedBlocks(order=torch.zeros(batch, heads, video, ranked_width(columns, settings) if video else 1,
+                                          device=device, dtype=dtype),
+                        kept=torch.zeros(batch, heads, columns, device=device, dtype=torch.float64),
+                        num_blocks=num_blocks)
+
+
+def rank_blocks(mass: torch.Tensor, grid: VideoGrid, settings: AdaSpaSettings, into: RankedBlocks, first: int = 0):
+    """Rank a (B, h, NB, NB) mass over ``grid``'s tokens in ``settings.block_size`` tiles into heads first..first + h
+    of ``into``, a few heads at a time."""
     B, H, nb, _ = mass.shape
     video, columns = searched_region(grid, nb, settings)
-    width = ranked_width(columns, settings) if video else 1
-    dtype = torch.int16 if nb <= torch.iinfo(torch.int16).max else torch.int32
-    order = torch.zeros(B, H, video, width, device=mass.device, dtype=dtype)
-    kept = torch.zeros(B, H, columns, device=mass.device, dtype=torch.float64)
+    width = into.order.shape[-1]
     chunk = max(1, SELECT_CHUNK_BYTES // max(1, video * columns * 16))  # float masses (a sorted copy), int64 order
     for b in range(B if video else 0):
         for h0 in range(0, H, chunk):
-            o, c = rank_row_wise(mass[b, h0:h0 + chunk, :video, :columns], width)
-            order[b, h0:h0 + chunk] = o
-            kept[b, h0:h0 + chunk] = c
-    return RankedBlocks(order=order, kept=kept, num_blocks=nb)
+            heads = slice(first + h0, first + min(H, h0 + chunk))
+            into.order[b, heads], into.kept[b, heads] = rank_row_wise(mass[b, h0:h0 + chunk, :video, :columns], width)
 
 
 def search_pattern(mass: torch.Tensor, grid: VideoGrid, settings: AdaSpaSettings) -> AdaSpaPattern:
     """The pattern of a (B, H, NB, NB) mass over ``grid``'s tokens in ``settings.block_size`` tiles."""
-    return pattern_of(rank_blocks(mass, grid, settings), grid, settings)
+    ranked = empty_ranked(mass.shape[0], mass.shape[1], mass.shape[2], grid, settings, mass.device)
+    rank_blocks(mass, grid, settings, ranked)
+    return pattern_of(ranked, grid, settings)
 
 
-def pattern_of(ranked: RankedBlocks, grid: VideoGrid, settings: AdaSpaSettings) -> AdaSpaPattern:
+def pattern_of(ranked: RankedBlocks, grid: VideoGrid, settings: AdaSpaSettings,
+               chunk_bytes: int = SELECT_CHUNK_BYTES) -> AdaSpaPattern:
     """The pattern of ranked masses: each head's block count (block_counts, the heads of a batch element together),
-    its rows' first blocks, then every text block (text_dense)."""
+    its rows' first blocks (sorted a few heads at a time, in ``chunk_bytes`` of temporaries), then every text block
+    (text_dense)."""
     B, H = ranked.kept.shape[:2]
     nb = ranked.num_blocks
     video, columns = searched_region(grid, nb, settings)
@@ -302,9 +312,14 @@ def pattern_of(ranked: RankedBlocks, grid: VideoGrid, settings: AdaSpaSettings) 
     low, high = density_bounds(settings.min_density, settings.max_density, columns)
     k = torch.stack([block_counts(ranked.kept[b], recall=settings.recall, low=low, high=high,
                                   per_head=settings.per_head_recall) for b in range(B)]).view(B * H)
-    picks = kept_blocks(ranked.order.view(B * H, video, -1), k)
+    width = int(k.max())
     text_columns = nb - video if settings.text_dense else 0
-    indices = torch.cat([picks, picks[..., :1].expand(-1, -1, text_columns)], -1).to(ranked.order.dtype)
+    indices = torch.empty(B * H, video, width + text_columns, device=device, dtype=ranked.order.dtype)
+    order = ranked.order.view(B * H, video, -1)
+    step = max(1, chunk_bytes // max(1, video * width * 24))  # int64 picks, their sort's values and order
+    for r0 in range(0, B * H, step):
+        indices[r0:r0 + step, :, :width] = kept_blocks(order[r0:r0 + step], k[r0:r0 + step], width)
+    indices[..., width:] = indices[..., :1]
     if text_columns:  # after each row's k video blocks: every text block
         slots = (k[:, None, None] + torch.arange(text_columns, device=device)).expand(-1, video, -1)
         text = torch.arange(video, nb, device=device, dtype=indices.dtype).expand(B * H, video, -1)
@@ -315,14 +330,6 @@ def pattern_of(ranked: RankedBlocks, grid: VideoGrid, settings: AdaSpaSettings) 
     return AdaSpaPattern(kv_indices=indices.view(B, H, video, -1), kv_counts=kv_counts, video_blocks=video,
                          num_blocks=nb, density=float(head_tiles.mean()) / (nb * nb), recall=reached.view(B, H).cpu(),
                          head_density=tuple((head_tiles.mean(0) / (nb * nb)).tolist()))
-
-
-def concat_ranked(parts: list) -> RankedBlocks:
-    """The ranked masses of consecutive head ranges searched apart (core.memory), as one."""
-    if len(parts) == 1:
-        return parts[0]
-    return RankedBlocks(order=torch.cat([p.order for p in parts], dim=1), kept=torch.cat([p.kept for p in parts], 1),
-                        num_blocks=parts[0].num_blocks)
 
 
 def share_pattern(pattern: AdaSpaPattern, call: AttentionCall) -> AdaSpaPattern:
@@ -434,14 +441,16 @@ class AdaSpaPlanner:
         """The pattern of the first conditioning chunk ``first`` against its ``lse``: the block masses ranked a few
         heads at a time (core.memory: (B, H, NB, NB) float32 masses and their sort), the block counts chosen over
         every head of the call."""
-        parts = []
-        for part in head_parts(first.q.shape[1], heads_per_chunk(first.q, self.search_head_bytes(first.q),
-                                                                 reserved=self.ranked_bytes(first.q, first.grid))):
+        B, H, L, _ = first.q.shape
+        ranked = empty_ranked(B, H, num_blocks(L, self.block_size), first.grid, self.settings, first.q.device)
+        for part in head_parts(H, heads_per_chunk(first.q, self.search_head_bytes(first.q),
+                                                  reserved=self.ranked_bytes(first.q, first.grid))):
             mass = block_mass(first.q[:, part], first.k[:, part], lse[:, part], block_size=self.block_size,
                               kv_length=first.kv_length, backend=first.backend)
-            parts.append(rank_blocks(mass, first.grid, self.settings))
+            rank_blocks(mass, first.grid, self.settings, ranked, part.start)
             del mass
-        return pattern_of(concat_ranked(parts), first.grid, self.settings)
+        return pattern_of(ranked, first.grid, self.settings,
+                          chunk_bytes=transient_budget(first.q) - self.ranked_bytes(first.q, first.grid))
 
     def search_head_bytes(self, q) -> int:
         """Temporaries per head of a search: float32 masses of the batch, the selection's sorted copy and int64

@@ -191,7 +191,7 @@ def select(mass, *, recall, low, high, per_head):
     """(picks, counts, recall reached) of a (H, R, C) mass, through the planner's three steps."""
     order, kept = adaspa.rank_row_wise(mass, high)
     k = adaspa.block_counts(kept, recall=recall, low=low, high=high, per_head=per_head)
-    return adaspa.kept_blocks(order, k), k, adaspa.recall_reached(kept, k)
+    return adaspa.kept_blocks(order, k, int(k.max())), k, adaspa.recall_reached(kept, k)
 
 
 def best_rows(mass, h, count):
