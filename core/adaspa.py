@@ -190,8 +190,8 @@ def block_counts(kept: torch.Tensor, *, recall: float, low: int, high: int, per_
     head's next block weighs no more than its last one, so taking the heaviest next block first is optimal)."""
     H, C = kept.shape
     total = kept[:, -1]
-    if recall >= 1.0:
-        return torch.full((H,), C, device=kept.device, dtype=torch.long).clamp(low, high)
+    if recall >= 1.0:  # every block, as many as a head may keep
+        return torch.full((H,), high, device=kept.device, dtype=torch.long)
     if per_head:
         return ((kept < recall * total[:, None]).sum(-1) + 1).clamp(low, high)
     added = (kept[:, low:high] - kept[:, low - 1:high - 1]).flatten()  # the mass of each head's next block
@@ -276,12 +276,12 @@ def empty_ranked(batch: int, heads: int, num_blocks: int, grid: VideoGrid, setti
                         num_blocks=num_blocks)
 
 
-def rank_blocks(mass: torch.Tensor, grid: VideoGrid, settings: AdaSpaSettings, into: RankedBlocks, first: int = 0):
-    """Rank a (B, h, NB, NB) mass over ``grid``'s tokens in ``settings.block_size`` tiles into heads first..first + h
-    of ``into``, a few heads at a time."""
-    B, H, nb, _ = mass.shape
-    video, columns = searched_region(grid, nb, settings)
-    width = into.order.shape[-1]
+def rank_blocks(mass: torch.Tensor, into: RankedBlocks, first: int = 0):
+    """Rank a (B, h, NB, NB) mass into heads first..first + h of ``into`` (empty_ranked: its searched region),
+    a few heads at a time."""
+    B, H = mass.shape[:2]
+    video, width = into.order.shape[2:]
+    columns = into.kept.shape[-1]
     chunk = max(1, SELECT_CHUNK_BYTES // max(1, video * columns * 16))  # float masses (a sorted copy), int64 order
     for b in range(B if video else 0):
         for h0 in range(0, H, chunk):
@@ -292,18 +292,16 @@ def rank_blocks(mass: torch.Tensor, grid: VideoGrid, settings: AdaSpaSettings, i
 def search_pattern(mass: torch.Tensor, grid: VideoGrid, settings: AdaSpaSettings) -> AdaSpaPattern:
     """The pattern of a (B, H, NB, NB) mass over ``grid``'s tokens in ``settings.block_size`` tiles."""
     ranked = empty_ranked(mass.shape[0], mass.shape[1], mass.shape[2], grid, settings, mass.device)
-    rank_blocks(mass, grid, settings, ranked)
-    return pattern_of(ranked, grid, settings)
+    rank_blocks(mass, ranked)
+    return pattern_of(ranked, settings)
 
 
-def pattern_of(ranked: RankedBlocks, grid: VideoGrid, settings: AdaSpaSettings,
-               chunk_bytes: int = SELECT_CHUNK_BYTES) -> AdaSpaPattern:
+def pattern_of(ranked: RankedBlocks, settings: AdaSpaSettings, chunk_bytes: int = SELECT_CHUNK_BYTES) -> AdaSpaPattern:
     """The pattern of ranked masses: each head's block count (block_counts, the heads of a batch element together),
     its rows' first blocks (sorted a few heads at a time, in ``chunk_bytes`` of temporaries), then every text block
     (text_dense)."""
-    B, H = ranked.kept.shape[:2]
-    nb = ranked.num_blocks
-    video, columns = searched_region(grid, nb, settings)
+    B, H, video = ranked.order.shape[:3]
+    columns, nb = ranked.kept.shape[-1], ranked.num_blocks
     device = ranked.order.device
     if video == 0:  # no whole block of video: every row is a text row, all dense
         return AdaSpaPattern(kv_indices=torch.zeros(B, H, 0, 1, device=device, dtype=torch.int16),
@@ -443,14 +441,13 @@ class AdaSpaPlanner:
         every head of the call."""
         B, H, L, _ = first.q.shape
         ranked = empty_ranked(B, H, num_blocks(L, self.block_size), first.grid, self.settings, first.q.device)
-        for part in head_parts(H, heads_per_chunk(first.q, self.search_head_bytes(first.q),
-                                                  reserved=self.ranked_bytes(first.q, first.grid))):
+        held = self.ranked_bytes(first.q, first.grid)
+        for part in head_parts(H, heads_per_chunk(first.q, self.search_head_bytes(first.q), reserved=held)):
             mass = block_mass(first.q[:, part], first.k[:, part], lse[:, part], block_size=self.block_size,
                               kv_length=first.kv_length, backend=first.backend)
-            rank_blocks(mass, first.grid, self.settings, ranked, part.start)
+            rank_blocks(mass, ranked, part.start)
             del mass
-        return pattern_of(ranked, first.grid, self.settings,
-                          chunk_bytes=transient_budget(first.q) - self.ranked_bytes(first.q, first.grid))
+        return pattern_of(ranked, self.settings, chunk_bytes=transient_budget(first.q) - held)
 
     def search_head_bytes(self, q) -> int:
         """Temporaries per head of a search: float32 masses of the batch, the selection's sorted copy and int64

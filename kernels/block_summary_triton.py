@@ -15,8 +15,8 @@ key blocks' second moments, and the fold of the term into each row after the att
 * Moments. One program per key block: (k - p_k)^T (v - p_v) / size over its keys, p the head's mean key and value,
   centred in float32 before the 16-bit product (so the product keeps its digits), accumulated in float32.
 * Fold. One program per query block's rows: the row's virtual key (score ln W + (q - c).k_w * scale, value
-  v_w + (q - c) @ slope, the move damped) merged into the row's output and LSE through the LSEs, in place; q, the
-  output and the LSE are read once.
+  v_w + (q - c) @ slope, the move damped and bounded) merged into the row's output and LSE through the LSEs, in
+  place; q, the output and the LSE are read once.
 * Orders. With an ``order`` (SVG's temporal heads: their layout is over the token-major order) the kernels read the
   rows of q, k, v, the output and the LSE through it: the layout's position t is token order[t] (_tokens).
 
