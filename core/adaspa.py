@@ -84,6 +84,9 @@ log = logging.getLogger("sparse_video_attention")
 BLOCK_SIZES = (64, 128)
 # Selection works on this many bytes of per-head temporaries at a time (sorting the masses of a few heads).
 SELECT_CHUNK_BYTES = 512 << 20
+# What ranking a block mass holds (rank_row_wise): its copy, the sorted copy and the int64 order. Measured on the H100
+# (Wan 14B 720p, block 64): torch's sort holds nothing beyond its outputs at these sizes.
+RANK_BYTES = 16
 
 
 @dataclass(frozen=True)
@@ -172,14 +175,15 @@ def density_bounds(min_density: float, max_density: float, columns: int) -> tupl
 def rank_row_wise(mass: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's blocks of a (H, R, C) mass region ranked (row i's diagonal block is column i): (order (H, R, width)
     int64: the diagonal, then the heaviest other blocks, the first ``width`` of them; kept (H, C) float64: each
-    head's mass kept when every row keeps its first 1..C)."""
+    head's mass kept when every row keeps its first 1..C). Holds RANK_BYTES per mass."""
     ranked = mass.clone()
     diagonal = ranked.diagonal(dim1=-2, dim2=-1)
     diagonal_mass = diagonal.clone()
     diagonal.fill_(float("inf"))  # the diagonal ranks first in its row
     ranked, order = ranked.sort(dim=-1, descending=True)
     ranked[..., 0] = diagonal_mass
-    return order[..., :width], ranked.sum(1, dtype=torch.float64).cumsum(-1)
+    # Columns summed in float32 (a float64 sum made a float64 copy of the masses: 8 bytes more per mass).
+    return order[..., :width], ranked.sum(1).double().cumsum(-1)
 
 
 def block_counts(kept: torch.Tensor, *, recall: float, low: int, high: int, per_head: bool) -> torch.Tensor:
@@ -206,12 +210,18 @@ def block_counts(kept: torch.Tensor, *, recall: float, low: int, high: int, per_
 
 
 def kept_blocks(order: torch.Tensor, k: torch.Tensor, width: int) -> torch.Tensor:
-    """(H, R, width) int32: each head's rows keep the first k[h] (at most ``width``) of their ranked blocks
-    ``order`` (H, R, >= width), ascending; entries past k repeat the first."""
-    top = order[..., :width].long()
+    """(H, R, width) in ``order``'s dtype: each head's rows keep the first k[h] (at most ``width``) of their ranked
+    blocks ``order`` (H, R, >= width), ascending; entries past k repeat the first. Holds kept_block_bytes a pick."""
     valid = torch.arange(width, device=order.device) < k[:, None, None]
-    top = torch.where(valid, top, torch.iinfo(torch.int32).max).sort(dim=-1).values  # kept, then placeholders
-    return torch.where(valid, top, top[..., :1]).to(torch.int32)
+    placeholder = torch.iinfo(order.dtype).max  # above every block index that order's dtype was chosen to hold
+    top = torch.where(valid, order[..., :width], placeholder).sort(dim=-1).values  # kept, then placeholders
+    return torch.where(valid, top, top[..., :1])
+
+
+def kept_block_bytes(order: torch.Tensor) -> int:
+    """Bytes kept_blocks holds per pick: the picks with their placeholders, their sorted copy, the sort's int64
+    order (torch's sort holds nothing more at these sizes: measured on the H100), then the result."""
+    return 3 * order.element_size() + 8
 
 
 def recall_reached(kept: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -282,7 +292,7 @@ def rank_blocks(mass: torch.Tensor, into: RankedBlocks, first: int = 0):
     B, H = mass.shape[:2]
     video, width = into.order.shape[2:]
     columns = into.kept.shape[-1]
-    chunk = max(1, SELECT_CHUNK_BYTES // max(1, video * columns * 16))  # float masses (a sorted copy), int64 order
+    chunk = max(1, SELECT_CHUNK_BYTES // max(1, video * columns * RANK_BYTES))
     for b in range(B if video else 0):
         for h0 in range(0, H, chunk):
             heads = slice(first + h0, first + min(H, h0 + chunk))
@@ -298,8 +308,8 @@ def search_pattern(mass: torch.Tensor, grid: VideoGrid, settings: AdaSpaSettings
 
 def pattern_of(ranked: RankedBlocks, settings: AdaSpaSettings, chunk_bytes: int = SELECT_CHUNK_BYTES) -> AdaSpaPattern:
     """The pattern of ranked masses: each head's block count (block_counts, the heads of a batch element together),
-    its rows' first blocks (sorted a few heads at a time, in ``chunk_bytes`` of temporaries), then every text block
-    (text_dense)."""
+    its rows' first blocks (sorted a few heads at a time: the pattern and the sorts' temporaries within
+    ``chunk_bytes``), then every text block (text_dense)."""
     B, H, video = ranked.order.shape[:3]
     columns, nb = ranked.kept.shape[-1], ranked.num_blocks
     device = ranked.order.device
@@ -314,7 +324,7 @@ def pattern_of(ranked: RankedBlocks, settings: AdaSpaSettings, chunk_bytes: int 
     text_columns = nb - video if settings.text_dense else 0
     indices = torch.empty(B * H, video, width + text_columns, device=device, dtype=ranked.order.dtype)
     order = ranked.order.view(B * H, video, -1)
-    step = max(1, chunk_bytes // max(1, video * width * 24))  # int64 picks, their sort's values and order
+    step = max(1, (chunk_bytes - indices.nbytes) // max(1, video * width * kept_block_bytes(order)))
     for r0 in range(0, B * H, step):
         indices[r0:r0 + step, :, :width] = kept_blocks(order[r0:r0 + step], k[r0:r0 + step], width)
     indices[..., width:] = indices[..., :1]
@@ -450,10 +460,10 @@ class AdaSpaPlanner:
         return pattern_of(ranked, self.settings, chunk_bytes=transient_budget(first.q) - held)
 
     def search_head_bytes(self, q) -> int:
-        """Temporaries per head of a search: float32 masses of the batch, the selection's sorted copy and int64
-        order of one batch element at a time."""
+        """Temporaries per head of a search: float32 masses of the batch, and their ranking (rank_row_wise) one batch
+        element at a time."""
         nb = num_blocks(q.shape[2], self.block_size)
-        return (4 * q.shape[0] + 16) * nb * nb
+        return (4 * q.shape[0] + RANK_BYTES) * nb * nb
 
     def ranked_bytes(self, q, grid: VideoGrid) -> int:
         """What a search holds for every head while it ranks the next ones: each row's ranked blocks (int16)."""

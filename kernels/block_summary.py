@@ -92,6 +92,8 @@ def compensate_skipped_blocks(out, lse, q, k, v, kv_indices, kv_counts, *, block
                                order)
             fold_summary(out[:, part], lse[:, part], q[:, part], summary, block_size=block_size, scale=scale,
                          backend=backend, lse_out=lse_c[:, part], order=order)
+            del summary  # before the next part's: two sets of slopes at once were one part's bytes over the budget
+        del stats
     return lse_c
 
 
@@ -129,11 +131,11 @@ def _pass_head_bytes(batch, nqb, nkb, width, block_size, head_dim, element_size,
     list slots a row), each block's mass and share and the per-query-block vectors; on Triton one split's partials
     (its weighted means, LSE and squared norm; more splits only where few heads fill too few programs: at most
     ~2 x BLOCK_C x the SMs rows of partials in all), on the reference backend the keys and values as float32 blocks
-    and a chunk of scores."""
+    and a chunk of scores; on Triton also each key's squared norm (float32)."""
     table = nqb * (nkb * (5 + element_size) + width * 8 + head_dim * (3 * 4 + 2 * element_size) + 8)
     if backend == "reference":
         return batch * (table + 8 * nkb * block_size * head_dim + CHUNK_BYTES // 8)
-    return batch * (table + nqb * (2 * head_dim + 2) * 4)
+    return batch * (table + nqb * (2 * head_dim + 2) * 4 + 4 * nkb * block_size)
 
 
 def _slope_head_bytes(batch, nqb, nkb, block_size, head_dim, element_size, backend) -> int:
@@ -285,7 +287,7 @@ def _slope(key_c, value_c, share, moments, scale) -> torch.Tensor:
     B, H, nqb, D = key_c.shape
     gram = (share[..., :moments.shape[2]] @ moments.flatten(-2)).view(B * H * nqb, D, D)
     k_w, v_w = (t.reshape(B * H * nqb, D, 1) for t in (key_c, value_c))
-    return torch.baddbmm(gram, k_w, v_w.transpose(1, 2), beta=scale, alpha=-scale).view(B, H, nqb, D, D)
+    return gram.baddbmm_(k_w, v_w.transpose(1, 2), beta=scale, alpha=-scale).view(B, H, nqb, D, D)  # in place
 
 
 def fold_summary(out, lse, q, summary: SkippedSummary, *, block_size: int, scale: float, backend: str,

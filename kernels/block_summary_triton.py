@@ -8,8 +8,9 @@ key blocks' second moments, and the fold of the term into each row after the att
   fills the GPU and the splits' (LSE, weighted means) are merged after it, in one more small kernel (a torch merge
   was a dozen launches a call, which at short calls cost more host time than the GPU spent). It returns per mean
   query the LSE over the skipped keys, the weighted mean key and value, the keys' weighted variance per dimension
-  (from their weighted mean squared norm: the fold's damping), and per key block its share of the mass (what weighs
-  the blocks' moments).
+  (from their weighted mean squared norm: the fold's damping; each key's squared norm made once before the pass, in
+  float32, rather than from every key tile each program visits), and per key block its share of the mass (what
+  weighs the blocks' moments).
   The weighted sums multiply weights and keys in float16 (weights in [0, 1] keep 11 significant bits there, against
   bf16's 8: the weighted means of nearly uniform weights are small differences) with float32 accumulation.
 * Moments. One program per key block: (k - p_k)^T (v - p_v) / size over its keys, p the head's mean key and value,
@@ -36,11 +37,11 @@ from .block_summary import MAX_SPLITS, MOVE_DAMPING, MOVE_LIMIT, padded_blocks
 
 @triton.jit
 def _centre_pass(
-    C, K, V, ORDER, KEPT, KEY_LIMIT, PLSE, PK, PV, PN, BM,
+    C, K, V, KN, ORDER, KEPT, KEY_LIMIT, PLSE, PK, PV, PN, BM,
     qk_scale,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
-    H, NQB, NKB, NT, TPS, S, D,
+    H, NQB, NKB, NT, TPS, S, D, LK,
     HEAD_DP: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr,
     UPCAST_DOT: tl.constexpr, GATHER: tl.constexpr,
 ):
@@ -64,6 +65,7 @@ def _centre_pass(
     key_limit = tl.load(KEY_LIMIT + b)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
+    kn_base = KN + bh.to(tl.int64) * LK                       # the keys' squared norms, by layout position
 
     m_i = tl.full([BLOCK_C], _NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -92,8 +94,8 @@ def _centre_pass(
         pw = p.to(wdt)
         acc_k = tl.dot(pw, k.to(wdt), acc_k * alpha[:, None])
         acc_v = tl.dot(pw, v.to(wdt), acc_v * alpha[:, None])
-        k32 = k.to(tl.float32)
-        acc_n = acc_n * alpha + tl.sum(p * tl.sum(k32 * k32, 1)[None, :], 1)
+        kn = tl.load(kn_base + cols, mask=col_ok, other=0.0)
+        acc_n = acc_n * alpha + tl.sum(p * kn[None, :], 1)
         block_mass = _log2_add(tl.where(t % SUB == 0, float("-inf"), block_mass), m_new + tl.math.log2(p_sum))
         last = (t % SUB == SUB - 1) | (t == NT - 1)
         tl.store(BM + at * NKB + t // SUB, block_mass * _LN2, mask=row_ok & last)  # the key block's ln-mass
@@ -205,6 +207,27 @@ def _merge_splits(
         share = tl.where(present[:, None], tl.exp(mass - log_weight[:, None]), 0.0)
         tl.store(SHARE + rows[:, None] * NKB_PAD + cols[None, :], share.to(SHARE.dtype.element_ty),
                  mask=row_ok[:, None] & (cols < NKB_PAD)[None, :])
+
+
+@triton.jit
+def _squared_norms(
+    K, ORDER, KN,
+    stride_kb, stride_kh, stride_kl,
+    H, LK, D,
+    HEAD_DP: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr,
+):
+    """Each key's squared norm in float32, by layout position (the centre pass's weighted mean squared norm reads
+    them instead of converting every key tile it visits)."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = cols < LK
+    offs_d = tl.arange(0, HEAD_DP)
+    tok = _tokens(ORDER, cols, ok, GATHER)
+    k = tl.load(K + b * stride_kb + h * stride_kh + tok[:, None] * stride_kl + offs_d[None, :],
+                mask=ok[:, None] & ((offs_d < D) | EVEN_D)[None, :], other=0.0).to(tl.float32)
+    tl.store(KN + bh.to(tl.int64) * LK + cols, tl.sum(k * k, 1), mask=ok)
 
 
 @triton.jit
@@ -368,12 +391,18 @@ def triton_centre_pass(centre, k, v, kept, key_limit, mean_k, mean_v, block_size
     part_n = torch.empty(B, H, NQB, splits, device=dev)
     mass = torch.empty(B, H, NQB, NKB, device=dev)
     consts = _head_dim_constants(D, k.device)
+    norms = torch.empty(B, H, LK, device=dev)
+    norms_block = 128 if k.device.type == "cuda" else 16
+    _squared_norms[(triton.cdiv(LK, norms_block), B * H)](
+        k, _order_arg(order, kept), norms, k.stride(0), k.stride(1), k.stride(2), H, LK, D,
+        HEAD_DP=consts["HEAD_DP"], EVEN_D=consts["EVEN_D"], BLOCK_N=norms_block, GATHER=order is not None,
+        num_warps=4)
     _centre_pass[(blocks_c, B * H, splits)](
-        centre.contiguous(), k, v, _order_arg(order, kept), kept, key_limit, part_lse, part_k, part_v, part_n, mass,
-        scale * _LOG2E,
+        centre.contiguous(), k, v, norms, _order_arg(order, kept), kept, key_limit, part_lse, part_k, part_v, part_n,
+        mass, scale * _LOG2E,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        H, NQB, NKB, nt, per_split, splits, D, SUB=sub, GATHER=order is not None, **consts, **cfg)
+        H, NQB, NKB, nt, per_split, splits, D, LK, SUB=sub, GATHER=order is not None, **consts, **cfg)
     log_weight, spread = (torch.empty(B, H, NQB, device=dev) for _ in range(2))
     key, value = (torch.empty(B, H, NQB, D, device=dev) for _ in range(2))
     key_c, value_c = (torch.empty(B, H, NQB, D, device=dev, dtype=dtype) for _ in range(2))

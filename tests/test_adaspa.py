@@ -188,10 +188,11 @@ def random_mass(H, R, C, gen):
 
 
 def select(mass, *, recall, low, high, per_head):
-    """(picks, counts, recall reached) of a (H, R, C) mass, through the planner's three steps."""
+    """(picks, counts, recall reached) of a (H, R, C) mass, through the planner's three steps (the ranking held as
+    int16, as the planner holds it)."""
     order, kept = adaspa.rank_row_wise(mass, high)
     k = adaspa.block_counts(kept, recall=recall, low=low, high=high, per_head=per_head)
-    return adaspa.kept_blocks(order, k, int(k.max())), k, adaspa.recall_reached(kept, k)
+    return adaspa.kept_blocks(order.to(torch.int16), k, int(k.max())), k, adaspa.recall_reached(kept, k)
 
 
 def best_rows(mass, h, count):
@@ -204,7 +205,7 @@ def best_rows(mass, h, count):
 def check_picks(mass, picks, k, ctx):
     """Ascending distinct picks holding the diagonal and each row's heaviest blocks; returns the mass kept per head."""
     H, R, _ = mass.shape
-    assert picks.dtype == torch.int32 and picks.shape == (H, R, int(k.max())), ctx
+    assert picks.dtype == torch.int16 and picks.shape == (H, R, int(k.max())), ctx
     kept = []
     for h in range(H):
         chosen = picks[h, :, :int(k[h])]
