@@ -213,7 +213,7 @@ def kept_blocks(order: torch.Tensor, k: torch.Tensor, width: int) -> torch.Tenso
     """(H, R, width) in ``order``'s dtype: each head's rows keep the first k[h] (at most ``width``) of their ranked
     blocks ``order`` (H, R, >= width), ascending; entries past k repeat the first. Holds kept_block_bytes a pick."""
     valid = torch.arange(width, device=order.device) < k[:, None, None]
-    placeholder = torch.iinfo(order.dtype).max  # above every block index that order's dtype was chosen to hold
+    placeholder = torch.iinfo(order.dtype).max  # above every block index (ranked_dtype)
     top = torch.where(valid, order[..., :width], placeholder).sort(dim=-1).values  # kept, then placeholders
     return torch.where(valid, top, top[..., :1])
 
@@ -275,13 +275,18 @@ def ranked_width(columns: int, settings: AdaSpaSettings) -> int:
     return density_bounds(settings.min_density, settings.max_density, columns)[1]
 
 
+def ranked_dtype(num_blocks: int) -> torch.dtype:
+    """The integer type of a search's ranked blocks and pattern: int16 while every block index (num_blocks - 1 at
+    most) stays below its maximum (kept_blocks' placeholder), else int32."""
+    return torch.int16 if num_blocks <= torch.iinfo(torch.int16).max else torch.int32
+
+
 def empty_ranked(batch: int, heads: int, num_blocks: int, grid: VideoGrid, settings: AdaSpaSettings,
                  device) -> RankedBlocks:
     """The RankedBlocks that rank_blocks fills for a call of ``heads`` heads and ``num_blocks`` blocks."""
     video, columns = searched_region(grid, num_blocks, settings)
-    dtype = torch.int16 if num_blocks <= torch.iinfo(torch.int16).max else torch.int32
     return RankedBlocks(order=torch.zeros(batch, heads, video, ranked_width(columns, settings) if video else 1,
-                                          device=device, dtype=dtype),
+                                          device=device, dtype=ranked_dtype(num_blocks)),
                         kept=torch.zeros(batch, heads, columns, device=device, dtype=torch.float64),
                         num_blocks=num_blocks)
 
@@ -466,9 +471,10 @@ class AdaSpaPlanner:
         return (4 * q.shape[0] + RANK_BYTES) * nb * nb
 
     def ranked_bytes(self, q, grid: VideoGrid) -> int:
-        """What a search holds for every head while it ranks the next ones: each row's ranked blocks (int16)."""
-        video, columns = searched_region(grid, num_blocks(q.shape[2], self.block_size), self.settings)
-        return 2 * q.shape[0] * q.shape[1] * video * ranked_width(columns, self.settings)
+        """What a search holds for every head while it ranks the next ones: each row's ranked blocks."""
+        nb = num_blocks(q.shape[2], self.block_size)
+        video, columns = searched_region(grid, nb, self.settings)
+        return ranked_dtype(nb).itemsize * q.shape[0] * q.shape[1] * video * ranked_width(columns, self.settings)
 
     def _sparse(self, call, pattern, clustered=()):
         """The call on its searched layout: (output, density). With cluster-served heads, each run of block heads is
